@@ -1,0 +1,1 @@
+"""Backend registry, health prober and upstream agent."""

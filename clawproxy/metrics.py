@@ -1,0 +1,93 @@
+"""Prometheus metric families of SPEC section 7, all registered at start."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+)
+
+
+class Metrics:
+    """
+    Every clawproxy metric family, on a registry of its own.
+
+    @ivar registry: the L{CollectorRegistry} served on C{/metrics}.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry if registry is not None else CollectorRegistry()
+        p = "clawproxy_"
+        self.requests_total = Counter(
+            p + "requests_total", "Requests answered", ["route", "method", "status", "agent"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            p + "request_duration_seconds", "Time to answer a request", ["route"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.upstream_requests_total = Counter(
+            p + "upstream_requests_total", "Upstream attempts by outcome",
+            ["pool", "instance", "status"], registry=r,
+        )
+        self.upstream_latency = Histogram(
+            p + "upstream_latency_seconds", "Upstream attempt duration",
+            ["pool", "instance"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.upstream_ttfb = Histogram(
+            p + "upstream_ttfb_seconds", "Time to upstream response headers", ["pool"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.active_connections = Gauge(
+            p + "active_connections", "In-flight upstream requests", ["pool", "instance"],
+            registry=r,
+        )
+        self.backend_up = Gauge(
+            p + "backend_up", "1 if the instance is healthy", ["pool", "instance"], registry=r,
+        )
+        self.backend_weight = Gauge(
+            p + "backend_weight", "Current instance weight", ["pool", "instance"], registry=r,
+        )
+        self.circuit_breaker_state = Gauge(
+            p + "circuit_breaker_state", "0 closed, 1 open, 2 half-open", ["name"], registry=r,
+        )
+        self.circuit_breaker_open_total = Counter(
+            p + "circuit_breaker_open_total", "Times a breaker opened", ["name"], registry=r,
+        )
+        self.upstream_retries_total = Counter(
+            p + "upstream_retries_total", "Upstream retries", ["pool"], registry=r,
+        )
+        self.fallback_responses_total = Counter(
+            p + "fallback_responses_total", "Fallback responses served", ["fallback"], registry=r,
+        )
+        self.rate_limited_total = Counter(
+            p + "rate_limited_total", "Requests refused by a limit", ["agent", "limit"],
+            registry=r,
+        )
+        self.cache_requests_total = Counter(
+            p + "cache_requests_total", "Cache lookups", ["route", "result"], registry=r,
+        )
+        self.coalesced_requests_total = Counter(
+            p + "coalesced_requests_total", "Requests coalesced onto one upstream call",
+            ["route"], registry=r,
+        )
+        self.tokens_total = Counter(
+            p + "tokens_total", "Tokens used", ["agent", "model", "kind"], registry=r,
+        )
+        self.spend_total = Counter(
+            p + "spend_total", "Spend in the currency of models.prices", ["agent", "model"],
+            registry=r,
+        )
+
+    def instance_changed(self, inst) -> None:
+        """Registry listener: keep C{backend_up} and C{backend_weight} current."""
+        self.backend_up.labels(inst.pool.name, inst.id).set(1 if inst.healthy else 0)
+        self.backend_weight.labels(inst.pool.name, inst.id).set(inst.base_weight)
+        self.active_connections.labels(inst.pool.name, inst.id).set(inst.active)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

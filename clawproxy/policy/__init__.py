@@ -1,0 +1,1 @@
+"""Pure policy: no reactor, no I/O."""

@@ -1,0 +1,52 @@
+"""Retry decisions: which outcomes are retried, how long to wait, and a budget."""
+
+from __future__ import annotations
+
+from zope.interface import implementer
+
+from clawproxy.interfaces import IRetryPolicy
+
+
+@implementer(IRetryPolicy)
+class RetryPolicy:
+    """
+    The pool's C{retry} settings as a policy.
+
+    The budget caps retries at C{budget} times the requests seen (plus a floor
+    of a few retries so a quiet gateway can still fail over), counted over
+    the policy's lifetime with exponential decay so old traffic fades.
+    """
+
+    _MIN_RETRIES = 3.0
+    _DECAY = 0.999
+
+    def __init__(self) -> None:
+        self._requests: dict[str, float] = {}
+        self._retries: dict[str, float] = {}
+
+    def record_request(self, pool) -> None:
+        name = pool.name
+        self._requests[name] = self._requests.get(name, 0.0) * self._DECAY + 1.0
+        self._retries[name] = self._retries.get(name, 0.0) * self._DECAY
+
+    def should_retry(self, pool, outcome: str, attempt: int) -> float | None:
+        cfg = pool.config.retry
+        if attempt > cfg.max_retries or outcome not in cfg.retry_on:
+            return None
+        name = pool.name
+        allowed = self._requests.get(name, 0.0) * cfg.budget + self._MIN_RETRIES
+        if self._retries.get(name, 0.0) + 1.0 > allowed:
+            return None
+        self._retries[name] = self._retries.get(name, 0.0) + 1.0
+        return backoff_delay(cfg.backoff, cfg.base_delay, cfg.max_delay, attempt)
+
+
+def backoff_delay(kind: str, base: float, cap: float, attempt: int) -> float:
+    """Delay before retry number C{attempt} (1-based)."""
+    if kind == "constant":
+        delay = base
+    elif kind == "linear":
+        delay = base * attempt
+    else:
+        delay = base * (2 ** (attempt - 1))
+    return min(delay, cap)

@@ -1,0 +1,193 @@
+"""
+Route matching, canonical paths, model-to-pool choice and sticky splits (pure).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import zlib
+from typing import Any, Callable, Mapping, Sequence
+
+from clawproxy.config import Config, PoolConfig, RouteConfig
+from clawproxy.errors import Rejected, bad_request
+
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_HEX = b"0123456789abcdefABCDEF"
+
+
+def canonical_path(raw: bytes) -> bytes:
+    """
+    The one canonical form of a request path, used for matching and forwarding.
+
+    The query string is kept apart by the caller. Percent-encoded unreserved
+    characters are decoded, C{//} runs merged and C{.}/C{..} segments
+    resolved (never above the root). Encoded C{/}, C{\\}, NUL and malformed
+    escapes are refused.
+
+    @raise Rejected: 400 for a path that cannot be made canonical.
+    """
+    if not raw.startswith(b"/"):
+        raise bad_request("request target must be an absolute path", "invalid_path")
+    if b"\x00" in raw or b"\\" in raw:
+        raise bad_request("malformed path", "invalid_path")
+    if b"%" in raw:
+        raw = _decode_unreserved(raw)
+    if b"//" not in raw and b"/." not in raw:
+        return raw
+    out: list[bytes] = []
+    for seg in raw.split(b"/")[1:]:
+        if seg == b"" or seg == b".":
+            continue
+        if seg == b"..":
+            if out:
+                out.pop()
+            continue
+        out.append(seg)
+    path = b"/" + b"/".join(out)
+    if raw.endswith((b"/", b"/.", b"/..")) and path != b"/":
+        path += b"/"
+    return path
+
+
+def _decode_unreserved(raw: bytes) -> bytes:
+    parts = raw.split(b"%")
+    out = [parts[0]]
+    for part in parts[1:]:
+        if len(part) < 2 or part[0] not in _HEX or part[1] not in _HEX:
+            raise bad_request("malformed percent-encoding in path", "invalid_path")
+        code = int(part[:2], 16)
+        if code in _UNRESERVED:
+            out.append(bytes((code,)) + part[2:])
+        elif code in (0x2F, 0x5C, 0x00):
+            raise bad_request("encoded '/', '\\' or NUL in path", "invalid_path")
+        else:
+            out.append(b"%" + part[:2].upper() + part[2:])
+    return b"".join(out)
+
+
+def strip_base(path: bytes, base: bytes) -> bytes | None:
+    """C{path} without C{base}, or None when it is not under C{base}."""
+    if not base:
+        return path
+    if path == base:
+        return b"/"
+    if path.startswith(base) and path[len(base)] == 0x2F:
+        return path[len(base):]
+    return None
+
+
+def _path_matcher(pattern: str) -> Callable[[str], bool]:
+    if pattern.endswith("/*") and not any(c in pattern[:-2] for c in "*?["):
+        prefix = pattern[:-2]
+        slash = prefix + "/"
+        return lambda p: p == prefix or p.startswith(slash)
+    if any(c in pattern for c in "*?["):
+        rx = re.compile(fnmatch.translate(pattern))
+        return lambda p: rx.match(p) is not None
+    return pattern.__eq__
+
+
+def _value_matcher(pattern: str) -> Callable[[Any], bool]:
+    if any(c in pattern for c in "*?["):
+        rx = re.compile(fnmatch.translate(pattern))
+        return lambda v: v is not None and rx.match(str(v)) is not None
+    return lambda v: v is not None and str(v) == pattern
+
+
+class CompiledRoute:
+    """A route with its matchers built once."""
+
+    __slots__ = ("config", "name", "_path", "_methods", "_conds", "needs_body")
+
+    def __init__(self, cfg: RouteConfig, index: int) -> None:
+        self.config = cfg
+        self.name = cfg.path
+        self._path = _path_matcher(cfg.path)
+        self._methods = frozenset(m.encode() for m in cfg.methods) if cfg.methods else None
+        self._conds: list[tuple[str, str, Callable[[Any], bool]]] = []
+        for key, want in (cfg.match or {}).items():
+            kind, _, name = key.partition(".")
+            self._conds.append((kind, name, _value_matcher(str(want))))
+        self.needs_body = cfg.pool is None and cfg.split is None or any(
+            kind == "body" for kind, _, _ in self._conds
+        )
+
+    def matches_path(self, path: str, method: bytes) -> bool:
+        return self._path(path) and (self._methods is None or method in self._methods)
+
+    def matches_conditions(
+        self,
+        headers: Callable[[str], str | None],
+        body: Mapping[str, Any] | None,
+        agent: Any,
+    ) -> bool:
+        for kind, name, check in self._conds:
+            if kind == "header":
+                value = headers(name)
+            elif kind == "body":
+                value = body.get(name) if isinstance(body, Mapping) else None
+            elif kind == "agent":
+                value = getattr(agent, name, None) if agent is not None else None
+            else:
+                value = None
+            if not check(value):
+                return False
+        return True
+
+
+class Router:
+    """First-match route table, plus the model-to-pool index."""
+
+    def __init__(self, config: Config) -> None:
+        self.routes = [CompiledRoute(r, n) for n, r in enumerate(config.routes)]
+        self.aliases = dict(config.models.aliases or {})
+        self._pool_models = [
+            (name, [_value_matcher(m) for m in p.models]) for name, p in config.pools.items()
+        ]
+        self.pools: Mapping[str, PoolConfig] = config.pools
+
+    def candidates(self, path: str, method: bytes) -> list[CompiledRoute]:
+        """Routes whose path and method match, in order (conditions still to check)."""
+        return [r for r in self.routes if r.matches_path(path, method)]
+
+    def resolve_model(self, model: str) -> str:
+        return self.aliases.get(model, model)
+
+    def pool_for_model(self, model: Any) -> str:
+        """
+        The first pool whose C{models} globs match C{model} (after aliases).
+
+        @raise Rejected: 404 C{model_not_found}.
+        """
+        if not isinstance(model, str) or not model:
+            raise bad_request("request body must name a 'model'", "model_required")
+        model = self.resolve_model(model)
+        for name, matchers in self._pool_models:
+            if any(m(model) for m in matchers):
+                return name
+        raise Rejected(404, f"model {model!r} is not served here", "invalid_request_error",
+                       "model_not_found")
+
+    def declared_models(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for p in self.pools.values():
+            for m in p.models:
+                if not any(c in m for c in "*?["):
+                    seen[m] = None
+        for alias in self.aliases:
+            seen[alias] = None
+        return list(seen)
+
+
+def sticky_split(split: Mapping[str, float], key: str) -> str:
+    """Choose a pool of C{split} by weight, the same one for the same key."""
+    items: Sequence[tuple[str, float]] = list(split.items())
+    total = sum(w for _, w in items)
+    point = (zlib.crc32(key.encode("utf-8", "surrogateescape")) / 0xFFFFFFFF) * total
+    acc = 0.0
+    for name, weight in items:
+        acc += weight
+        if point < acc:
+            return name
+    return items[-1][0]

@@ -1,0 +1,1 @@
+"""The HTTP side: resource tree, relay, admin, metrics."""

@@ -1,0 +1,66 @@
+"""One JSON line per request, through twisted.logger."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import IO, Any
+
+from twisted.logger import Logger
+
+from clawproxy.web.context import RequestContext
+
+
+class AccessLog:
+    """
+    Write an access-log line for each finished request.
+
+    Events go through a L{Logger} (namespace C{clawproxy.access}) whose
+    observer writes the C{access} field as one JSON line to C{out}. Only
+    the fields below are logged: never headers, bodies or credentials.
+    """
+
+    def __init__(self, out: IO[str] | None, clock: Any) -> None:
+        self._out = out
+        self._clock = clock
+        self.log = Logger(namespace="clawproxy.access", observer=self._observe)
+
+    @classmethod
+    def open(cls, output: str, clock: Any) -> AccessLog:
+        """C{output} is C{-} (standard output), a file path, or C{off}."""
+        if output == "off":
+            return cls(None, clock)
+        if output == "-":
+            return cls(sys.stdout, clock)
+        return cls(open(output, "a", buffering=1, encoding="utf-8"), clock)
+
+    def _observe(self, event: dict) -> None:
+        if self._out is not None:
+            self._out.write(json.dumps(event["access"], separators=(",", ":")) + "\n")
+
+    def record(self, ctx: RequestContext, finished: float, timestamp: float) -> None:
+        """Log C{ctx}, finished at C{finished} (reactor time) and C{timestamp} (epoch)."""
+        req = ctx.request
+        self.log.info(
+            "{access}",
+            access={
+                "ts": round(timestamp, 3),
+                "request_id": ctx.request_id,
+                "client": ctx.client_ip,
+                "method": ctx.method.decode("latin-1"),
+                "path": ctx.path.decode("latin-1"),
+                "route": ctx.route_name,
+                "agent": ctx.agent_name,
+                "pool": ctx.pool_name,
+                "instance": ctx.instance_id,
+                "status": ctx.status or req.code,
+                "duration_ms": round((finished - ctx.started) * 1000, 2),
+                "bytes": ctx.bytes_sent,
+                "attempts": ctx.attempts,
+                "error": ctx.error,
+            },
+        )
+
+    def close(self) -> None:
+        if self._out is not None and self._out is not sys.stdout:
+            self._out.close()

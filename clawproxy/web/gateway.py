@@ -1,0 +1,417 @@
+"""
+The data plane: the resource every client request reaches.
+
+Request flow (SPEC section 3): size checks, request id, identify stages,
+route, post-route stages (auth enforcement, limits, cache), pool choice,
+balancer, upstream attempts with failover, response transforms, observers,
+access log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Iterable, Sequence
+
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from clawproxy import __version__
+from clawproxy.backends.registry import Pool, Registry
+from clawproxy.config import Config
+from clawproxy.errors import Rejected, bad_request, error_body, not_found, unavailable
+from clawproxy.metrics import Metrics
+from clawproxy.policy.routing import Router, canonical_path, sticky_split, strip_base
+from clawproxy.web.accesslog import AccessLog
+from clawproxy.web.context import LocalResponse, RequestContext
+from clawproxy.web.relay import NoInstance, Relay, UpstreamBroken
+
+_JSON = b"application/json"
+_SAFE_ID = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
+
+
+def new_request_id() -> str:
+    return os.urandom(12).hex()
+
+
+def format_uptime(seconds: float) -> str:
+    """C{"2h 15m"}-style uptime."""
+    s = int(seconds)
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    if d:
+        return f"{d}d {h}h {m}m"
+    if h:
+        return f"{h}h {m}m"
+    if m:
+        return f"{m}m {s}s"
+    return f"{s}s"
+
+
+def pools_summary(registry: Registry) -> dict[str, Any]:
+    """Per-pool health as shown by C{GET /health}."""
+    out = {}
+    for name, pool in registry.pools.items():
+        healthy = sum(1 for i in pool.instances if i.available() or i.state == "healthy")
+        out[name] = {
+            "healthy": healthy,
+            "total": len(pool.instances),
+            "status": "healthy" if healthy == len(pool.instances)
+            else ("degraded" if healthy else "unhealthy"),
+        }
+    return out
+
+
+class GatewayResource(Resource):
+    """
+    The root of the data plane; every path is handled here.
+
+    @param identify: stages run before routing (they may set C{ctx.agent},
+        which C{agent.*} route conditions read).
+    @param stages: stages run after the route is known (auth enforcement,
+        scopes, rate limits, cache lookup), in order.
+    @param observers: L{IResponseObserver}s told about each finished request.
+    """
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(
+        self,
+        config: Config,
+        registry: Registry,
+        relay: Relay,
+        metrics: Metrics,
+        access_log: AccessLog,
+        clock: IReactorTime,
+        identify: Sequence[Any] = (),
+        stages: Sequence[Any] = (),
+        observers: Sequence[Any] = (),
+        started: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.registry = registry
+        self.relay = relay
+        self.metrics = metrics
+        self.access_log = access_log
+        self.clock = clock
+        self.identify = list(identify)
+        self.stages = list(stages)
+        self.observers = list(observers)
+        self.router = Router(config)
+        self.base = config.server.base_path.encode()
+        self.started = clock.seconds() if started is None else started
+        self._public_metrics = config.metrics.enabled and config.metrics.public
+        self._metrics_path = config.metrics.path.encode()
+
+    # -- entry point -----------------------------------------------------
+
+    def render(self, request: Any) -> Any:
+        raw, _, query = request.uri.partition(b"?")
+        rid = request.requestHeaders.getRawHeaders(b"x-request-id")
+        ctx = RequestContext(
+            request=request,
+            request_id=_client_request_id(rid) or new_request_id(),
+            client_ip=_client_ip(request),
+            method=request.method,
+            path=raw,
+            query=query,
+            started=self.clock.seconds(),
+        )
+        request.setHeader(b"x-request-id", ctx.request_id.encode())
+        d = ensureDeferred(self._handle(ctx))
+        d.addErrback(self._fail, ctx)
+        request.notifyFinish().addBoth(self._finished, ctx, d)
+        return NOT_DONE_YET
+
+    async def _handle(self, ctx: RequestContext) -> None:
+        request = ctx.request
+        if getattr(request, "too_large", False):
+            raise Rejected(413, "request body exceeds max_body_size", "invalid_request_error",
+                           "request_too_large")
+        path = canonical_path(ctx.path)
+        ctx.path = path
+        local = strip_base(path, self.base)
+        if local is None:
+            raise not_found("no route for this path", "route_not_found")
+        builtin = self._builtin(local, ctx.method)
+        if builtin is not None:
+            self._write_local(ctx, builtin)
+            return
+        for stage in self.identify:
+            answer = await _run_stage(stage, ctx)
+            if answer is not None:
+                self._write_local(ctx, answer)
+                return
+        route = self._match(ctx, local)
+        ctx.route = route
+        for stage in self.stages:
+            answer = await _run_stage(stage, ctx)
+            if answer is not None:
+                self._write_local(ctx, answer)
+                return
+        cfg = route.config
+        pool = self._choose_pool(ctx, cfg)
+        ctx.pool = pool
+        transforms = cfg.transforms
+        if transforms is not None:
+            self._transform_request(ctx, transforms.request_headers)
+            for name, value in transforms.response_headers.set.items():
+                ctx.response_headers.append((name.encode(), self._expand(value, ctx).encode()))
+        key, sticky = self._keys(ctx, pool)
+        timeout = cfg.timeout if cfg.timeout is not None else pool.config.timeout
+        try:
+            await self.relay.forward(ctx, pool, key, sticky, timeout, local)
+        except NoInstance:
+            answer = self._fallback(ctx, cfg.fallback or pool.config.fallback)
+            if answer is None:
+                raise unavailable(f"no healthy instance in pool {pool.name!r}",
+                                  code="no_healthy_upstream")
+            self._write_local(ctx, answer)
+            return
+        if not request.finished and not request._disconnected:
+            request.finish()
+
+    # -- routing ---------------------------------------------------------
+
+    def _match(self, ctx: RequestContext, local: bytes) -> Any:
+        try:
+            spath = local.decode("utf-8")
+        except UnicodeDecodeError:
+            raise bad_request("path is not valid UTF-8", "invalid_path") from None
+        headers = ctx.request.requestHeaders
+
+        def header(name: str) -> str | None:
+            v = headers.getRawHeaders(name)
+            return v[-1].decode("latin-1") if v else None
+
+        for route in self.router.candidates(spath, ctx.method):
+            body = self._body(ctx) if route.needs_body else None
+            if route.matches_conditions(header, body, ctx.agent):
+                return route
+        raise not_found(f"no route for {ctx.method.decode()} {spath}", "route_not_found")
+
+    def _body(self, ctx: RequestContext) -> Any:
+        """The request body parsed as JSON (once), or a 400."""
+        if ctx.body is None:
+            content = ctx.request.content
+            if content is None:
+                raise bad_request("request body must be JSON", "invalid_json")
+            content.seek(0)
+            try:
+                ctx.body = json.loads(content.read())
+            except ValueError:
+                raise bad_request("request body is not valid JSON", "invalid_json") from None
+            finally:
+                content.seek(0)
+            if not isinstance(ctx.body, dict):
+                raise bad_request("request body must be a JSON object", "invalid_json")
+        return ctx.body
+
+    def _choose_pool(self, ctx: RequestContext, cfg: Any) -> Pool:
+        if cfg.pool is not None:
+            name = cfg.pool
+        elif cfg.split:
+            name = sticky_split(cfg.split, self._session_key(ctx))
+        else:
+            name = self.router.pool_for_model(self._body(ctx).get("model"))
+        return self.registry.pools[name]
+
+    def _session_key(self, ctx: RequestContext) -> str:
+        if ctx.agent is not None:
+            return "agent:" + ctx.agent_name
+        sid = ctx.request.requestHeaders.getRawHeaders(b"x-session-id")
+        if sid:
+            return "session:" + sid[-1].decode("latin-1")
+        return "ip:" + ctx.client_ip
+
+    def _keys(self, ctx: RequestContext, pool: Pool) -> tuple[str | None, str | None]:
+        """(balancer hash key, affinity key) for this request."""
+        algo = pool.config.algorithm
+        if algo == "ip_hash":
+            key: str | None = ctx.client_ip
+        elif algo == "consistent_hash":
+            key = self._session_key(ctx)
+        else:
+            key = None
+        aff = pool.config.session_affinity
+        if aff is None:
+            return key, None
+        if aff.method == "ip_hash":
+            return key, ctx.client_ip
+        if aff.method == "header":
+            v = ctx.request.requestHeaders.getRawHeaders(aff.header_name)
+            return key, (v[-1].decode("latin-1") if v else None)
+        cookie = ctx.request.getCookie(aff.cookie_name.encode())
+        if cookie and len(cookie) <= 128:
+            return key, cookie.decode("latin-1")
+        token = os.urandom(16).hex()
+        ctx.request.addCookie(
+            aff.cookie_name.encode(), token.encode(), max_age=str(int(aff.ttl)), path=b"/",
+            httpOnly=True, sameSite="lax",
+        )
+        return key, token
+
+    # -- transforms and fallbacks ----------------------------------------
+
+    def _expand(self, value: str, ctx: RequestContext) -> str:
+        if "${" not in value:
+            return value
+        for name, v in (
+            ("request_id", ctx.request_id), ("agent", ctx.agent_name),
+            ("client_ip", ctx.client_ip), ("route", ctx.route_name),
+            ("pool", ctx.pool_name), ("instance", ctx.instance_id),
+        ):
+            value = value.replace("${" + name + "}", v)
+        return value
+
+    def _transform_request(self, ctx: RequestContext, t: Any) -> None:
+        headers = ctx.request.requestHeaders
+        for name in t.remove:
+            headers.removeHeader(name)
+        for name, value in t.set.items():
+            headers.setRawHeaders(name, [self._expand(value, ctx).encode()])
+
+    def _fallback(self, ctx: RequestContext, name: str | None) -> LocalResponse | None:
+        if not name:
+            return None
+        fb = self.config.fallbacks.get(name)
+        if fb is None or fb.type != "static":
+            return None
+        self.metrics.fallback_responses_total.labels(name).inc()
+        headers = [(k.encode(), v.encode()) for k, v in fb.headers.items()]
+        headers.append((b"x-clawproxy-fallback", name.encode()))
+        return LocalResponse(fb.status, fb.body.encode(), fb.content_type.encode(),
+                             tuple(headers))
+
+    # -- builtin endpoints -----------------------------------------------
+
+    def _builtin(self, local: bytes, method: bytes) -> LocalResponse | None:
+        if local == b"/health" and method in (b"GET", b"HEAD"):
+            return self.health_response()
+        if local == b"/v1/models" and method == b"GET":
+            data = [{"id": m, "object": "model", "owned_by": "clawproxy"}
+                    for m in self.router.declared_models()]
+            return LocalResponse(200, json.dumps({"object": "list", "data": data}).encode())
+        if self._public_metrics and local == self._metrics_path and method == b"GET":
+            from clawproxy.metrics import CONTENT_TYPE
+            return LocalResponse(200, self.metrics.render(), CONTENT_TYPE.encode())
+        return None
+
+    def health_response(self) -> LocalResponse:
+        pools = pools_summary(self.registry)
+        up = [p for p in pools.values() if p["healthy"]]
+        if not up:
+            status, code = "unhealthy", 503
+        elif len(up) == len(pools) and all(p["status"] == "healthy" for p in pools.values()):
+            status, code = "healthy", 200
+        else:
+            status, code = "degraded", 200
+        body = {
+            "status": status,
+            "version": __version__,
+            "uptime": format_uptime(self.clock.seconds() - self.started),
+            "pools": pools,
+        }
+        return LocalResponse(code, json.dumps(body).encode())
+
+    # -- answering -------------------------------------------------------
+
+    def _write_local(self, ctx: RequestContext, answer: LocalResponse) -> None:
+        request = ctx.request
+        if request.finished or request._disconnected:
+            return
+        ctx.status = answer.status
+        request.setResponseCode(answer.status)
+        request.setHeader(b"content-type", answer.content_type)
+        for name, value in answer.headers:
+            request.setHeader(name, value)
+        for name, value in ctx.response_headers:
+            request.setHeader(name, value)
+        request.setHeader(b"content-length", b"%d" % len(answer.body))
+        ctx.bytes_sent = len(answer.body)
+        if ctx.method != b"HEAD":
+            request.write(answer.body)
+        request.finish()
+
+    def _fail(self, failure: Failure, ctx: RequestContext) -> None:
+        """The one place that turns an exception into a response."""
+        request = ctx.request
+        if failure.check(CancelledError) or request._disconnected:
+            ctx.error = ctx.error or "client_disconnected"
+            return
+        if request.finished:
+            self.log.failure("error after the response finished", failure)
+            return
+        if request.startedWriting or failure.check(UpstreamBroken):
+            # Bytes already reached the client: never end it cleanly.
+            ctx.error = ctx.error or "aborted"
+            _abort(request)
+            return
+        if failure.check(Rejected):
+            rej: Rejected = failure.value
+        else:
+            self.log.failure("unexpected error handling {path}", failure,
+                             path=ctx.path.decode("latin-1"))
+            rej = Rejected(500, "internal gateway error", "server_error", "internal_error")
+        ctx.error = ctx.error or rej.code
+        headers = tuple((k.encode(), v.encode()) for k, v in rej.headers)
+        self._write_local(ctx, LocalResponse(rej.status, rej.body(), _JSON, headers))
+
+    def _finished(self, result: Any, ctx: RequestContext, d: Deferred) -> None:
+        if isinstance(result, Failure):
+            # The client went away: stop everything done on its behalf.
+            ctx.error = ctx.error or "client_disconnected"
+            d.cancel()
+        now = self.clock.seconds()
+        status = ctx.status or ctx.request.code
+        route = ctx.route_name
+        self.metrics.requests_total.labels(
+            route, ctx.method.decode("latin-1"), str(status), ctx.agent_name
+        ).inc()
+        self.metrics.request_duration.labels(route).observe(now - ctx.started)
+        for observer in self.observers:
+            try:
+                observer.completed(ctx)
+            except Exception:
+                self.log.failure("response observer {observer} failed", observer=observer)
+        self.access_log.record(ctx, now, time.time())
+
+
+async def _run_stage(stage: Any, ctx: RequestContext) -> LocalResponse | None:
+    result = stage.process(ctx)
+    if isinstance(result, Deferred):
+        result = await result
+    return result
+
+
+def _abort(request: Any) -> None:
+    transport = getattr(request.channel, "transport", None)
+    if transport is not None and hasattr(transport, "abortConnection"):
+        transport.abortConnection()
+    else:
+        request.loseConnection()
+
+
+def _client_ip(request: Any) -> str:
+    addr = request.getClientAddress()
+    return getattr(addr, "host", None) or "-"
+
+
+def _client_request_id(values: Iterable[bytes] | None) -> str | None:
+    """Keep a client's X-Request-ID when it is short and plain."""
+    if not values:
+        return None
+    v = values[-1]
+    if 0 < len(v) <= 128:
+        s = v.decode("latin-1")
+        if all(c in _SAFE_ID for c in s):
+            return s
+    return None

@@ -1,0 +1,1 @@
+"""clawproxy tests."""
