@@ -1,0 +1,110 @@
+"""
+Session affinity: remember which instance served a session key.
+
+Pure policy: no reactor, no I/O; time comes from an injected
+L{IReactorTime<twisted.internet.interfaces.IReactorTime>}.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from twisted.internet.interfaces import IReactorTime
+
+__all__ = ["AffinityTable"]
+
+
+class AffinityTable:
+    """
+    A bounded map from session key to instance id with a sliding TTL.
+
+    An entry set or hit at time C{t} expires at C{t + ttl} (it is gone from
+    that instant on). Entries are kept in expiry order, which with one TTL
+    is also least-recently-used order, so expired entries are purged lazily
+    from the front and, when the table is full, the oldest entry is dropped.
+
+    @ivar ttl: seconds an entry lives after its last use.
+    @ivar max_entries: the bound on the number of entries.
+    """
+
+    __slots__ = ("_clock", "_entries", "max_entries", "ttl")
+
+    def __init__(
+        self, clock: IReactorTime, ttl: float, max_entries: int = 100_000
+    ) -> None:
+        """
+        @param clock: the time source (C{seconds()}).
+        @param ttl: seconds an entry lives after its last use; > 0.
+        @param max_entries: at most this many entries are kept; >= 1.
+        @raise ValueError: on a non-positive C{ttl} or C{max_entries}.
+        """
+        if not ttl > 0:
+            raise ValueError(f"ttl must be > 0, not {ttl!r}")
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be >= 1, not {max_entries!r}")
+        self._clock = clock
+        self.ttl = ttl
+        self.max_entries = max_entries
+        # key -> (instance id, expiry time); ordered by expiry (oldest first)
+        self._entries: OrderedDict[str, tuple[str, float]] = OrderedDict()
+
+    def get(self, key: str) -> str | None:
+        """
+        The instance id remembered for C{key}; a hit restarts its TTL.
+
+        @return: the id, or L{None} if absent or expired.
+        """
+        entries = self._entries
+        entry = entries.get(key)
+        if entry is None:
+            return None
+        now = self._clock.seconds()
+        if entry[1] <= now:
+            del entries[key]
+            return None
+        entries[key] = (entry[0], now + self.ttl)
+        entries.move_to_end(key)
+        return entry[0]
+
+    def set(self, key: str, instance_id: str) -> None:
+        """
+        Remember that C{key} goes to C{instance_id} for the next C{ttl} seconds.
+
+        Purges expired entries, then drops the oldest while the table is full.
+        """
+        entries = self._entries
+        now = self._clock.seconds()
+        if key in entries:
+            entries[key] = (instance_id, now + self.ttl)
+            entries.move_to_end(key)
+            return
+        self._purge(now)
+        while len(entries) >= self.max_entries:
+            entries.popitem(last=False)
+        entries[key] = (instance_id, now + self.ttl)
+
+    def forget_instance(self, instance_id: str) -> int:
+        """
+        Drop every entry pointing at C{instance_id} (it left or went down).
+
+        @return: how many entries were dropped.
+        """
+        entries = self._entries
+        stale = [k for k, (iid, _) in entries.items() if iid == instance_id]
+        for k in stale:
+            del entries[k]
+        return len(stale)
+
+    def __len__(self) -> int:
+        """The number of live (unexpired) entries."""
+        self._purge(self._clock.seconds())
+        return len(self._entries)
+
+    def _purge(self, now: float) -> None:
+        """Drop expired entries; they are all at the front."""
+        entries = self._entries
+        while entries:
+            key = next(iter(entries))
+            if entries[key][1] > now:
+                return
+            del entries[key]

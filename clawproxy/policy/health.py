@@ -1,0 +1,224 @@
+"""
+Health state machines: active probes, passive (nginx-style) ejection.
+
+Pure policy: no reactor, no I/O; time comes from an injected
+L{IReactorTime<twisted.internet.interfaces.IReactorTime>}.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+
+__all__ = ["PassiveState", "ProbeState", "may_eject", "parse_health_body"]
+
+
+class ProbeState:
+    """
+    An instance's health as seen by active probes.
+
+    Instances start healthy (as in nginx and HAProxy). C{unhealthy_threshold}
+    consecutive failures mark a healthy instance down; C{healthy_threshold}
+    consecutive successes bring it back. A success resets the failure streak
+    and a failure resets the success streak.
+    """
+
+    __slots__ = (
+        "_failures",
+        "_healthy",
+        "_successes",
+        "healthy_threshold",
+        "unhealthy_threshold",
+    )
+
+    def __init__(
+        self, healthy_threshold: int, unhealthy_threshold: int, healthy: bool = True
+    ) -> None:
+        """
+        @param healthy_threshold: consecutive successes to become healthy; >= 1.
+        @param unhealthy_threshold: consecutive failures to become unhealthy; >= 1.
+        @param healthy: the initial state.
+        @raise ValueError: on a threshold below 1.
+        """
+        if healthy_threshold < 1 or unhealthy_threshold < 1:
+            raise ValueError("health thresholds must be >= 1")
+        self.healthy_threshold = healthy_threshold
+        self.unhealthy_threshold = unhealthy_threshold
+        self._healthy = healthy
+        self._successes = 0
+        self._failures = 0
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the instance is currently considered healthy."""
+        return self._healthy
+
+    @property
+    def consecutive_successes(self) -> int:
+        """Successes since the last failure."""
+        return self._successes
+
+    @property
+    def consecutive_failures(self) -> int:
+        """Failures since the last success."""
+        return self._failures
+
+    def record(self, ok: bool) -> bool | None:
+        """
+        Record one probe result.
+
+        @param ok: whether the probe passed.
+        @return: the new C{healthy} value if this result changed it, else
+            L{None}.
+        """
+        if ok:
+            self._failures = 0
+            self._successes += 1
+            if not self._healthy and self._successes >= self.healthy_threshold:
+                self._healthy = True
+                return True
+        else:
+            self._successes = 0
+            self._failures += 1
+            if self._healthy and self._failures >= self.unhealthy_threshold:
+                self._healthy = False
+                return False
+        return None
+
+
+class PassiveState:
+    """
+    Passive health from real traffic, with nginx's C{max_fails}/C{fail_timeout}.
+
+    Failures are counted in a window of C{fail_timeout} seconds that opens at
+    the first failure (a failure at or after the window's end opens a new
+    one). The C{max_fails}-th failure in a window ejects the instance for
+    C{fail_timeout} seconds: ejected during C{[t, t + fail_timeout)}. A
+    success resets the count but not an ejection. Failures reported while
+    ejected (requests that were already in flight) are ignored. Once the
+    ejection ends, counting starts afresh. C{max_fails = 0} disables it.
+
+    Whether the pool may afford the ejection is the caller's decision (see
+    L{may_eject}); if not, the caller should L{reset} the state.
+    """
+
+    __slots__ = (
+        "_clock",
+        "_ejected_until",
+        "_failures",
+        "_window_end",
+        "fail_timeout",
+        "max_fails",
+    )
+
+    def __init__(
+        self, max_fails: int, fail_timeout: float, clock: IReactorTime
+    ) -> None:
+        """
+        @param max_fails: failures within C{fail_timeout} that eject; 0 disables.
+        @param fail_timeout: seconds of the counting window and of the ejection.
+        @param clock: the time source (C{seconds()}).
+        @raise ValueError: on a negative C{max_fails} or C{fail_timeout}.
+        """
+        if max_fails < 0 or fail_timeout < 0:
+            raise ValueError("max_fails and fail_timeout must be >= 0")
+        self.max_fails = max_fails
+        self.fail_timeout = fail_timeout
+        self._clock = clock
+        self._failures = 0
+        self._window_end = 0.0
+        self._ejected_until: float | None = None
+
+    @property
+    def failures(self) -> int:
+        """Failures counted in the current window."""
+        self._expire(self._clock.seconds())
+        return self._failures
+
+    @property
+    def ejected(self) -> bool:
+        """Whether the instance is ejected right now."""
+        return self._expire(self._clock.seconds())
+
+    @property
+    def ejected_until(self) -> float | None:
+        """When the current ejection ends (clock seconds), or L{None}."""
+        self._expire(self._clock.seconds())
+        return self._ejected_until
+
+    def record_failure(self) -> bool:
+        """
+        Count one failed request.
+
+        @return: C{True} if this failure ejected the instance.
+        """
+        if not self.max_fails:
+            return False
+        now = self._clock.seconds()
+        if self._expire(now):
+            return False
+        if not self._failures or now >= self._window_end:
+            self._failures = 0
+            self._window_end = now + self.fail_timeout
+        self._failures += 1
+        if self._failures >= self.max_fails:
+            self._failures = 0
+            self._ejected_until = now + self.fail_timeout
+            return True
+        return False
+
+    def record_success(self) -> None:
+        """Count one successful request: the failure count restarts."""
+        self._failures = 0
+
+    def reset(self) -> None:
+        """Forget failures and end any ejection (e.g. the pool vetoed it)."""
+        self._failures = 0
+        self._ejected_until = None
+
+    def _expire(self, now: float) -> bool:
+        """End an ejection whose time is up; return whether still ejected."""
+        until = self._ejected_until
+        if until is None:
+            return False
+        if now >= until:
+            self._ejected_until = None
+            self._failures = 0
+            return False
+        return True
+
+
+def may_eject(total: int, ejected_now: int, max_ejection_percent: float) -> bool:
+    """
+    Whether one more instance of a pool may be ejected.
+
+    Allowed when C{(ejected_now + 1) * 100 <= total * max_ejection_percent},
+    i.e. the ejected share after this one stays within the limit. So with the
+    default 50%, a pool of 1 never ejects its only instance (as nginx ignores
+    C{max_fails} for a single server: there is nowhere else to send traffic),
+    a pool of 2 or 3 may eject one, a pool of 4 two.
+
+    @param total: instances in the pool.
+    @param ejected_now: instances currently ejected.
+    @param max_ejection_percent: 0 to 100.
+    """
+    return (ejected_now + 1) * 100 <= total * max_ejection_percent
+
+
+def parse_health_body(body: bytes) -> dict[str, Any] | None:
+    """
+    Decode a health check response body, if it is a JSON object.
+
+    Fields such as C{cpu}, C{mem} and C{gpu_memory_used_percent} are kept
+    as sent. Never raises.
+
+    @param body: the raw response body.
+    @return: the object, or L{None} if the body is not a JSON object.
+    """
+    try:
+        value = json.loads(body)
+    except (ValueError, TypeError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
