@@ -7,7 +7,7 @@ The prober and the relay write to it; the balancer, admin and metrics read it.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 from urllib.parse import urlsplit
 
 from twisted.internet.interfaces import IReactorTime
@@ -42,6 +42,7 @@ class Instance:
         self.requests = 0
         self.failures = 0
         self.health: dict | None = None
+        self.models: tuple[str, ...] = ()
         self._clock = clock
         self._up_since: float | None = None
         hc = pool.config.health_check
@@ -185,6 +186,7 @@ class Registry:
         """Record an active probe's outcome."""
         if health is not None:
             inst.health = health
+            inst.models = reported_models(health) or inst.models
         became = inst.probe.record(ok)
         if became is None:
             return
@@ -219,3 +221,16 @@ class Registry:
         if inst is None:
             raise KeyError(instance_id)
         return inst
+
+
+def reported_models(body: dict) -> tuple[str, ...]:
+    """Model names in a probe answer: OpenAI C{/v1/models}, Ollama C{/api/tags}, or C{model}."""
+    found: list[str] = []
+    for item in body.get("data") or body.get("models") or ():
+        if isinstance(item, dict):
+            name = item.get("id") or item.get("name")
+            if isinstance(name, str):
+                found.append(name)
+    if isinstance(body.get("model"), str):
+        found.append(body["model"])
+    return tuple(found)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
@@ -24,7 +25,7 @@ from twisted.web.server import NOT_DONE_YET
 from clawproxy import __version__
 from clawproxy.backends.registry import Pool, Registry
 from clawproxy.config import Config
-from clawproxy.errors import Rejected, bad_request, error_body, not_found, unavailable
+from clawproxy.errors import Rejected, bad_request, not_found, unavailable
 from clawproxy.metrics import Metrics
 from clawproxy.policy.routing import Router, canonical_path, sticky_split, strip_base
 from clawproxy.web.accesslog import AccessLog
@@ -173,7 +174,7 @@ class GatewayResource(Resource):
             answer = self._fallback(ctx, cfg.fallback or pool.config.fallback)
             if answer is None:
                 raise unavailable(f"no healthy instance in pool {pool.name!r}",
-                                  code="no_healthy_upstream")
+                                  code="no_healthy_upstream") from None
             self._write_local(ctx, answer)
             return
         if not request.finished and not request._disconnected:
@@ -297,8 +298,10 @@ class GatewayResource(Resource):
         if local == b"/health" and method in (b"GET", b"HEAD"):
             return self.health_response()
         if local == b"/v1/models" and method == b"GET":
-            data = [{"id": m, "object": "model", "owned_by": "clawproxy"}
-                    for m in self.router.declared_models()]
+            names = dict.fromkeys(self.router.declared_models())
+            for inst in self.registry:
+                names.update(dict.fromkeys(inst.models))
+            data = [{"id": m, "object": "model", "owned_by": "clawproxy"} for m in names]
             return LocalResponse(200, json.dumps({"object": "list", "data": data}).encode())
         if self._public_metrics and local == self._metrics_path and method == b"GET":
             from clawproxy.metrics import CONTENT_TYPE

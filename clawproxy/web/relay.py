@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import io
 import ipaddress
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred
@@ -209,7 +210,7 @@ class StreamPipe(Protocol):
         if self._stall_call is not None:
             self._stall_call.reset(self._stall_timeout)
 
-    def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self._stop_timer()
         self._unregister()
         if self.done.called:
@@ -382,13 +383,15 @@ class Relay:
             metrics.upstream_requests_total.labels(pool.name, inst.id, outcome).inc()
             self.breakers.record(pool, inst, False)
             if outcome == "timeout":
-                raise gateway_timeout(f"upstream {inst.id} did not answer within {timeout:g}s")
+                raise gateway_timeout(
+                    f"upstream {inst.id} did not answer within {timeout:g}s"
+                ) from None
             if outcome == "error":
                 self.log.failure("request to {instance} failed", failure, instance=inst.id)
             self.registry_failure(inst)
             delay = self.retry.should_retry(pool, outcome, ctx.attempts)
             if delay is None:
-                raise _failure_rejection(outcome)
+                raise _failure_rejection(outcome) from None
             return delay
         now = self.clock.seconds()
         metrics.upstream_ttfb.labels(pool.name).observe(now - started)
@@ -435,7 +438,7 @@ class Relay:
             ctx.error = "truncated"
             if not failure.check(ResponseFailed):
                 self.log.failure("relaying body from {instance}", failure, instance=inst.id)
-            raise UpstreamBroken(inst.id)
+            raise UpstreamBroken(inst.id) from None
         return None
 
     # Passive health accounting; the registry is set by the gateway.
@@ -475,4 +478,4 @@ def _sleep(clock: IReactorTime, seconds: float) -> Deferred[None]:
     return d
 
 
-__all__ = ["Relay", "NoInstance", "UpstreamBroken", "unavailable"]
+__all__ = ["NoInstance", "Relay", "UpstreamBroken", "unavailable"]

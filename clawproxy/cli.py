@@ -1,0 +1,158 @@
+"""The C{clawproxy} console script (SPEC section 1)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from typing import Any
+
+from clawproxy.config import ConfigError, hash_key, load_config
+
+DEFAULT_ADMIN = "http://127.0.0.1:9901"
+
+
+class AdminError(Exception):
+    """The admin listener could not be reached or refused the call."""
+
+
+def admin_call(base: str, token: str | None, method: str, path: str,
+               body: Any = None, timeout: float = 5.0) -> Any:
+    """Call the admin API and return its decoded JSON answer."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(base.rstrip("/") + path, data=data, method=method)
+    req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as e:
+        try:
+            message = json.loads(e.read())["error"]["message"]
+        except Exception:
+            message = e.reason
+        raise AdminError(f"{base} refused: {e.code} {message}") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise AdminError(f"cannot reach the gateway's admin listener at {base}: {reason}") from None
+    except ValueError:
+        raise AdminError(f"{base} did not answer JSON") from None
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """A readable table of pools and instances."""
+    header = ("POOL", "INSTANCE", "STATE", "WEIGHT", "ACTIVE", "REQUESTS", "SUCCESS", "BREAKER",
+              "GPU%")
+    rows = [header]
+    for pool_name, pool in status.get("pools", {}).items():
+        for inst in pool.get("instances", []):
+            gpu = inst.get("health", {}).get("gpu_memory_used_percent")
+            rows.append((
+                pool_name, inst["id"], inst["state"], f"{inst['weight']:g}", str(inst["active"]),
+                str(inst["requests"]), f"{inst['success_rate'] * 100:.1f}%", inst["breaker"],
+                "-" if gpu is None else f"{gpu:g}",
+            ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = [
+        f"clawproxy {status.get('version', '?')}  up {status.get('uptime', '?')}  "
+        f"workers {status.get('workers', 1)}"
+    ]
+    for r in rows:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def _admin_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--admin", default=os.environ.get("CLAWPROXY_ADMIN", DEFAULT_ADMIN),
+                   help="admin listener URL (default $CLAWPROXY_ADMIN or %(default)s)")
+    p.add_argument("--token", default=os.environ.get("CLAWPROXY_ADMIN_TOKEN"),
+                   help="admin bearer token (default $CLAWPROXY_ADMIN_TOKEN)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clawproxy", description="clawproxy gateway tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("check-config", help="validate a config file")
+    p.add_argument("file")
+    p = sub.add_parser("status", help="pools and instances of a running gateway")
+    _admin_args(p)
+    p.add_argument("--json", action="store_true", help="print the raw JSON")
+    p = sub.add_parser("set-weight", help="change an instance's weight")
+    p.add_argument("instance")
+    p.add_argument("weight", type=float)
+    _admin_args(p)
+    for name, text in (("drain", "stop new traffic to an instance"),
+                       ("undrain", "resume traffic to an instance")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("instance")
+        _admin_args(p)
+    p = sub.add_parser("hash-key", help="print the stored form of an API key")
+    p.add_argument("key")
+    sub.add_parser("sim", help="run a simulated LLM backend", add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "sim":
+        from clawproxy.simulator import sim_main
+
+        return sim_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except AdminError as e:
+        print(f"clawproxy {args.command}: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "check-config":
+        try:
+            config = load_config(args.file)
+        except ConfigError as e:
+            print(str(e), file=sys.stderr)
+            return 1
+        except OSError as e:
+            print(f"{args.file}: {e.strerror}", file=sys.stderr)
+            return 1
+        print(f"{args.file}: OK")
+        print(config.summary())
+        return 0
+    if args.command == "hash-key":
+        print(hash_key(args.key))
+        return 0
+    if args.command == "status":
+        status = admin_call(args.admin, args.token, "GET", "/admin/status")
+        print(json.dumps(status, indent=2) if args.json else format_status(status))
+        return 0
+    if args.command == "set-weight":
+        if args.weight < 0:
+            print("clawproxy set-weight: weight must be >= 0", file=sys.stderr)
+            return 2
+        inst = admin_call(args.admin, args.token, "POST",
+                          f"/admin/instances/{_quote(args.instance)}/weight",
+                          {"weight": args.weight})
+        print(f"{inst['id']}: weight {inst['weight']:g}")
+        return 0
+    if args.command in ("drain", "undrain"):
+        inst = admin_call(args.admin, args.token, "POST",
+                          f"/admin/instances/{_quote(args.instance)}/{args.command}", {})
+        print(f"{inst['id']}: {inst['state']}")
+        return 0
+    raise AssertionError(args.command)
+
+
+def _quote(s: str) -> str:
+    from urllib.parse import quote
+
+    return quote(s, safe="")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

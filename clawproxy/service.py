@@ -1,0 +1,155 @@
+"""
+Assemble a gateway from a L{Config}: listeners, simulators, prober, admin.
+
+L{build_service} takes the reactor as an argument, so tests build whole
+gateways on a C{MemoryReactor} or on the real reactor with port 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application import strports
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+
+from clawproxy.backends.prober import HealthProber
+from clawproxy.backends.registry import Registry
+from clawproxy.backends.upstream import make_agent, make_pool
+from clawproxy.config import Config, ConfigError, load_config
+from clawproxy.metrics import Metrics
+from clawproxy.policy.breakers import NoBreakers
+from clawproxy.policy.retry import RetryPolicy
+from clawproxy.web.accesslog import AccessLog
+from clawproxy.web.admin import AdminResource
+from clawproxy.web.gateway import GatewayResource
+from clawproxy.web.relay import Relay
+from clawproxy.web.site import GatewaySite, QuietSite
+
+
+class _PoolCloser(Service):
+    """Close idle upstream connections when the gateway stops."""
+
+    name = "upstream-pool"
+
+    def __init__(self, pool: Any, access_log: AccessLog) -> None:
+        self.pool = pool
+        self.access_log = access_log
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        d = self.pool.closeCachedConnections()
+        d.addBoth(lambda _: self.access_log.close())
+        return d
+
+
+class Gateway(MultiService):
+    """
+    The root service of one gateway process.
+
+    Its attributes give tests and the admin API the live parts: C{registry},
+    C{metrics}, C{resource} (data plane), C{admin}, C{site}.
+    """
+
+    log = Logger()
+
+    def __init__(self, config: Config, reactor: Any, access_log: AccessLog | None = None,
+                 metrics: Metrics | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.access_log = access_log or AccessLog.open(config.logging.output, reactor)
+        self.upstream_pool = make_pool(reactor)
+        self.agent = make_agent(reactor, self.upstream_pool)
+        self.breakers = NoBreakers()
+        self.retry_policy = RetryPolicy()
+        self.started = reactor.seconds()
+        self._build(config)
+        self.site = GatewaySite(
+            self.resource, max_body_size=config.server.max_body_size,
+            max_header_size=config.server.max_header_size,
+            timeout=config.server.client_timeout, reactor=reactor,
+        )
+        self.admin = AdminResource(
+            self.registry, self.metrics, self.breakers, reactor, config.admin.token,
+            metrics_path=config.metrics.path, reload=self.reload if config.source else None,
+            workers=config.server.workers, started=self.started,
+        )
+        self.admin_site = QuietSite(self.admin, reactor=reactor)
+        self.listeners: list[Service] = []
+        self._add_children(config)
+
+    def _build(self, config: Config) -> None:
+        """(Re)build the parts that follow the config: registry, relay, resource."""
+        self.registry = Registry(config, self.reactor)
+        self.registry.subscribe(self.metrics.instance_changed)
+        relay = Relay(self.agent, self.reactor, self.metrics, self.retry_policy, self.breakers,
+                      config.server.trusted_proxies)
+        relay.registry = self.registry
+        self.relay = relay
+        self.resource = GatewayResource(
+            config, self.registry, relay, self.metrics, self.access_log, self.reactor,
+            started=self.started,
+        )
+        self.prober = HealthProber(self.registry, self.agent, self.reactor)
+
+    def _add_children(self, config: Config) -> None:
+        from clawproxy.simulator import simulator_service
+
+        for sim in config.simulators:
+            simulator_service(sim, self.reactor).setServiceParent(self)
+        for desc in config.server.listen:
+            svc = strports.service(desc, self.site, reactor=self.reactor)
+            svc.setServiceParent(self)
+            self.listeners.append(svc)
+        if config.server.tls is not None:
+            from clawproxy.web.tls import tls_services
+
+            for svc in tls_services(config.server.tls, self.site, self.reactor):
+                svc.setServiceParent(self)
+                self.listeners.append(svc)
+        if config.admin.listen:
+            admin = StreamServerEndpointService(
+                serverFromString(self.reactor, config.admin.listen), self.admin_site
+            )
+            admin.setServiceParent(self)
+            self.listeners.append(admin)
+        self.prober.setServiceParent(self)
+        _PoolCloser(self.upstream_pool, self.access_log).setServiceParent(self)
+
+    def reload(self) -> Deferred:
+        """
+        Re-read the config file. Fires with the list of errors (empty when the
+        new config is in force). Listeners and simulators stay as they are;
+        pools, routes and policies follow the new file. Instances that keep
+        their id keep their drain state and runtime weight.
+        """
+        try:
+            config = load_config(self.config.source)
+        except ConfigError as e:
+            self.log.warn("reload refused: {errors}", errors=e.errors)
+            return succeed(list(e.errors))
+        old = self.registry
+        self.prober.disownServiceParent()
+        self._build(config)
+        for inst in self.registry:
+            prev = old.instance(inst.id)
+            if prev is not None and prev.url == inst.url:
+                inst.drained = prev.drained
+                inst.probe = prev.probe
+                inst.health = prev.health
+        self.config = config
+        self.site.resource = self.resource
+        self.admin.registry = self.registry
+        self.prober.setServiceParent(self)
+        self.log.info("configuration reloaded from {path}", path=config.source)
+        return succeed([])
+
+
+def build_service(config: Config, reactor: Any) -> Gateway:
+    """The whole gateway for C{config}, not yet started."""
+    return Gateway(config, reactor)

@@ -1,0 +1,215 @@
+"""
+The admin listener (SPEC section 5): status, weights, drain, breakers,
+reload and Prometheus metrics. Bound to loopback by default; when a token
+is configured every call needs C{Authorization: Bearer TOKEN}.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from clawproxy import __version__
+from clawproxy.backends.registry import Instance, Registry
+from clawproxy.errors import Rejected, error_body
+from clawproxy.metrics import CONTENT_TYPE, Metrics
+from clawproxy.web.gateway import format_uptime
+
+
+def instance_status(inst: Instance, breakers: Any) -> dict[str, Any]:
+    return {
+        "id": inst.id,
+        "url": inst.url,
+        "state": inst.state,
+        "healthy": inst.healthy,
+        "drained": inst.drained,
+        "weight": inst.base_weight,
+        "active": inst.active,
+        "requests": inst.requests,
+        "failures": inst.failures,
+        "success_rate": round(inst.success_rate(), 4),
+        "breaker": breakers.state(f"{inst.pool.name}/{inst.id}"),
+        "health": inst.health or {},
+    }
+
+
+class AdminResource(Resource):
+    """
+    The admin API. Leaf resource: dispatches on the whole path.
+
+    @param reload: called for C{POST /admin/reload}; returns a Deferred that
+        fires with a list of config errors (empty on success), or None when
+        reload is not available.
+    """
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(self, registry: Registry, metrics: Metrics, breakers: Any,
+                 clock: IReactorTime, token: str | None, metrics_path: str = "/metrics",
+                 reload: Callable[[], Deferred] | None = None, workers: int = 1,
+                 started: float | None = None) -> None:
+        super().__init__()
+        self.registry = registry
+        self.metrics = metrics
+        self.breakers = breakers
+        self.clock = clock
+        self._token = token.encode() if token else None
+        self._metrics_path = metrics_path.encode()
+        self._reload = reload
+        self.workers = workers
+        self.started = clock.seconds() if started is None else started
+
+    def render(self, request: Any) -> Any:
+        try:
+            self._authorize(request)
+            result = self._dispatch(request)
+        except Rejected as rej:
+            return self._error(request, rej)
+        if isinstance(result, Deferred):
+            result.addCallback(self._write_json, request)
+            result.addErrback(self._failed, request)
+            return NOT_DONE_YET
+        if isinstance(result, bytes):
+            return result
+        return self._json(request, 200, result)
+
+    def _authorize(self, request: Any) -> None:
+        if self._token is None:
+            return
+        auth = request.getHeader(b"authorization") or b""
+        scheme, _, given = auth.partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self._token):
+            raise Rejected(401, "admin token required", "authentication_error",
+                           "invalid_admin_token", (("WWW-Authenticate", 'Bearer realm="admin"'),))
+
+    def _dispatch(self, request: Any) -> Any:
+        path = request.path.rstrip(b"/") or b"/"
+        method = request.method
+        parts = path.split(b"/")
+        if path == self._metrics_path and method == b"GET":
+            request.setHeader(b"content-type", CONTENT_TYPE.encode())
+            return self.metrics.render()
+        if path == b"/admin/status" and method == b"GET":
+            return self.status()
+        if path in (b"/health", b"/admin/health") and method == b"GET":
+            return {"status": "ok", "version": __version__}
+        if len(parts) == 5 and parts[1:3] == [b"admin", b"instances"]:
+            if method != b"POST":
+                raise Rejected(405, "use POST", "invalid_request_error", "method_not_allowed")
+            return self._instance_action(request, parts[3].decode("utf-8", "replace"),
+                                         parts[4])
+        if len(parts) == 4 and parts[1:3] == [b"health", b"circuit-breaker"]:
+            name = parts[3].decode("utf-8", "replace")
+            return self._breaker(request, name)
+        if len(parts) == 5 and parts[1:3] == [b"health", b"circuit-breaker"]:
+            name = (parts[3] + b"/" + parts[4]).decode("utf-8", "replace")
+            return self._breaker(request, name)
+        if path == b"/admin/reload" and method == b"POST":
+            if self._reload is None:
+                raise Rejected(501, "reload is not available", "invalid_request_error",
+                               "not_supported")
+            return ensureDeferred(self._do_reload())
+        raise Rejected(404, "no such admin endpoint", "invalid_request_error", "not_found")
+
+    async def _do_reload(self) -> Any:
+        errors = await self._reload()
+        if errors:
+            raise Rejected(400, "; ".join(errors), "invalid_request_error", "invalid_config")
+        return {"reloaded": True}
+
+    def status(self) -> dict[str, Any]:
+        pools = {}
+        for name, pool in self.registry.pools.items():
+            pools[name] = {
+                "algorithm": pool.config.algorithm,
+                "protocol": pool.config.protocol,
+                "breaker": self.breakers.state(name),
+                "instances": [instance_status(i, self.breakers) for i in pool.instances],
+            }
+        return {
+            "version": __version__,
+            "uptime": format_uptime(self.clock.seconds() - self.started),
+            "workers": self.workers,
+            "pools": pools,
+        }
+
+    def _instance_action(self, request: Any, instance_id: str, action: bytes) -> Any:
+        inst = self.registry.instance(instance_id)
+        if inst is None:
+            raise Rejected(404, f"no instance {instance_id!r}", "invalid_request_error",
+                           "instance_not_found")
+        if action == b"weight":
+            weight = _read_json(request).get("weight")
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+                raise Rejected(400, "weight must be a number >= 0", "invalid_request_error",
+                               "invalid_weight")
+            self.registry.set_weight(instance_id, float(weight))
+        elif action == b"drain":
+            self.registry.set_drained(instance_id, True)
+        elif action == b"undrain":
+            self.registry.set_drained(instance_id, False)
+        else:
+            raise Rejected(404, "no such instance action", "invalid_request_error", "not_found")
+        return instance_status(inst, self.breakers)
+
+    def _breaker(self, request: Any, name: str) -> Any:
+        describe = getattr(self.breakers, "describe", None)
+        if describe is not None:
+            info = describe(name)
+            if info is None:
+                raise Rejected(404, f"no breaker {name!r}", "invalid_request_error", "not_found")
+            return info
+        if name not in self.registry.pools and "/" not in name:
+            raise Rejected(404, f"no breaker {name!r}", "invalid_request_error", "not_found")
+        return {"name": name, "state": self.breakers.state(name), "failure_count": 0,
+                "success_count": 0, "last_failure_time": None}
+
+    def _write_json(self, result: Any, request: Any) -> None:
+        if not request._disconnected:
+            request.write(self._json(request, 200, result))
+            request.finish()
+
+    def _failed(self, failure: Failure, request: Any) -> None:
+        if request._disconnected:
+            return
+        if failure.check(Rejected):
+            body = self._error(request, failure.value)
+        else:
+            self.log.failure("admin request failed", failure)
+            body = self._error(request, Rejected(500, "internal error", "server_error",
+                                                 "internal_error"))
+        request.write(body)
+        request.finish()
+
+    def _json(self, request: Any, code: int, obj: Any) -> bytes:
+        request.setResponseCode(code)
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(obj).encode()
+
+    def _error(self, request: Any, rej: Rejected) -> bytes:
+        request.setResponseCode(rej.status)
+        request.setHeader(b"content-type", b"application/json")
+        for k, v in rej.headers:
+            request.setHeader(k.encode(), v.encode())
+        return error_body(rej.message, rej.type, rej.code)
+
+
+def _read_json(request: Any) -> dict[str, Any]:
+    try:
+        request.content.seek(0)
+        data = json.loads(request.content.read() or b"{}")
+    except ValueError:
+        raise Rejected(400, "body must be JSON", "invalid_request_error", "invalid_json") from None
+    if not isinstance(data, dict):
+        raise Rejected(400, "body must be a JSON object", "invalid_request_error", "invalid_json")
+    return data
