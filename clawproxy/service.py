@@ -72,7 +72,8 @@ class Gateway(MultiService):
         self.site = GatewaySite(
             self.resource, max_body_size=config.server.max_body_size,
             max_header_size=config.server.max_header_size,
-            timeout=config.server.client_timeout, reactor=reactor,
+            timeout=config.server.client_timeout, head_timeout=config.server.head_timeout,
+            reactor=reactor,
         )
         self.admin = AdminResource(
             self.registry, self.metrics, self.breakers, reactor, config.admin.token,

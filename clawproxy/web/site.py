@@ -61,7 +61,48 @@ class GatewayRequest(server.Request):
 
 
 class GatewayChannel(http.HTTPChannel):
-    """An HTTP/1.1 channel that answers an oversized head with 431."""
+    """
+    An HTTP/1.1 channel that answers an oversized head with 431 and a head
+    that takes longer than the site's C{head_timeout} to arrive with 408.
+
+    The head deadline runs from the first byte of each request to the end of
+    its headers, however slowly the bytes trickle in (Twisted's idle timeout
+    alone resets on every byte).
+    """
+
+    _awaiting_head = True
+    _head_call: Any = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._awaiting_head and self._head_call is None:
+            self._head_call = self.site.reactor.callLater(
+                self.site.head_timeout, self._head_timed_out
+            )
+        super().dataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        self._awaiting_head = False
+        self._cancel_head_timer()
+        super().allHeadersReceived()
+
+    def requestDone(self, request: Any) -> None:
+        self._awaiting_head = True
+        super().requestDone(request)
+
+    def connectionLost(self, reason: Any) -> None:
+        self._cancel_head_timer()
+        super().connectionLost(reason)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_call is not None:
+            if self._head_call.active():
+                self._head_call.cancel()
+            self._head_call = None
+
+    def _head_timed_out(self) -> None:
+        self._head_call = None
+        self._refuse(408, b"Request Timeout", "request head not received in time",
+                     "request_timeout")
 
     def lineReceived(self, line: bytes) -> None:
         if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
@@ -73,12 +114,16 @@ class GatewayChannel(http.HTTPChannel):
         self._refuse_head()
 
     def _refuse_head(self) -> None:
-        body = error_body("request headers too large", "invalid_request_error",
-                          "headers_too_large")
+        self._refuse(431, b"Request Header Fields Too Large", "request headers too large",
+                     "headers_too_large")
+
+    def _refuse(self, status: int, phrase: bytes, message: str, code: str) -> None:
+        """Answer a request whose head we will not read, then close."""
+        self._cancel_head_timer()
+        body = error_body(message, "invalid_request_error", code)
         self.transport.write(
-            b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-            b"Content-Type: application/json\r\nConnection: close\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (status, phrase, len(body), body)
         )
         self.transport.loseConnection()
         self.dataReceived = self.lineReceived = lambda *a: None  # type: ignore[method-assign]
@@ -98,10 +143,11 @@ class GatewaySite(server.Site):
         return http._GenericHTTPChannelProtocol(GatewayChannel())
 
     def __init__(self, resource: Any, max_body_size: int, max_header_size: int,
-                 timeout: float, reactor: Any = None) -> None:
+                 timeout: float, head_timeout: float = 10.0, reactor: Any = None) -> None:
         super().__init__(resource, timeout=timeout, reactor=reactor)
         self.max_body_size = max_body_size
         self.max_header_size = max_header_size
+        self.head_timeout = head_timeout
 
     def buildProtocol(self, addr: Any) -> Any:
         proto = super().buildProtocol(addr)
