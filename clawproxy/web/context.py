@@ -44,6 +44,7 @@ class RequestContext:
     bytes_sent: int = 0
     error: str | None = None
     upstream_started: float = 0.0
+    rewrite: Any = None
     response_headers: list[tuple[bytes, bytes]] = attrs.Factory(list)
 
     @property

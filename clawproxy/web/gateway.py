@@ -31,6 +31,7 @@ from clawproxy.policy.routing import Router, canonical_path, sticky_split, strip
 from clawproxy.web.accesslog import AccessLog
 from clawproxy.web.context import LocalResponse, RequestContext
 from clawproxy.web.relay import NoInstance, Relay, UpstreamBroken
+from clawproxy.web.translate import rewrite_for
 
 _JSON = b"application/json"
 _SAFE_ID = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
@@ -166,6 +167,12 @@ class GatewayResource(Resource):
             self._transform_request(ctx, transforms.request_headers)
             for name, value in transforms.response_headers.set.items():
                 ctx.response_headers.append((name.encode(), self._expand(value, ctx).encode()))
+        if pool.config.protocol == "ollama" and local == b"/v1/chat/completions":
+            self._body(ctx)
+        if ctx.body is not None:
+            model = ctx.body.get("model")
+            resolved = self.router.resolve_model(model) if isinstance(model, str) else None
+            ctx.rewrite = rewrite_for(pool, local, ctx.method, ctx.body, resolved, ctx.request_id)
         key, sticky = self._keys(ctx, pool)
         timeout = cfg.timeout if cfg.timeout is not None else pool.config.timeout
         try:

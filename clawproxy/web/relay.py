@@ -187,8 +187,9 @@ class StreamPipe(Protocol):
     """
 
     def __init__(self, request: Any, ctx: RequestContext, clock: IReactorTime,
-                 stall_timeout: float | None) -> None:
+                 stall_timeout: float | None, translator: Any = None) -> None:
         self.request = request
+        self.translator = translator
         self.ctx = ctx
         self.done: Deferred[None] = Deferred(self._cancel)
         self._clock = clock
@@ -205,6 +206,14 @@ class StreamPipe(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.done.called:
             return
+        if self.translator is not None:
+            try:
+                data = self.translator.feed(data)
+            except ValueError as e:
+                self._give_up(str(e))
+                return
+            if not data:
+                return
         self.ctx.bytes_sent += len(data)
         self.request.write(data)
         if self._stall_call is not None:
@@ -216,6 +225,11 @@ class StreamPipe(Protocol):
         if self.done.called:
             return
         if reason.check(ResponseDone, PotentialDataLoss):
+            if self.translator is not None:
+                tail = self.translator.finish()
+                if tail:
+                    self.ctx.bytes_sent += len(tail)
+                    self.request.write(tail)
             self.done.callback(None)
         else:
             self.done.errback(reason)
@@ -245,6 +259,14 @@ class StreamPipe(Protocol):
         self.ctx.error = "stall_timeout"
         self._unregister()
         self.done.errback(Failure(StreamStalled()))
+        self.transport.stopProducing()
+
+    def _give_up(self, why: str) -> None:
+        """The body cannot be relayed (e.g. untranslatable): abort both sides."""
+        self.ctx.error = why
+        self._stop_timer()
+        self._unregister()
+        self.done.errback(Failure(UpstreamBroken(why)))
         self.transport.stopProducing()
 
     def _cancel(self, d: Deferred[None]) -> None:
@@ -366,11 +388,17 @@ class Relay:
         """
         request = ctx.request
         metrics = self.metrics
-        url = inst.url_bytes + upstream_path
+        rewrite = ctx.rewrite
+        if rewrite is None:
+            url = inst.url_bytes + upstream_path
+            producer = body_producer(request.content)
+        else:
+            url = inst.url_bytes + (rewrite.path or upstream_path)
+            producer = BytesProducer(rewrite.body)
         if ctx.query:
             url += b"?" + ctx.query
         headers = forwarded_headers(request, ctx, inst.host_header, self.trusted)
-        d = self.agent.request(ctx.method, url, headers, body_producer(request.content))
+        d = self.agent.request(ctx.method, url, headers, producer)
         d.addTimeout(timeout, self.clock)
         try:
             response = await d
@@ -422,12 +450,15 @@ class Relay:
         rh.setRawHeaders(
             b"server-timing", [b"upstream;dur=%.1f" % ((now - started) * 1000)]
         )
-        if response.length is not UNKNOWN_LENGTH:
+        translator = rewrite.response() if rewrite is not None and 200 <= code < 300 else None
+        if translator is not None:
+            rh.setRawHeaders(b"content-type", [translator.content_type])
+        elif response.length is not UNKNOWN_LENGTH:
             rh.setRawHeaders(b"content-length", [b"%d" % response.length])
         if ctx.method == b"HEAD" or code in (204, 304):
             response.deliverBody(_Discard())
             return None
-        pipe = StreamPipe(request, ctx, self.clock, pool.config.stall_timeout)
+        pipe = StreamPipe(request, ctx, self.clock, pool.config.stall_timeout, translator)
         response.deliverBody(pipe)
         try:
             await pipe.done

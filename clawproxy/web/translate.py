@@ -1,0 +1,65 @@
+"""
+Request rewrites decided by the gateway and applied by the relay: model
+aliases, and the OpenAI -> Ollama translation for C{protocol: ollama} pools.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Protocol
+
+from clawproxy.policy import ollama
+
+
+class BodyTranslator(Protocol):
+    content_type: bytes
+
+    def feed(self, data: bytes) -> bytes: ...
+
+    def finish(self) -> bytes: ...
+
+
+class Rewrite:
+    """
+    Send C{body} (and, if given, C{path}) upstream instead of the client's.
+
+    @ivar response: makes a L{BodyTranslator} for a successful response, or
+        None to relay it unchanged.
+    """
+
+    def __init__(self, body: dict[str, Any], path: bytes | None = None) -> None:
+        self.body = json.dumps(body, separators=(",", ":")).encode()
+        self.path = path
+
+    def response(self) -> BodyTranslator | None:
+        return None
+
+
+class OllamaChat(Rewrite):
+    """An OpenAI chat completion sent to Ollama's C{/api/chat} and translated back."""
+
+    def __init__(self, body: dict[str, Any], model: str, request_id: str) -> None:
+        super().__init__(ollama.chat_request(body, model), b"/api/chat")
+        self.model = model
+        self.stream = bool(body.get("stream", False))
+        self.include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        self.completion_id = "chatcmpl-" + request_id
+
+    def response(self) -> BodyTranslator:
+        if self.stream:
+            return ollama.StreamTranslator(self.model, self.completion_id, self.include_usage)
+        return ollama.CompletionCollector(self.model, self.completion_id)
+
+
+def rewrite_for(pool: Any, local_path: bytes, method: bytes, body: dict[str, Any] | None,
+                model: str | None, request_id: str) -> Rewrite | None:
+    """What (if anything) to change in a request going to C{pool}."""
+    if body is None:
+        return None
+    if pool.config.protocol == "ollama" and method == b"POST" and local_path == (
+        b"/v1/chat/completions"
+    ):
+        return OllamaChat(body, model or body.get("model", ""), request_id)
+    if model is not None and body.get("model") != model:
+        return Rewrite(dict(body, model=model))
+    return None
