@@ -30,20 +30,39 @@ from clawproxy.web.relay import Relay
 from clawproxy.web.site import GatewaySite, QuietSite
 
 
-class _PoolCloser(Service):
-    """Close idle upstream connections when the gateway stops."""
+class _Shutdown(Service):
+    """
+    On shutdown: wait (up to C{grace} seconds) for in-flight requests, then
+    close idle upstream connections and the access log.
 
-    name = "upstream-pool"
+    Listeners stop at the same time, so new connections are refused while the
+    requests already accepted are answered.
+    """
 
-    def __init__(self, pool: Any, access_log: AccessLog) -> None:
-        self.pool = pool
-        self.access_log = access_log
+    name = "shutdown"
+
+    def __init__(self, gateway: Gateway, grace: float = 30.0) -> None:
+        self.gateway = gateway
+        self.grace = grace
 
     def stopService(self) -> Deferred:
         super().stopService()
-        d = self.pool.closeCachedConnections()
-        d.addBoth(lambda _: self.access_log.close())
-        return d
+        gateway, clock = self.gateway, self.gateway.reactor
+        done: Deferred[None] = Deferred()
+        deadline = clock.seconds() + self.grace
+        if gateway.in_flight():
+            gateway.log.info("waiting for {n} in-flight requests", n=gateway.in_flight())
+
+        def check() -> None:
+            if gateway.in_flight() == 0 or clock.seconds() >= deadline:
+                done.callback(None)
+            else:
+                clock.callLater(0.05, check)
+
+        check()
+        done.addCallback(lambda _: gateway.upstream_pool.closeCachedConnections())
+        done.addBoth(lambda _: gateway.access_log.close())
+        return done
 
 
 class Gateway(MultiService):
@@ -120,7 +139,16 @@ class Gateway(MultiService):
             admin.setServiceParent(self)
             self.listeners.append(admin)
         self.prober.setServiceParent(self)
-        _PoolCloser(self.upstream_pool, self.access_log).setServiceParent(self)
+        _Shutdown(self).setServiceParent(self)
+        if config.server.workers > 1:
+            self.log.warn(
+                "server.workers is {n}, but this version runs one process; "
+                "run several gateways with store: redis to scale out", n=config.server.workers
+            )
+
+    def in_flight(self) -> int:
+        """Data-plane requests being answered now."""
+        return self.resource.in_flight
 
     def reload(self) -> Deferred:
         """

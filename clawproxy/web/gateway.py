@@ -83,6 +83,8 @@ class GatewayResource(Resource):
 
     isLeaf = True
     log = Logger()
+    #: Requests being answered now (the shutdown drain waits for zero).
+    in_flight = 0
 
     def __init__(
         self,
@@ -128,6 +130,7 @@ class GatewayResource(Resource):
             started=self.clock.seconds(),
         )
         request.setHeader(b"x-request-id", ctx.request_id.encode())
+        self.in_flight += 1
         d = ensureDeferred(self._handle(ctx))
         d.addErrback(self._fail, ctx)
         request.notifyFinish().addBoth(self._finished, ctx, d)
@@ -376,6 +379,7 @@ class GatewayResource(Resource):
         self._write_local(ctx, LocalResponse(rej.status, rej.body(), _JSON, headers))
 
     def _finished(self, result: Any, ctx: RequestContext, d: Deferred) -> None:
+        self.in_flight -= 1
         if isinstance(result, Failure):
             # The client went away: stop everything done on its behalf.
             ctx.error = ctx.error or "client_disconnected"
