@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -68,7 +68,8 @@ class HealthProber(Service):
         hc = pool.config.health_check
         url = inst.url_bytes + hc.path.encode()
         headers = Headers({b"user-agent": [b"clawproxy-health"]})
-        d = self.agent.request(b"GET", url, headers)
+        # maybeDeferred: an agent that raises fails this probe, not the whole loop.
+        d = maybeDeferred(self.agent.request, b"GET", url, headers)
 
         def got(response: Any) -> Deferred:
             body = readBody(response)
