@@ -1,0 +1,249 @@
+"""Tests for L{clawproxy.backends.prober}."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from treq.testing import RequestTraversalAgent
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+
+from clawproxy.backends.prober import HealthProber
+from clawproxy.backends.registry import Registry
+from clawproxy.config import parse_config
+
+
+class HealthEndpoint(Resource):
+    """
+    A fake backend: answers every path with C{status} and C{body}, and
+    remembers what it was asked.
+    """
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.status = 200
+        self.body: bytes = json.dumps({"status": "ok"}).encode()
+        self.seen: list[tuple[bytes, bytes, bytes | None]] = []
+
+    def render(self, request: Any) -> bytes:
+        self.seen.append((request.getHeader(b"host"), request.uri,
+                          request.getHeader(b"user-agent")))
+        request.setResponseCode(self.status)
+        request.setHeader(b"content-type", b"application/json")
+        return self.body
+
+
+class SilentAgent:
+    """An L{IAgent} whose requests never get an answer (but can be cancelled)."""
+
+    def __init__(self) -> None:
+        self.pending: list[Deferred[Any]] = []
+        self.cancelled = 0
+
+    def request(self, method: bytes, uri: bytes, headers: Any = None,
+                bodyProducer: Any = None) -> Deferred[Any]:
+        def cancel(d: Deferred[Any]) -> None:
+            self.cancelled += 1
+
+        d: Deferred[Any] = Deferred(cancel)
+        self.pending.append(d)
+        return d
+
+
+class RaisingAgent:
+    """An L{IAgent} whose C{request} raises at once."""
+
+    calls = 0
+
+    def request(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        self.calls += 1
+        raise RuntimeError("agent exploded")
+
+
+def make_registry(clock: Clock, instances: int = 1, **health: Any) -> Registry:
+    """Pool C{main} with C{instances} instances and the given C{health_check}."""
+    hc: dict[str, Any] = {"interval": "5s", "timeout": "2s", "healthy_threshold": 2,
+                          "unhealthy_threshold": 3}
+    hc.update(health)
+    config = parse_config({
+        "pools": {"main": {
+            "instances": [{"id": f"i{n}", "url": f"http://i{n}.test:8000"}
+                          for n in range(1, instances + 1)],
+            "health_check": hc,
+        }},
+        "routes": [{"path": "/*", "pool": "main"}],
+    }, environ={})
+    return Registry(config, clock)
+
+
+class ProberTests(SynchronousTestCase):
+    """The prober drives instance health from periodic probes."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.backend = HealthEndpoint()
+        self.agent = RequestTraversalAgent(self.backend)
+
+    def start(self, registry: Registry, agent: Any = None) -> HealthProber:
+        prober = HealthProber(registry, agent or self.agent, self.clock)
+        prober.startService()
+        self.addCleanup(lambda: prober.running and prober.stopService())
+        return prober
+
+    def advance(self, seconds: float) -> None:
+        self.clock.advance(seconds)
+        self.agent.flush()
+
+    def test_first_probe_at_start(self) -> None:
+        """Starting probes every instance at once, at C{url + path}, as clawproxy-health."""
+        reg = make_registry(self.clock, instances=2, path="/api/tags")
+        self.start(reg)
+        self.assertEqual(sorted(self.backend.seen), [
+            (b"i1.test:8000", b"/api/tags", b"clawproxy-health"),
+            (b"i2.test:8000", b"/api/tags", b"clawproxy-health"),
+        ])
+
+    def test_default_path(self) -> None:
+        """An openai pool is probed at C{/v1/models} by default."""
+        self.start(make_registry(self.clock))
+        self.assertEqual([uri for _, uri, _ in self.backend.seen], [b"/v1/models"])
+
+    def test_interval(self) -> None:
+        """Probes repeat every C{interval}."""
+        self.start(make_registry(self.clock))
+        self.advance(4.9)
+        self.assertEqual(len(self.backend.seen), 1)
+        self.advance(0.1)
+        self.assertEqual(len(self.backend.seen), 2)
+        self.advance(5)
+        self.advance(5)
+        self.assertEqual(len(self.backend.seen), 4)
+
+    def test_goes_unhealthy_and_back(self) -> None:
+        """
+        An instance answering 500 goes unhealthy at the third failed probe and
+        comes back at the second good one.
+        """
+        reg = make_registry(self.clock)
+        inst = reg.instance("i1")
+        self.backend.status = 500
+        self.start(reg)
+        self.advance(5)
+        self.assertTrue(inst.healthy)
+        self.advance(5)
+        self.assertFalse(inst.healthy)
+        self.assertEqual(inst.state, "unhealthy")
+        self.backend.status = 200
+        self.advance(5)
+        self.assertFalse(inst.healthy)
+        self.advance(5)
+        self.assertTrue(inst.healthy)
+        self.assertTrue(inst.available())
+
+    def test_expected_status(self) -> None:
+        """A status other than C{expected_status} is a failure, even a 2xx."""
+        reg = make_registry(self.clock, expected_status=204, unhealthy_threshold=1)
+        self.start(reg)
+        self.assertFalse(reg.instance("i1").healthy)
+
+    def test_health_body_kept(self) -> None:
+        """The JSON body of a probe is kept on the instance, with its models."""
+        self.backend.body = json.dumps({
+            "gpu_memory_used_percent": 42.5, "data": [{"id": "sim-small"}],
+        }).encode()
+        reg = make_registry(self.clock)
+        self.start(reg)
+        inst = reg.instance("i1")
+        self.assertEqual(inst.health, {"gpu_memory_used_percent": 42.5,
+                                       "data": [{"id": "sim-small"}]})
+        self.assertEqual(inst.models, ("sim-small",))
+
+    def test_non_json_body(self) -> None:
+        """A body that is not a JSON object is fine for health and keeps no health data."""
+        self.backend.body = b"OK"
+        reg = make_registry(self.clock, unhealthy_threshold=1)
+        self.start(reg)
+        inst = reg.instance("i1")
+        self.assertTrue(inst.healthy)
+        self.assertIsNone(inst.health)
+
+    def test_expected_body_contains(self) -> None:
+        """With C{expected_body_contains}, a 200 without that text is a failure."""
+        reg = make_registry(self.clock, expected_body_contains="ready",
+                            unhealthy_threshold=1, healthy_threshold=1)
+        self.backend.body = b'{"status": "starting"}'
+        self.start(reg)
+        inst = reg.instance("i1")
+        self.assertFalse(inst.healthy)
+        self.backend.body = b'{"status": "ready"}'
+        self.advance(5)
+        self.assertTrue(inst.healthy)
+
+    def test_timeout_is_failure(self) -> None:
+        """
+        A probe with no answer within C{timeout} is cancelled and counts as a
+        failure; rounds never overlap, so the next starts one interval later.
+        """
+        reg = make_registry(self.clock)
+        agent = SilentAgent()
+        self.start(reg, agent)
+        inst = reg.instance("i1")
+        self.clock.advance(1.9)
+        self.assertEqual((len(agent.pending), agent.cancelled), (1, 0))
+        self.clock.advance(0.1)
+        self.assertEqual(agent.cancelled, 1)
+        self.assertEqual(inst.probe.consecutive_failures, 1)
+        self.clock.advance(3)  # t=5: second probe
+        self.assertEqual(len(agent.pending), 2)
+        self.clock.advance(2)  # t=7: it times out
+        self.clock.advance(3)  # t=10: third probe
+        self.assertTrue(inst.healthy)
+        self.clock.advance(2)  # t=12: it times out
+        self.assertEqual(agent.cancelled, 3)
+        self.assertFalse(inst.healthy)
+
+    def test_agent_raising_is_failure(self) -> None:
+        """An agent that raises counts as a failed probe; probing goes on."""
+        reg = make_registry(self.clock, unhealthy_threshold=2)
+        agent = RaisingAgent()
+        self.start(reg, agent)
+        self.clock.advance(5)
+        self.assertEqual(agent.calls, 2)
+        self.assertFalse(reg.instance("i1").healthy)
+        self.clock.advance(5)
+        self.assertEqual(agent.calls, 3)
+
+    def test_disabled(self) -> None:
+        """A pool with C{health_check.enabled: false} is never probed."""
+        reg = make_registry(self.clock, enabled=False)
+        self.start(reg)
+        self.advance(60)
+        self.assertEqual(self.backend.seen, [])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_stop_service(self) -> None:
+        """Stopping the prober stops the loop: no more probes, no delayed calls."""
+        reg = make_registry(self.clock, instances=2)
+        prober = self.start(reg)
+        self.assertNotEqual(self.clock.getDelayedCalls(), [])
+        self.assertIsNone(prober.stopService())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.advance(60)
+        self.assertEqual(len(self.backend.seen), 2)
+
+    def test_stop_during_probe(self) -> None:
+        """A probe in flight at stop still ends by its timeout, and nothing is rescheduled."""
+        reg = make_registry(self.clock)
+        agent = SilentAgent()
+        prober = self.start(reg, agent)
+        prober.stopService()
+        self.clock.advance(2)
+        self.assertEqual(agent.cancelled, 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(60)
+        self.assertEqual(len(agent.pending), 1)
