@@ -131,9 +131,13 @@ class GatewayResource(Resource):
         )
         request.setHeader(b"x-request-id", ctx.request_id.encode())
         self.in_flight += 1
+        # Ask before handling: a request answered at once (builtin endpoint,
+        # 4xx, fallback) finishes inside ensureDeferred, and a notifyFinish()
+        # asked for after that never fires (no metrics, no log, in_flight leak).
+        finished = request.notifyFinish()
         d = ensureDeferred(self._handle(ctx))
         d.addErrback(self._fail, ctx)
-        request.notifyFinish().addBoth(self._finished, ctx, d)
+        finished.addBoth(self._finished, ctx, d)
         return NOT_DONE_YET
 
     async def _handle(self, ctx: RequestContext) -> None:
