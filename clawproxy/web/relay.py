@@ -237,7 +237,10 @@ class StreamPipe(Protocol):
     def _unregister(self) -> None:
         if self._registered:
             self._registered = False
-            self.request.unregisterProducer()
+            # After a client disconnect the request has no channel left (and
+            # its transport dropped the producer itself): nothing to undo.
+            if self.request.channel is not None:
+                self.request.unregisterProducer()
 
     def _stop_timer(self) -> None:
         if self._stall_call is not None:
