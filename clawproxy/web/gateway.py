@@ -204,7 +204,8 @@ class GatewayResource(Resource):
         headers = ctx.request.requestHeaders
 
         def header(name: str) -> str | None:
-            v = headers.getRawHeaders(name)
+            # Ask with bytes: with a str name, Headers answers str values.
+            v = headers.getRawHeaders(name.encode("latin-1"))
             return v[-1].decode("latin-1") if v else None
 
         for route in self.router.candidates(spath, ctx.method):
@@ -262,7 +263,7 @@ class GatewayResource(Resource):
         if aff.method == "ip_hash":
             return key, ctx.client_ip
         if aff.method == "header":
-            v = ctx.request.requestHeaders.getRawHeaders(aff.header_name)
+            v = ctx.request.requestHeaders.getRawHeaders(aff.header_name.encode("latin-1"))
             return key, (v[-1].decode("latin-1") if v else None)
         cookie = ctx.request.getCookie(aff.cookie_name.encode())
         if cookie and len(cookie) <= 128:
