@@ -291,7 +291,7 @@ def classify(failure: Failure) -> str:
     """Name the kind of upstream failure, as used in C{retry.retry_on}."""
     if failure.check(ConnectionRefusedError):
         return "refused"
-    if failure.check(TimeoutError):
+    if failure.check(TimeoutError, defer.TimeoutError):
         return "timeout"
     if failure.check(ConnectError, DNSLookupError, ResponseNeverReceived):
         # ResponseNeverReceived: the connection closed before any response
@@ -402,7 +402,7 @@ class Relay:
             url += b"?" + ctx.query
         headers = forwarded_headers(request, ctx, inst.host_header, self.trusted)
         d = self.agent.request(ctx.method, url, headers, producer)
-        d.addTimeout(timeout, self.clock)
+        d.addTimeout(timeout, self.clock, onTimeoutCancel=_timed_out)
         try:
             response = await d
         except CancelledError:
@@ -504,6 +504,17 @@ def _failure_rejection(outcome: str) -> Rejected:
         return Rejected(502, "could not connect to any upstream instance",
                         "upstream_error", "upstream_unreachable")
     return bad_gateway()
+
+
+def _timed_out(result: Any, timeout: float) -> Any:
+    """
+    C{addTimeout}'s C{onTimeoutCancel} for upstream requests: a request
+    cancelled by its timeout fails with C{ResponseNeverReceived([CancelledError])}
+    (not C{CancelledError}), which must still count as a timeout.
+    """
+    if isinstance(result, Failure):
+        raise defer.TimeoutError(timeout, "upstream request")
+    return result
 
 
 def _sleep(clock: IReactorTime, seconds: float) -> Deferred[None]:
