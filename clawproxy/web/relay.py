@@ -408,6 +408,11 @@ class Relay:
         except CancelledError:
             raise
         except Exception:
+            if request._disconnected:
+                # The client left: Agent reports its cancellation as
+                # ResponseNeverReceived([CancelledError]). Not the instance's
+                # fault, and nobody to retry for.
+                raise CancelledError() from None
             failure = Failure()
             outcome = classify(failure)
             ctx.error = outcome
