@@ -147,6 +147,12 @@ class ServerConfig:
 
     @ivar base_path: C{""} or C{"/x"} without a trailing slash, stripped before routing.
     @ivar head_timeout: deadline in seconds for receiving the request head.
+    @ivar max_connections: open client connections beyond which new ones are refused.
+    @ivar underscores_in_headers: accept header names containing C{_} (refused by default).
+    @ivar min_body_rate: bytes per second a request body must average once it is
+        C{client_timeout} seconds under way (slow-body cutoff).
+    @ivar max_concurrent_streams: HTTP/2 streams open at once on one connection.
+    @ivar max_stream_resets: HTTP/2 stream resets one connection may cause before it is closed.
     """
 
     listen: tuple[str, ...] = ("tcp:8080",)
@@ -158,6 +164,11 @@ class ServerConfig:
     client_timeout: float = 60.0
     head_timeout: float = 10.0
     trusted_proxies: tuple[IPNetwork, ...] = ()
+    max_connections: int | None = None
+    underscores_in_headers: bool = False
+    min_body_rate: int = 1024
+    max_concurrent_streams: int = 100
+    max_stream_resets: int = 200
 
 
 @attrs.frozen
@@ -1243,6 +1254,11 @@ def _read_server(m: _Map) -> ServerConfig:
         client_timeout=m.get("client_timeout", _duration(above=0)),
         head_timeout=m.get("head_timeout", _duration(above=0)),
         trusted_proxies=m.get("trusted_proxies", _list_of(_network)),
+        max_connections=m.get("max_connections", _integer(low=1)),
+        underscores_in_headers=m.get("underscores_in_headers", _boolean),
+        min_body_rate=m.get("min_body_rate", _size),
+        max_concurrent_streams=m.get("max_concurrent_streams", _integer(low=1)),
+        max_stream_resets=m.get("max_stream_resets", _integer(low=1)),
     )
 
 

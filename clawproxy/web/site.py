@@ -5,11 +5,19 @@ gateway's limits before any resource runs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.protocol import Protocol
 from twisted.web import http, server
 
-from clawproxy.errors import error_body
+from clawproxy.errors import Rejected, bad_request
+from clawproxy.policy.validation import (
+    check_header_names,
+    check_host,
+    check_target,
+    check_transfer_encoding,
+)
 
 
 class _Discarding:
@@ -56,22 +64,37 @@ class GatewayRequest(server.Request):
             self.too_large = True
             self.content.close()
             self.content = _Discarding()
+            refuse = getattr(self.channel, "refuse", None)
+            if refuse is not None:
+                refuse(Rejected(413, "request body exceeds max_body_size",
+                                "invalid_request_error", "request_too_large"))
             return
         self.content.write(data)
 
 
 class GatewayChannel(http.HTTPChannel):
     """
-    An HTTP/1.1 channel that answers an oversized head with 431 and a head
-    that takes longer than the site's C{head_timeout} to arrive with 408.
+    An HTTP/1.1 channel that checks each request head before any body is
+    read or C{100 Continue} sent, and refuses bad ones at once with the SPEC's
+    JSON error and C{Connection: close}:
 
-    The head deadline runs from the first byte of each request to the end of
-    its headers, however slowly the bytes trickle in (Twisted's idle timeout
-    alone resets on every byte).
+      - a head over C{max_header_size} (block or single line) → 431;
+      - a head not complete C{head_timeout} after its first byte → 408 (the
+        idle timeout alone resets on every byte, so a trickle never ends);
+      - obs-fold lines, a missing/duplicate/malformed C{Host}, foreign
+        absolute-form targets, header names with C{_} → 400;
+        C{Transfer-Encoding} other than chunked → 501;
+      - a declared body over C{max_body_size} → 413, and the site's
+        C{early_checks} (e.g. an invalid API key → 401);
+      - a body arriving slower than C{min_body_rate} → 408.
     """
 
     _awaiting_head = True
     _head_call: Any = None
+    _body_call: Any = None
+    _body_started = 0.0
+    _body_received = 0
+    _refused = False
 
     def dataReceived(self, data: bytes) -> None:
         if self._awaiting_head and self._head_call is None:
@@ -80,10 +103,70 @@ class GatewayChannel(http.HTTPChannel):
             )
         super().dataReceived(data)
 
+    def lineReceived(self, line: bytes) -> None:
+        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+            self._refuse_head()
+            return
+        if line[:1] in (b" ", b"\t") and not self._HTTPChannel__first_line:
+            self.refuse(bad_request("obsolete line folding in headers", "invalid_header"))
+            return
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._refuse_head()
+
     def allHeadersReceived(self) -> None:
         self._awaiting_head = False
         self._cancel_head_timer()
+        try:
+            self._check_head()
+        except Rejected as rej:
+            self.refuse(rej)
+            return
         super().allHeadersReceived()
+        if self.length != 0 and not self._refused:
+            self._body_started = self.site.reactor.seconds()
+            self._body_received = 0
+            self._body_call = self.site.reactor.callLater(1.0, self._check_body_rate)
+
+    def _check_head(self) -> None:
+        site = self.site
+        req = self.requests[-1]
+        headers = req.requestHeaders
+        host = check_host(headers.getRawHeaders(b"host"), self._version)
+        self._path = check_target(self._path, self._command, host)
+        check_transfer_encoding(headers.getRawHeaders(b"transfer-encoding"))
+        if not site.underscores_in_headers:
+            check_header_names((n for n, _ in headers.getAllRawHeaders()), False)
+        if self.length is not None and self.length > site.max_body_size:
+            raise Rejected(413, "request body exceeds max_body_size", "invalid_request_error",
+                           "request_too_large")
+        for check in site.early_checks:
+            check(self._command, self._path, headers)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._body_received += len(data)
+        super().rawDataReceived(data)
+
+    def allContentReceived(self) -> None:
+        self._cancel_body_timer()
+        if self._refused:
+            return
+        super().allContentReceived()
+
+    def _check_body_rate(self) -> None:
+        """Refuse a body that trickles in slower than C{min_body_rate}."""
+        self._body_call = None
+        site = self.site
+        elapsed = site.reactor.seconds() - self._body_started
+        grace = site.head_timeout
+        if elapsed > grace and self._body_received < site.min_body_rate * (elapsed - grace):
+            self.refuse(Rejected(408, "request body arrived too slowly",
+                                 "invalid_request_error", "request_timeout"))
+            return
+        self._body_call = site.reactor.callLater(1.0, self._check_body_rate)
 
     def requestDone(self, request: Any) -> None:
         self._awaiting_head = True
@@ -91,6 +174,7 @@ class GatewayChannel(http.HTTPChannel):
 
     def connectionLost(self, reason: Any) -> None:
         self._cancel_head_timer()
+        self._cancel_body_timer()
         super().connectionLost(reason)
 
     def _cancel_head_timer(self) -> None:
@@ -99,34 +183,72 @@ class GatewayChannel(http.HTTPChannel):
                 self._head_call.cancel()
             self._head_call = None
 
+    def _cancel_body_timer(self) -> None:
+        if self._body_call is not None:
+            if self._body_call.active():
+                self._body_call.cancel()
+            self._body_call = None
+
     def _head_timed_out(self) -> None:
         self._head_call = None
-        self._refuse(408, b"Request Timeout", "request head not received in time",
-                     "request_timeout")
-
-    def lineReceived(self, line: bytes) -> None:
-        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
-            self._refuse_head()
-            return
-        super().lineReceived(line)
-
-    def lineLengthExceeded(self, line: bytes) -> None:
-        self._refuse_head()
+        self.refuse(Rejected(408, "request head not received in time", "invalid_request_error",
+                             "request_timeout"))
 
     def _refuse_head(self) -> None:
-        self._refuse(431, b"Request Header Fields Too Large", "request headers too large",
-                     "headers_too_large")
+        self.refuse(Rejected(431, "request headers too large", "invalid_request_error",
+                             "headers_too_large"))
 
-    def _refuse(self, status: int, phrase: bytes, message: str, code: str) -> None:
-        """Answer a request whose head we will not read, then close."""
+    def refuse(self, rej: Rejected) -> None:
+        """
+        Answer a request we will not read any further, then close.
+
+        Used before a response has started; the site logs it like any request.
+        """
+        if self._refused:
+            return
+        self._refused = True
         self._cancel_head_timer()
-        body = error_body(message, "invalid_request_error", code)
+        self._cancel_body_timer()
+        command = getattr(self, "_command", None) or b"-"
+        path = getattr(self, "_path", None) or b"-"
+        request_id = self.site.refused(self, command, path, rej)
+        body = rej.body()
+        extra = b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in rej.headers)
+        phrase = http.RESPONSES.get(rej.status, b"Error")
         self.transport.write(
             b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nConnection: close\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (status, phrase, len(body), body)
+            b"X-Request-ID: %s\r\n%sContent-Length: %d\r\n\r\n%s"
+            % (rej.status, phrase, request_id.encode(), extra, len(body), body)
         )
         self.transport.loseConnection()
         self.dataReceived = self.lineReceived = lambda *a: None  # type: ignore[method-assign]
+
+
+class _CountedProtocol(http._GenericHTTPChannelProtocol):
+    """Twisted's HTTP/1.1-or-h2 switch, counting open connections on the site."""
+
+    def connectionMade(self) -> None:
+        self._site.open_connections += 1
+        super().connectionMade()
+
+    def connectionLost(self, reason: Any) -> None:
+        self._site.open_connections -= 1
+        super().connectionLost(reason)
+
+
+class _RefuseConnection(Protocol):
+    """Answer 503 to a connection over C{max_connections} and close it."""
+
+    def connectionMade(self) -> None:
+        rej = Rejected(503, "too many open connections", "server_error", "too_many_connections",
+                       (("Retry-After", "1"),))
+        body = rej.body()
+        self.transport.write(
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(body), body)
+        )
+        self.transport.loseConnection()
 
 
 class GatewaySite(server.Site):
@@ -140,22 +262,41 @@ class GatewaySite(server.Site):
 
     def protocol(self) -> Any:  # type: ignore[override]
         """Our channel, wrapped so TLS connections can still switch to HTTP/2."""
-        return http._GenericHTTPChannelProtocol(GatewayChannel())
+        return _CountedProtocol(GatewayChannel())
 
     def __init__(self, resource: Any, max_body_size: int, max_header_size: int,
-                 timeout: float, head_timeout: float = 10.0, reactor: Any = None) -> None:
+                 timeout: float, head_timeout: float = 10.0, reactor: Any = None,
+                 max_connections: int | None = None, underscores_in_headers: bool = False,
+                 min_body_rate: int = 1024) -> None:
         super().__init__(resource, timeout=timeout, reactor=reactor)
         self.max_body_size = max_body_size
         self.max_header_size = max_header_size
         self.head_timeout = head_timeout
+        self.max_connections = max_connections
+        self.underscores_in_headers = underscores_in_headers
+        self.min_body_rate = min_body_rate
+        #: Callables C{(method, path, headers)} run when a request head is in;
+        #: they raise L{Rejected} to refuse it before its body is read.
+        self.early_checks: list[Callable[[bytes, bytes, Any], None]] = []
+        #: Told of every request refused before it reached the resource;
+        #: returns the request id used in the answer.
+        self.on_refused: Callable[[Any, bytes, bytes, Rejected], str] | None = None
+        self.open_connections = 0
 
     def buildProtocol(self, addr: Any) -> Any:
+        if self.max_connections is not None and self.open_connections >= self.max_connections:
+            return _RefuseConnection()
         proto = super().buildProtocol(addr)
         channel = getattr(proto, "_channel", proto)
         if isinstance(channel, GatewayChannel):
             channel.totalHeadersSize = self.max_header_size
             channel.MAX_LENGTH = self.max_header_size
         return proto
+
+    def refused(self, channel: Any, method: bytes, path: bytes, rej: Rejected) -> str:
+        if self.on_refused is None:
+            return "-"
+        return self.on_refused(channel, method, path, rej)
 
     def log(self, request: Any) -> None:
         pass
