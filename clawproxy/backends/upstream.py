@@ -4,13 +4,38 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+
+
+class _ClientProtocol(HTTP11ClientProtocol):
+    """
+    Twisted's HTTP/1.1 client protocol, also keeping each response's
+    C{Connection} header as C{response.connection_header}: Twisted's parser
+    files it apart from C{response.headers}, and the relay needs the header
+    names it lists to drop them (RFC 9110 section 7.6.1).
+    """
+
+    def request(self, request: Any) -> Any:
+        d = super().request(request)
+        parser = self._parser
+        if parser is not None and not d.called:
+            d.addCallback(_keep_connection_header, parser)
+        return d
+
+
+def _keep_connection_header(response: Any, parser: Any) -> Any:
+    response.connection_header = tuple(parser.connHeaders.getRawHeaders(b"connection") or ())
+    return response
 
 
 class _QuietClientFactory(_HTTP11ClientFactory):
     """Twisted's client factory without a log line per new upstream connection."""
 
     noisy = False
+
+    def buildProtocol(self, addr: Any) -> HTTP11ClientProtocol:
+        return _ClientProtocol(self._quiescentCallback)
 
 
 def make_pool(reactor: Any, max_per_host: int = 256, idle_timeout: float = 60.0

@@ -173,7 +173,10 @@ class GatewayResource(Resource):
         if transforms is not None:
             self._transform_request(ctx, transforms.request_headers)
             for name, value in transforms.response_headers.set.items():
-                ctx.response_headers.append((name.encode(), self._expand(value, ctx).encode()))
+                # ${instance} is only known once one answers: the relay (or
+                # _write_local) fills it in.
+                ctx.response_headers.append(
+                    (name.encode(), self._expand(value, ctx, instance=False).encode()))
         if pool.config.protocol == "ollama" and local == b"/v1/chat/completions":
             self._body(ctx)
         if ctx.body is not None:
@@ -277,7 +280,7 @@ class GatewayResource(Resource):
 
     # -- transforms and fallbacks ----------------------------------------
 
-    def _expand(self, value: str, ctx: RequestContext) -> str:
+    def _expand(self, value: str, ctx: RequestContext, instance: bool = True) -> str:
         if "${" not in value:
             return value
         for name, v in (
@@ -285,6 +288,8 @@ class GatewayResource(Resource):
             ("client_ip", ctx.client_ip), ("route", ctx.route_name),
             ("pool", ctx.pool_name), ("instance", ctx.instance_id),
         ):
+            if name == "instance" and not instance:
+                continue
             value = value.replace("${" + name + "}", v)
         return value
 
@@ -352,7 +357,7 @@ class GatewayResource(Resource):
         for name, value in answer.headers:
             request.setHeader(name, value)
         for name, value in ctx.response_headers:
-            request.setHeader(name, value)
+            request.setHeader(name, value.replace(b"${instance}", ctx.instance_id.encode()))
         request.setHeader(b"content-length", b"%d" % len(answer.body))
         ctx.bytes_sent = len(answer.body)
         if ctx.method != b"HEAD":

@@ -108,6 +108,10 @@ def _is_trusted(peer: str, trusted: Sequence[Any]) -> bool:
 def response_headers(response: Any) -> list[tuple[bytes, bytes]]:
     """The upstream response's headers fit to relay: hop-by-hop and framing removed."""
     drop = HOP_BY_HOP | _OWN_RESPONSE | connection_named(response.headers)
+    # Twisted's client keeps Connection out of response.headers; the upstream
+    # agent (backends.upstream) saves it here.
+    for value in getattr(response, "connection_header", ()):
+        drop |= {tok.strip().lower() for tok in value.split(b",") if tok.strip()}
     return [
         (name, value)
         for name, values in response.headers.getAllRawHeaders()
@@ -454,7 +458,7 @@ class Relay:
         for name, value in response_headers(response):
             rh.addRawHeader(name, value)
         for name, value in ctx.response_headers:
-            rh.setRawHeaders(name, [value])
+            rh.setRawHeaders(name, [value.replace(b"${instance}", inst.id.encode())])
         rh.setRawHeaders(
             b"server-timing", [b"upstream;dur=%.1f" % ((now - started) * 1000)]
         )
