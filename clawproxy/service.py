@@ -7,6 +7,7 @@ gateways on a C{MemoryReactor} or on the real reactor with port 0.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from twisted.application import strports
@@ -20,12 +21,14 @@ from clawproxy.backends.prober import HealthProber
 from clawproxy.backends.registry import Registry
 from clawproxy.backends.upstream import make_agent, make_pool
 from clawproxy.config import Config, ConfigError, load_config
+from clawproxy.errors import Rejected
 from clawproxy.metrics import Metrics
 from clawproxy.policy.breakers import NoBreakers
 from clawproxy.policy.retry import RetryPolicy
 from clawproxy.web.accesslog import AccessLog
 from clawproxy.web.admin import AdminResource
-from clawproxy.web.gateway import GatewayResource
+from clawproxy.web.context import RequestContext
+from clawproxy.web.gateway import GatewayResource, new_request_id
 from clawproxy.web.relay import Relay
 from clawproxy.web.site import GatewaySite, QuietSite
 
@@ -92,8 +95,11 @@ class Gateway(MultiService):
             self.resource, max_body_size=config.server.max_body_size,
             max_header_size=config.server.max_header_size,
             timeout=config.server.client_timeout, head_timeout=config.server.head_timeout,
-            reactor=reactor,
+            reactor=reactor, max_connections=config.server.max_connections,
+            underscores_in_headers=config.server.underscores_in_headers,
+            min_body_rate=config.server.min_body_rate,
         )
+        self.site.on_refused = self.refused
         self.admin = AdminResource(
             self.registry, self.metrics, self.breakers, reactor, config.admin.token,
             metrics_path=config.metrics.path, reload=self.reload if config.source else None,
@@ -146,6 +152,20 @@ class Gateway(MultiService):
                 "run several gateways with store: redis to scale out", n=config.server.workers
             )
 
+    def refused(self, channel: Any, method: bytes, path: bytes, rej: Rejected) -> str:
+        """Count and log a request the HTTP channel refused before routing."""
+        peer = getattr(channel.transport, "getPeer", lambda: None)()
+        ctx = RequestContext(
+            request=None, request_id=new_request_id(),
+            client_ip=getattr(peer, "host", None) or "-", method=method[:16],
+            path=path[:256], query=b"", started=self.reactor.seconds(),
+        )
+        ctx.status = rej.status
+        ctx.error = rej.code
+        self.metrics.requests_total.labels("-", _method_label(method), str(rej.status), "-").inc()
+        self.access_log.record(ctx, self.reactor.seconds(), time.time())
+        return ctx.request_id
+
     def in_flight(self) -> int:
         """Data-plane requests being answered now."""
         return self.resource.in_flight
@@ -177,6 +197,16 @@ class Gateway(MultiService):
         self.prober.setServiceParent(self)
         self.log.info("configuration reloaded from {path}", path=config.source)
         return succeed([])
+
+
+_KNOWN_METHODS = frozenset(
+    (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"CONNECT", b"TRACE")
+)
+
+
+def _method_label(method: bytes) -> str:
+    """A metric label that a client cannot blow up with made-up methods."""
+    return method.decode("latin-1") if method in _KNOWN_METHODS else "OTHER"
 
 
 def build_service(config: Config, reactor: Any) -> Gateway:
