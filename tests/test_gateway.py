@@ -133,11 +133,12 @@ class Harness:
 
     def __init__(self, testcase: SynchronousTestCase, config: dict[str, Any],
                  wrap_agent: Callable[[Any], Any] | None = None,
-                 wrap_root: Callable[[Resource], Resource] | None = None) -> None:
+                 wrap_root: Callable[[Resource], Resource] | None = None,
+                 backend: Resource | None = None) -> None:
         self.testcase = testcase
         self.config = parse_config(config, environ={})
         self.clock = Clock()
-        self.backend = Backend()
+        self.backend = Backend() if backend is None else backend
         self.upstream = RequestTraversalAgent(self.backend)
         self.agent = wrap_agent(self.upstream) if wrap_agent else self.upstream
         self.metrics = Metrics()
