@@ -98,6 +98,8 @@ class Gateway(MultiService):
             reactor=reactor, max_connections=config.server.max_connections,
             underscores_in_headers=config.server.underscores_in_headers,
             min_body_rate=config.server.min_body_rate,
+            max_concurrent_streams=config.server.max_concurrent_streams,
+            max_stream_resets=config.server.max_stream_resets,
         )
         self.site.on_refused = self.refused
         self.admin = AdminResource(

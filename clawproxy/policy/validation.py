@@ -9,7 +9,7 @@ with C{_}. Each check here returns nothing or raises L{Rejected}.
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 from clawproxy.errors import Rejected, bad_request
 

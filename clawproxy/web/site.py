@@ -225,7 +225,39 @@ class GatewayChannel(http.HTTPChannel):
 
 
 class _CountedProtocol(http._GenericHTTPChannelProtocol):
-    """Twisted's HTTP/1.1-or-h2 switch, counting open connections on the site."""
+    """
+    Twisted's HTTP/1.1-or-h2 switch, counting open connections on the site
+    and using L{GatewayH2Connection} when ALPN chooses h2.
+    """
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._negotiatedProtocol is None:
+            negotiated = getattr(self._channel.transport, "negotiatedProtocol", None)
+            if negotiated == b"h2":
+                self._switch_to_h2()
+        super().dataReceived(data)
+
+    def _switch_to_h2(self) -> None:
+        """As Twisted's own switch, with our connection class and limits."""
+        from clawproxy.web.h2 import GatewayH2Connection
+
+        site = self._site
+        network = self._channel._networkProducer
+        network.unregisterProducer()
+        self._channel.setTimeout(None)
+        self._channel._cancel_head_timer()
+        transport = self._channel.transport
+        self._channel = GatewayH2Connection(
+            site.reactor, site.max_concurrent_streams, site.max_stream_resets
+        )
+        self._channel.requestFactory = self._requestFactory
+        self._channel.site = site
+        self._channel.factory = self._factory
+        self._channel.timeOut = self._timeOut
+        self._channel.callLater = self._callLater
+        self._channel.makeConnection(transport)
+        network.registerProducer(self._channel, True)
+        self._negotiatedProtocol = b"h2"
 
     def connectionMade(self) -> None:
         self._site.open_connections += 1
@@ -267,7 +299,8 @@ class GatewaySite(server.Site):
     def __init__(self, resource: Any, max_body_size: int, max_header_size: int,
                  timeout: float, head_timeout: float = 10.0, reactor: Any = None,
                  max_connections: int | None = None, underscores_in_headers: bool = False,
-                 min_body_rate: int = 1024) -> None:
+                 min_body_rate: int = 1024, max_concurrent_streams: int = 100,
+                 max_stream_resets: int = 200) -> None:
         super().__init__(resource, timeout=timeout, reactor=reactor)
         self.max_body_size = max_body_size
         self.max_header_size = max_header_size
@@ -275,6 +308,8 @@ class GatewaySite(server.Site):
         self.max_connections = max_connections
         self.underscores_in_headers = underscores_in_headers
         self.min_body_rate = min_body_rate
+        self.max_concurrent_streams = max_concurrent_streams
+        self.max_stream_resets = max_stream_resets
         #: Callables C{(method, path, headers)} run when a request head is in;
         #: they raise L{Rejected} to refuse it before its body is read.
         self.early_checks: list[Callable[[bytes, bytes, Any], None]] = []
