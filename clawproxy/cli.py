@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from clawproxy.config import ConfigError, hash_key, load_config
+from clawproxy.policy.auth import KeyStoreError, load_key_store
 
 DEFAULT_ADMIN = "http://127.0.0.1:9901"
 
@@ -115,7 +116,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "check-config":
         try:
             config = load_config(args.file)
-        except ConfigError as e:
+            load_key_store(config)
+        except (ConfigError, KeyStoreError) as e:
             print(str(e), file=sys.stderr)
             return 1
         except OSError as e:

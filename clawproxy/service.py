@@ -23,10 +23,13 @@ from clawproxy.backends.upstream import make_agent, make_pool
 from clawproxy.config import Config, ConfigError, load_config
 from clawproxy.errors import Rejected
 from clawproxy.metrics import Metrics
+from clawproxy.policy.auth import KeyStoreError, extract_key, load_key_store, missing_api_key
 from clawproxy.policy.breakers import NoBreakers
 from clawproxy.policy.retry import RetryPolicy
+from clawproxy.policy.routing import canonical_path, strip_base
 from clawproxy.web.accesslog import AccessLog
 from clawproxy.web.admin import AdminResource
+from clawproxy.web.auth import auth_stages
 from clawproxy.web.context import RequestContext
 from clawproxy.web.gateway import GatewayResource, new_request_id
 from clawproxy.web.relay import Relay
@@ -102,6 +105,7 @@ class Gateway(MultiService):
             max_stream_resets=config.server.max_stream_resets,
         )
         self.site.on_refused = self.refused
+        self.site.early_checks.append(self._early_checks)
         self.admin = AdminResource(
             self.registry, self.metrics, self.breakers, reactor, config.admin.token,
             metrics_path=config.metrics.path, reload=self.reload if config.source else None,
@@ -119,10 +123,12 @@ class Gateway(MultiService):
                       config.server.trusted_proxies)
         relay.registry = self.registry
         self.relay = relay
+        identify, stages = auth_stages(config)
         self.resource = GatewayResource(
             config, self.registry, relay, self.metrics, self.access_log, self.reactor,
-            started=self.started,
+            identify=identify, stages=stages, started=self.started,
         )
+        self.early_auth = _early_auth_check(self.resource, identify)
         self.prober = HealthProber(self.registry, self.agent, self.reactor)
 
     def _add_children(self, config: Config) -> None:
@@ -154,6 +160,11 @@ class Gateway(MultiService):
                 "run several gateways with store: redis to scale out", n=config.server.workers
             )
 
+    def _early_checks(self, method: bytes, path: bytes, headers: Any) -> None:
+        """Header-time checks that follow the config (and so a reload)."""
+        if self.early_auth is not None:
+            self.early_auth(method, path, headers)
+
     def refused(self, channel: Any, method: bytes, path: bytes, rej: Rejected) -> str:
         """Count and log a request the HTTP channel refused before routing."""
         peer = getattr(channel.transport, "getPeer", lambda: None)()
@@ -181,7 +192,8 @@ class Gateway(MultiService):
         """
         try:
             config = load_config(self.config.source)
-        except ConfigError as e:
+            load_key_store(config)
+        except (ConfigError, KeyStoreError) as e:
             self.log.warn("reload refused: {errors}", errors=e.errors)
             return succeed(list(e.errors))
         old = self.registry
@@ -199,6 +211,36 @@ class Gateway(MultiService):
         self.prober.setServiceParent(self)
         self.log.info("configuration reloaded from {path}", path=config.source)
         return succeed([])
+
+
+def _early_auth_check(resource: GatewayResource, identify: list[Any]) -> Any:
+    """
+    The API-key check run when a request's head is in, before its body is read
+    or C{100 Continue} sent: a key that is presented but invalid is refused, and
+    so is a request without one when every route its path can reach needs one.
+    """
+    if not identify:
+        return None
+    stage = identify[0]
+    router = resource.router
+    base = resource.base
+
+    def check(method: bytes, target: bytes, headers: Any) -> None:
+        rej = stage.check_headers(headers)
+        if rej is not None:
+            raise rej
+        if extract_key(headers, stage.header_name) is not None:
+            return
+        local = strip_base(canonical_path(target.partition(b"?")[0]), base)
+        if local is None:
+            return
+        routes = router.candidates(local.decode("utf-8", "replace"), method)
+        if routes and all(
+            r.config.auth_required or r.config.allowed_agents is not None for r in routes
+        ):
+            raise missing_api_key(stage.header_name)
+
+    return check
 
 
 _KNOWN_METHODS = frozenset(

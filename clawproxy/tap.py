@@ -7,6 +7,7 @@ from typing import Any
 from twisted.python import usage
 
 from clawproxy.config import ConfigError, load_config
+from clawproxy.policy.auth import KeyStoreError, load_key_store
 
 
 class Options(usage.Options):
@@ -15,7 +16,8 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         try:
             self["loaded"] = load_config(self["config"])
-        except ConfigError as e:
+            load_key_store(self["loaded"])
+        except (ConfigError, KeyStoreError) as e:
             raise usage.UsageError(f"invalid configuration {self['config']}:\n{e}") from None
         except OSError as e:
             raise usage.UsageError(f"cannot read {self['config']}: {e.strerror}") from None
