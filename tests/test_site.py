@@ -1,0 +1,194 @@
+"""Tests for L{clawproxy.web.site}: limits enforced before any resource runs."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+
+from clawproxy.web.site import GatewayRequest, GatewaySite, _Discarding
+
+
+class Recorder(Resource):
+    """Answers with the body length it got; remembers each request."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[bytes, bytes, bool]] = []
+
+    def render(self, request: Any) -> bytes:
+        body = request.content.read()
+        self.seen.append((request.method, body, getattr(request, "too_large", False)))
+        return b"got %d" % len(body)
+
+
+class Connection:
+    """One client connection to a L{GatewaySite}, over a L{StringTransport}."""
+
+    def __init__(self, site: GatewaySite) -> None:
+        self.transport = StringTransport()
+        self.protocol = site.buildProtocol(IPv4Address("TCP", "10.0.0.7", 50000))
+        self.protocol.makeConnection(self.transport)
+
+    def send(self, data: bytes) -> None:
+        self.protocol.dataReceived(data)
+
+    def response(self) -> tuple[int, dict[bytes, bytes], bytes]:
+        """Status, lower-cased headers and body of the first response written."""
+        raw = self.transport.value()
+        head, _, body = raw.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split(b" ")[1])
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower()] = value.strip()
+        return status, headers, body
+
+    def close(self) -> None:
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+
+
+class SiteTests(SynchronousTestCase):
+    """A L{GatewaySite} with a 100-byte body limit and a 1 KiB head limit."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.resource = Recorder()
+        self.site = GatewaySite(self.resource, max_body_size=100, max_header_size=1024,
+                                timeout=60, head_timeout=10, reactor=self.reactor)
+
+    def connect(self) -> Connection:
+        conn = Connection(self.site)
+        self.addCleanup(lambda: conn.transport.disconnected or conn.close())
+        return conn
+
+    def assertRefused(self, conn: Connection, status: int, code: str) -> None:
+        """The connection got a JSON error C{status}/C{code} and is being closed."""
+        got, headers, body = conn.response()
+        self.assertEqual(got, status)
+        self.assertEqual(headers[b"content-type"], b"application/json")
+        self.assertEqual(headers[b"connection"], b"close")
+        self.assertEqual(int(headers[b"content-length"]), len(body))
+        self.assertEqual(json.loads(body)["error"]["code"], code)
+        self.assertTrue(conn.transport.disconnecting)
+        self.assertEqual(self.resource.seen, [])
+
+    def test_small_body(self) -> None:
+        """A body within the limit reaches the resource whole."""
+        conn = self.connect()
+        conn.send(b"POST /v1/x HTTP/1.1\r\nHost: gw\r\nContent-Length: 100\r\n\r\n" + b"a" * 100)
+        self.assertEqual(self.resource.seen, [(b"POST", b"a" * 100, False)])
+        self.assertEqual(conn.response()[0], 200)
+        self.assertEqual(conn.response()[2], b"got 100")
+
+    def test_content_length_over_limit(self) -> None:
+        """
+        A declared Content-Length over the limit is refused with 413 as soon as
+        the head is in; the body that follows is not read.
+        """
+        conn = self.connect()
+        conn.send(b"POST /v1/x HTTP/1.1\r\nHost: gw\r\nContent-Length: 101\r\n\r\n")
+        self.assertRefused(conn, 413, "request_too_large")
+        conn.send(b"b" * 101)
+        self.assertEqual(self.resource.seen, [])
+
+    def test_chunked_over_limit(self) -> None:
+        """A chunked body that grows over the limit is refused with 413, not kept."""
+        conn = self.connect()
+        conn.send(b"POST /v1/x HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n")
+        conn.send(b"40\r\n" + b"c" * 64 + b"\r\n")
+        self.assertEqual(conn.transport.value(), b"")
+        request = conn.protocol._channel.requests[-1]
+        conn.send(b"40\r\n" + b"c" * 64 + b"\r\n")
+        self.assertTrue(request.too_large)
+        self.assertIsInstance(request.content, _Discarding)
+        self.assertRefused(conn, 413, "request_too_large")
+        conn.send(b"40\r\n" + b"c" * 64 + b"\r\n0\r\n\r\n")
+        self.assertEqual(self.resource.seen, [])
+
+    def test_chunked_within_limit(self) -> None:
+        """A chunked body within the limit reaches the resource whole."""
+        conn = self.connect()
+        conn.send(b"POST /v1/x HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  b"32\r\n" + b"d" * 50 + b"\r\n32\r\n" + b"d" * 50 + b"\r\n0\r\n\r\n")
+        self.assertEqual(self.resource.seen, [(b"POST", b"d" * 100, False)])
+
+    def test_header_block_too_large(self) -> None:
+        """A head whose lines add up past C{max_header_size} is answered 431 JSON."""
+        conn = self.connect()
+        conn.send(b"GET /v1/x HTTP/1.1\r\nHost: gw\r\n")
+        for n in range(20):
+            conn.send(b"X-Filler-%d: %s\r\n" % (n, b"f" * 60))
+        self.assertRefused(conn, 431, "headers_too_large")
+
+    def test_line_too_long(self) -> None:
+        """One line longer than C{max_header_size} is answered 431 JSON, not just closed."""
+        conn = self.connect()
+        conn.send(b"GET /v1/x HTTP/1.1\r\nHost: gw\r\nX-Big: " + b"z" * 2000)
+        self.assertRefused(conn, 431, "headers_too_large")
+
+    def test_request_line_too_long(self) -> None:
+        """An over-long request line is answered 431 as well."""
+        conn = self.connect()
+        conn.send(b"GET /" + b"p" * 2000 + b" HTTP/1.1\r\n")
+        self.assertRefused(conn, 431, "headers_too_large")
+
+    def test_head_deadline(self) -> None:
+        """A head still incomplete C{head_timeout} after its first byte is answered 408."""
+        conn = self.connect()
+        conn.send(b"GET /v1/x HTTP/1.1\r\n")
+        for _ in range(9):
+            self.reactor.advance(1)
+            conn.send(b"X-Slow: 1\r\n")
+        self.assertEqual(conn.transport.value(), b"")
+        self.reactor.advance(1)
+        self.assertRefused(conn, 408, "request_timeout")
+
+    def test_head_in_time(self) -> None:
+        """A complete head cancels the head deadline."""
+        conn = self.connect()
+        conn.send(b"GET /v1/x HTTP/1.1\r\nHost: gw\r\n\r\n")
+        self.reactor.advance(10)
+        self.assertEqual(conn.response()[0], 200)
+        conn.close()
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+
+class GotLengthTests(SynchronousTestCase):
+    """L{GatewayRequest.gotLength} decides from the declared length alone."""
+
+    def request(self, limit: int) -> GatewayRequest:
+        site = GatewaySite(Recorder(), max_body_size=limit, max_header_size=1024, timeout=60,
+                           reactor=MemoryReactorClock())
+        protocol = site.buildProtocol(IPv4Address("TCP", "10.0.0.7", 1))
+        protocol.makeConnection(StringTransport())
+        self.addCleanup(protocol.connectionLost, Failure(ConnectionDone()))
+        return GatewayRequest(protocol._channel, False)
+
+    def test_over_limit(self) -> None:
+        """Over the limit: flagged, and the body goes to a sink that keeps nothing."""
+        request = self.request(10)
+        request.gotLength(11)
+        self.assertTrue(request.too_large)
+        self.assertIsInstance(request.content, _Discarding)
+        request.handleContentChunk(b"x" * 11)
+        request.content.seek(0)
+        self.assertEqual(request.content.read(), b"")
+
+    def test_within_limit(self) -> None:
+        """At or under the limit the body is kept as usual."""
+        request = self.request(10)
+        request.gotLength(10)
+        self.assertFalse(request.too_large)
+        request.handleContentChunk(b"y" * 10)
+        request.content.seek(0)
+        self.assertEqual(request.content.read(), b"y" * 10)
