@@ -10,6 +10,7 @@ import hmac
 import json
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import unquote
 
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
@@ -105,14 +106,16 @@ class AdminResource(Resource):
             return {"status": "ok", "version": __version__}
         if len(parts) == 5 and parts[1:3] == [b"admin", b"instances"]:
             if method != b"POST":
-                raise Rejected(405, "use POST", "invalid_request_error", "method_not_allowed")
-            return self._instance_action(request, parts[3].decode("utf-8", "replace"),
+                raise Rejected(405, "use POST", "invalid_request_error", "method_not_allowed",
+                               (("Allow", "POST"),))
+            # Ids may hold ':' and '@', which clients (and our CLI) percent-encode.
+            return self._instance_action(request, unquote(parts[3].decode("utf-8", "replace")),
                                          parts[4])
         if len(parts) == 4 and parts[1:3] == [b"health", b"circuit-breaker"]:
-            name = parts[3].decode("utf-8", "replace")
+            name = unquote(parts[3].decode("utf-8", "replace"))
             return self._breaker(request, name)
         if len(parts) == 5 and parts[1:3] == [b"health", b"circuit-breaker"]:
-            name = (parts[3] + b"/" + parts[4]).decode("utf-8", "replace")
+            name = unquote((parts[3] + b"/" + parts[4]).decode("utf-8", "replace"))
             return self._breaker(request, name)
         if path == b"/admin/reload" and method == b"POST":
             if self._reload is None:
