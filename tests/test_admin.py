@@ -1,0 +1,354 @@
+"""Tests for L{clawproxy.web.admin}: the admin API of SPEC section 5."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import attrs
+from treq.testing import StubTreq
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http_headers import Headers
+
+from clawproxy import __version__
+from clawproxy.backends.registry import Registry
+from clawproxy.config import parse_config
+from clawproxy.metrics import Metrics
+from clawproxy.policy.breakers import NoBreakers
+from clawproxy.web.admin import AdminResource
+
+#: Every metric family of SPEC section 7, as C{(name, type)}.
+SPEC_FAMILIES = [
+    ("requests_total", "counter"),
+    ("request_duration_seconds", "histogram"),
+    ("upstream_requests_total", "counter"),
+    ("upstream_latency_seconds", "histogram"),
+    ("upstream_ttfb_seconds", "histogram"),
+    ("active_connections", "gauge"),
+    ("backend_up", "gauge"),
+    ("backend_weight", "gauge"),
+    ("circuit_breaker_state", "gauge"),
+    ("circuit_breaker_open_total", "counter"),
+    ("upstream_retries_total", "counter"),
+    ("fallback_responses_total", "counter"),
+    ("rate_limited_total", "counter"),
+    ("cache_requests_total", "counter"),
+    ("coalesced_requests_total", "counter"),
+    ("tokens_total", "counter"),
+    ("spend_total", "counter"),
+]
+
+CONFIG = {
+    "pools": {
+        "main": {"algorithm": "least_connections",
+                 "instances": [{"id": "gpu-1", "url": "http://10.0.0.10:11434", "weight": 5},
+                               {"id": "gpu-2", "url": "http://10.0.0.11:11434"}],
+                 "health_check": {"unhealthy_threshold": 1}},
+        "small": {"instances": [{"id": "cpu-1", "url": "http://10.0.0.20:8000"}]},
+        "edge": {"instances": [{"id": "edge:1@rack-a", "url": "http://10.0.0.30:8000"}],
+                 "health_check": {"enabled": False}},
+    },
+    "routes": [{"path": "/*", "pool": "main"}],
+}
+
+
+@attrs.define
+class Answer:
+    code: int
+    headers: Headers
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    def header(self, name: bytes) -> bytes | None:
+        values = self.headers.getRawHeaders(name)
+        return values[-1] if values else None
+
+
+class AdminHarness:
+    """An L{AdminResource} over a registry, behind L{StubTreq}."""
+
+    def __init__(self, testcase: SynchronousTestCase, token: str | None = None,
+                 reload: Any = None) -> None:
+        self.testcase = testcase
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.config = parse_config(CONFIG, environ={})
+        self.registry = Registry(self.config, self.clock)
+        self.metrics = Metrics()
+        self.registry.subscribe(self.metrics.instance_changed)
+        self.resource = AdminResource(self.registry, self.metrics, NoBreakers(), self.clock,
+                                      token, reload=reload, workers=1)
+        self.client = StubTreq(self.resource)
+
+    def request(self, method: str, path: str, body: Any = None,
+                token: str | None = None, raw: bytes | None = None) -> Answer:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None
+                                            else None)
+        d = self.client.request(method, "http://127.0.0.1:9901" + path, data=data,
+                                headers=headers)
+        self.client.flush()
+        response = self.testcase.successResultOf(d)
+        content = response.content()
+        self.client.flush()
+        return Answer(response.code, response.headers, self.testcase.successResultOf(content))
+
+
+class StatusTests(SynchronousTestCase):
+    """C{GET /admin/status}."""
+
+    def test_shape(self) -> None:
+        """The status has the names of SPEC section 2 for the gateway, pools and instances."""
+        admin = AdminHarness(self)
+        admin.clock.advance(3725)
+        answer = admin.request("GET", "/admin/status")
+        self.assertEqual(answer.code, 200)
+        self.assertEqual(answer.header(b"content-type"), b"application/json")
+        status = answer.json()
+        self.assertEqual(status["version"], __version__)
+        self.assertEqual(status["uptime"], "1h 2m")
+        self.assertEqual(status["workers"], 1)
+        self.assertEqual(list(status["pools"]), ["main", "small", "edge"])
+        main = status["pools"]["main"]
+        self.assertEqual(main["algorithm"], "least_connections")
+        self.assertEqual([i["id"] for i in main["instances"]], ["gpu-1", "gpu-2"])
+        gpu1 = main["instances"][0]
+        for key in ("id", "url", "state", "healthy", "weight", "active", "requests",
+                    "failures", "success_rate", "breaker", "health"):
+            self.assertIn(key, gpu1)
+        self.assertEqual(
+            {k: gpu1[k] for k in ("id", "url", "state", "healthy", "weight", "active",
+                                  "requests", "failures", "success_rate", "breaker",
+                                  "health", "drained")},
+            {"id": "gpu-1", "url": "http://10.0.0.10:11434", "state": "healthy",
+             "healthy": True, "weight": 5.0, "active": 0, "requests": 0, "failures": 0,
+             "success_rate": 1.0, "breaker": "CLOSED", "health": {}, "drained": False})
+
+    def test_live_values(self) -> None:
+        """The status shows the registry as it is: states, counters and the last health body."""
+        admin = AdminHarness(self)
+        reg = admin.registry
+        gpu1, gpu2 = reg.instance("gpu-1"), reg.instance("gpu-2")
+        reg.probe_result(gpu1, True, {"gpu_memory_used_percent": 71})
+        gpu1.requests, gpu1.failures, gpu1.active = 8, 2, 3
+        reg.probe_result(gpu2, False)
+        reg.set_drained("cpu-1", True)
+        status = admin.request("GET", "/admin/status").json()
+        main = status["pools"]["main"]["instances"]
+        self.assertEqual((main[0]["state"], main[0]["requests"], main[0]["failures"],
+                          main[0]["active"], main[0]["success_rate"], main[0]["health"]),
+                         ("healthy", 8, 2, 3, 0.75, {"gpu_memory_used_percent": 71}))
+        self.assertEqual((main[1]["state"], main[1]["healthy"]), ("unhealthy", False))
+        cpu = status["pools"]["small"]["instances"][0]
+        self.assertEqual((cpu["state"], cpu["drained"]), ("draining", True))
+
+
+class InstanceActionTests(SynchronousTestCase):
+    """C{POST /admin/instances/{id}/weight|drain|undrain}."""
+
+    def test_set_weight(self) -> None:
+        """A weight is set, answered with the instance, and shown in metrics."""
+        admin = AdminHarness(self)
+        answer = admin.request("POST", "/admin/instances/gpu-2/weight", {"weight": 0.5})
+        self.assertEqual(answer.code, 200)
+        self.assertEqual((answer.json()["id"], answer.json()["weight"]), ("gpu-2", 0.5))
+        self.assertEqual(admin.registry.instance("gpu-2").base_weight, 0.5)
+        self.assertEqual(admin.metrics.registry.get_sample_value(
+            "clawproxy_backend_weight", {"pool": "main", "instance": "gpu-2"}), 0.5)
+
+    def test_weight_zero(self) -> None:
+        """Weight 0 is allowed: the instance takes no new traffic."""
+        admin = AdminHarness(self)
+        answer = admin.request("POST", "/admin/instances/gpu-1/weight", {"weight": 0})
+        self.assertEqual(answer.code, 200)
+        self.assertFalse(admin.registry.instance("gpu-1").available())
+
+    def test_bad_weight(self) -> None:
+        """Negative, non-numeric, boolean or missing weights are a 400 and change nothing."""
+        admin = AdminHarness(self)
+        for body in ({"weight": -1}, {"weight": "2"}, {"weight": True}, {}, {"weight": None}):
+            answer = admin.request("POST", "/admin/instances/gpu-1/weight", body)
+            self.assertEqual(answer.code, 400, body)
+            self.assertEqual(answer.json()["error"]["code"], "invalid_weight")
+        self.assertEqual(admin.registry.instance("gpu-1").base_weight, 5.0)
+
+    def test_bad_json(self) -> None:
+        """A body that is not a JSON object is a 400 C{invalid_json}."""
+        admin = AdminHarness(self)
+        for raw in (b"{weight", b"[1]"):
+            answer = admin.request("POST", "/admin/instances/gpu-1/weight", raw=raw)
+            self.assertEqual(answer.code, 400)
+            self.assertEqual(answer.json()["error"]["code"], "invalid_json")
+
+    def test_unknown_instance(self) -> None:
+        """An unknown instance id is a 404 for every action."""
+        admin = AdminHarness(self)
+        for action, body in (("weight", {"weight": 1}), ("drain", None), ("undrain", None)):
+            answer = admin.request("POST", f"/admin/instances/nope/{action}", body)
+            self.assertEqual(answer.code, 404, action)
+            self.assertEqual(answer.json()["error"]["code"], "instance_not_found")
+
+    def test_unknown_action(self) -> None:
+        """An unknown action is a 404."""
+        admin = AdminHarness(self)
+        self.assertEqual(admin.request("POST", "/admin/instances/gpu-1/reboot").code, 404)
+
+    def test_method_not_allowed(self) -> None:
+        """Instance actions need POST: other methods are a 405 naming the allowed one."""
+        admin = AdminHarness(self)
+        for method in ("GET", "PUT", "DELETE"):
+            answer = admin.request(method, "/admin/instances/gpu-1/drain")
+            self.assertEqual(answer.code, 405, method)
+            self.assertEqual(answer.json()["error"]["code"], "method_not_allowed")
+            self.assertEqual(answer.header(b"allow"), b"POST")
+        self.assertFalse(admin.registry.instance("gpu-1").drained)
+
+    def test_drain_undrain(self) -> None:
+        """Drain stops new traffic (state C{draining}); undrain resumes it."""
+        admin = AdminHarness(self)
+        answer = admin.request("POST", "/admin/instances/gpu-1/drain")
+        self.assertEqual((answer.code, answer.json()["state"], answer.json()["drained"]),
+                         (200, "draining", True))
+        self.assertFalse(admin.registry.instance("gpu-1").available())
+        answer = admin.request("POST", "/admin/instances/gpu-1/undrain")
+        self.assertEqual((answer.code, answer.json()["state"]), (200, "healthy"))
+        self.assertTrue(admin.registry.instance("gpu-1").available())
+
+    def test_quoted_id(self) -> None:
+        """
+        An id with C{:} or C{@} (allowed in ids) is found when percent-encoded,
+        as C{clawproxy drain} sends it.
+        """
+        admin = AdminHarness(self)
+        answer = admin.request("POST", "/admin/instances/edge%3A1%40rack-a/drain")
+        self.assertEqual(answer.code, 200)
+        self.assertEqual(answer.json()["id"], "edge:1@rack-a")
+        self.assertTrue(admin.registry.instance("edge:1@rack-a").drained)
+
+
+class TokenTests(SynchronousTestCase):
+    """With C{admin.token} set every call needs C{Authorization: Bearer TOKEN}."""
+
+    def test_missing(self) -> None:
+        """No token: 401 with C{WWW-Authenticate: Bearer}, and nothing done."""
+        admin = AdminHarness(self, token="s3cret")
+        for method, path in (("GET", "/admin/status"), ("GET", "/metrics"),
+                             ("POST", "/admin/instances/gpu-1/drain")):
+            answer = admin.request(method, path)
+            self.assertEqual(answer.code, 401, path)
+            self.assertTrue(answer.header(b"www-authenticate").startswith(b"Bearer"))
+            self.assertEqual(answer.json()["error"]["code"], "invalid_admin_token")
+        self.assertFalse(admin.registry.instance("gpu-1").drained)
+
+    def test_wrong(self) -> None:
+        """A wrong token, or the right one in another scheme, is a 401."""
+        admin = AdminHarness(self, token="s3cret")
+        self.assertEqual(admin.request("GET", "/admin/status", token="guess").code, 401)
+        d = admin.client.get("http://127.0.0.1:9901/admin/status",
+                             headers={"Authorization": "Basic s3cret"})
+        admin.client.flush()
+        self.assertEqual(self.successResultOf(d).code, 401)
+
+    def test_right(self) -> None:
+        """The right token is accepted everywhere."""
+        admin = AdminHarness(self, token="s3cret")
+        self.assertEqual(admin.request("GET", "/admin/status", token="s3cret").code, 200)
+        self.assertEqual(admin.request("POST", "/admin/instances/gpu-1/drain",
+                                       token="s3cret").code, 200)
+        self.assertEqual(admin.request("GET", "/metrics", token="s3cret").code, 200)
+
+    def test_no_token_configured(self) -> None:
+        """Without a token configured no credentials are needed."""
+        admin = AdminHarness(self, token=None)
+        self.assertEqual(admin.request("GET", "/admin/status").code, 200)
+
+
+class MetricsEndpointTests(SynchronousTestCase):
+    """C{GET /metrics} on the admin listener."""
+
+    def test_every_family_listed(self) -> None:
+        """Every SPEC section 7 family is listed with its type, even at zero."""
+        admin = AdminHarness(self)
+        answer = admin.request("GET", "/metrics")
+        self.assertEqual(answer.code, 200)
+        self.assertTrue(answer.header(b"content-type").startswith(b"text/plain"))
+        text = answer.body.decode()
+        for name, kind in SPEC_FAMILIES:
+            self.assertIn(f"# TYPE clawproxy_{name} {kind}\n", text)
+
+    def test_instance_gauges(self) -> None:
+        """Instances appear in C{backend_up} and C{backend_weight} from the start."""
+        admin = AdminHarness(self)
+        text = admin.request("GET", "/metrics").body.decode()
+        self.assertIn('clawproxy_backend_up{instance="gpu-1",pool="main"} 1.0', text)
+        self.assertIn('clawproxy_backend_weight{instance="gpu-1",pool="main"} 5.0', text)
+        self.assertIn('clawproxy_backend_up{instance="cpu-1",pool="small"} 1.0', text)
+
+
+class OtherEndpointTests(SynchronousTestCase):
+    """Breakers, reload, health and unknown paths."""
+
+    def test_breaker(self) -> None:
+        """C{/health/circuit-breaker/NAME} describes a pool's or an instance's breaker."""
+        admin = AdminHarness(self)
+        for name in ("main", "main/gpu-1"):
+            answer = admin.request("GET", f"/health/circuit-breaker/{name}")
+            self.assertEqual(answer.code, 200)
+            self.assertEqual(answer.json(), {"name": name, "state": "CLOSED",
+                                             "failure_count": 0, "success_count": 0,
+                                             "last_failure_time": None})
+
+    def test_unknown_breaker(self) -> None:
+        """An unknown breaker name is a 404."""
+        admin = AdminHarness(self)
+        self.assertEqual(admin.request("GET", "/health/circuit-breaker/nope").code, 404)
+
+    def test_reload_not_available(self) -> None:
+        """Without a config file to reload, C{POST /admin/reload} is a 501."""
+        admin = AdminHarness(self)
+        self.assertEqual(admin.request("POST", "/admin/reload").code, 501)
+
+    def test_reload(self) -> None:
+        """A successful reload answers C{{"reloaded": true}} once it is done."""
+        pending: list[Deferred[list[str]]] = []
+
+        def reload() -> Deferred[list[str]]:
+            pending.append(Deferred())
+            return pending[-1]
+
+        admin = AdminHarness(self, reload=reload)
+        d = admin.client.post("http://127.0.0.1:9901/admin/reload")
+        admin.client.flush()
+        self.assertNoResult(d)
+        pending[0].callback([])
+        admin.client.flush()
+        response = self.successResultOf(d)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(self.successResultOf(response.json()), {"reloaded": True})
+
+    def test_reload_errors(self) -> None:
+        """A bad config on reload answers 400 with the errors."""
+        admin = AdminHarness(
+            self, reload=lambda: succeed(["pools.main.instances[0].weight: must be >= 0"]))
+        answer = admin.request("POST", "/admin/reload")
+        self.assertEqual(answer.code, 400)
+        error = answer.json()["error"]
+        self.assertEqual(error["code"], "invalid_config")
+        self.assertIn("pools.main.instances[0].weight: must be >= 0", error["message"])
+
+    def test_health(self) -> None:
+        """C{/admin/health} says the admin listener is up."""
+        admin = AdminHarness(self)
+        answer = admin.request("GET", "/admin/health")
+        self.assertEqual(answer.json(), {"status": "ok", "version": __version__})
+
+    def test_unknown_path(self) -> None:
+        """Anything else is a JSON 404."""
+        admin = AdminHarness(self)
+        answer = admin.request("GET", "/admin/nothing")
+        self.assertEqual(answer.code, 404)
+        self.assertEqual(answer.json()["error"]["code"], "not_found")
