@@ -54,6 +54,9 @@ _OWN_REQUEST = frozenset(
     (b"host", b"content-length", b"x-forwarded-for", b"x-forwarded-proto",
      b"x-forwarded-host", b"x-request-id")
 )
+#: Forwarding claims believed only from C{trusted_proxies}; from anyone else
+#: they are dropped (the proxy's own X-Forwarded-* replace them).
+_UNTRUSTED_FORWARDING = frozenset((b"forwarded", b"x-real-ip"))
 #: Response headers Twisted's server sets itself.
 _OWN_RESPONSE = frozenset((b"date", b"server", b"content-length"))
 
@@ -76,14 +79,17 @@ def forwarded_headers(
     C{Connection}-named ones, then the proxy's own (which a client cannot strip).
     """
     incoming: Headers = request.requestHeaders
+    peer = ctx.client_ip
+    from_trusted = bool(trusted) and _is_trusted(peer, trusted)
     drop = HOP_BY_HOP | _OWN_REQUEST | connection_named(incoming)
+    if not from_trusted:
+        drop = drop | _UNTRUSTED_FORWARDING
     out = Headers()
     for name, values in incoming.getAllRawHeaders():
         if name.lower() not in drop:
             out.setRawHeaders(name, values)
-    peer = ctx.client_ip
     xff = incoming.getRawHeaders(b"x-forwarded-for")
-    if xff and trusted and _is_trusted(peer, trusted):
+    if xff and from_trusted:
         chain = b", ".join(xff) + b", " + peer.encode()
     else:
         chain = peer.encode()
@@ -112,12 +118,16 @@ def response_headers(response: Any) -> list[tuple[bytes, bytes]]:
     # agent (backends.upstream) saves it here.
     for value in getattr(response, "connection_header", ()):
         drop |= {tok.strip().lower() for tok in value.split(b",") if tok.strip()}
-    return [
+    out = [
         (name, value)
         for name, values in response.headers.getAllRawHeaders()
         if name.lower() not in drop
         for value in values
     ]
+    for _, value in out:
+        if b"\x00" in value or b"\n" in value or b"\r" in value:
+            raise bad_gateway("upstream sent a header value with NUL, CR or LF")
+    return out
 
 
 @implementer(IBodyProducer)
@@ -449,13 +459,21 @@ class Relay:
         else:
             self.breakers.record(pool, inst, True)
             self.registry_success(inst)
-        if code < 100 or code > 599:
-            raise bad_gateway(f"upstream {inst.id} sent status {code}")
+        try:
+            if code < 100 or code > 599:
+                raise bad_gateway(f"upstream {inst.id} sent status {code}")
+            relayed = response_headers(response)
+        except Rejected:
+            # Garbage from upstream: don't read it, don't reuse the connection.
+            ctx.error = "bad_upstream_response"
+            response.deliverBody(_Discard())
+            _drop_connection(response)
+            raise
         ctx.status = code
         ctx.error = None
         request.setResponseCode(code, response.phrase)
         rh = request.responseHeaders
-        for name, value in response_headers(response):
+        for name, value in relayed:
             rh.addRawHeader(name, value)
         for name, value in ctx.response_headers:
             rh.setRawHeaders(name, [value.replace(b"${instance}", inst.id.encode())])
@@ -498,6 +516,13 @@ class Relay:
 
 class UpstreamBroken(Exception):
     """The upstream failed after response bytes reached the client: abort, never retry."""
+
+
+def _drop_connection(response: Any) -> None:
+    """Close the connection a response came on, so the pool never reuses it."""
+    transport = getattr(response, "_transport", None)
+    if transport is not None:
+        transport.stopProducing()
 
 
 def _status_class(code: int) -> str:
