@@ -31,7 +31,7 @@ from clawproxy.web.accesslog import AccessLog
 from clawproxy.web.admin import AdminResource
 from clawproxy.web.auth import auth_stages
 from clawproxy.web.context import RequestContext
-from clawproxy.web.gateway import GatewayResource, new_request_id
+from clawproxy.web.gateway import GatewayResource, method_label, new_request_id
 from clawproxy.web.relay import Relay
 from clawproxy.web.site import GatewaySite, QuietSite
 
@@ -175,7 +175,7 @@ class Gateway(MultiService):
         )
         ctx.status = rej.status
         ctx.error = rej.code
-        self.metrics.requests_total.labels("-", _method_label(method), str(rej.status), "-").inc()
+        self.metrics.requests_total.labels("-", method_label(method), str(rej.status), "-").inc()
         self.access_log.record(ctx, self.reactor.seconds(), time.time())
         return ctx.request_id
 
@@ -241,16 +241,6 @@ def _early_auth_check(resource: GatewayResource, identify: list[Any]) -> Any:
             raise missing_api_key(stage.header_name)
 
     return check
-
-
-_KNOWN_METHODS = frozenset(
-    (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"CONNECT", b"TRACE")
-)
-
-
-def _method_label(method: bytes) -> str:
-    """A metric label that a client cannot blow up with made-up methods."""
-    return method.decode("latin-1") if method in _KNOWN_METHODS else "OTHER"
 
 
 def build_service(config: Config, reactor: Any) -> Gateway:

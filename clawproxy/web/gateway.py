@@ -19,6 +19,7 @@ from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web._http2 import H2Stream
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
@@ -398,7 +399,7 @@ class GatewayResource(Resource):
         status = ctx.status or ctx.request.code
         route = ctx.route_name
         self.metrics.requests_total.labels(
-            route, ctx.method.decode("latin-1"), str(status), ctx.agent_name
+            route, method_label(ctx.method), str(status), ctx.agent_name
         ).inc()
         self.metrics.request_duration.labels(route).observe(now - ctx.started)
         for observer in self.observers:
@@ -417,11 +418,31 @@ async def _run_stage(stage: Any, ctx: RequestContext) -> LocalResponse | None:
 
 
 def _abort(request: Any) -> None:
-    transport = getattr(request.channel, "transport", None)
+    """
+    End a response that cannot be completed so the client sees it failed:
+    HTTP/2 resets just this stream, HTTP/1.1 aborts the connection.
+    """
+    channel = request.channel
+    if channel is None:
+        return
+    if isinstance(channel, H2Stream):
+        channel.abortConnection()
+        return
+    transport = getattr(channel, "transport", None)
     if transport is not None and hasattr(transport, "abortConnection"):
         transport.abortConnection()
     else:
         request.loseConnection()
+
+
+_KNOWN_METHODS = frozenset(
+    (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"CONNECT", b"TRACE")
+)
+
+
+def method_label(method: bytes) -> str:
+    """A metric label that a client cannot blow up with made-up methods."""
+    return method.decode("latin-1") if method in _KNOWN_METHODS else "OTHER"
 
 
 def _client_ip(request: Any) -> str:
