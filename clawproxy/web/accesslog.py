@@ -20,8 +20,14 @@ class AccessLog:
     the fields below are logged: never headers, bodies or credentials.
     """
 
-    def __init__(self, out: IO[str] | None, clock: Any) -> None:
+    def __init__(self, out: IO[str] | None, clock: Any, owned: bool = False) -> None:
+        """
+        @param owned: whether C{out} is ours to close (a file we opened); a
+            stream we were given (standard output) is flushed per line and
+            left open.
+        """
         self._out = out
+        self._owned = owned
         self._clock = clock
         self.log = Logger(namespace="clawproxy.access", observer=self._observe)
 
@@ -32,11 +38,13 @@ class AccessLog:
             return cls(None, clock)
         if output == "-":
             return cls(sys.stdout, clock)
-        return cls(open(output, "a", buffering=1, encoding="utf-8"), clock)
+        return cls(open(output, "a", buffering=1, encoding="utf-8"), clock, owned=True)
 
     def _observe(self, event: dict) -> None:
         if self._out is not None:
             self._out.write(json.dumps(event["access"], separators=(",", ":")) + "\n")
+            if not self._owned:
+                self._out.flush()
 
     def record(self, ctx: RequestContext, finished: float, timestamp: float) -> None:
         """Log C{ctx}, finished at C{finished} (reactor time) and C{timestamp} (epoch)."""
@@ -62,5 +70,11 @@ class AccessLog:
         )
 
     def close(self) -> None:
-        if self._out is not None and self._out is not sys.stdout:
+        # Under twistd, sys.stdout is by now a log redirect, not the stream
+        # we were given: never close a stream we did not open.
+        if self._out is None:
+            return
+        if self._owned:
             self._out.close()
+        else:
+            self._out.flush()
