@@ -36,6 +36,7 @@ class HealthProber(Service):
         self.agent = agent
         self.clock = clock
         self._loops: list[tuple[LoopingCall, Deferred]] = []
+        self._inflight: set[Deferred] = set()
 
     def startService(self) -> None:
         super().startService()
@@ -55,6 +56,10 @@ class HealthProber(Service):
             if loop.running:
                 loop.stop()
         self._loops = []
+        # Probes in flight are cancelled (their outcome no longer counts), so
+        # nothing of ours is left running or scheduled.
+        for d in list(self._inflight):
+            d.cancel()
         return None
 
     def _died(self, failure: Failure, pool: Pool) -> None:
@@ -80,9 +85,17 @@ class HealthProber(Service):
         d.addTimeout(hc.timeout, self.clock)
         d.addCallbacks(self._judge, self._failed, callbackArgs=(inst,), errbackArgs=(inst,))
         d.addErrback(self._bug, inst)
+        self._inflight.add(d)
+        d.addBoth(self._settled, d)
         return d
 
+    def _settled(self, result: Any, d: Deferred) -> Any:
+        self._inflight.discard(d)
+        return result
+
     def _judge(self, result: tuple[int, bytes], inst: Instance) -> None:
+        if not self.running:
+            return
         code, body = result
         hc = inst.pool.config.health_check
         ok = code == hc.expected_status
@@ -91,6 +104,8 @@ class HealthProber(Service):
         self.registry.probe_result(inst, ok, parse_health_body(body[:_MAX_BODY]))
 
     def _failed(self, failure: Failure, inst: Instance) -> None:
+        if not self.running:
+            return  # cancelled by stopService (e.g. a reload): not the instance's fault
         self.log.debug("probe of {instance} failed: {why}", instance=inst.id,
                        why=failure.getErrorMessage())
         self.registry.probe_result(inst, False)
