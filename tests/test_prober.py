@@ -8,7 +8,9 @@ from typing import Any
 from treq.testing import RequestTraversalAgent
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import Agent
 from twisted.web.resource import Resource
 
 from clawproxy.backends.prober import HealthProber
@@ -65,7 +67,7 @@ class RaisingAgent:
         raise RuntimeError("agent exploded")
 
 
-def make_registry(clock: Clock, instances: int = 1, **health: Any) -> Registry:
+def make_registry(clock: Any, instances: int = 1, **health: Any) -> Registry:
     """Pool C{main} with C{instances} instances and the given C{health_check}."""
     hc: dict[str, Any] = {"interval": "5s", "timeout": "2s", "healthy_threshold": 2,
                           "unhealthy_threshold": 3}
@@ -237,13 +239,28 @@ class ProberTests(SynchronousTestCase):
         self.assertEqual(len(self.backend.seen), 2)
 
     def test_stop_during_probe(self) -> None:
-        """A probe in flight at stop still ends by its timeout, and nothing is rescheduled."""
-        reg = make_registry(self.clock)
+        """Stopping cancels a probe in flight; its outcome does not count; no timer is left."""
+        reg = make_registry(self.clock, unhealthy_threshold=1)
         agent = SilentAgent()
         prober = self.start(reg, agent)
         prober.stopService()
-        self.clock.advance(2)
         self.assertEqual(agent.cancelled, 1)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertTrue(reg.instance("i1").healthy)
+        self.assertEqual(reg.instance("i1").probe.consecutive_failures, 0)
         self.clock.advance(60)
         self.assertEqual(len(agent.pending), 1)
+
+    def test_stop_with_real_agent(self) -> None:
+        """
+        With Twisted's own Agent (on a memory reactor, so connecting never
+        completes), stopping leaves no connection attempt or timer behind.
+        """
+        reactor = MemoryReactorClock()
+        reg = make_registry(reactor, instances=2)
+        prober = HealthProber(reg, Agent(reactor), reactor)
+        prober.startService()
+        self.assertEqual(len(reactor.tcpClients), 2)
+        prober.stopService()
+        self.assertEqual([c for c in reactor.getDelayedCalls() if c.active()], [])
+        self.assertTrue(all(i.healthy for i in reg))
