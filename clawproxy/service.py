@@ -205,6 +205,13 @@ class Gateway(MultiService):
                 inst.drained = prev.drained
                 inst.probe = prev.probe
                 inst.health = prev.health
+                inst.models = prev.models
+                # A weight set at runtime (admin, CLI) survives; one changed
+                # in the file takes effect.
+                was = self.config.instance(inst.id)
+                if was is not None and prev.base_weight != float(was[1].weight):
+                    inst.base_weight = prev.base_weight
+                self.registry.changed(inst)  # gauges follow the carried-over state
         self.config = config
         self.site.resource = self.resource
         self.admin.registry = self.registry
