@@ -57,8 +57,8 @@ _OWN_REQUEST = frozenset(
 #: Forwarding claims believed only from C{trusted_proxies}; from anyone else
 #: they are dropped (the proxy's own X-Forwarded-* replace them).
 _UNTRUSTED_FORWARDING = frozenset((b"forwarded", b"x-real-ip"))
-#: Response headers Twisted's server sets itself.
-_OWN_RESPONSE = frozenset((b"date", b"server", b"content-length"))
+#: Response headers Twisted's server (or the gateway, X-Request-ID) sets itself.
+_OWN_RESPONSE = frozenset((b"date", b"server", b"content-length", b"x-request-id"))
 
 
 def connection_named(headers: Headers) -> frozenset[bytes]:
