@@ -309,6 +309,13 @@ class ForwardingTests(SynchronousTestCase):
             self.assertEqual(gw.backend.seen[-1].headers.getRawHeaders(b"x-request-id"),
                              [rid.encode()])
 
+    def test_request_id_not_doubled(self) -> None:
+        """A backend's own X-Request-ID does not add a second value: the client sees ours."""
+        gw = Harness(self, basic())
+        gw.backend.headers["a"] = [(b"X-Request-ID", b"from-backend")]
+        answer = gw.request("GET", "/v1/x", headers={"X-Request-ID": "mine"})
+        self.assertEqual(answer.headers.getRawHeaders(b"x-request-id"), [b"mine"])
+
     def test_request_ids_unique(self) -> None:
         """Generated request ids differ between requests."""
         gw = Harness(self, basic())
