@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -78,10 +80,22 @@ class Metrics:
         self.tokens_total = Counter(
             p + "tokens_total", "Tokens used", ["agent", "model", "kind"], registry=r,
         )
+        self.open_connections = Gauge(
+            p + "open_connections", "TCP connections open now (client side, upstream side)",
+            ["side"], registry=r,
+        )
         self.spend_total = Counter(
             p + "spend_total", "Spend in the currency of models.prices", ["agent", "model"],
             registry=r,
         )
+
+    def watch_connections(self, client: Any, upstream: Any) -> None:
+        """
+        Serve C{clawproxy_open_connections{side}} from two callables giving
+        the client-side and upstream connections open now.
+        """
+        self.open_connections.labels("client").set_function(client)
+        self.open_connections.labels("upstream").set_function(upstream)
 
     def instance_changed(self, inst) -> None:
         """Registry listener: keep C{backend_up} and C{backend_weight} current."""

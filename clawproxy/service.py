@@ -19,7 +19,7 @@ from twisted.logger import Logger
 
 from clawproxy.backends.prober import HealthProber
 from clawproxy.backends.registry import Registry
-from clawproxy.backends.upstream import make_agent, make_pool
+from clawproxy.backends.upstream import make_agent, make_pool, open_upstream_connections
 from clawproxy.config import Config, ConfigError, load_config
 from clawproxy.errors import Rejected
 from clawproxy.metrics import Metrics
@@ -105,6 +105,8 @@ class Gateway(MultiService):
             max_stream_resets=config.server.max_stream_resets,
         )
         self.site.on_refused = self.refused
+        self.metrics.watch_connections(lambda: self.site.open_connections,
+                                       open_upstream_connections)
         self.site.early_checks.append(self._early_checks)
         self.admin = AdminResource(
             self.registry, self.metrics, self.breakers, reactor, config.admin.token,

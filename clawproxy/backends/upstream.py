@@ -16,6 +16,17 @@ class _ClientProtocol(HTTP11ClientProtocol):
     names it lists to drop them (RFC 9110 section 7.6.1).
     """
 
+    #: Upstream connections open now, across the process (a gauge reads it).
+    open_connections = 0
+
+    def connectionMade(self) -> None:
+        _ClientProtocol.open_connections += 1
+        super().connectionMade()
+
+    def connectionLost(self, reason: Any) -> None:
+        _ClientProtocol.open_connections -= 1
+        super().connectionLost(reason)
+
     def request(self, request: Any) -> Any:
         d = super().request(request)
         parser = self._parser
@@ -52,6 +63,11 @@ def make_pool(reactor: Any, max_per_host: int = 256, idle_timeout: float = 60.0
     pool.retryAutomatically = False
     pool._factory = _QuietClientFactory
     return pool
+
+
+def open_upstream_connections() -> int:
+    """How many upstream connections this process has open."""
+    return _ClientProtocol.open_connections
 
 
 def make_agent(reactor: Any, pool: HTTPConnectionPool, connect_timeout: float = 10.0) -> Agent:
