@@ -716,6 +716,24 @@ class FailoverTests(SynchronousTestCase):
         self.assertIn("a", gw.backend.instances()[7:])
 
 
+    def test_client_gone_during_backoff(self) -> None:
+        """A client that leaves while a retry waits its backoff gets no further attempt."""
+        gw = Harness(self, basic(retry={"retry_on": ["5xx"], "base_delay": "1s",
+                                             "max_delay": "1s"}))
+        gw.backend.status["a"] = 503
+        d = gw.start("GET", "/v1/x")
+        self.assertEqual(gw.backend.instances(), ["a"])
+        self.assertEqual(len(gw.clock.getDelayedCalls()), 1)
+        d.cancel()
+        gw.flush()
+        self.failureResultOf(d)
+        self.assertEqual(gw.clock.getDelayedCalls(), [])
+        gw.clock.advance(5)
+        gw.flush()
+        self.assertEqual(gw.backend.instances(), ["a"])
+        self.assertEqual(len(gw.log_lines()), 1)
+
+
 class BalancingTests(SynchronousTestCase):
     """Which instance gets the request."""
 
