@@ -259,9 +259,9 @@ class _CountedProtocol(http._GenericHTTPChannelProtocol):
         network.registerProducer(self._channel, True)
         self._negotiatedProtocol = b"h2"
 
-    def connectionMade(self) -> None:
+    def makeConnection(self, transport: Any) -> None:
         self._site.open_connections += 1
-        super().connectionMade()
+        super().makeConnection(transport)
 
     def connectionLost(self, reason: Any) -> None:
         self._site.open_connections -= 1
