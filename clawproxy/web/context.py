@@ -45,6 +45,8 @@ class RequestContext:
     error: str | None = None
     upstream_started: float = 0.0
     rewrite: Any = None
+    #: The gateway itself cut the response short (upstream broke mid-body).
+    aborted: bool = False
     response_headers: list[tuple[bytes, bytes]] = attrs.Factory(list)
 
     @property

@@ -377,6 +377,7 @@ class GatewayResource(Resource):
         if request.startedWriting or failure.check(UpstreamBroken):
             # Bytes already reached the client: never end it cleanly.
             ctx.error = ctx.error or "aborted"
+            ctx.aborted = True
             _abort(request)
             return
         if failure.check(Rejected):
@@ -391,9 +392,11 @@ class GatewayResource(Resource):
 
     def _finished(self, result: Any, ctx: RequestContext, d: Deferred) -> None:
         self.in_flight -= 1
-        if isinstance(result, Failure):
-            # The client went away: stop everything done on its behalf.
-            ctx.error = ctx.error or "client_disconnected"
+        if isinstance(result, Failure) and not ctx.aborted:
+            # The client went away: stop everything done on its behalf, and
+            # log it as nginx does (499), whatever was under way.
+            ctx.error = "client_disconnected"
+            ctx.status = 499
             d.cancel()
         now = self.clock.seconds()
         status = ctx.status or ctx.request.code

@@ -268,14 +268,18 @@ class StreamPipe(Protocol):
         if self.done.called:
             return
         ctype = self.request.responseHeaders.getRawHeaders(b"content-type") or [b""]
-        if ctype[0].startswith(b"text/event-stream"):
-            self.request.write(
-                b'data: {"error": {"message": "upstream stalled", "type": "upstream_error", '
-                b'"code": "stall_timeout"}}\n\n'
-            )
         self.ctx.error = "stall_timeout"
         self._unregister()
-        self.done.errback(Failure(StreamStalled()))
+        if ctype[0].startswith(b"text/event-stream"):
+            # An SSE client is told in-band and the stream ends cleanly.
+            event = (b'data: {"error": {"message": "upstream stalled", '
+                     b'"type": "upstream_error", "code": "stall_timeout"}}\n\n')
+            self.ctx.bytes_sent += len(event)
+            self.request.write(event)
+            self.done.callback(None)
+        else:
+            # Any other body would look complete if ended now: abort instead.
+            self.done.errback(Failure(StreamStalled()))
         self.transport.stopProducing()
 
     def _give_up(self, why: str) -> None:
@@ -477,9 +481,8 @@ class Relay:
             rh.addRawHeader(name, value)
         for name, value in ctx.response_headers:
             rh.setRawHeaders(name, [value.replace(b"${instance}", inst.id.encode())])
-        rh.setRawHeaders(
-            b"server-timing", [b"upstream;dur=%.1f" % ((now - started) * 1000)]
-        )
+        rh.setRawHeaders(b"server-timing", [b"gateway;dur=%.1f, upstream;dur=%.1f" % (
+            (started - ctx.started) * 1000, (now - started) * 1000)])
         translator = rewrite.response() if rewrite is not None and 200 <= code < 300 else None
         if translator is not None:
             rh.setRawHeaders(b"content-type", [translator.content_type])
