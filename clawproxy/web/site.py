@@ -301,7 +301,11 @@ class GatewaySite(server.Site):
                  max_connections: int | None = None, underscores_in_headers: bool = False,
                  min_body_rate: int = 1024, max_concurrent_streams: int = 100,
                  max_stream_resets: int = 200) -> None:
-        super().__init__(resource, timeout=timeout, reactor=reactor)
+        # The gateway reads JSON bodies itself and never looks at request.args:
+        # Twisted's form parsing of POST bodies (an email-package Content-Type
+        # parse on every POST, multipart decoding into memory) is only cost.
+        super().__init__(resource, timeout=timeout, reactor=reactor,
+                         parsePOSTFormSubmission=False)
         self.max_body_size = max_body_size
         self.max_header_size = max_header_size
         self.head_timeout = head_timeout
