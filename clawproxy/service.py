@@ -173,7 +173,7 @@ class Gateway(MultiService):
         ctx = RequestContext(
             request=None, request_id=new_request_id(),
             client_ip=getattr(peer, "host", None) or "-", method=method[:16],
-            path=path[:256], query=b"", started=self.reactor.seconds(),
+            path=path.partition(b"?")[0][:256], query=b"", started=self.reactor.seconds(),
         )
         ctx.status = rej.status
         ctx.error = rej.code

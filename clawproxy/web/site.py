@@ -194,6 +194,10 @@ class GatewayChannel(http.HTTPChannel):
         self.refuse(Rejected(408, "request head not received in time", "invalid_request_error",
                              "request_timeout"))
 
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        """Twisted's parser refused the request: answer in our shape, and log it."""
+        self.refuse(bad_request("malformed request", "malformed_request"))
+
     def _refuse_head(self) -> None:
         self.refuse(Rejected(431, "request headers too large", "invalid_request_error",
                              "headers_too_large"))
