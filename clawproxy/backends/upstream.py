@@ -6,6 +6,8 @@ from typing import Any
 
 from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
 
 
 class _ClientProtocol(HTTP11ClientProtocol):
@@ -70,5 +72,34 @@ def open_upstream_connections() -> int:
     return _ClientProtocol.open_connections
 
 
+@implementer(IAgentEndpointFactory)
+class _EndpointCache:
+    """
+    Reuse one endpoint per (scheme, host, port).
+
+    C{Agent} asks its endpoint factory for a new C{HostnameEndpoint} (which
+    IDNA-encodes the host) on every request, even when the pool then hands
+    back an idle connection. Endpoints hold no per-connection state, so one
+    per upstream serves every request.
+    """
+
+    _MAX = 1024  # instance URLs come from the config; this only bounds a bug
+
+    def __init__(self, factory: Any) -> None:
+        self._factory = factory
+        self._endpoints: dict[tuple[bytes, bytes, int], Any] = {}
+
+    def endpointForURI(self, uri: Any) -> Any:
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            if len(self._endpoints) >= self._MAX:
+                self._endpoints.clear()
+            endpoint = self._endpoints[key] = self._factory.endpointForURI(uri)
+        return endpoint
+
+
 def make_agent(reactor: Any, pool: HTTPConnectionPool, connect_timeout: float = 10.0) -> Agent:
-    return Agent(reactor, pool=pool, connectTimeout=connect_timeout)
+    agent = Agent(reactor, pool=pool, connectTimeout=connect_timeout)
+    agent._endpointFactory = _EndpointCache(agent._endpointFactory)
+    return agent
