@@ -635,14 +635,20 @@ class Harness:
         for b in self.backends:
             b.stopped = True
         # Anything opened meanwhile (a last health probe) goes too.
-        await self._reset_connections()
+        for _ in range(10):
+            await self._reset_connections()
+            if not self.tracker.open():
+                break
         # Give the other ends one more turn to see their connections end.
         await tick(0)
 
     async def _reset_connections(self) -> None:
-        for t in self.tracker.open():
+        """Reset every open connection; wait for those (not newer ones) to close."""
+        reset = self.tracker.open()
+        for t in reset:
             t.abortConnection()
-        await wait_for(lambda: not self.tracker.open(), "every test connection to close")
+        await wait_for(lambda: all(t.disconnected for t in reset),
+                       "every test connection to close")
 
 
 async def _all(ds: Iterable[Deferred | None]) -> None:

@@ -14,6 +14,7 @@ from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.error import ConnectionRefusedError
 from twisted.trial.unittest import TestCase
+from twisted.web.client import ResponseNeverReceived
 
 from tests.integration.helpers import HELLO, Harness, bounded, free_port, tick
 
@@ -72,7 +73,7 @@ async def wait_until_up(client: HTTPClient, url: str, proc: Any, timeout: float 
             raise AssertionError(f"twistd exited early ({proc.protocol.code}):\n{proc.output}")
         try:
             return await bounded(client.get(url), 2)
-        except ConnectionRefusedError:
+        except (ConnectionRefusedError, ResponseNeverReceived):
             pass
         if reactor.seconds() > deadline:
             raise AssertionError(f"{url} never answered:\n{proc.output}")
@@ -168,6 +169,9 @@ class TwistdTests(TestCase):
             except ConnectionRefusedError:
                 refused = True
                 break
+            except ResponseNeverReceived:
+                # Queued in the listen backlog as the listener closed: reset.
+                pass
             await tick(0.02)
         self.assertTrue(refused, "new connections still accepted after SIGTERM")
         self.assertFalse(proc.protocol.exited)
