@@ -7,7 +7,8 @@ from __future__ import annotations
 import fnmatch
 import re
 import zlib
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from clawproxy.config import Config, PoolConfig, RouteConfig
 from clawproxy.errors import Rejected, bad_request
@@ -22,14 +23,16 @@ def canonical_path(raw: bytes) -> bytes:
 
     The query string is kept apart by the caller. Percent-encoded unreserved
     characters are decoded, C{//} runs merged and C{.}/C{..} segments
-    resolved (never above the root). Encoded C{/}, C{\\}, NUL and malformed
-    escapes are refused.
+    resolved (never above the root). C{\\}, NUL, C{;} and C{#} (raw or
+    encoded), an encoded C{/} and malformed escapes are refused: backends
+    disagree on what they mean (C{..;/}, path parameters, fragments that an
+    HTTP client drops), so the path matched would not be the path served.
 
     @raise Rejected: 400 for a path that cannot be made canonical.
     """
     if not raw.startswith(b"/"):
         raise bad_request("request target must be an absolute path", "invalid_path")
-    if b"\x00" in raw or b"\\" in raw:
+    if b"\x00" in raw or b"\\" in raw or b";" in raw or b"#" in raw:
         raise bad_request("malformed path", "invalid_path")
     if b"%" in raw:
         raw = _decode_unreserved(raw)
@@ -59,8 +62,8 @@ def _decode_unreserved(raw: bytes) -> bytes:
         code = int(part[:2], 16)
         if code in _UNRESERVED:
             out.append(bytes((code,)) + part[2:])
-        elif code in (0x2F, 0x5C, 0x00):
-            raise bad_request("encoded '/', '\\' or NUL in path", "invalid_path")
+        elif code in (0x2F, 0x5C, 0x00, 0x3B, 0x23):
+            raise bad_request("encoded '/', '\\', NUL, ';' or '#' in path", "invalid_path")
         else:
             out.append(b"%" + part[:2].upper() + part[2:])
     return b"".join(out)
@@ -98,7 +101,7 @@ def _value_matcher(pattern: str) -> Callable[[Any], bool]:
 class CompiledRoute:
     """A route with its matchers built once."""
 
-    __slots__ = ("config", "name", "_path", "_methods", "_conds", "needs_body")
+    __slots__ = ("_conds", "_methods", "_path", "config", "name", "needs_body")
 
     def __init__(self, cfg: RouteConfig, index: int) -> None:
         self.config = cfg
@@ -109,7 +112,7 @@ class CompiledRoute:
         for key, want in (cfg.match or {}).items():
             kind, _, name = key.partition(".")
             self._conds.append((kind, name, _value_matcher(str(want))))
-        self.needs_body = cfg.pool is None and cfg.split is None or any(
+        self.needs_body = (cfg.pool is None and cfg.split is None) or any(
             kind == "body" for kind, _, _ in self._conds
         )
 
