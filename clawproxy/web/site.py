@@ -39,14 +39,62 @@ class _Discarding:
         pass
 
 
+class _StreamPeer:
+    """What L{GatewaySite.refused} reads of a channel, for an HTTP/2 stream."""
+
+    def __init__(self, stream: Any) -> None:
+        self.transport = stream
+
+
 class GatewayRequest(server.Request):
     """
     A request that refuses bodies over C{max_body_size} as they arrive,
     without keeping them.
+
+    HTTP/2 requests never pass through L{GatewayChannel}, so their head is
+    checked here (C{Host}/C{:authority}, header names, the site's
+    C{early_checks}) before any resource runs.
     """
 
     too_large = False
     _received = 0
+
+    def process(self) -> None:
+        if self.clientproto == b"HTTP/2":
+            try:
+                self._check_h2_head()
+            except Rejected as rej:
+                self._refuse_h2(rej)
+                return
+        super().process()
+
+    def _check_h2_head(self) -> None:
+        site = self.channel.site
+        headers = self.requestHeaders
+        hosts = headers.getRawHeaders(b"host")
+        if hosts and len(set(hosts)) == 1:
+            # :authority and a Host header that agrees with it (h2 refuses
+            # a disagreeing pair itself): one Host.
+            hosts = hosts[:1]
+        check_host(hosts, b"HTTP/2")
+        if not site.underscores_in_headers:
+            check_header_names((n for n, _ in headers.getAllRawHeaders()), False)
+        for check in site.early_checks:
+            check(self.method, self.uri, headers)
+
+    def _refuse_h2(self, rej: Rejected) -> None:
+        """Answer a refused HTTP/2 request with the SPEC's JSON error (the stream ends)."""
+        request_id = self.channel.site.refused(_StreamPeer(self.channel), self.method,
+                                               self.uri, rej)
+        body = rej.body()
+        self.setResponseCode(rej.status)
+        self.setHeader(b"content-type", b"application/json")
+        self.setHeader(b"x-request-id", request_id.encode())
+        for name, value in rej.headers:
+            self.setHeader(name.encode(), value.encode())
+        self.setHeader(b"content-length", b"%d" % len(body))
+        self.write(body)
+        self.finish()
 
     def gotLength(self, length: int | None) -> None:
         limit = self.channel.site.max_body_size
@@ -135,7 +183,11 @@ class GatewayChannel(http.HTTPChannel):
         headers = req.requestHeaders
         host = check_host(headers.getRawHeaders(b"host"), self._version)
         self._path = check_target(self._path, self._command, host)
-        check_transfer_encoding(headers.getRawHeaders(b"transfer-encoding"))
+        te = headers.getRawHeaders(b"transfer-encoding")
+        if te and self._version == b"HTTP/1.0":
+            # RFC 9112 6.1: faulty framing (Twisted would decode it as chunked).
+            raise bad_request("Transfer-Encoding in an HTTP/1.0 request", "invalid_framing")
+        check_transfer_encoding(te)
         if not site.underscores_in_headers:
             check_header_names((n for n, _ in headers.getAllRawHeaders()), False)
         if self.length is not None and self.length > site.max_body_size:
