@@ -243,13 +243,36 @@ def _early_auth_check(resource: GatewayResource, identify: list[Any]) -> Any:
         local = strip_base(canonical_path(target.partition(b"?")[0]), base)
         if local is None:
             return
-        routes = router.candidates(local.decode("utf-8", "replace"), method)
+        routes = _reachable(router.candidates(local.decode("utf-8", "replace"), method),
+                            headers)
         if routes and all(
             r.config.auth_required or r.config.allowed_agents is not None for r in routes
         ):
             raise missing_api_key(stage.header_name)
 
     return check
+
+
+def _reachable(routes: list[Any], headers: Any) -> list[Any]:
+    """
+    The candidate routes a request without credentials can still end up on,
+    in first-match order: up to and including the first one whose conditions
+    are all decided by the head alone and match (later ones can never win).
+    Routes with C{body.*} conditions stay in as undecided.
+    """
+
+    def header(name: str) -> str | None:
+        v = headers.getRawHeaders(name.encode("latin-1"))
+        return v[-1].decode("latin-1") if v else None
+
+    out = []
+    for route in routes:
+        if any(key.startswith("body.") for key in route.config.match or {}):
+            out.append(route)
+        elif route.matches_conditions(header, None, None):
+            out.append(route)
+            break
+    return out
 
 
 def build_service(config: Config, reactor: Any) -> Gateway:
