@@ -10,6 +10,7 @@ from typing import Any
 
 from twisted.internet.protocol import Protocol
 from twisted.web import http, server
+from twisted.web._http2 import H2Stream
 
 from clawproxy.errors import Rejected, bad_request
 from clawproxy.policy.validation import (
@@ -53,20 +54,39 @@ class GatewayRequest(server.Request):
 
     HTTP/2 requests never pass through L{GatewayChannel}, so their head is
     checked here (C{Host}/C{:authority}, header names, the site's
-    C{early_checks}) before any resource runs.
+    C{early_checks}) as soon as the stream's headers are in: a refused
+    stream gets no C{100 Continue}, its body is discarded, and it is answered
+    once the client has ended it, before any resource runs.
     """
 
     too_large = False
     _received = 0
+    _h2_checked = False
+    _h2_rejection: Rejected | None = None
 
-    def process(self) -> None:
-        if self.clientproto == b"HTTP/2":
+    def parseCookies(self) -> None:
+        # For HTTP/2, Twisted's H2Stream calls this once all of the stream's
+        # headers are in, just before it decides on 100 Continue.
+        if isinstance(self.channel, H2Stream) and not self._h2_checked:
+            self._h2_checked = True
             try:
                 self._check_h2_head()
             except Rejected as rej:
-                self._refuse_h2(rej)
-                return
+                self._h2_rejection = rej
+                self.requestHeaders.removeHeader(b"expect")
+                self.content = _Discarding()
+        super().parseCookies()
+
+    def process(self) -> None:
+        if self._h2_rejection is not None:
+            self._refuse_h2(self._h2_rejection)
+            return
         super().process()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._h2_rejection is not None:
+            return
+        self._handle_content_chunk(data)
 
     def _check_h2_head(self) -> None:
         site = self.channel.site
@@ -80,7 +100,7 @@ class GatewayRequest(server.Request):
         if not site.underscores_in_headers:
             check_header_names((n for n, _ in headers.getAllRawHeaders()), False)
         for check in site.early_checks:
-            check(self.method, self.uri, headers)
+            check(self.channel.command, self.channel.path, headers)
 
     def _refuse_h2(self, rej: Rejected) -> None:
         """Answer a refused HTTP/2 request with the SPEC's JSON error (the stream ends)."""
@@ -104,7 +124,7 @@ class GatewayRequest(server.Request):
             return
         super().gotLength(length)
 
-    def handleContentChunk(self, data: bytes) -> None:
+    def _handle_content_chunk(self, data: bytes) -> None:
         if self.too_large:
             return
         self._received += len(data)
