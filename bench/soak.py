@@ -30,6 +30,9 @@ GW_PORT, ADMIN_PORT, SIM_PORTS = 24080, 24901, (24501, 24502, 24503)
 CHAT = {"model": "sim-small", "max_tokens": 16,
         "messages": [{"role": "user", "content": "soak test"}]}
 
+INSTANCES = "\n".join(
+    f'      - {{id: s{i + 1}, url: "http://127.0.0.1:{p}"}}' for i, p in enumerate(SIM_PORTS)
+)
 CONFIG = f"""
 server: {{listen: ["tcp:{GW_PORT}:interface=127.0.0.1"], max_body_size: 64KB, head_timeout: 5s}}
 admin: {{listen: "tcp:{ADMIN_PORT}:interface=127.0.0.1"}}
@@ -38,7 +41,7 @@ pools:
     models: ["sim-*"]
     algorithm: least_connections
     instances:
-{chr(10).join(f'      - {{id: s{i + 1}, url: "http://127.0.0.1:{p}"}}' for i, p in enumerate(SIM_PORTS))}
+{{instances}}
     health_check: {{path: /health, interval: 1s, timeout: 1s, healthy_threshold: 2,
                    unhealthy_threshold: 1}}
     retry: {{max_retries: 2, retry_on: [5xx, connect_failure, refused], base_delay: 10ms}}
@@ -152,7 +155,7 @@ async def main(args: argparse.Namespace) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="clawsoak-"))
     access = tmp / "access.log"
     cfg = tmp / "gateway.yaml"
-    cfg.write_text(CONFIG.replace("{log}", str(access)))
+    cfg.write_text(CONFIG.replace("{log}", str(access)).replace("{instances}", INSTANCES))
     sims = [start_sim(p, i + 1) for i, p in enumerate(SIM_PORTS)]
     gw = subprocess.Popen(["twistd", "-n", "--pidfile=", "clawproxy", "-c", str(cfg)],
                           stdout=open(tmp / "twistd.log", "w"), stderr=subprocess.STDOUT)
