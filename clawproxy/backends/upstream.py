@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.web._newclient import HTTP11ClientProtocol
+from twisted.web._newclient import BODY, HTTP11ClientProtocol
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
@@ -33,12 +33,33 @@ class _ClientProtocol(HTTP11ClientProtocol):
         d = super().request(request)
         parser = self._parser
         if parser is not None and not d.called:
+            _watch_bare_lf(parser)
             d.addCallback(_keep_connection_header, parser)
         return d
 
 
+def _watch_bare_lf(parser: Any) -> None:
+    """
+    Note on C{parser} whether the response head used a bare LF as a line end.
+
+    Twisted's client splits lines on LF alone, so C{X-A: 1<LF>Set-Cookie: x}
+    would become two headers where a stricter hop sees one: the relay answers
+    502 for such a head (C{response.bare_lf}).
+    """
+    parser.bare_lf = False
+    line_received = parser.lineReceived
+
+    def checked(line: bytes) -> None:
+        if line[-1:] != b"\r" and parser.state != BODY:
+            parser.bare_lf = True
+        line_received(line)
+
+    parser.lineReceived = checked
+
+
 def _keep_connection_header(response: Any, parser: Any) -> Any:
     response.connection_header = tuple(parser.connHeaders.getRawHeaders(b"connection") or ())
+    response.bare_lf = parser.bare_lf
     return response
 
 

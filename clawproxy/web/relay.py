@@ -127,6 +127,8 @@ def response_headers(response: Any) -> list[tuple[bytes, bytes]]:
     for _, value in out:
         if b"\x00" in value or b"\n" in value or b"\r" in value:
             raise bad_gateway("upstream sent a header value with NUL, CR or LF")
+    if getattr(response, "bare_lf", False):
+        raise bad_gateway("upstream ended a header line with a bare LF")
     return out
 
 
