@@ -163,6 +163,9 @@ class GatewayChannel(http.HTTPChannel):
     _body_started = 0.0
     _body_received = 0
     _refused = False
+    #: A request line has been read and the request not yet handed on (or
+    #: refused): if the client leaves now, it is still logged, as a 499.
+    _pending = False
 
     def dataReceived(self, data: bytes) -> None:
         if self._awaiting_head and self._head_call is None:
@@ -178,7 +181,10 @@ class GatewayChannel(http.HTTPChannel):
         if line[:1] in (b" ", b"\t") and not self._HTTPChannel__first_line:
             self.refuse(bad_request("obsolete line folding in headers", "invalid_header"))
             return
+        starting = self._HTTPChannel__first_line
         super().lineReceived(line)
+        if starting and not self._HTTPChannel__first_line and not self._refused:
+            self._pending = True
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self._refuse_head()
@@ -224,6 +230,7 @@ class GatewayChannel(http.HTTPChannel):
 
     def allContentReceived(self) -> None:
         self._cancel_body_timer()
+        self._pending = False
         if self._refused:
             return
         super().allContentReceived()
@@ -247,6 +254,12 @@ class GatewayChannel(http.HTTPChannel):
     def connectionLost(self, reason: Any) -> None:
         self._cancel_head_timer()
         self._cancel_body_timer()
+        if self._pending and not self._refused:
+            self._pending = False
+            self.site.refused(self, getattr(self, "_command", None) or b"-",
+                              getattr(self, "_path", None) or b"-",
+                              Rejected(499, "client closed the connection mid-request",
+                                       "invalid_request_error", "client_disconnected"))
         super().connectionLost(reason)
 
     def _cancel_head_timer(self) -> None:
