@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import h2.connection
 import h2.errors
 import h2.settings
 from twisted.internet.error import ConnectionLost
@@ -18,14 +19,50 @@ from twisted.python.failure import Failure
 from twisted.web._http2 import H2Connection
 
 
+class _RefusingConnection(h2.connection.H2Connection):
+    """
+    h2's connection state machine, except that a stream opened beyond our
+    C{SETTINGS_MAX_CONCURRENT_STREAMS} is refused with RST_STREAM
+    REFUSED_STREAM, a stream error (RFC 9113 section 5.1.2), so the client
+    may retry it. h2 raises C{TooManyStreamsError} instead, which Twisted
+    turns into a GOAWAY for the whole connection and every stream in flight.
+    """
+
+    _admitting = False
+
+    @property
+    def open_inbound_streams(self) -> int:  # type: ignore[override]
+        n = h2.connection.H2Connection.open_inbound_streams.fget(self)  # type: ignore[attr-defined]
+        # Let h2's own check pass once, for the stream refused just below.
+        return n - 1 if self._admitting else n
+
+    def _receive_headers_frame(self, frame: Any) -> Any:
+        if (frame.stream_id in self.streams
+                or self.open_inbound_streams < self.local_settings.max_concurrent_streams):
+            return super()._receive_headers_frame(frame)
+        # Accept the HEADERS (keeping HPACK and stream state right), then
+        # reset the stream; the server never sees the request.
+        self._admitting = True
+        try:
+            frames, events = super()._receive_headers_frame(frame)
+        finally:
+            self._admitting = False
+        self.reset_stream(frame.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+        return frames, [e for e in events if getattr(e, "stream_id", None) != frame.stream_id]
+
+
 class GatewayH2Connection(H2Connection):
-    """An H2Connection that closes connections abusing stream resets."""
+    """
+    An H2Connection that refuses streams over the concurrency cap and closes
+    connections abusing stream resets.
+    """
 
     resets = 0
 
     def __init__(self, reactor: Any, max_concurrent_streams: int, max_resets: int) -> None:
         super().__init__(reactor)
         self.max_resets = max_resets
+        self.conn = _RefusingConnection(config=self.conn.config)
         self.conn.local_settings = h2.settings.Settings(
             client=False,
             initial_values={h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS:
@@ -43,3 +80,15 @@ class GatewayH2Connection(H2Connection):
             self._terminate(Failure(ConnectionLost("too many stream resets")))
             return
         super()._requestAborted(event)
+
+    def _terminate(self, reason: Failure) -> None:
+        """
+        As Twisted's, but let the transport really close: Twisted leaves this
+        connection registered as the transport's producer, and a TLS
+        transport does not start its close while one is registered, so a
+        connection closed with GOAWAY lingered until the idle timeout.
+        """
+        if self._tryToWriteControlData():
+            self.transport.unregisterProducer()
+            self.transport.loseConnection()
+            self.connectionLost(reason, _cancelTimeouts=False)
