@@ -81,6 +81,23 @@ class GatewayH2Connection(H2Connection):
             return
         super()._requestAborted(event)
 
+    def abortRequest(self, streamID: int) -> None:
+        """
+        Reset one stream whose response cannot be completed (RST_STREAM
+        INTERNAL_ERROR), and tell its request.
+
+        Twisted's version resets with NO_ERROR and forgets the stream without
+        telling the request, whose C{notifyFinish()} then never fires: the
+        gateway's in-flight count leaked, the request was never logged and a
+        graceful stop waited out its whole grace period.
+        """
+        stream = self.streams.get(streamID)
+        self.conn.reset_stream(streamID, h2.errors.ErrorCodes.INTERNAL_ERROR)
+        if self._tryToWriteControlData():
+            self._requestDone(streamID)
+            if stream is not None:
+                stream.connectionLost(Failure(ConnectionLost("response aborted")))
+
     def _terminate(self, reason: Failure) -> None:
         """
         As Twisted's, but let the transport really close: Twisted leaves this
