@@ -13,6 +13,7 @@ import json
 import re
 from typing import Any
 
+import h2.errors
 from twisted.internet import reactor
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.protocol import Factory, Protocol
@@ -24,7 +25,11 @@ from tests.integration.edge import (
     Recorder,
     Seen,
     access_lines,
+    h2_connect,
+    h2_headers,
     parsed_access_lines,
+    tls_section,
+    write_cert,
 )
 from tests.integration.helpers import (
     Harness,
@@ -249,8 +254,13 @@ class UpstreamValidationTests(TestCase):
 
     timeout = 30
 
-    async def start(self, response: bytes) -> tuple[Harness, RunningGateway]:
+    async def start(self, response: bytes, tls: bool = False) -> tuple[Harness, RunningGateway]:
+        """A gateway (with an h2 TLS listener if C{tls}) before a L{CannedBackend}."""
         h = Harness(self)
+        server = {}
+        if tls:
+            self.cert = write_cert(h)
+            server["tls"] = tls_section()
         factory = CannedBackend(response)
         h.tracker.watch_factory(factory)
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
@@ -258,7 +268,7 @@ class UpstreamValidationTests(TestCase):
         url = f"http://127.0.0.1:{port.getHost().port}"
         config = h.config({"raw": {"instances": [{"id": "raw-1", "url": url}],
                                    "health_check": {"enabled": False},
-                                   "retry": {"max_retries": 0}}})
+                                   "retry": {"max_retries": 0}}}, server=server)
         return h, await h.gateway(config)
 
     async def get(self, response: bytes) -> Any:
@@ -352,6 +362,28 @@ class UpstreamValidationTests(TestCase):
         self.assertTrue(reason.check(ConnectionLost), reason)
         self.assertFalse(reason.check(ConnectionDone), reason)
         self.assertNotIn(b"0\r\n\r\n", raw)
+
+
+    async def test_truncated_body_resets_http2_stream(self) -> None:
+        """
+        Over HTTP/2, an upstream body shorter than its C{Content-Length}
+        resets the client's stream (RST_STREAM INTERNAL_ERROR) instead of
+        ending it cleanly, the connection carries on (a PING is still
+        answered), and the request is logged once, as truncated.
+        """
+        h, gw = await self.start(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 10,
+                                 tls=True)
+        client = await h2_connect(h, gw.tls_port, self.cert)
+        result = await bounded(client.request(h2_headers(b"GET", b"/v1/x")).done)
+        self.assertEqual(result.reset, h2.errors.ErrorCodes.INTERNAL_ERROR)
+        self.assertFalse(result.ended)
+        self.assertLess(len(result.body), 100)
+        await client.ping(b"stillok!")
+        self.assertIsNone(client.goaway)
+        # The request is finished on the gateway's side too: logged once.
+        await wait_for(lambda: access_lines(gw), "the access-log line")
+        self.assertEqual([r["error"] for r in parsed_access_lines(gw)], ["truncated"])
+        self.assertEqual(gw.gateway.in_flight(), 0)
 
 
 # -- the access log and secrets under attack ------------------------------------------------
@@ -517,4 +549,3 @@ class AccessLogTests(TestCase):
             self.assertIsNone(seen.headers.getRawHeaders(b"x-api-key"))
             for value in seen.headers.getRawHeaders(b"authorization") or []:
                 self.assertNotIn(API_KEY.encode(), value)
-
