@@ -104,3 +104,15 @@ def check_transfer_encoding(values: list[bytes] | None) -> None:
             if coding.strip().lower() != b"chunked":
                 raise Rejected(501, "unsupported Transfer-Encoding", "invalid_request_error",
                                "unsupported_transfer_encoding")
+
+
+#: Methods a gateway has no business relaying: TRACE echoes the request (and
+#: any injected backend credentials) back; CONNECT would make us a tunnel.
+REFUSED_METHODS = frozenset((b"TRACE", b"CONNECT"))
+
+
+def check_method(method: bytes) -> None:
+    """Refuse TRACE and CONNECT (405), as nginx does for TRACE."""
+    if method.upper() in REFUSED_METHODS:
+        raise Rejected(405, f"{method.decode('latin-1')} is not allowed",
+                       "invalid_request_error", "method_not_allowed")

@@ -16,6 +16,7 @@ from clawproxy.errors import Rejected, bad_request
 from clawproxy.policy.validation import (
     check_header_names,
     check_host,
+    check_method,
     check_target,
     check_transfer_encoding,
 )
@@ -91,6 +92,7 @@ class GatewayRequest(server.Request):
     def _check_h2_head(self) -> None:
         site = self.channel.site
         headers = self.requestHeaders
+        check_method(self.channel.command)
         hosts = headers.getRawHeaders(b"host")
         if hosts and len(set(hosts)) == 1:
             # :authority and a Host header that agrees with it (h2 refuses
@@ -207,6 +209,7 @@ class GatewayChannel(http.HTTPChannel):
         site = self.site
         req = self.requests[-1]
         headers = req.requestHeaders
+        check_method(self._command)
         host = check_host(headers.getRawHeaders(b"host"), self._version)
         self._path = check_target(self._path, self._command, host)
         te = headers.getRawHeaders(b"transfer-encoding")
