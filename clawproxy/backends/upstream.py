@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.web._newclient import BODY, HTTP11ClientProtocol
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.iweb import IAgentEndpointFactory
@@ -102,12 +104,21 @@ class _EndpointCache:
     IDNA-encodes the host) on every request, even when the pool then hands
     back an idle connection. Endpoints hold no per-connection state, so one
     per upstream serves every request.
+
+    An C{http} upstream given as an IP address gets a plain TCP endpoint:
+    C{HostnameEndpoint} would "resolve" the literal with C{getaddrinfo} in
+    the reactor's thread pool on every new connection (a thread hop and a
+    GIL hand-off before the connect even starts). Names still go through
+    C{HostnameEndpoint}, so DNS changes are followed; C{https} upstreams keep
+    Twisted's TLS endpoint whatever their host.
     """
 
     _MAX = 1024  # instance URLs come from the config; this only bounds a bug
 
-    def __init__(self, factory: Any) -> None:
+    def __init__(self, factory: Any, reactor: Any, connect_timeout: float) -> None:
         self._factory = factory
+        self._reactor = reactor
+        self._timeout = connect_timeout
         self._endpoints: dict[tuple[bytes, bytes, int], Any] = {}
 
     def endpointForURI(self, uri: Any) -> Any:
@@ -116,11 +127,20 @@ class _EndpointCache:
         if endpoint is None:
             if len(self._endpoints) >= self._MAX:
                 self._endpoints.clear()
-            endpoint = self._endpoints[key] = self._factory.endpointForURI(uri)
+            endpoint = self._endpoints[key] = self._new_endpoint(uri)
         return endpoint
+
+    def _new_endpoint(self, uri: Any) -> Any:
+        if uri.scheme == b"http":
+            host = uri.host.decode("ascii", "replace")
+            if isIPAddress(host):
+                return TCP4ClientEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
+            if isIPv6Address(host):
+                return TCP6ClientEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
+        return self._factory.endpointForURI(uri)
 
 
 def make_agent(reactor: Any, pool: HTTPConnectionPool, connect_timeout: float = 10.0) -> Agent:
     agent = Agent(reactor, pool=pool, connectTimeout=connect_timeout)
-    agent._endpointFactory = _EndpointCache(agent._endpointFactory)
+    agent._endpointFactory = _EndpointCache(agent._endpointFactory, reactor, connect_timeout)
     return agent

@@ -1,0 +1,55 @@
+"""Tests for L{clawproxy.backends.upstream}: the agent's endpoint choice."""
+
+from __future__ import annotations
+
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import URI
+
+from clawproxy.backends.upstream import make_agent, make_pool
+
+
+class EndpointTests(SynchronousTestCase):
+    """L{make_agent} reuses one endpoint per upstream and skips DNS for IP literals."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.agent = make_agent(self.reactor, make_pool(self.reactor), connect_timeout=7.0)
+
+    def endpoint(self, url: bytes):
+        return self.agent._getEndpoint(URI.fromBytes(url))
+
+    def test_reused(self) -> None:
+        """Requests to the same scheme, host and port share one endpoint; others do not."""
+        a = self.endpoint(b"http://127.0.0.1:8001/v1/chat/completions")
+        self.assertIs(a, self.endpoint(b"http://127.0.0.1:8001/health?x=1"))
+        self.assertIsNot(a, self.endpoint(b"http://127.0.0.1:8002/v1/chat/completions"))
+        self.assertIsNot(a, self.endpoint(b"https://127.0.0.1:8001/v1/chat/completions"))
+
+    def test_ipv4_literal(self) -> None:
+        """An http upstream at an IPv4 address connects over plain TCP, no name resolution."""
+        ep = self.endpoint(b"http://10.0.0.11:11434/api/chat")
+        self.assertIsInstance(ep, TCP4ClientEndpoint)
+        self.assertEqual((ep._host, ep._port, ep._timeout), ("10.0.0.11", 11434, 7.0))
+
+    def test_ipv6_literal(self) -> None:
+        """An http upstream at an IPv6 address connects over plain TCP6."""
+        ep = self.endpoint(b"http://[::1]:8080/")
+        self.assertIsInstance(ep, TCP6ClientEndpoint)
+        self.assertEqual((ep._host, ep._port, ep._timeout), ("::1", 8080, 7.0))
+
+    def test_hostname(self) -> None:
+        """A name is resolved on each new connection, as Twisted's Agent does."""
+        self.assertIsInstance(self.endpoint(b"http://gpu-1.internal:8000/"), HostnameEndpoint)
+
+    def test_https_literal(self) -> None:
+        """An https upstream keeps Twisted's TLS endpoint, even at an IP address."""
+        ep = self.endpoint(b"https://10.0.0.11:8443/")
+        self.assertNotIsInstance(ep, (TCP4ClientEndpoint, HostnameEndpoint))
+
+    def test_connects_to_literal(self) -> None:
+        """A request to an IP literal goes straight to connectTCP with the connect timeout."""
+        self.agent.request(b"GET", b"http://127.0.0.1:8001/health")
+        ((host, port, _factory, timeout, _bind),) = self.reactor.tcpClients
+        self.assertEqual((host, port, timeout), ("127.0.0.1", 8001, 7.0))
