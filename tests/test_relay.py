@@ -34,6 +34,7 @@ from twisted.web.server import NOT_DONE_YET
 from clawproxy.web.context import RequestContext
 from clawproxy.web.relay import (
     BytesProducer,
+    NoFirstChunk,
     StreamPipe,
     StreamStalled,
     UpstreamBroken,
@@ -90,6 +91,36 @@ class StreamPipeTests(SynchronousTestCase):
         pipe = StreamPipe(self.request, self.ctx, self.clock, stall, translator)
         pipe.makeConnection(self.upstream)
         return pipe
+
+    def first_chunk_pipe(self, timeout: float) -> StreamPipe:
+        pipe = StreamPipe(self.request, self.ctx, self.clock, None, None)
+        pipe.first_chunk_timeout = timeout
+        pipe.makeConnection(self.upstream)
+        return pipe
+
+    def test_no_first_chunk(self) -> None:
+        """
+        A stream with no first chunk within C{first_token_timeout} is given up
+        (so the relay can try another instance) and nothing reaches the client.
+        """
+        pipe = self.first_chunk_pipe(5)
+        self.clock.advance(4.9)
+        self.assertNoResult(pipe.done)
+        self.clock.advance(0.1)
+        self.failureResultOf(pipe.done, NoFirstChunk)
+        self.assertEqual(self.request.written, [])
+        self.assertEqual(self.upstream.producerState, "stopped")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_first_chunk_in_time(self) -> None:
+        """A first chunk in time cancels the first-chunk deadline for good."""
+        pipe = self.first_chunk_pipe(5)
+        self.clock.advance(1)
+        pipe.dataReceived(b"data: 1\n\n")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(100)
+        self.assertNoResult(pipe.done)
+        self.assertEqual(self.request.written, [b"data: 1\n\n"])
 
     def test_registers_upstream_as_producer(self) -> None:
         """The upstream transport becomes the client request's streaming producer."""

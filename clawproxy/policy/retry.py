@@ -6,6 +6,10 @@ from zope.interface import implementer
 
 from clawproxy.interfaces import IRetryPolicy
 
+#: Outcomes retried whatever C{retry_on} says: a pool that sets
+#: C{first_token_timeout} asks for exactly that failover.
+_ALWAYS = frozenset({"first_token_timeout"})
+
 
 @implementer(IRetryPolicy)
 class RetryPolicy:
@@ -31,7 +35,7 @@ class RetryPolicy:
 
     def should_retry(self, pool, outcome: str, attempt: int) -> float | None:
         cfg = pool.config.retry
-        if attempt > cfg.max_retries or outcome not in cfg.retry_on:
+        if attempt > cfg.max_retries or (outcome not in cfg.retry_on and outcome not in _ALWAYS):
             return None
         name = pool.name
         allowed = self._requests.get(name, 0.0) * cfg.budget + self._MIN_RETRIES

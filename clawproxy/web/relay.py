@@ -213,15 +213,36 @@ class StreamPipe(Protocol):
         self._stall_call = None
         self._registered = False
 
+    #: Seconds to wait for the first body chunk before giving up on this
+    #: upstream (the pool's C{first_token_timeout}, streams only).
+    first_chunk_timeout: float | None = None
+    _first_call: Any = None
+
     def connectionMade(self) -> None:
         self.request.registerProducer(self.transport, True)
         self._registered = True
         if self._stall_timeout:
             self._stall_call = self._clock.callLater(self._stall_timeout, self._stalled)
+        if self.first_chunk_timeout:
+            self._first_call = self._clock.callLater(self.first_chunk_timeout,
+                                                     self._no_first_chunk)
+
+    def _no_first_chunk(self) -> None:
+        """Nothing yet from upstream and nothing sent: let the relay try elsewhere."""
+        self._first_call = None
+        if self.done.called or self.ctx.bytes_sent:
+            return
+        self._stop_timer()
+        self._unregister()
+        self.done.errback(Failure(NoFirstChunk()))
+        self.transport.stopProducing()
 
     def dataReceived(self, data: bytes) -> None:
         if self.done.called:
             return
+        if self._first_call is not None:
+            self._first_call.cancel()
+            self._first_call = None
         if self.translator is not None:
             try:
                 data = self.translator.feed(data)
@@ -259,6 +280,10 @@ class StreamPipe(Protocol):
                 self.request.unregisterProducer()
 
     def _stop_timer(self) -> None:
+        if self._first_call is not None:
+            if self._first_call.active():
+                self._first_call.cancel()
+            self._first_call = None
         if self._stall_call is not None:
             if self._stall_call.active():
                 self._stall_call.cancel()
@@ -297,6 +322,10 @@ class StreamPipe(Protocol):
         self._stop_timer()
         self._unregister()
         self.transport.stopProducing()
+
+
+class NoFirstChunk(Exception):
+    """A stream sent headers but no chunk within C{first_token_timeout}."""
 
 
 class StreamStalled(Exception):
@@ -477,6 +506,7 @@ class Relay:
             raise
         ctx.status = code
         ctx.error = None
+        saved_headers = request.responseHeaders.copy()
         request.setResponseCode(code, response.phrase)
         rh = request.responseHeaders
         for name, value in relayed:
@@ -494,9 +524,28 @@ class Relay:
             response.deliverBody(_Discard())
             return None
         pipe = StreamPipe(request, ctx, self.clock, pool.config.stall_timeout, translator)
+        first = pool.config.first_token_timeout
+        if first and _is_stream(response):
+            pipe.first_chunk_timeout = first
         response.deliverBody(pipe)
         try:
             await pipe.done
+        except NoFirstChunk:
+            # Nothing reached the client: undo this answer and try elsewhere.
+            request.responseHeaders = saved_headers
+            request.setResponseCode(200)
+            ctx.status = 0
+            ctx.error = "first_token_timeout"
+            metrics.upstream_requests_total.labels(pool.name, inst.id, ctx.error).inc()
+            self.breakers.record(pool, inst, False)
+            self.registry_failure(inst)
+            delay = None
+            if pool.eligible(tried):
+                delay = self.retry.should_retry(pool, ctx.error, ctx.attempts)
+            if delay is None:
+                raise gateway_timeout(
+                    f"upstream {inst.id} sent no first chunk within {first:g}s") from None
+            return delay
         except (CancelledError, StreamStalled):
             raise
         except Exception:
@@ -521,6 +570,14 @@ class Relay:
 
 class UpstreamBroken(Exception):
     """The upstream failed after response bytes reached the client: abort, never retry."""
+
+
+_STREAM_TYPES = (b"text/event-stream", b"application/x-ndjson")
+
+
+def _is_stream(response: Any) -> bool:
+    ctype = response.headers.getRawHeaders(b"content-type")
+    return bool(ctype) and ctype[0].lower().startswith(_STREAM_TYPES)
 
 
 def _drop_connection(response: Any) -> None:

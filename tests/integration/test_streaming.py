@@ -10,6 +10,8 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
 from tests.integration.helpers import (
     HELLO,
@@ -173,3 +175,44 @@ class StreamingTests(TestCase):
         self.assertTrue(response_complete(raw))
         self.assertIn(b"data: [DONE]\n\n", raw[-200:])
         self.assertGreater(len(raw), 20 * 1024 * 1024)
+
+
+class _Mute(Resource):
+    """A backend that starts an SSE answer and then never sends a chunk."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests = 0
+
+    def render(self, request: Any) -> Any:
+        self.requests += 1
+        request.setHeader(b"content-type", b"text/event-stream")
+        request.write(b"")  # headers out, no body
+        return NOT_DONE_YET
+
+
+class FirstTokenTimeoutTests(TestCase):
+    timeout = 30
+
+    async def test_stream_without_first_chunk_fails_over(self) -> None:
+        """
+        With C{first_token_timeout}, a stream whose headers came but whose
+        first chunk does not is given up before anything reaches the client,
+        and the request is served, in full, by another instance.
+        """
+        h = Harness(self)
+        mute = _Mute()
+        silent = h.serve(mute, id="mute")
+        live = h.simulator("live")
+        gw = await h.gateway(h.config({"sim": pool(
+            silent, live, algorithm="round_robin", first_token_timeout="300ms",
+        )}))
+        response = await bounded(h.client().post(
+            gw.url + "/v1/chat/completions", json={**HELLO, "stream": True}))
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders("x-sim-instance"), ["live"])
+        body = await bounded(response.content())
+        self.assertTrue(body.endswith(b"data: [DONE]\n\n"), body[-60:])
+        self.assertEqual(mute.requests, 1)
