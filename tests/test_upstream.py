@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.testing import MemoryReactorClock
-from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import URI
+import gc
+import weakref
 
-from clawproxy.backends.upstream import make_agent, make_pool
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web._newclient import HTTPClientParser, Request
+from twisted.web.client import URI
+from twisted.web.http_headers import Headers
+
+from clawproxy.backends.upstream import _watch_bare_lf, make_agent, make_pool
 
 
 class EndpointTests(SynchronousTestCase):
@@ -53,3 +58,41 @@ class EndpointTests(SynchronousTestCase):
         self.agent.request(b"GET", b"http://127.0.0.1:8001/health")
         ((host, port, _factory, timeout, _bind),) = self.reactor.tcpClients
         self.assertEqual((host, port, timeout), ("127.0.0.1", 8001, 7.0))
+
+
+class BareLFWatchTests(SynchronousTestCase):
+    """L{_watch_bare_lf} notes bare-LF heads and leaves no reference cycle behind."""
+
+    def parser(self) -> HTTPClientParser:
+        parser = HTTPClientParser(Request(b"GET", b"/", Headers(), None), lambda rest: None)
+        _watch_bare_lf(parser)
+        parser.makeConnection(StringTransport())
+        return parser
+
+    def test_crlf(self) -> None:
+        """A head with CRLF line ends is not flagged."""
+        parser = self.parser()
+        parser.dataReceived(b"HTTP/1.1 200 OK\r\nX-A: 1\r\nContent-Length: 0\r\n\r\n")
+        self.assertFalse(parser.bare_lf)
+        self.assertEqual(parser.response.headers.getRawHeaders(b"x-a"), [b"1"])
+
+    def test_bare_lf(self) -> None:
+        """A head line ended by LF alone is flagged."""
+        parser = self.parser()
+        parser.dataReceived(b"HTTP/1.1 200 OK\r\nX-A: 1\nSet-Cookie: x\r\n"
+                            b"Content-Length: 0\r\n\r\n")
+        self.assertTrue(parser.bare_lf)
+
+    def test_freed_by_refcount(self) -> None:
+        """A watched parser is freed as soon as it is dropped, without the cyclic collector."""
+        parser = HTTPClientParser(Request(b"GET", b"/", Headers(), None), lambda rest: None)
+        _watch_bare_lf(parser)
+        ref = weakref.ref(parser)
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            del parser
+            self.assertIsNone(ref())
+        finally:
+            if enabled:
+                gc.enable()

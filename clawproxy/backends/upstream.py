@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -49,12 +50,20 @@ def _watch_bare_lf(parser: Any) -> None:
     502 for such a head (C{response.bare_lf}).
     """
     parser.bare_lf = False
-    line_received = parser.lineReceived
+    # The wrapper is stored on the parser, so it must not hold the parser
+    # strongly: that cycle took each request's whole client-side graph
+    # (parser, request, response, headers, producers) to the cyclic garbage
+    # collector instead of freeing it at once.
+    parser_ref = weakref.ref(parser)
+    line_received = type(parser).lineReceived
 
     def checked(line: bytes) -> None:
-        if line[-1:] != b"\r" and parser.state != BODY:
-            parser.bare_lf = True
-        line_received(line)
+        p = parser_ref()
+        if p is None:
+            return
+        if line[-1:] != b"\r" and p.state != BODY:
+            p.bare_lf = True
+        line_received(p, line)
 
     parser.lineReceived = checked
 
