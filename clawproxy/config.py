@@ -1656,7 +1656,7 @@ def _read_logging(m: _Map) -> LoggingConfig:
         m,
         level="warn" if level == "warning" else level,
         format=m.get("format", _choice("json", "text")),
-        output=output if output in (_ABSENT, "-") else m.ctx.resolve(output),
+        output=output if output in (_ABSENT, "-", "off") else m.ctx.resolve(output),
         redact=m.get("redact", _list_of(_header_name)),
     )
 
