@@ -477,6 +477,11 @@ class Relay:
             delay = self.retry.should_retry(pool, outcome, ctx.attempts)
             if delay is None:
                 raise _failure_rejection(outcome) from None
+            if failure.check(ResponseNeverReceived):
+                # Most often a keep-alive connection the backend closed as we
+                # sent on it: the instance itself may be fine, so it stays a
+                # candidate for the retry (a dead one then refuses at once).
+                tried.discard(inst.id)
             return delay
         now = self.clock.seconds()
         metrics.upstream_ttfb.labels(pool.name).observe(now - started)

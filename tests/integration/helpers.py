@@ -83,6 +83,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def refusing_port(case: Any) -> int:
+    """
+    A loopback port that refuses connections for the whole test: bound but
+    never listening, so no other listener (port 0 included) can take it.
+    """
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    case.addCleanup(s.close)
+    return s.getsockname()[1]
+
+
 def error_of(body: bytes) -> dict[str, Any]:
     """The C{error} object of an OpenAI-shaped error body (asserting its shape)."""
     data = json.loads(body)

@@ -19,8 +19,8 @@ from tests.integration.helpers import (
     bounded,
     child_env,
     error_of,
-    free_port,
     pool,
+    refusing_port,
 )
 
 #: SPEC section 7: family name -> type.
@@ -262,7 +262,7 @@ class AdminCliTests(TestCase):
         traceback) when nothing listens at the admin URL.
         """
         self.h = Harness(self)
-        url = f"http://127.0.0.1:{free_port()}"
+        url = f"http://127.0.0.1:{refusing_port(self)}"
         for args in (("status",), ("set-weight", "sim-1", "2"), ("drain", "sim-1"),
                      ("undrain", "sim-1")):
             code, out, err = await self.cli(*args, "--admin", url)

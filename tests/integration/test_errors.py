@@ -18,7 +18,7 @@ from tests.integration.helpers import (
     RunningGateway,
     bounded,
     error_of,
-    free_port,
+    refusing_port,
     wait_for,
 )
 
@@ -47,7 +47,7 @@ class ErrorShapeTests(TestCase):
         off = {"enabled": False}
         pools = {
             "sim": {"models": ["sim-*"], "instances": [sim.instance()], "health_check": off},
-            "dead": {"instances": [{"id": "dead-1", "url": f"http://127.0.0.1:{free_port()}"}],
+            "dead": {"instances": [{"id": "dead-1", "url": f"http://127.0.0.1:{refusing_port(self)}"}],
                      "health_check": off},
             "drained": {"instances": [{"id": "drained-1", "url": sim.url}], "health_check": off},
             "fallback": {"instances": [{"id": "fb-1", "url": sim.url}], "health_check": off,
