@@ -1,0 +1,242 @@
+#!/usr/bin/env bash
+# clawproxy benchmark: direct backend vs a bare Twisted relay vs clawproxy, in one run.
+#
+#   bash bench/run.sh            # full run, about 5 minutes (hard limit 6)
+#   bash bench/run.sh --quick    # shorter phases, about 2 minutes
+#   bash bench/run.sh --no-profile
+#
+# Everything listens on 127.0.0.1 only. Each proxy is pinned to CPU $BENCH_PROXY_CPU
+# (default 1), load generators and backends to $BENCH_LOAD_CPU (default 0).
+# Raw outputs go to bench/out/ (gitignored); the tables to bench/out/summary.md.
+# Ports: $BENCH_PORT_BASE (default 18080) .. +16; the run refuses to start if one is taken.
+set -euo pipefail
+
+if [[ -z "${BENCH_INNER:-}" ]]; then
+    # Bound the whole run, whatever happens inside it.
+    exec timeout --signal=TERM --kill-after=15 360 env BENCH_INNER=1 bash "$0" "$@"
+fi
+
+QUICK=0
+PROFILE=1
+for arg in "$@"; do
+    case "$arg" in
+        --quick) QUICK=1 ;;
+        --no-profile) PROFILE=0 ;;
+        -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+        *) echo "unknown argument: $arg" >&2; exit 2 ;;
+    esac
+done
+
+HERE="$(cd "$(dirname "$0")" && pwd)"
+ROOT="$(cd "$HERE/.." && pwd)"
+OUT="$HERE/out"
+PY="${PYTHON:-python}"
+PCPU="${BENCH_PROXY_CPU:-1}"
+LCPU="${BENCH_LOAD_CPU:-0}"
+BASE="${BENCH_PORT_BASE:-18080}"
+
+if [[ $QUICK == 1 ]]; then
+    WRK_WARM=1; WRK_DUR=5; WRK_ROUNDS=1
+    RATE_DUR=8
+    SSE_RAMP=5; SSE_TOKENS=14
+    IDLE_CONNS=5000
+    PROFILE=0
+else
+    WRK_WARM=2; WRK_DUR=10; WRK_ROUNDS=2
+    RATE_DUR=20
+    SSE_RAMP=8; SSE_TOKENS=24
+    IDLE_CONNS=5000
+fi
+SSE_STREAMS=2000
+SSE_TOKEN_RATE=2
+RATE=500
+CONNS=50
+
+P_NGINX=$BASE; P_SSE=$((BASE + 1))
+P_BARE=$((BASE + 2)); P_BARE_SSE=$((BASE + 3))
+P_CLAW=$((BASE + 4)); P_CLAW_NOLOG=$((BASE + 5)); P_CLAW_SSE=$((BASE + 6))
+P_BARE_NOFP=$((BASE + 7))
+A_CLAW=$((BASE + 14)); A_CLAW_NOLOG=$((BASE + 15)); A_CLAW_SSE=$((BASE + 16))
+
+for p in $P_NGINX $P_SSE $P_BARE $P_BARE_SSE $P_CLAW $P_CLAW_NOLOG $P_CLAW_SSE $P_BARE_NOFP \
+         $A_CLAW $A_CLAW_NOLOG $A_CLAW_SSE; do
+    if ss -Hltn "sport = :$p" | grep -q .; then
+        echo "port $p is in use; set BENCH_PORT_BASE" >&2
+        exit 1
+    fi
+done
+
+for tool in wrk nginx taskset ss; do
+    command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install $tool)" >&2; exit 1; }
+done
+
+ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+rm -rf "$OUT"
+mkdir -p "$OUT"
+TMP="$(mktemp -d /tmp/clawbench.XXXXXX)"
+PIDS=()
+
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    sleep 0.5
+    for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+
+wait_port() {  # wait_port PORT NAME: up to 10 s
+    local i
+    for i in $(seq 1 100); do
+        ss -Hltn "sport = :$1" | grep -q . && return 0
+        sleep 0.1
+    done
+    echo "$2 did not listen on $1; see $OUT/$2.log" >&2
+    exit 1
+}
+
+# Each server runs under `timeout` (a hard ceiling) and is stopped by its PID.
+start() {  # start NAME CPU CMD...
+    local name=$1 cpu=$2
+    shift 2
+    timeout 350 taskset -c "$cpu" "$@" >"$OUT/$name.log" 2>&1 &
+    PIDS+=($!)
+    eval "PID_${name//-/_}=$!"
+}
+
+child_of() { pgrep -P "$1" | head -1; }  # the real server under `timeout`
+
+# -- machine ------------------------------------------------------------------
+
+{
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "nproc: $(nproc)"
+    echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
+    echo "kernel: $(uname -r)"
+    echo "python: $($PY -c 'import sys; print(sys.version.split()[0])')"
+    echo "twisted: $($PY -c 'import twisted; print(twisted.__version__)')"
+    echo "nginx: $(nginx -v 2>&1 | cut -d/ -f2)"
+    echo "wrk: $(wrk -v 2>&1 | head -1 | awk '{print $2}')"
+    echo "clawproxy: $(git -C "$ROOT" rev-parse --short HEAD)$(git -C "$ROOT" diff --quiet -- clawproxy || echo '+dirty')"
+    echo "mode: $([[ $QUICK == 1 ]] && echo quick || echo full)"
+    echo "command: bash bench/run.sh $*"
+} >"$OUT/machine.txt"
+cat "$OUT/machine.txt" >&2
+
+# -- servers ------------------------------------------------------------------
+
+mkdir -p "$TMP/nginx"
+sed -e "s#@DIR@#$TMP/nginx#g" -e "s#@PORT@#$P_NGINX#g" "$HERE/nginx.conf.in" >"$TMP/nginx/nginx.conf"
+start nginx "$LCPU" nginx -c "$TMP/nginx/nginx.conf" -p "$TMP/nginx"
+# SSE backend: clawproxy's own simulator, first token at once, then 2 tokens/s.
+# Its collector is off: a backend pausing for GC would show up as proxy TTFB.
+start sse "$LCPU" "$PY" -c 'import gc, sys; gc.disable(); from clawproxy.cli import main; sys.exit(main())' \
+    sim --listen "tcp:$P_SSE:interface=127.0.0.1:backlog=4096" --ttft 0 \
+    --tokens-per-second "$SSE_TOKEN_RATE" --max-tokens 1000 --id sim-bench --model sim-stream
+wait_port "$P_NGINX" nginx
+wait_port "$P_SSE" sse
+
+start bare "$PCPU" "$PY" "$HERE/bare_relay.py" "$P_BARE" "http://127.0.0.1:$P_NGINX"
+start bare-sse "$PCPU" "$PY" "$HERE/bare_relay.py" "$P_BARE_SSE" "http://127.0.0.1:$P_SSE"
+# Informational: the bare relay without Twisted's form parsing of POST bodies,
+# which clawproxy turns off (the reference figure is the stock bare relay).
+start bare-nofp "$PCPU" "$PY" "$HERE/bare_relay.py" "$P_BARE_NOFP" "http://127.0.0.1:$P_NGINX" \
+    --no-form-parsing
+claw() {  # claw NAME PORT ADMIN BACKEND ACCESS_LOG
+    BENCH_PROXY_PORT=$2 BENCH_ADMIN_PORT=$3 BENCH_BACKEND_PORT=$4 BENCH_ACCESS_LOG=$5 \
+        start "$1" "$PCPU" twistd -n --pidfile= clawproxy -c "$HERE/gateway-bench.yaml"
+}
+claw claw "$P_CLAW" "$A_CLAW" "$P_NGINX" "$OUT/access-claw.log"
+claw claw-nolog "$P_CLAW_NOLOG" "$A_CLAW_NOLOG" "$P_NGINX" off
+claw claw-sse "$P_CLAW_SSE" "$A_CLAW_SSE" "$P_SSE" "$OUT/access-claw-sse.log"
+for p in bare:$P_BARE bare-sse:$P_BARE_SSE bare-nofp:$P_BARE_NOFP claw:$P_CLAW claw-nolog:$P_CLAW_NOLOG claw-sse:$P_CLAW_SSE; do
+    wait_port "${p#*:}" "${p%%:*}"
+done
+NGINX_WORKER=$(pgrep -P "$(cat "$TMP/nginx/nginx.pid")" | head -1)
+BARE_PID=$(child_of "$PID_bare")
+CLAW_PID=$(child_of "$PID_claw")
+sleep 1
+for p in $P_NGINX $P_BARE $P_CLAW $P_CLAW_NOLOG; do  # smoke test: every target answers 200
+    code=$(curl -s -o /dev/null -w '%{http_code}' -m 5 -H 'Content-Type: application/json' \
+        -d '{"model":"bench-model","messages":[{"role":"user","content":"hi"}]}' \
+        "http://127.0.0.1:$p/v1/chat/completions")
+    [[ $code == 200 ]] || { echo "smoke test on port $p answered $code" >&2; exit 1; }
+done
+
+LOAD=(timeout 120 taskset -c "$LCPU")
+
+# -- 1. throughput at 50 connections (wrk) -------------------------------------
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }  # utime + stime of PID
+wrk_run() {  # wrk_run LABEL PORT ROUND SERVER_PID
+    "${LOAD[@]}" wrk -t1 -c"$CONNS" -d"${WRK_WARM}s" -s "$HERE/chat.lua" "http://127.0.0.1:$2" >/dev/null
+    local before after
+    before=$(cpu_ticks "$4")
+    "${LOAD[@]}" wrk -t1 -c"$CONNS" -d"${WRK_DUR}s" --latency -s "$HERE/chat.lua" \
+        "http://127.0.0.1:$2" >"$OUT/wrk-$1-$3.txt"
+    after=$(cpu_ticks "$4")
+    echo "cpu_ticks: $((after - before)) hz: $(getconf CLK_TCK)" >>"$OUT/wrk-$1-$3.txt"
+    log "wrk $1 round $3: $(grep Requests/sec "$OUT/wrk-$1-$3.txt")"
+}
+log "1/4 wrk: ${CONNS} connections, ${WRK_DUR}s per target, ${WRK_ROUNDS} round(s)"
+wrk_run direct "$P_NGINX" 1 "$NGINX_WORKER"
+for r in $(seq 1 "$WRK_ROUNDS"); do
+    wrk_run bare "$P_BARE" "$r" "$BARE_PID"
+    wrk_run bare-nofp "$P_BARE_NOFP" "$r" "$(child_of "$PID_bare_nofp")"
+    wrk_run claw "$P_CLAW" "$r" "$CLAW_PID"
+    wrk_run claw-nolog "$P_CLAW_NOLOG" "$r" "$(child_of "$PID_claw_nolog")"
+done
+
+# -- 2. added latency at a fixed 500 req/s (open loop) --------------------------
+
+log "2/4 fixed rate: ${RATE} req/s for ${RATE_DUR}s per target"
+for t in direct:$P_NGINX bare:$P_BARE claw:$P_CLAW; do
+    "${LOAD[@]}" "$PY" "$HERE/loadgen.py" rate --port "${t#*:}" --rate "$RATE" \
+        --duration "$RATE_DUR" --label "${t%%:*}" >"$OUT/rate-${t%%:*}.json"
+    log "rate ${t%%:*}: $(cat "$OUT/rate-${t%%:*}.json" | cut -c1-220)"
+done
+
+# -- 3. 2,000 concurrent SSE streams --------------------------------------------
+
+log "3/4 SSE: ${SSE_STREAMS} streams over ${SSE_RAMP}s, ${SSE_TOKENS} tokens at ${SSE_TOKEN_RATE}/s"
+for t in direct:$P_SSE bare:$P_BARE_SSE claw:$P_CLAW_SSE; do
+    "${LOAD[@]}" "$PY" "$HERE/loadgen.py" sse --port "${t#*:}" --streams "$SSE_STREAMS" \
+        --ramp "$SSE_RAMP" --tokens "$SSE_TOKENS" --token-rate "$SSE_TOKEN_RATE" \
+        --label "${t%%:*}" >"$OUT/sse-${t%%:*}.json"
+    log "sse ${t%%:*}: $(cat "$OUT/sse-${t%%:*}.json" | cut -c1-260)"
+    sleep 1
+done
+
+# -- 4. memory per idle keep-alive connection -----------------------------------
+
+log "4/4 idle: ${IDLE_CONNS} keep-alive connections, one request each"
+for t in direct:$P_NGINX:$NGINX_WORKER bare:$P_BARE:$BARE_PID claw:$P_CLAW:$CLAW_PID; do
+    IFS=: read -r label port pid <<<"$t"
+    "${LOAD[@]}" "$PY" "$HERE/loadgen.py" idle --port "$port" --pid "$pid" \
+        --conns "$IDLE_CONNS" --label "$label" >"$OUT/idle-$label.json"
+    log "idle $label: $(cat "$OUT/idle-$label.json")"
+done
+
+# -- profile (not part of the figures: sampling slows the target) ---------------
+
+if [[ $PROFILE == 1 ]] && command -v py-spy >/dev/null; then
+    log "profile: py-spy on clawproxy under wrk (flame graph, then raw stacks)"
+    "${LOAD[@]}" wrk -t1 -c"$CONNS" -d24s -s "$HERE/chat.lua" "http://127.0.0.1:$P_CLAW" \
+        >"$OUT/wrk-profiled.txt" &
+    WRK_PID=$!
+    sleep 1
+    timeout 30 py-spy record -r 200 -d 10 -o "$OUT/profile.svg" --pid "$CLAW_PID" \
+        >/dev/null 2>&1 || log "py-spy failed (it needs ptrace permission)"
+    timeout 30 py-spy record -r 200 -d 10 -f raw -o "$OUT/profile.txt" --pid "$CLAW_PID" \
+        >/dev/null 2>&1 || true
+    wait "$WRK_PID" || true
+    if [[ -s "$OUT/profile.txt" ]]; then
+        "$PY" "$HERE/pyspy_summary.py" "$OUT/profile.txt" 30 >"$OUT/profile-summary.txt"
+    fi
+fi
+
+"$PY" "$HERE/report.py" "$OUT" | tee "$OUT/summary.md"
