@@ -1650,7 +1650,7 @@ def _read_metrics(m: _Map) -> MetricsConfig:
 
 def _read_logging(m: _Map) -> LoggingConfig:
     level = m.get("level", _choice("debug", "info", "warn", "warning", "error"))
-    output = m.get("output", _nonempty)
+    output = m.get("output", _log_output)
     return _build(
         LoggingConfig,
         m,
@@ -1659,6 +1659,13 @@ def _read_logging(m: _Map) -> LoggingConfig:
         output=output if output in (_ABSENT, "-", "off") else m.ctx.resolve(output),
         redact=m.get("redact", _list_of(_header_name)),
     )
+
+
+def _log_output(value: object) -> str:
+    """C{-}, C{off} (YAML's unquoted C{off} arrives as false) or a file path."""
+    if value is False:
+        return "off"
+    return _nonempty(value)
 
 
 def _read_tracing(m: _Map) -> TracingConfig:
