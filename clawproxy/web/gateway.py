@@ -25,7 +25,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from clawproxy import __version__
 from clawproxy.backends.registry import Pool, Registry
-from clawproxy.config import Config
+from clawproxy.config import Config, expand_request_variables
 from clawproxy.errors import Rejected, bad_request, not_found, unavailable
 from clawproxy.metrics import Metrics
 from clawproxy.policy.routing import Router, canonical_path, sticky_split, strip_base
@@ -282,17 +282,17 @@ class GatewayResource(Resource):
     # -- transforms and fallbacks ----------------------------------------
 
     def _expand(self, value: str, ctx: RequestContext, instance: bool = True) -> str:
+        """
+        C{value} with its per-request variables filled in. With C{instance}
+        false, C{${instance}} is left for the relay (known once one answers).
+        """
         if "${" not in value:
             return value
-        for name, v in (
-            ("request_id", ctx.request_id), ("agent", ctx.agent_name),
-            ("client_ip", ctx.client_ip), ("route", ctx.route_name),
-            ("pool", ctx.pool_name), ("instance", ctx.instance_id),
-        ):
-            if name == "instance" and not instance:
-                continue
-            value = value.replace("${" + name + "}", v)
-        return value
+        return expand_request_variables(value, {
+            "request_id": ctx.request_id, "agent": ctx.agent_name,
+            "client_ip": ctx.client_ip, "route": ctx.route_name, "pool": ctx.pool_name,
+            "instance": ctx.instance_id if instance else "${instance}",
+        })
 
     def _transform_request(self, ctx: RequestContext, t: Any) -> None:
         headers = ctx.request.requestHeaders

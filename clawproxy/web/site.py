@@ -304,14 +304,7 @@ class GatewayChannel(http.HTTPChannel):
         command = getattr(self, "_command", None) or b"-"
         path = getattr(self, "_path", None) or b"-"
         request_id = self.site.refused(self, command, path, rej)
-        body = rej.body()
-        extra = b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in rej.headers)
-        phrase = http.RESPONSES.get(rej.status, b"Error")
-        self.transport.write(
-            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nConnection: close\r\n"
-            b"X-Request-ID: %s\r\n%sContent-Length: %d\r\n\r\n%s"
-            % (rej.status, phrase, request_id.encode(), extra, len(body), body)
-        )
+        self.transport.write(raw_error_response(rej, request_id))
         self.transport.loseConnection()
         self.dataReceived = self.lineReceived = lambda *a: None  # type: ignore[method-assign]
 
@@ -360,18 +353,26 @@ class _CountedProtocol(http._GenericHTTPChannelProtocol):
         super().connectionLost(reason)
 
 
+def raw_error_response(rej: Rejected, request_id: str | None = None) -> bytes:
+    """A whole HTTP/1.1 error response, closing the connection, for C{rej}."""
+    body = rej.body()
+    headers = [(b"Content-Type", b"application/json"), (b"Connection", b"close")]
+    if request_id is not None:
+        headers.append((b"X-Request-ID", request_id.encode()))
+    headers.extend((k.encode(), v.encode()) for k, v in rej.headers)
+    headers.append((b"Content-Length", b"%d" % len(body)))
+    head = b"".join(b"%s: %s\r\n" % h for h in headers)
+    phrase = http.RESPONSES.get(rej.status, b"Error")
+    return b"HTTP/1.1 %d %s\r\n%s\r\n%s" % (rej.status, phrase, head, body)
+
+
 class _RefuseConnection(Protocol):
     """Answer 503 to a connection over C{max_connections} and close it."""
 
     def connectionMade(self) -> None:
         rej = Rejected(503, "too many open connections", "server_error", "too_many_connections",
                        (("Retry-After", "1"),))
-        body = rej.body()
-        self.transport.write(
-            b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-            b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
-            % (len(body), body)
-        )
+        self.transport.write(raw_error_response(rej))
         self.transport.loseConnection()
 
 
