@@ -82,6 +82,21 @@ class SiteTests(SynchronousTestCase):
         self.assertTrue(conn.transport.disconnecting)
         self.assertEqual(self.resource.seen, [])
 
+    def test_idle_keepalive_closed_after_client_timeout(self) -> None:
+        """
+        A kept-alive connection left idle for C{client_timeout} (60 s here) is
+        closed; one that keeps sending requests is not.
+        """
+        busy, idle = self.connect(), self.connect()
+        for conn in (busy, idle):
+            conn.send(b"GET /v1/x HTTP/1.1\r\nHost: gw\r\n\r\n")
+            self.assertEqual(conn.response()[0], 200)
+        for _ in range(5):
+            self.reactor.advance(30)
+            busy.send(b"GET /v1/x HTTP/1.1\r\nHost: gw\r\n\r\n")
+        self.assertTrue(idle.transport.disconnecting)
+        self.assertFalse(busy.transport.disconnecting)
+
     def test_small_body(self) -> None:
         """A body within the limit reaches the resource whole."""
         conn = self.connect()
