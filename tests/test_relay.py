@@ -32,18 +32,16 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from clawproxy.web.context import RequestContext
-from clawproxy.web.relay import (
+from clawproxy.web.headers import connection_named, forwarded_headers, response_headers
+from clawproxy.web.pipe import (
     BytesProducer,
     NoFirstChunk,
     StreamPipe,
     StreamStalled,
     UpstreamBroken,
     body_producer,
-    classify,
-    connection_named,
-    forwarded_headers,
-    response_headers,
 )
+from clawproxy.web.relay import classify
 from tests.test_gateway import Harness, basic
 
 SSE_ERROR = (b'data: {"error": {"message": "upstream stalled", "type": "upstream_error", '

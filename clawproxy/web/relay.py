@@ -1,16 +1,12 @@
 """
-Upstream forwarding: one request relayed to a pool, with failover and streaming.
+The attempt loop: one request relayed to a pool, with failover.
 
-Request bodies are sent from Twisted's spool (memory under 100 KB, a temp file
-above) without copying them whole; response bodies are relayed chunk by chunk
-with the client's transport as flow control: a slow client pauses the upstream
-read, a client that leaves aborts the upstream connection.
+Header hygiene lives in L{clawproxy.web.headers}, the body pipe in
+L{clawproxy.web.pipe}.
 """
 
 from __future__ import annotations
 
-import io
-import ipaddress
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,313 +19,27 @@ from twisted.internet.error import (
     TimeoutError,
 )
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
-    FileBodyProducer,
-    PotentialDataLoss,
-    ResponseDone,
     ResponseFailed,
     ResponseNeverReceived,
 )
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
-from zope.interface import implementer
+from twisted.web.iweb import UNKNOWN_LENGTH
 
 from clawproxy.errors import Rejected, bad_gateway, gateway_timeout, unavailable
 from clawproxy.metrics import Metrics
 from clawproxy.web.context import RequestContext
-
-#: Headers that describe one connection and are never forwarded (RFC 9110 7.6.1).
-HOP_BY_HOP = frozenset(
-    h.lower()
-    for h in (
-        b"Connection", b"Keep-Alive", b"Proxy-Authenticate", b"Proxy-Authorization",
-        b"Proxy-Connection", b"TE", b"Trailer", b"Transfer-Encoding", b"Upgrade",
-    )
+from clawproxy.web.headers import forwarded_headers, response_headers
+from clawproxy.web.pipe import (
+    BytesProducer,
+    Discard,
+    NoFirstChunk,
+    StreamPipe,
+    StreamStalled,
+    UpstreamBroken,
+    body_producer,
 )
-#: Request headers the gateway sets itself.
-_OWN_REQUEST = frozenset(
-    (b"host", b"content-length", b"x-forwarded-for", b"x-forwarded-proto",
-     b"x-forwarded-host", b"x-request-id")
-)
-#: Forwarding claims believed only from C{trusted_proxies}; from anyone else
-#: they are dropped (the proxy's own X-Forwarded-* replace them).
-_UNTRUSTED_FORWARDING = frozenset((b"forwarded", b"x-real-ip"))
-#: Response headers Twisted's server (or the gateway, X-Request-ID) sets itself.
-_OWN_RESPONSE = frozenset((b"date", b"server", b"content-length", b"x-request-id"))
-
-
-def connection_named(headers: Headers) -> frozenset[bytes]:
-    """Lower-cased names listed in the C{Connection} header(s)."""
-    values = headers.getRawHeaders(b"connection")
-    if not values:
-        return frozenset()
-    return frozenset(
-        tok.strip().lower() for v in values for tok in v.split(b",") if tok.strip()
-    )
-
-
-def forwarded_headers(
-    request: Any, ctx: RequestContext, upstream_host: bytes, trusted: Sequence[Any]
-) -> Headers:
-    """
-    The headers sent upstream: the client's, less hop-by-hop and
-    C{Connection}-named ones, then the proxy's own (which a client cannot strip).
-    """
-    incoming: Headers = request.requestHeaders
-    peer = ctx.client_ip
-    from_trusted = bool(trusted) and _is_trusted(peer, trusted)
-    drop = HOP_BY_HOP | _OWN_REQUEST | connection_named(incoming)
-    if not from_trusted:
-        drop = drop | _UNTRUSTED_FORWARDING
-    out = Headers()
-    for name, values in incoming.getAllRawHeaders():
-        if name.lower() not in drop:
-            out.setRawHeaders(name, values)
-    xff = incoming.getRawHeaders(b"x-forwarded-for")
-    if xff and from_trusted:
-        chain = b", ".join(xff) + b", " + peer.encode()
-    else:
-        chain = peer.encode()
-    out.setRawHeaders(b"x-forwarded-for", [chain])
-    out.setRawHeaders(b"x-forwarded-proto", [b"https" if request.isSecure() else b"http"])
-    host = incoming.getRawHeaders(b"host")
-    if host:
-        out.setRawHeaders(b"x-forwarded-host", [host[-1]])
-    out.setRawHeaders(b"x-request-id", [ctx.request_id.encode()])
-    out.setRawHeaders(b"host", [upstream_host])
-    return out
-
-
-def _is_trusted(peer: str, trusted: Sequence[Any]) -> bool:
-    try:
-        addr = ipaddress.ip_address(peer)
-    except ValueError:
-        return False
-    return any(addr in net for net in trusted)
-
-
-def response_headers(response: Any) -> list[tuple[bytes, bytes]]:
-    """The upstream response's headers fit to relay: hop-by-hop and framing removed."""
-    drop = HOP_BY_HOP | _OWN_RESPONSE | connection_named(response.headers)
-    # Twisted's client keeps Connection out of response.headers; the upstream
-    # agent (backends.upstream) saves it here.
-    for value in getattr(response, "connection_header", ()):
-        drop |= {tok.strip().lower() for tok in value.split(b",") if tok.strip()}
-    out = [
-        (name, value)
-        for name, values in response.headers.getAllRawHeaders()
-        if name.lower() not in drop
-        for value in values
-    ]
-    for _, value in out:
-        if b"\x00" in value or b"\n" in value or b"\r" in value:
-            raise bad_gateway("upstream sent a header value with NUL, CR or LF")
-    if getattr(response, "bare_lf", False):
-        raise bad_gateway("upstream ended a header line with a bare LF")
-    return out
-
-
-@implementer(IBodyProducer)
-class BytesProducer:
-    """Produce an in-memory body in one write."""
-
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: Any) -> Deferred[None]:
-        consumer.write(self._body)
-        return defer.succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
-class _Unclosable(io.RawIOBase):
-    """A view of a spooled request body that FileBodyProducer may 'close' and we reread."""
-
-    def __init__(self, f: Any) -> None:
-        self._f = f
-        f.seek(0)
-
-    def read(self, n: int = -1) -> bytes:
-        return self._f.read(n)
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        return self._f.seek(pos, whence)
-
-    def tell(self) -> int:
-        return self._f.tell()
-
-    def close(self) -> None:
-        pass
-
-
-def body_producer(content: Any) -> IBodyProducer | None:
-    """A fresh producer for the request body, or None when there is none."""
-    if content is None:
-        return None
-    if isinstance(content, io.BytesIO):
-        data = content.getvalue()
-        return BytesProducer(data) if data else None
-    content.seek(0, 2)
-    if content.tell() == 0:
-        return None
-    return FileBodyProducer(_Unclosable(content))
-
-
-class _Discard(Protocol):
-    """Read a body we don't relay (a 5xx we retry) so the connection can be reused."""
-
-    def dataReceived(self, data: bytes) -> None:
-        pass
-
-
-class StreamPipe(Protocol):
-    """
-    Relay an upstream body to the client as it arrives.
-
-    The upstream transport is registered as the client request's streaming
-    producer, so a client that reads slowly pauses the upstream read.
-    """
-
-    def __init__(self, request: Any, ctx: RequestContext, clock: IReactorTime,
-                 stall_timeout: float | None, translator: Any = None) -> None:
-        self.request = request
-        self.translator = translator
-        self.ctx = ctx
-        self.done: Deferred[None] = Deferred(self._cancel)
-        self._clock = clock
-        self._stall_timeout = stall_timeout
-        self._stall_call = None
-        self._registered = False
-
-    #: Seconds to wait for the first body chunk before giving up on this
-    #: upstream (the pool's C{first_token_timeout}, streams only).
-    first_chunk_timeout: float | None = None
-    _first_call: Any = None
-
-    def connectionMade(self) -> None:
-        self.request.registerProducer(self.transport, True)
-        self._registered = True
-        if self._stall_timeout:
-            self._stall_call = self._clock.callLater(self._stall_timeout, self._stalled)
-        if self.first_chunk_timeout:
-            self._first_call = self._clock.callLater(self.first_chunk_timeout,
-                                                     self._no_first_chunk)
-
-    def _no_first_chunk(self) -> None:
-        """Nothing yet from upstream and nothing sent: let the relay try elsewhere."""
-        self._first_call = None
-        if self.done.called or self.ctx.bytes_sent:
-            return
-        self._stop_timer()
-        self._unregister()
-        self.done.errback(Failure(NoFirstChunk()))
-        self.transport.stopProducing()
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.done.called:
-            return
-        if self._first_call is not None:
-            self._first_call.cancel()
-            self._first_call = None
-        if self.translator is not None:
-            try:
-                data = self.translator.feed(data)
-            except ValueError as e:
-                self._give_up(str(e))
-                return
-            if not data:
-                return
-        self.ctx.bytes_sent += len(data)
-        self.request.write(data)
-        if self._stall_call is not None:
-            self._stall_call.reset(self._stall_timeout)
-
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        self._stop_timer()
-        self._unregister()
-        if self.done.called:
-            return
-        if reason.check(ResponseDone, PotentialDataLoss):
-            if self.translator is not None:
-                tail = self.translator.finish()
-                if tail:
-                    self.ctx.bytes_sent += len(tail)
-                    self.request.write(tail)
-            self.done.callback(None)
-        else:
-            self.done.errback(reason)
-
-    def _unregister(self) -> None:
-        if self._registered:
-            self._registered = False
-            # After a client disconnect the request has no channel left (and
-            # its transport dropped the producer itself): nothing to undo.
-            if self.request.channel is not None:
-                self.request.unregisterProducer()
-
-    def _stop_timer(self) -> None:
-        if self._first_call is not None:
-            if self._first_call.active():
-                self._first_call.cancel()
-            self._first_call = None
-        if self._stall_call is not None:
-            if self._stall_call.active():
-                self._stall_call.cancel()
-            self._stall_call = None
-
-    def _stalled(self) -> None:
-        """No chunk for C{stall_timeout}: tell an SSE client, then give up on upstream."""
-        self._stall_call = None
-        if self.done.called:
-            return
-        ctype = self.request.responseHeaders.getRawHeaders(b"content-type") or [b""]
-        self.ctx.error = "stall_timeout"
-        self._unregister()
-        if ctype[0].startswith(b"text/event-stream"):
-            # An SSE client is told in-band and the stream ends cleanly.
-            event = (b'data: {"error": {"message": "upstream stalled", '
-                     b'"type": "upstream_error", "code": "stall_timeout"}}\n\n')
-            self.ctx.bytes_sent += len(event)
-            self.request.write(event)
-            self.done.callback(None)
-        else:
-            # Any other body would look complete if ended now: abort instead.
-            self.done.errback(Failure(StreamStalled()))
-        self.transport.stopProducing()
-
-    def _give_up(self, why: str) -> None:
-        """The body cannot be relayed (e.g. untranslatable): abort both sides."""
-        self.ctx.error = why
-        self._stop_timer()
-        self._unregister()
-        self.done.errback(Failure(UpstreamBroken(why)))
-        self.transport.stopProducing()
-
-    def _cancel(self, d: Deferred[None]) -> None:
-        """The client left: stop reading upstream (this aborts that connection)."""
-        self._stop_timer()
-        self._unregister()
-        self.transport.stopProducing()
-
-
-class NoFirstChunk(Exception):
-    """A stream sent headers but no chunk within C{first_token_timeout}."""
-
-
-class StreamStalled(Exception):
-    """An upstream stream sent nothing for C{stall_timeout}."""
 
 
 class NoInstance(Exception):
@@ -494,7 +204,7 @@ class Relay:
                 delay = self.retry.should_retry(pool, "5xx", ctx.attempts)
                 if delay is not None:
                     ctx.error = "5xx"
-                    response.deliverBody(_Discard())
+                    response.deliverBody(Discard())
                     return delay
         else:
             self.breakers.record(pool, inst, True)
@@ -506,7 +216,7 @@ class Relay:
         except Rejected:
             # Garbage from upstream: don't read it, don't reuse the connection.
             ctx.error = "bad_upstream_response"
-            response.deliverBody(_Discard())
+            response.deliverBody(Discard())
             _drop_connection(response)
             raise
         ctx.status = code
@@ -526,7 +236,7 @@ class Relay:
         elif response.length is not UNKNOWN_LENGTH:
             rh.setRawHeaders(b"content-length", [b"%d" % response.length])
         if ctx.method == b"HEAD" or code in (204, 304):
-            response.deliverBody(_Discard())
+            response.deliverBody(Discard())
             return None
         pipe = StreamPipe(request, ctx, self.clock, pool.config.stall_timeout, translator)
         first = pool.config.first_token_timeout
@@ -571,10 +281,6 @@ class Relay:
     def registry_success(self, inst: Any) -> None:
         if self.registry is not None:
             self.registry.passive_success(inst)
-
-
-class UpstreamBroken(Exception):
-    """The upstream failed after response bytes reached the client: abort, never retry."""
 
 
 _STREAM_TYPES = (b"text/event-stream", b"application/x-ndjson")
