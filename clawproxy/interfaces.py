@@ -1,23 +1,47 @@
 """
 The seams between the gateway core and the features that plug into it.
 
-The data plane runs, for every request: L{IRequestStage}s in order (auth,
-rate limits, cache lookup...), then route and pool choice, then upstream
-attempts governed by an L{IRetryPolicy} and an L{IBreakerBoard}, then every
-L{IResponseObserver}. Stages refuse a request by raising
-L{clawproxy.errors.Rejected}, or answer it themselves by returning a
-L{clawproxy.web.context.LocalResponse}.
+A request meets them in this order (README, "How a request flows"):
+
+  1. L{IHeadCheck}s, when the request head is in (before the body is read
+     or C{100 Continue} is sent);
+  2. the L{IRequestStage}s of phase C{identify} (before routing), then of
+     phase C{route} (after routing), then of phase C{pool} (once the pool
+     and model are resolved);
+  3. the availability decision of the registry, the balancer, and upstream
+     attempts governed by an L{IRetryPolicy} and an L{IBreakerBoard};
+  4. L{IResponseFilter}s over the relayed response head, body and end;
+  5. every L{IResponseObserver}, once the request is answered.
+
+Stages refuse a request by raising L{clawproxy.errors.Rejected}, or answer it
+themselves by returning a L{clawproxy.web.context.LocalResponse}.
 """
 
 from __future__ import annotations
 
 from zope.interface import Attribute, Interface
 
+#: The request phases, in the order a request meets them.
+PHASES = ("identify", "route", "pool")
+
 
 class IRequestStage(Interface):
-    """One step of the request flow before routing (auth, rate limit, cache)."""
+    """
+    One step of a request phase (auth, scopes, rate limits, cache lookup,
+    budgets...).
+
+    A stage may go on (L{None}), answer (a C{LocalResponse}), refuse (raise
+    L{clawproxy.errors.Rejected}) or hold the request (return a Deferred that
+    fires later, e.g. from a queue). A held request whose client leaves has
+    that Deferred cancelled: give the Deferreds you create a canceller.
+    """
 
     name = Attribute("Short name used in logs, e.g. 'auth'.")
+    phase = Attribute(
+        "When the stage runs: C{identify} (before routing; C{ctx.route} is None), "
+        "C{route} (after routing: C{ctx.route} is set) or C{pool} (after the pool "
+        "and model are resolved: C{ctx.pool} and C{ctx.model} are set)."
+    )
 
     def process(ctx):
         """
@@ -29,8 +53,73 @@ class IRequestStage(Interface):
         """
 
 
+class IHeadCheck(Interface):
+    """A check run when a request's head is in, before its body is read."""
+
+    def check_head(method, path, headers):
+        """
+        @param method: the request method (bytes).
+        @param path: the request target as received (bytes, with any query).
+        @param headers: the request's L{twisted.web.http_headers.Headers}.
+        @raise clawproxy.errors.Rejected: to refuse the request now (no
+            C{100 Continue}, body never read).
+        """
+
+
+class IResponseFilter(Interface):
+    """
+    Sees relayed responses: asked once per upstream response that is relayed
+    to the client, it may take part in that response with an L{IBodyFilter}.
+    """
+
+    name = Attribute("Short name used in logs, e.g. 'cache'.")
+
+    def begin(ctx, code, headers):
+        """
+        An upstream response is about to be relayed.
+
+        @param code: its status code.
+        @param headers: its head as it will be relayed, a mutable list of
+            C{(name, value)} bytes pairs (lower-case names): the filter may
+            change it.
+        @return: an L{IBodyFilter} for this response, or L{None} to stay out
+            of it (then it costs nothing more).
+        """
+
+
+class IBodyFilter(Interface):
+    """One filter's part in one relayed response, in chain order."""
+
+    rewrites = Attribute(
+        "True if L{data} may change the body (the upstream's Content-Length "
+        "is then not relayed)."
+    )
+
+    def data(chunk):
+        """
+        A body chunk on its way to the client.
+
+        @return: the bytes to pass on (C{chunk} itself to observe, other bytes
+            to rewrite, C{b""} to hold back).
+        @raise ValueError: the body cannot be relayed; the response is aborted.
+        """
+
+    def end(outcome):
+        """
+        The response ended.
+
+        @param outcome: C{"complete"} (the upstream body ended), C{"stalled"}
+            (C{stall_timeout}; an SSE client was sent an error event),
+            C{"broken"} (the upstream failed mid-body; the response is
+            aborted) or C{"client_gone"}.
+        @return: bytes to append to the body (passed through the filters after
+            this one), written only while the response can still end cleanly
+            (C{complete}, C{stalled}); C{b""} for none.
+        """
+
+
 class IResponseObserver(Interface):
-    """Told about every finished request (cache store, token accounting)."""
+    """Told about every finished request (access accounting, audit)."""
 
     def completed(ctx):
         """

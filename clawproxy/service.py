@@ -18,21 +18,18 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
 from clawproxy.backends.prober import HealthProber
-from clawproxy.backends.registry import Registry
 from clawproxy.backends.upstream import make_agent, make_pool, open_upstream_connections
 from clawproxy.config import Config, ConfigError, load_config
 from clawproxy.errors import Rejected
 from clawproxy.metrics import Metrics
-from clawproxy.policy.auth import KeyStoreError, extract_key, load_key_store, missing_api_key
+from clawproxy.policy.auth import KeyStoreError, load_key_store
 from clawproxy.policy.breakers import NoBreakers
 from clawproxy.policy.retry import RetryPolicy
-from clawproxy.policy.routing import canonical_path, strip_base
 from clawproxy.web.accesslog import AccessLog
 from clawproxy.web.admin import AdminResource
-from clawproxy.web.auth import auth_stages
 from clawproxy.web.context import RequestContext
-from clawproxy.web.gateway import GatewayResource, method_label, new_request_id
-from clawproxy.web.relay import Relay
+from clawproxy.web.dataplane import build_data_plane
+from clawproxy.web.gateway import method_label, new_request_id
 from clawproxy.web.site import GatewaySite, QuietSite
 
 
@@ -118,19 +115,15 @@ class Gateway(MultiService):
         self._add_children(config)
 
     def _build(self, config: Config) -> None:
-        """(Re)build the parts that follow the config: registry, relay, resource."""
-        self.registry = Registry(config, self.reactor)
-        self.registry.subscribe(self.metrics.instance_changed)
-        relay = Relay(self.agent, self.reactor, self.metrics, self.retry_policy, self.breakers,
-                      config.server.trusted_proxies)
-        relay.registry = self.registry
-        self.relay = relay
-        identify, stages = auth_stages(config)
-        self.resource = GatewayResource(
-            config, self.registry, relay, self.metrics, self.access_log, self.reactor,
-            identify=identify, stages=stages, started=self.started,
+        """(Re)build the parts that follow the config: the data plane and its prober."""
+        plane = build_data_plane(
+            config, self.reactor, self.agent, self.metrics, self.access_log,
+            retry_policy=self.retry_policy, breakers=self.breakers, started=self.started,
         )
-        self.early_auth = _early_auth_check(self.resource, identify)
+        self.plane = plane
+        self.registry = plane.registry
+        self.relay = plane.relay
+        self.resource = plane.resource
         self.prober = HealthProber(self.registry, self.agent, self.reactor)
 
     def _add_children(self, config: Config) -> None:
@@ -165,9 +158,8 @@ class Gateway(MultiService):
             )
 
     def _early_checks(self, method: bytes, path: bytes, headers: Any) -> None:
-        """Header-time checks that follow the config (and so a reload)."""
-        if self.early_auth is not None:
-            self.early_auth(method, path, headers)
+        """Header-time checks of the data plane in force (they follow a reload)."""
+        self.plane.check_head(method, path, headers)
 
     def refused(self, channel: Any, method: bytes, path: bytes, rej: Rejected) -> str:
         """Count and log a request the HTTP channel refused before routing."""
@@ -222,59 +214,6 @@ class Gateway(MultiService):
         self.prober.setServiceParent(self)
         self.log.info("configuration reloaded from {path}", path=config.source)
         return succeed([])
-
-
-def _early_auth_check(resource: GatewayResource, identify: list[Any]) -> Any:
-    """
-    The API-key check run when a request's head is in, before its body is read
-    or C{100 Continue} sent: a key that is presented but invalid is refused, and
-    so is a request without one when every route its path can reach needs one.
-    """
-    if not identify:
-        return None
-    stage = identify[0]
-    router = resource.router
-    base = resource.base
-
-    def check(method: bytes, target: bytes, headers: Any) -> None:
-        rej = stage.check_headers(headers)
-        if rej is not None:
-            raise rej
-        if extract_key(headers, stage.header_name) is not None:
-            return
-        local = strip_base(canonical_path(target.partition(b"?")[0]), base)
-        if local is None:
-            return
-        routes = _reachable(router.candidates(local.decode("utf-8", "replace"), method),
-                            headers)
-        if routes and all(
-            r.config.auth_required or r.config.allowed_agents is not None for r in routes
-        ):
-            raise missing_api_key(stage.header_name)
-
-    return check
-
-
-def _reachable(routes: list[Any], headers: Any) -> list[Any]:
-    """
-    The candidate routes a request without credentials can still end up on,
-    in first-match order: up to and including the first one whose conditions
-    are all decided by the head alone and match (later ones can never win).
-    Routes with C{body.*} conditions stay in as undecided.
-    """
-
-    def header(name: str) -> str | None:
-        v = headers.getRawHeaders(name.encode("latin-1"))
-        return v[-1].decode("latin-1") if v else None
-
-    out = []
-    for route in routes:
-        if any(key.startswith("body.") for key in route.config.match or {}):
-            out.append(route)
-        elif route.matches_conditions(header, None, None):
-            out.append(route)
-            break
-    return out
 
 
 def not_yet_enforced(config: Config) -> list[str]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -22,14 +22,11 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from clawproxy import __version__
-from clawproxy.backends.registry import Registry
 from clawproxy.config import parse_config
 from clawproxy.metrics import Metrics
-from clawproxy.policy.breakers import NoBreakers
-from clawproxy.policy.retry import RetryPolicy
 from clawproxy.web.accesslog import AccessLog
-from clawproxy.web.gateway import GatewayResource, format_uptime
-from clawproxy.web.relay import Relay
+from clawproxy.web.dataplane import build_data_plane
+from clawproxy.web.gateway import format_uptime
 
 
 @attrs.define
@@ -127,14 +124,17 @@ def two_instance_pool(**extra: Any) -> dict[str, Any]:
 
 class Harness:
     """
-    A gateway built by hand, as L{clawproxy.service.Gateway} wires it, over
-    a fake backend and a fake clock.
+    A data plane built as L{clawproxy.service.Gateway} builds it
+    (L{build_data_plane}), over a fake backend and a fake clock.
+
+    @param extra: more data-plane parts (stages, filters, observers).
     """
 
     def __init__(self, testcase: SynchronousTestCase, config: dict[str, Any],
                  wrap_agent: Callable[[Any], Any] | None = None,
                  wrap_root: Callable[[Resource], Resource] | None = None,
-                 backend: Resource | None = None) -> None:
+                 backend: Resource | None = None, breakers: Any = None,
+                 extra: Sequence[Any] = ()) -> None:
         self.testcase = testcase
         self.config = parse_config(config, environ={})
         self.clock = Clock()
@@ -142,15 +142,15 @@ class Harness:
         self.upstream = RequestTraversalAgent(self.backend)
         self.agent = wrap_agent(self.upstream) if wrap_agent else self.upstream
         self.metrics = Metrics()
-        self.registry = Registry(self.config, self.clock)
-        self.registry.subscribe(self.metrics.instance_changed)
         self.log = io.StringIO()
         self.access_log = AccessLog(self.log, self.clock)
-        self.relay = Relay(self.agent, self.clock, self.metrics, RetryPolicy(), NoBreakers(),
-                           self.config.server.trusted_proxies)
-        self.relay.registry = self.registry
-        self.resource = GatewayResource(self.config, self.registry, self.relay, self.metrics,
-                                        self.access_log, self.clock)
+        self.plane = build_data_plane(
+            self.config, self.clock, self.agent, self.metrics, self.access_log,
+            breakers=breakers, extra=extra,
+        )
+        self.registry = self.plane.registry
+        self.relay = self.plane.relay
+        self.resource = self.plane.resource
         self.root = wrap_root(self.resource) if wrap_root else self.resource
         self.clients: list[StubTreq] = []
 

@@ -38,6 +38,7 @@ from clawproxy.web.pipe import (
     NoFirstChunk,
     StreamPipe,
     StreamStalled,
+    TranslateFilter,
     UpstreamBroken,
     body_producer,
 )
@@ -86,12 +87,13 @@ class StreamPipeTests(SynchronousTestCase):
         self.upstream = StringTransport()
 
     def pipe(self, stall: float | None = None, translator: Any = None) -> StreamPipe:
-        pipe = StreamPipe(self.request, self.ctx, self.clock, stall, translator)
+        filters = (TranslateFilter(translator),) if translator is not None else ()
+        pipe = StreamPipe(self.request, self.ctx, self.clock, stall, filters)
         pipe.makeConnection(self.upstream)
         return pipe
 
     def first_chunk_pipe(self, timeout: float) -> StreamPipe:
-        pipe = StreamPipe(self.request, self.ctx, self.clock, None, None)
+        pipe = StreamPipe(self.request, self.ctx, self.clock, None)
         pipe.first_chunk_timeout = timeout
         pipe.makeConnection(self.upstream)
         return pipe

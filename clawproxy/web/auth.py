@@ -16,17 +16,20 @@ from zope.interface import implementer
 
 from clawproxy.config import ApiKeyConfig, Config
 from clawproxy.errors import Rejected
-from clawproxy.interfaces import IRequestStage
+from clawproxy.interfaces import IHeadCheck, IRequestStage
 from clawproxy.policy.auth import (
     KeyStore,
     authenticate,
     authorize,
+    extract_key,
     load_key_store,
+    missing_api_key,
     strip_credentials,
 )
+from clawproxy.policy.routing import Router, canonical_path, strip_base
 from clawproxy.web.context import RequestContext
 
-__all__ = ["Enforce", "Identify", "auth_stages", "early_check"]
+__all__ = ["Enforce", "HeadKeyCheck", "Identify", "auth_parts", "auth_stages", "early_check"]
 
 
 def early_check(store: KeyStore, header_name: str, headers: Any) -> Rejected | None:
@@ -60,6 +63,7 @@ class Identify:
     """
 
     name = "identify"
+    phase = "identify"
 
     def __init__(self, store: KeyStore, header_name: str = "X-API-Key", strip: bool = True):
         self.store = store
@@ -92,6 +96,7 @@ class Enforce:
     """After routing: apply the route's C{auth_required} and C{allowed_agents}."""
 
     name = "authorize"
+    phase = "route"
 
     def __init__(self, header_name: str = "X-API-Key"):
         self.header_name = header_name
@@ -136,3 +141,68 @@ def auth_stages(config: Config) -> tuple[list[Any], list[Any]]:
     if api_key is not None:
         identify.append(Identify(load_key_store(config), header))
     return identify, [Enforce(header)]
+
+
+@implementer(IHeadCheck)
+class HeadKeyCheck:
+    """
+    The API-key check run when a request's head is in, before its body is read
+    or C{100 Continue} sent: a key that is presented but invalid is refused, and
+    so is a request without one when every route its path can reach needs one.
+    """
+
+    def __init__(self, identify: Identify, router: Router, base_path: bytes) -> None:
+        self.identify = identify
+        self.router = router
+        self.base = base_path
+
+    def check_head(self, method: bytes, path: bytes, headers: Any) -> None:
+        stage = self.identify
+        rej = stage.check_headers(headers)
+        if rej is not None:
+            raise rej
+        if extract_key(headers, stage.header_name) is not None:
+            return
+        local = strip_base(canonical_path(path.partition(b"?")[0]), self.base)
+        if local is None:
+            return
+        routes = _reachable(
+            self.router.candidates(local.decode("utf-8", "replace"), method), headers)
+        if routes and all(
+            r.config.auth_required or r.config.allowed_agents is not None for r in routes
+        ):
+            raise missing_api_key(stage.header_name)
+
+
+def _reachable(routes: list[Any], headers: Any) -> list[Any]:
+    """
+    The candidate routes a request without credentials can still end up on,
+    in first-match order: up to and including the first one whose conditions
+    are all decided by the head alone and match (later ones can never win).
+    Routes with C{body.*} conditions stay in as undecided.
+    """
+
+    def header(name: str) -> str | None:
+        v = headers.getRawHeaders(name.encode("latin-1"))
+        return v[-1].decode("latin-1") if v else None
+
+    out = []
+    for route in routes:
+        if any(key.startswith("body.") for key in route.config.match or {}):
+            out.append(route)
+        elif route.matches_conditions(header, None, None):
+            out.append(route)
+            break
+    return out
+
+
+def auth_parts(config: Config, router: Router) -> list[Any]:
+    """
+    Everything auth plugs into the data plane for C{config}: its stages
+    (L{auth_stages}) and, when API keys are checked, the L{HeadKeyCheck}.
+    """
+    identify, stages = auth_stages(config)
+    parts: list[Any] = [*identify, *stages]
+    if identify:
+        parts.append(HeadKeyCheck(identify[0], router, config.server.base_path.encode()))
+    return parts

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import attrs
+
+from clawproxy.errors import bad_request
 
 
 @attrs.define(slots=True)
@@ -23,7 +26,13 @@ class RequestContext:
     What the data plane knows about one request.
 
     Stages read and annotate it: auth sets C{agent}; routing sets C{route},
-    C{pool}; the relay sets C{instance}, C{attempts}, C{status}, C{bytes_sent}.
+    C{pool} and C{model}; the relay sets C{instance}, C{attempts}, C{status},
+    C{bytes_sent}.
+
+    @ivar body: the request body parsed as JSON, once something asked for it
+        with L{json_body}; L{None} before.
+    @ivar model: the model the request is served as (after aliases), once the
+        pool is resolved; L{None} when the request names none.
     """
 
     request: Any
@@ -48,6 +57,32 @@ class RequestContext:
     #: The gateway itself cut the response short (upstream broke mid-body).
     aborted: bool = False
     response_headers: list[tuple[bytes, bytes]] = attrs.Factory(list)
+    model: str | None = None
+
+    def json_body(self) -> dict[str, Any]:
+        """
+        The request body parsed as JSON, parsed at most once and shared by
+        routing, rewrites, cache keys and token estimates.
+
+        @raise clawproxy.errors.Rejected: 400 C{invalid_json} when the body is
+            missing, not JSON, or not a JSON object.
+        """
+        body = self.body
+        if body is None:
+            content = self.request.content
+            if content is None:
+                raise bad_request("request body must be JSON", "invalid_json")
+            content.seek(0)
+            try:
+                body = json.loads(content.read())
+            except ValueError:
+                raise bad_request("request body is not valid JSON", "invalid_json") from None
+            finally:
+                content.seek(0)
+            if not isinstance(body, dict):
+                raise bad_request("request body must be a JSON object", "invalid_json")
+            self.body = body
+        return body
 
     @property
     def route_name(self) -> str:

@@ -1,10 +1,11 @@
 """
 The data plane: the resource every client request reaches.
 
-Request flow (SPEC section 3): size checks, request id, identify stages,
-route, post-route stages (auth enforcement, limits, cache), pool choice,
-balancer, upstream attempts with failover, response transforms, observers,
-access log.
+Request flow (SPEC section 3), read top to bottom in L{GatewayResource._handle}:
+size checks, request id, builtin endpoints, phase C{identify}, routing, phase
+C{route}, pool and model choice, phase C{pool}, request transforms and
+rewrites, then the relay (availability decision, balancer, attempts with
+failover, response filters), response transforms, observers, access log.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from clawproxy import __version__
 from clawproxy.backends.registry import Pool, Registry
 from clawproxy.config import Config, expand_request_variables
 from clawproxy.errors import Rejected, bad_request, not_found, unavailable
+from clawproxy.interfaces import PHASES
 from clawproxy.metrics import Metrics
 from clawproxy.policy.routing import Router, canonical_path, sticky_split, strip_base
 from clawproxy.web.accesslog import AccessLog
@@ -75,11 +77,10 @@ class GatewayResource(Resource):
     """
     The root of the data plane; every path is handled here.
 
-    @param identify: stages run before routing (they may set C{ctx.agent},
-        which C{agent.*} route conditions read).
-    @param stages: stages run after the route is known (auth enforcement,
-        scopes, rate limits, cache lookup), in order.
+    @param stages: L{IRequestStage}s; each runs in its C{phase}
+        (C{identify}, C{route} or C{pool}), in the order given.
     @param observers: L{IResponseObserver}s told about each finished request.
+    @param router: the compiled routes (built from C{config} when not given).
     """
 
     isLeaf = True
@@ -95,10 +96,10 @@ class GatewayResource(Resource):
         metrics: Metrics,
         access_log: AccessLog,
         clock: IReactorTime,
-        identify: Sequence[Any] = (),
         stages: Sequence[Any] = (),
         observers: Sequence[Any] = (),
         started: float | None = None,
+        router: Router | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -107,10 +108,14 @@ class GatewayResource(Resource):
         self.metrics = metrics
         self.access_log = access_log
         self.clock = clock
-        self.identify = list(identify)
-        self.stages = list(stages)
+        self.identify = [st for st in stages if st.phase == "identify"]
+        self.after_route = [st for st in stages if st.phase == "route"]
+        self.after_pool = [st for st in stages if st.phase == "pool"]
+        unknown = [st for st in stages if st.phase not in PHASES]
+        if unknown:
+            raise ValueError(f"stages with an unknown phase: {unknown!r}")
         self.observers = list(observers)
-        self.router = Router(config)
+        self.router = router if router is not None else Router(config)
         self.base = config.server.base_path.encode()
         self.started = clock.seconds() if started is None else started
         self._public_metrics = config.metrics.enabled and config.metrics.public
@@ -155,21 +160,22 @@ class GatewayResource(Resource):
         if builtin is not None:
             self._write_local(ctx, builtin)
             return
-        for stage in self.identify:
-            answer = await _run_stage(stage, ctx)
-            if answer is not None:
-                self._write_local(ctx, answer)
-                return
-        route = self._match(ctx, local)
-        ctx.route = route
-        for stage in self.stages:
-            answer = await _run_stage(stage, ctx)
-            if answer is not None:
-                self._write_local(ctx, answer)
-                return
+        if self.identify and await self._run_phase(self.identify, ctx):
+            return
+        route = ctx.route = self._match(ctx, local)
+        if self.after_route and await self._run_phase(self.after_route, ctx):
+            return
         cfg = route.config
-        pool = self._choose_pool(ctx, cfg)
-        ctx.pool = pool
+        pool = ctx.pool = self._choose_pool(ctx, cfg)
+        if pool.config.protocol == "ollama" and local == b"/v1/chat/completions":
+            ctx.json_body()
+        if ctx.body is not None:
+            model = ctx.body.get("model")
+            if isinstance(model, str):
+                ctx.model = self.router.resolve_model(model)
+        if self.after_pool and await self._run_phase(self.after_pool, ctx):
+            return
+        pool = ctx.pool  # a stage may have moved the request (model fallback)
         transforms = cfg.transforms
         if transforms is not None:
             self._transform_request(ctx, transforms.request_headers)
@@ -178,12 +184,9 @@ class GatewayResource(Resource):
                 # _write_local) fills it in.
                 ctx.response_headers.append(
                     (name.encode(), self._expand(value, ctx, instance=False).encode()))
-        if pool.config.protocol == "ollama" and local == b"/v1/chat/completions":
-            self._body(ctx)
         if ctx.body is not None:
-            model = ctx.body.get("model")
-            resolved = self.router.resolve_model(model) if isinstance(model, str) else None
-            ctx.rewrite = rewrite_for(pool, local, ctx.method, ctx.body, resolved, ctx.request_id)
+            ctx.rewrite = rewrite_for(pool, local, ctx.method, ctx.body, ctx.model,
+                                      ctx.request_id)
         key, sticky = self._keys(ctx, pool)
         timeout = cfg.timeout if cfg.timeout is not None else pool.config.timeout
         try:
@@ -197,6 +200,17 @@ class GatewayResource(Resource):
             return
         if not request.finished and not request._disconnected:
             request.finish()
+
+    async def _run_phase(self, stages: list[Any], ctx: RequestContext) -> bool:
+        """Run one phase's stages in order; True when one of them answered."""
+        for stage in stages:
+            answer = stage.process(ctx)
+            if isinstance(answer, Deferred):
+                answer = await answer
+            if answer is not None:
+                self._write_local(ctx, answer)
+                return True
+        return False
 
     # -- routing ---------------------------------------------------------
 
@@ -213,27 +227,10 @@ class GatewayResource(Resource):
             return v[-1].decode("latin-1") if v else None
 
         for route in self.router.candidates(spath, ctx.method):
-            body = self._body(ctx) if route.needs_body else None
+            body = ctx.json_body() if route.needs_body else None
             if route.matches_conditions(header, body, ctx.agent):
                 return route
         raise not_found(f"no route for {ctx.method.decode()} {spath}", "route_not_found")
-
-    def _body(self, ctx: RequestContext) -> Any:
-        """The request body parsed as JSON (once), or a 400."""
-        if ctx.body is None:
-            content = ctx.request.content
-            if content is None:
-                raise bad_request("request body must be JSON", "invalid_json")
-            content.seek(0)
-            try:
-                ctx.body = json.loads(content.read())
-            except ValueError:
-                raise bad_request("request body is not valid JSON", "invalid_json") from None
-            finally:
-                content.seek(0)
-            if not isinstance(ctx.body, dict):
-                raise bad_request("request body must be a JSON object", "invalid_json")
-        return ctx.body
 
     def _choose_pool(self, ctx: RequestContext, cfg: Any) -> Pool:
         if cfg.pool is not None:
@@ -241,7 +238,7 @@ class GatewayResource(Resource):
         elif cfg.split:
             name = sticky_split(cfg.split, self._session_key(ctx))
         else:
-            name = self.router.pool_for_model(self._body(ctx).get("model"))
+            name = self.router.pool_for_model(ctx.json_body().get("model"))
         return self.registry.pools[name]
 
     def _session_key(self, ctx: RequestContext) -> str:
@@ -411,13 +408,6 @@ class GatewayResource(Resource):
             except Exception:
                 self.log.failure("response observer {observer} failed", observer=observer)
         self.access_log.record(ctx, now, time.time())
-
-
-async def _run_stage(stage: Any, ctx: RequestContext) -> LocalResponse | None:
-    result = stage.process(ctx)
-    if isinstance(result, Deferred):
-        result = await result
-    return result
 
 
 def _abort(request: Any) -> None:

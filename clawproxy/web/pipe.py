@@ -11,18 +11,23 @@ a client that leaves aborts the upstream connection.
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import FileBodyProducer, PotentialDataLoss, ResponseDone
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
+from clawproxy.interfaces import IBodyFilter
 from clawproxy.web.context import RequestContext
+
+log = Logger()
 
 
 @implementer(IBodyProducer)
@@ -87,18 +92,54 @@ class Discard(Protocol):
         pass
 
 
+@implementer(IBodyFilter)
+class TranslateFilter:
+    """A L{BodyTranslator<clawproxy.web.translate.BodyTranslator>} (e.g. Ollama
+    NDJSON to OpenAI SSE) as the first filter of a response."""
+
+    rewrites = True
+
+    def __init__(self, translator: Any) -> None:
+        self.translator = translator
+
+    def data(self, chunk: bytes) -> bytes:
+        return self.translator.feed(chunk)
+
+    def end(self, outcome: str) -> bytes:
+        return self.translator.finish() if outcome == "complete" else b""
+
+
+def begin_filters(filters: Sequence[Any], ctx: RequestContext, code: int,
+                  headers: list[tuple[bytes, bytes]]) -> tuple[Any, ...]:
+    """
+    The body filters taking part in one relayed response, in chain order.
+
+    @param filters: the data plane's L{IResponseFilter}s.
+    @param headers: the response head as it will be relayed; filters may change it.
+    """
+    if not filters:
+        return ()
+    chain = []
+    for factory in filters:
+        part = factory.begin(ctx, code, headers)
+        if part is not None:
+            chain.append(part)
+    return tuple(chain)
+
+
 class StreamPipe(Protocol):
     """
-    Relay an upstream body to the client as it arrives.
+    Relay an upstream body to the client as it arrives, through the response's
+    body filters (none, usually: then each chunk is written as it comes).
 
     The upstream transport is registered as the client request's streaming
     producer, so a client that reads slowly pauses the upstream read.
     """
 
     def __init__(self, request: Any, ctx: RequestContext, clock: IReactorTime,
-                 stall_timeout: float | None, translator: Any = None) -> None:
+                 stall_timeout: float | None, filters: Sequence[Any] = ()) -> None:
         self.request = request
-        self.translator = translator
+        self.filters = tuple(filters)
         self.ctx = ctx
         self.done: Deferred[None] = Deferred(self._cancel)
         self._clock = clock
@@ -127,6 +168,8 @@ class StreamPipe(Protocol):
             return
         self._stop_timer()
         self._unregister()
+        if self.filters:
+            self._end("broken")
         self.done.errback(Failure(NoFirstChunk()))
         self.transport.stopProducing()
 
@@ -136,13 +179,14 @@ class StreamPipe(Protocol):
         if self._first_call is not None:
             self._first_call.cancel()
             self._first_call = None
-        if self.translator is not None:
+        if self.filters:
             try:
-                data = self.translator.feed(data)
+                for f in self.filters:
+                    data = f.data(data)
+                    if not data:
+                        return
             except ValueError as e:
                 self._give_up(str(e))
-                return
-            if not data:
                 return
         self.ctx.bytes_sent += len(data)
         self.request.write(data)
@@ -155,14 +199,32 @@ class StreamPipe(Protocol):
         if self.done.called:
             return
         if reason.check(ResponseDone, PotentialDataLoss):
-            if self.translator is not None:
-                tail = self.translator.finish()
+            if self.filters:
+                tail = self._end("complete")
                 if tail:
                     self.ctx.bytes_sent += len(tail)
                     self.request.write(tail)
             self.done.callback(None)
         else:
+            self._end("broken")
             self.done.errback(reason)
+
+    def _end(self, outcome: str) -> bytes:
+        """
+        Tell each filter the response ended; what a filter appends passes
+        through the filters after it. Returns the bytes to append.
+        """
+        out = b""
+        for f in self.filters:
+            try:
+                if out:
+                    out = f.data(out)
+                out += f.end(outcome)
+            except Exception:
+                self.ctx.error = self.ctx.error or "filter_failed"
+                log.failure("response filter {f!r} failed at the end", f=f)
+                out = b""
+        return out
 
     def _unregister(self) -> None:
         if self._registered:
@@ -194,11 +256,15 @@ class StreamPipe(Protocol):
             # An SSE client is told in-band and the stream ends cleanly.
             event = (b'data: {"error": {"message": "upstream stalled", '
                      b'"type": "upstream_error", "code": "stall_timeout"}}\n\n')
+            if self.filters:
+                event += self._end("stalled")
             self.ctx.bytes_sent += len(event)
             self.request.write(event)
             self.done.callback(None)
         else:
             # Any other body would look complete if ended now: abort instead.
+            if self.filters:
+                self._end("broken")
             self.done.errback(Failure(StreamStalled()))
         self.transport.stopProducing()
 
@@ -207,6 +273,7 @@ class StreamPipe(Protocol):
         self.ctx.error = why
         self._stop_timer()
         self._unregister()
+        self._end("broken")
         self.done.errback(Failure(UpstreamBroken(why)))
         self.transport.stopProducing()
 
@@ -214,6 +281,8 @@ class StreamPipe(Protocol):
         """The client left: stop reading upstream (this aborts that connection)."""
         self._stop_timer()
         self._unregister()
+        if self.filters:
+            self._end("client_gone")
         self.transport.stopProducing()
 
 

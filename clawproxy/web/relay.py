@@ -37,7 +37,9 @@ from clawproxy.web.pipe import (
     NoFirstChunk,
     StreamPipe,
     StreamStalled,
+    TranslateFilter,
     UpstreamBroken,
+    begin_filters,
     body_producer,
 )
 
@@ -70,8 +72,11 @@ class Relay:
     log = Logger()
 
     def __init__(self, agent: Any, clock: IReactorTime, metrics: Metrics,
-                 retry_policy: Any, breakers: Any, trusted_proxies: Sequence[Any] = ()) -> None:
+                 retry_policy: Any, breakers: Any, trusted_proxies: Sequence[Any] = (),
+                 filters: Sequence[Any] = ()) -> None:
         self.agent = agent
+        #: The data plane's L{IResponseFilter}s, asked about each relayed response.
+        self.filters = tuple(filters)
         self.clock = clock
         self.metrics = metrics
         self.retry = retry_policy
@@ -221,6 +226,13 @@ class Relay:
             raise
         ctx.status = code
         ctx.error = None
+        translator = rewrite.response() if rewrite is not None and 200 <= code < 300 else None
+        if translator is not None:
+            relayed = [h for h in relayed if h[0].lower() != b"content-type"]
+            relayed.append((b"content-type", translator.content_type))
+        chain = begin_filters(self.filters, ctx, code, relayed)
+        if translator is not None:
+            chain = (TranslateFilter(translator), *chain)
         saved_headers = request.responseHeaders.copy()
         request.setResponseCode(code, response.phrase)
         rh = request.responseHeaders
@@ -230,15 +242,12 @@ class Relay:
             rh.setRawHeaders(name, [value.replace(b"${instance}", inst.id.encode())])
         rh.setRawHeaders(b"server-timing", [b"gateway;dur=%.1f, upstream;dur=%.1f" % (
             (started - ctx.started) * 1000, (now - started) * 1000)])
-        translator = rewrite.response() if rewrite is not None and 200 <= code < 300 else None
-        if translator is not None:
-            rh.setRawHeaders(b"content-type", [translator.content_type])
-        elif response.length is not UNKNOWN_LENGTH:
+        if response.length is not UNKNOWN_LENGTH and not any(f.rewrites for f in chain):
             rh.setRawHeaders(b"content-length", [b"%d" % response.length])
         if ctx.method == b"HEAD" or code in (204, 304):
             response.deliverBody(Discard())
             return None
-        pipe = StreamPipe(request, ctx, self.clock, pool.config.stall_timeout, translator)
+        pipe = StreamPipe(request, ctx, self.clock, pool.config.stall_timeout, chain)
         first = pool.config.first_token_timeout
         if first and _is_stream(response):
             pipe.first_chunk_timeout = first

@@ -1,0 +1,142 @@
+"""
+The data plane of one configuration, built in one place.
+
+The service builds it at start and again on every reload; the tests build it
+the same way over a fake backend and a fake clock. Features plug in here: each
+entry of L{FEATURES} turns a configuration into the parts it adds (request
+stages, head checks, response filters, observers), sorted by the interfaces
+they provide. A new feature is its module, its config class, and one line in
+L{FEATURES}.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import attrs
+from zope.interface.verify import verifyObject
+
+from clawproxy.backends.registry import Registry
+from clawproxy.config import Config
+from clawproxy.interfaces import (
+    PHASES,
+    IHeadCheck,
+    IRequestStage,
+    IResponseFilter,
+    IResponseObserver,
+)
+from clawproxy.metrics import Metrics
+from clawproxy.policy.breakers import NoBreakers
+from clawproxy.policy.retry import RetryPolicy
+from clawproxy.policy.routing import Router
+from clawproxy.web.accesslog import AccessLog
+from clawproxy.web.auth import auth_parts
+from clawproxy.web.gateway import GatewayResource
+from clawproxy.web.relay import Relay
+
+Feature = Callable[[Config, Router], Iterable[Any]]
+
+#: What each feature adds to the data plane for a configuration, in the order
+#: its stages run within a phase.
+FEATURES: tuple[Feature, ...] = (
+    auth_parts,
+)
+
+_SEAMS = (IRequestStage, IHeadCheck, IResponseFilter, IResponseObserver)
+
+
+@attrs.define(eq=False)
+class Parts:
+    """A data plane's plug-in parts, sorted by seam."""
+
+    stages: list[Any] = attrs.Factory(list)
+    head_checks: list[Any] = attrs.Factory(list)
+    filters: list[Any] = attrs.Factory(list)
+    observers: list[Any] = attrs.Factory(list)
+
+    def add(self, part: Any) -> None:
+        """
+        File C{part} under every seam it provides, checking it implements
+        each in full (a half-built part fails at start, not at a request).
+
+        @raise TypeError: when C{part} provides none of the seams, or a
+            stage names an unknown phase.
+        """
+        seams = [iface for iface in _SEAMS if iface.providedBy(part)]
+        if not seams:
+            raise TypeError(f"{part!r} provides none of the data plane's interfaces")
+        for iface in seams:
+            verifyObject(iface, part)
+        if IRequestStage.providedBy(part):
+            if part.phase not in PHASES:
+                raise TypeError(f"{part!r}: unknown phase {part.phase!r}")
+            self.stages.append(part)
+        if IHeadCheck.providedBy(part):
+            self.head_checks.append(part)
+        if IResponseFilter.providedBy(part):
+            self.filters.append(part)
+        if IResponseObserver.providedBy(part):
+            self.observers.append(part)
+
+
+@attrs.define(eq=False)
+class DataPlane:
+    """Everything that answers client requests under one configuration."""
+
+    config: Config
+    registry: Registry
+    router: Router
+    relay: Relay
+    resource: GatewayResource
+    parts: Parts
+
+    def check_head(self, method: bytes, path: bytes, headers: Any) -> None:
+        """Run the head checks (the site calls this when a request head is in)."""
+        for check in self.parts.head_checks:
+            check.check_head(method, path, headers)
+
+
+def build_data_plane(
+    config: Config,
+    clock: Any,
+    agent: Any,
+    metrics: Metrics,
+    access_log: AccessLog,
+    *,
+    retry_policy: Any = None,
+    breakers: Any = None,
+    extra: Sequence[Any] = (),
+    started: float | None = None,
+) -> DataPlane:
+    """
+    Build the registry, routes, relay and resource for C{config}.
+
+    @param agent: the upstream L{IAgent} (one persistent connection pool).
+    @param retry_policy: an L{IRetryPolicy}; a new L{RetryPolicy} by default.
+    @param breakers: an L{IBreakerBoard}; L{NoBreakers} by default.
+    @param extra: parts added after the configured features' (tests plug in
+        stages and filters this way).
+    @param started: when the gateway started (for C{/health}'s uptime).
+    """
+    registry = Registry(config, clock)
+    registry.subscribe(metrics.instance_changed)
+    router = Router(config)
+    parts = Parts()
+    for feature in FEATURES:
+        for part in feature(config, router):
+            parts.add(part)
+    for part in extra:
+        parts.add(part)
+    relay = Relay(
+        agent, clock, metrics,
+        retry_policy if retry_policy is not None else RetryPolicy(),
+        breakers if breakers is not None else NoBreakers(),
+        config.server.trusted_proxies, parts.filters,
+    )
+    relay.registry = registry
+    resource = GatewayResource(
+        config, registry, relay, metrics, access_log, clock,
+        stages=parts.stages, observers=parts.observers, started=started, router=router,
+    )
+    return DataPlane(config, registry, router, relay, resource, parts)
