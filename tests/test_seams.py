@@ -1,0 +1,339 @@
+"""
+The data plane's seams, each exercised through a small test-only part:
+request stages in every phase (answer, refuse, hold, cancelled when the client
+leaves), head checks, and response filters (observe a stream's last chunk,
+append an SSE event, rewrite).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ConnectionLost
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import ResponseFailed
+from twisted.web.http_headers import Headers
+from zope.interface import implementer
+
+from clawproxy.errors import Rejected
+from clawproxy.interfaces import (
+    IBodyFilter,
+    IHeadCheck,
+    IRequestStage,
+    IResponseFilter,
+    IResponseObserver,
+)
+from clawproxy.web.context import LocalResponse, RequestContext
+from clawproxy.web.dataplane import Parts
+from clawproxy.web.pipe import StreamPipe
+from tests.test_gateway import Harness, basic
+from tests.test_relay import FakeRequest, context
+
+SSE = [(b"content-type", b"text/event-stream")]
+
+
+@implementer(IRequestStage)
+class Stage:
+    """
+    A stage of C{phase} that records what it saw, then does C{action}:
+    C{"go"} (go on), C{"answer"}, C{"refuse"} or C{"hold"}.
+    """
+
+    name = "test"
+
+    def __init__(self, phase: str, action: str = "go") -> None:
+        self.phase = phase
+        self.action = action
+        self.seen: list[tuple[str, str, str | None, Any]] = []
+        self.held: list[Deferred[Any]] = []
+        self.cancelled = 0
+
+    def process(self, ctx: RequestContext) -> Any:
+        self.seen.append((ctx.route_name, ctx.pool_name, ctx.model, ctx.body))
+        if self.action == "answer":
+            return LocalResponse(200, json.dumps({"answered_in": self.phase}).encode())
+        if self.action == "refuse":
+            raise Rejected(429, f"refused in {self.phase}", "rate_limit_error",
+                           "rate_limited", (("Retry-After", "7"),))
+        if self.action == "hold":
+            def cancel(d: Deferred[Any]) -> None:
+                self.cancelled += 1
+
+            d: Deferred[Any] = Deferred(cancel)
+            self.held.append(d)
+            return d
+        if self.action == "async-go":
+            return succeed(None)
+        return None
+
+
+def routed(**pool: Any) -> dict[str, Any]:
+    """Pool C{main} served for model C{m} (and alias C{fast}) by the route C{/v1/*}."""
+    config = basic(**pool)
+    config["pools"]["main"]["models"] = ["m"]
+    config["models"] = {"aliases": {"fast": "m"}}
+    config["routes"] = [{"path": "/v1/*"}]
+    return config
+
+
+class PhaseTests(SynchronousTestCase):
+    """Stages run in their phase, in order, and may answer, refuse or hold."""
+
+    def test_order_and_what_each_phase_knows(self) -> None:
+        """
+        C{identify} runs before routing, C{route} once the route is known,
+        C{pool} once the pool and the model (after aliases) are resolved; the
+        body is parsed once and shared.
+        """
+        stages = [Stage("pool"), Stage("route"), Stage("identify"), Stage("route", "async-go")]
+        gw = Harness(self, routed(), extra=stages)
+        answer = gw.request("POST", "/v1/chat/completions", {"model": "fast"})
+        self.assertEqual(answer.code, 200)
+        pool, route, identify, route2 = (s.seen for s in stages)
+        self.assertEqual(identify, [("-", "-", None, None)])
+        self.assertEqual(route, [("/v1/*", "-", None, {"model": "fast"})])
+        self.assertEqual(route2, route)
+        self.assertEqual(pool, [("/v1/*", "main", "m", {"model": "fast"})])
+        # The alias was applied to what the instance received.
+        self.assertEqual(json.loads(gw.backend.seen[0].body), {"model": "m"})
+
+    def test_answer_in_each_phase(self) -> None:
+        """A stage that answers ends the request there: later stages and the backend see nothing."""
+        for phase in ("identify", "route", "pool"):
+            answering, later = Stage(phase, "answer"), Stage("pool")
+            gw = Harness(self, routed(), extra=[answering, later])
+            answer = gw.request("POST", "/v1/chat/completions", {"model": "m"})
+            self.assertEqual((answer.code, answer.json()), (200, {"answered_in": phase}))
+            self.assertEqual(answer.header("content-type"), "application/json")
+            self.assertIsNotNone(answer.header("x-request-id"))
+            self.assertEqual(later.seen, [])
+            self.assertEqual(gw.backend.seen, [])
+            (line,) = gw.log_lines()
+            self.assertEqual(line["status"], 200)
+
+    def test_refuse_in_each_phase(self) -> None:
+        """A stage that refuses gets the SPEC's JSON error with its status and headers."""
+        for phase in ("identify", "route", "pool"):
+            gw = Harness(self, routed(), extra=[Stage(phase, "refuse")])
+            answer = gw.request("POST", "/v1/chat/completions", {"model": "m"})
+            self.assertEqual(answer.code, 429)
+            self.assertEqual(answer.json()["error"], {
+                "message": f"refused in {phase}", "type": "rate_limit_error",
+                "code": "rate_limited"})
+            self.assertEqual(answer.header("retry-after"), "7")
+            self.assertEqual(gw.backend.seen, [])
+
+    def test_hold_then_release(self) -> None:
+        """A held request waits, then goes on when the stage releases it."""
+        for phase in ("identify", "route", "pool"):
+            stage = Stage(phase, "hold")
+            gw = Harness(self, routed(), extra=[stage])
+            d = gw.start("POST", "/v1/chat/completions", {"model": "m"})
+            self.assertNoResult(d)
+            self.assertEqual(gw.backend.seen, [])
+            stage.held[0].callback(None)
+            answer = gw.finish(d)
+            self.assertEqual(answer.code, 200)
+            self.assertEqual(gw.backend.instances(), ["a"])
+
+    def test_hold_then_answer(self) -> None:
+        """A held request may be answered when released (e.g. a queue that expired)."""
+        stage = Stage("route", "hold")
+        gw = Harness(self, routed(), extra=[stage])
+        d = gw.start("POST", "/v1/chat/completions", {"model": "m"})
+        stage.held[0].callback(LocalResponse(503, b'{"queued": false}'))
+        self.assertEqual(gw.finish(d).code, 503)
+        self.assertEqual(gw.backend.seen, [])
+
+    def test_held_request_cancelled_when_client_leaves(self) -> None:
+        """A client that leaves while held cancels the stage's Deferred; logged as 499."""
+        for phase in ("identify", "route", "pool"):
+            stage = Stage(phase, "hold")
+            gw = Harness(self, routed(), extra=[stage])
+            d = gw.start("POST", "/v1/chat/completions", {"model": "m"})
+            d.cancel()
+            gw.flush()
+            self.failureResultOf(d)
+            self.assertEqual(stage.cancelled, 1)
+            self.assertEqual(gw.backend.seen, [])
+            (line,) = gw.log_lines()
+            self.assertEqual((line["status"], line["error"]), (499, "client_disconnected"))
+            self.assertEqual(gw.resource.in_flight, 0)
+
+    def test_unknown_phase_refused_at_build(self) -> None:
+        """A stage naming no known phase fails when the data plane is built."""
+        with self.assertRaises(TypeError):
+            Parts().add(Stage("later"))
+
+    def test_part_without_seam_refused(self) -> None:
+        """An object that provides no seam is refused, not silently ignored."""
+        with self.assertRaises(TypeError):
+            Parts().add(object())
+
+
+@implementer(IHeadCheck)
+class NoTeapots:
+    def check_head(self, method: bytes, path: bytes, headers: Headers) -> None:
+        if headers.getRawHeaders(b"x-teapot"):
+            raise Rejected(418, "no teapots", "invalid_request_error", "teapot")
+
+
+class HeadCheckTests(SynchronousTestCase):
+    """Head checks are gathered by the data plane for the HTTP channel."""
+
+    def test_check_head(self) -> None:
+        """The data plane runs every head check; one may refuse."""
+        gw = Harness(self, routed(), extra=[NoTeapots()])
+        gw.plane.check_head(b"GET", b"/v1/x", Headers())
+        e = self.assertRaises(Rejected, gw.plane.check_head, b"GET", b"/v1/x",
+                              Headers({b"X-Teapot": [b"1"]}))
+        self.assertEqual(e.status, 418)
+
+
+@implementer(IResponseFilter, IBodyFilter)
+class LastChunk:
+    """Observes: keeps the last SSE event of every stream it sees."""
+
+    name = "last-chunk"
+    rewrites = False
+
+    def __init__(self) -> None:
+        self.last: list[bytes] = []
+        self.ended: list[str] = []
+        self._buffer = b""
+
+    def begin(self, ctx: RequestContext, code: int, headers: list[tuple[bytes, bytes]]) -> Any:
+        if (b"content-type", b"text/event-stream") in [(n.lower(), v) for n, v in headers]:
+            self._buffer = b""
+            return self
+        return None
+
+    def data(self, chunk: bytes) -> bytes:
+        self._buffer = (self._buffer + chunk)[-4096:]
+        return chunk
+
+    def end(self, outcome: str) -> bytes:
+        events = [e for e in self._buffer.split(b"\n\n") if e.strip()]
+        self.last.append(events[-1] if events else b"")
+        self.ended.append(outcome)
+        return b""
+
+
+@implementer(IResponseFilter, IBodyFilter)
+class AppendEvent:
+    """Appends one SSE event to every stream that completes."""
+
+    name = "append"
+    rewrites = True
+
+    def begin(self, ctx: RequestContext, code: int, headers: list[tuple[bytes, bytes]]) -> Any:
+        headers.append((b"x-filtered", b"yes"))
+        return self
+
+    def data(self, chunk: bytes) -> bytes:
+        return chunk
+
+    def end(self, outcome: str) -> bytes:
+        return b'data: {"appended": true}\n\n' if outcome == "complete" else b""
+
+
+@implementer(IResponseObserver)
+class Seen:
+    """Records each finished request's status and the Content-Length it was sent with."""
+
+    def __init__(self) -> None:
+        self.statuses: list[int] = []
+        self.lengths: list[list[bytes] | None] = []
+
+    def completed(self, ctx: RequestContext) -> None:
+        self.statuses.append(ctx.status)
+        self.lengths.append(ctx.request.responseHeaders.getRawHeaders(b"content-length"))
+
+
+class FilterTests(SynchronousTestCase):
+    """Response filters see the head, every chunk and the end of relayed responses."""
+
+    def stream(self, gw: Harness, events: list[bytes]) -> Any:
+        """Start a streamed request; the backend answers with C{events}, one write each."""
+        gw.backend.hang.add("a")
+        d = gw.start("POST", "/v1/chat/completions", {"model": "m", "stream": True})
+        upstream = gw.backend.hanging[0]
+        upstream.setHeader(b"content-type", b"text/event-stream")
+        for event in events:
+            upstream.write(event)
+            gw.flush()
+        upstream.finish()
+        return gw.finish(d)
+
+    def test_observe_last_chunk(self) -> None:
+        """An observing filter sees a stream's last event; the client's body is unchanged."""
+        last = LastChunk()
+        gw = Harness(self, routed(), extra=[last])
+        events = [b'data: {"n": 1}\n\n', b'data: {"n": 2, "usage": {"total_tokens": 9}}\n\n',
+                  b"data: [DONE]\n\n"]
+        answer = self.stream(gw, events)
+        self.assertEqual(answer.body, b"".join(events))
+        self.assertEqual(last.last, [b"data: [DONE]"])
+        self.assertEqual(last.ended, ["complete"])
+
+    def test_observe_stays_out_of_other_responses(self) -> None:
+        """A filter that declines a response (not SSE) is not called for its body."""
+        last, seen = LastChunk(), Seen()
+        gw = Harness(self, routed(), extra=[last, seen])
+        answer = gw.request("POST", "/v1/chat/completions", {"model": "m"})
+        self.assertEqual(answer.code, 200)
+        self.assertEqual(last.ended, [])
+        self.assertEqual(seen.lengths, [[b"%d" % len(answer.body)]])
+
+    def test_append_sse_event(self) -> None:
+        """
+        A filter may change the head and append an event; filters after it see
+        the appended bytes, and the upstream's Content-Length is not relayed.
+        """
+        last, observer = LastChunk(), Seen()
+        gw = Harness(self, routed(), extra=[AppendEvent(), last, observer])
+        answer = self.stream(gw, [b"data: 1\n\n"])
+        self.assertEqual(answer.body, b'data: 1\n\ndata: {"appended": true}\n\n')
+        self.assertEqual(answer.header("x-filtered"), "yes")
+        self.assertEqual(last.last, [b'data: {"appended": true}'])
+        self.assertEqual(observer.statuses, [200])
+        (line,) = gw.log_lines()
+        self.assertEqual(line["bytes"], len(answer.body))
+
+    def test_append_after_json_drops_content_length(self) -> None:
+        """A rewriting filter over a sized body: the client gets the whole new body."""
+        seen = Seen()
+        gw = Harness(self, routed(), extra=[AppendEvent(), seen])
+        answer = gw.request("POST", "/v1/chat/completions", {"model": "m"})
+        self.assertEqual(answer.body, json.dumps(
+            {"instance": "a", "uri": "/v1/chat/completions"}).encode()
+            + b'data: {"appended": true}\n\n')
+        self.assertEqual(seen.lengths, [None])
+
+    def test_client_gone_told(self) -> None:
+        """A filter is told when the client leaves mid-stream (the pipe is cancelled)."""
+        last = LastChunk()
+        request = FakeRequest()
+        pipe = StreamPipe(request, context(request), Clock(), None, (last,))
+        pipe.makeConnection(StringTransport())
+        pipe.dataReceived(b"data: 1\n\n")
+        pipe.done.cancel()
+        self.failureResultOf(pipe.done)
+        self.assertEqual(last.ended, ["client_gone"])
+        self.assertEqual(last.last, [b"data: 1"])
+
+    def test_broken_told_and_nothing_appended(self) -> None:
+        """An upstream that breaks mid-body: filters are told; nothing is appended."""
+        append = AppendEvent()
+        request = FakeRequest()
+        pipe = StreamPipe(request, context(request), Clock(), None, (append,))
+        pipe.makeConnection(StringTransport())
+        pipe.dataReceived(b"data: 1\n\n")
+        pipe.connectionLost(Failure(ResponseFailed([Failure(ConnectionLost())])))
+        self.failureResultOf(pipe.done, ResponseFailed)
+        self.assertEqual(request.written, [b"data: 1\n\n"])
