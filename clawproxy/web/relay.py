@@ -242,7 +242,8 @@ class Relay:
             rh.setRawHeaders(name, [value.replace(b"${instance}", inst.id.encode())])
         rh.setRawHeaders(b"server-timing", [b"gateway;dur=%.1f, upstream;dur=%.1f" % (
             (started - ctx.started) * 1000, (now - started) * 1000)])
-        if response.length is not UNKNOWN_LENGTH and not any(f.rewrites for f in chain):
+        if response.length is not UNKNOWN_LENGTH and not (
+                chain and any(f.rewrites for f in chain)):
             rh.setRawHeaders(b"content-length", [b"%d" % response.length])
         if ctx.method == b"HEAD" or code in (204, 304):
             response.deliverBody(Discard())
