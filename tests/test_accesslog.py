@@ -9,10 +9,14 @@ import sys
 from typing import Any
 
 import attrs
+from treq.testing import StubTreq
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
+from clawproxy.config import parse_config
+from clawproxy.service import Gateway
 from clawproxy.web.accesslog import AccessLog
 from clawproxy.web.context import RequestContext
 
@@ -92,10 +96,33 @@ class RecordTests(SynchronousTestCase):
         self.assertEqual([x["path"] for x in lines], ["/a\nb", "/caf\xc3\xa9"])
 
     def test_off(self) -> None:
-        """A log opened with C{off} writes nothing."""
-        log = AccessLog.open("off", Clock())
-        log.record(context(), 10.0, 0.0)
-        log.close()
+        """
+        With C{logging.output: off} a gateway still answers requests, and no
+        access-log line appears anywhere: not on standard output, not in a
+        file (named C{off} or otherwise) in the config's or the working
+        directory.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(directory)
+        stdout = io.StringIO()
+        self.patch(sys, "stdout", stdout)
+        config = parse_config({
+            "pools": {"main": {"instances": [{"id": "a", "url": "http://127.0.0.1:9"}],
+                               "health_check": {"enabled": False}}},
+            "routes": [{"path": "/v1/*", "pool": "main"}],
+            "logging": {"output": "off"},
+        }, environ={}, base_dir=directory)
+        gateway = Gateway(config, MemoryReactorClock())
+        client = StubTreq(gateway.resource)
+        for path in ("/health", "/nope"):
+            response = self.successResultOf(client.get("http://gw.test" + path))
+            self.successResultOf(response.content())
+            self.assertEqual(response.code, 200 if path == "/health" else 404)
+        gateway.access_log.close()
+        self.assertEqual(stdout.getvalue(), "")
+        self.assertEqual(os.listdir(directory), [])
 
 
 class OpenTests(SynchronousTestCase):

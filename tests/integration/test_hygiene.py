@@ -196,6 +196,37 @@ class HygieneTests(TestCase):
         self.assertIsNone(seen.headers.getRawHeaders(b"transfer-encoding"))
         self.assertEqual(seen.headers.getRawHeaders(b"content-length"), [b"7"])
 
+    async def h2c_upgrade(self, connection: bytes) -> Seen:
+        """Send an HTTP/1.1 C{Upgrade: h2c} request; what the backend received."""
+        h, gw, recorder = await self.start()
+        response = await h.exchange(gw.port, (
+            b"GET /v1/echo HTTP/1.1\r\nHost: gateway.test\r\n" + connection
+            + b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"
+            b"X-End-To-End: kept\r\n\r\n"))
+        self.assertEqual(response.status, 200)
+        seen = self.seen(recorder)
+        self.assertEqual(seen.headers.getRawHeaders(b"x-end-to-end"), [b"kept"])
+        return seen
+
+    async def test_h2c_upgrade_headers_not_forwarded(self) -> None:
+        """
+        An C{Upgrade: h2c} request (C{HTTP2-Settings} named in C{Connection},
+        as RFC 7540 3.2 has it) is served over HTTP/1.1, and the backend gets
+        neither C{Upgrade} nor C{HTTP2-Settings}.
+        """
+        seen = await self.h2c_upgrade(b"Connection: Upgrade, HTTP2-Settings\r\n")
+        for name in (b"http2-settings", b"upgrade", b"connection"):
+            self.assertIsNone(seen.headers.getRawHeaders(name), name)
+
+    async def test_http2_settings_not_forwarded_unless_named(self) -> None:
+        """
+        C{HTTP2-Settings} is hop-by-hop (RFC 7540 3.2.1) even when the client
+        does not name it in C{Connection}: the backend never gets it.
+        """
+        seen = await self.h2c_upgrade(b"Connection: Upgrade\r\n")
+        for name in (b"http2-settings", b"upgrade", b"connection"):
+            self.assertIsNone(seen.headers.getRawHeaders(name), name)
+
     async def test_backend_address_never_from_request(self) -> None:
         """
         An absolute-form target and C{Host} naming another server (here a
