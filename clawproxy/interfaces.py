@@ -113,8 +113,11 @@ class IBodyFilter(Interface):
             C{"broken"} (the upstream failed mid-body; the response is
             aborted) or C{"client_gone"}.
         @return: bytes to append to the body (passed through the filters after
-            this one), written only while the response can still end cleanly
-            (C{complete}, C{stalled}); C{b""} for none.
+            this one); C{b""} for none. Appended bytes are written at
+            C{complete} and C{stalled}; at C{broken}, bytes from any filter
+            end the response in-band instead of aborting it (an SSE error
+            event, say), so return some only for a body whose format lets the
+            client tell it failed. Ignored at C{client_gone}.
         """
 
 

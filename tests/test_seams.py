@@ -337,3 +337,37 @@ class FilterTests(SynchronousTestCase):
         pipe.connectionLost(Failure(ResponseFailed([Failure(ConnectionLost())])))
         self.failureResultOf(pipe.done, ResponseFailed)
         self.assertEqual(request.written, [b"data: 1\n\n"])
+
+
+@implementer(IResponseFilter, IBodyFilter)
+class ErrorEvent:
+    """Ends a broken SSE stream in-band with an error event."""
+
+    name = "error-event"
+    rewrites = True
+
+    def begin(self, ctx: RequestContext, code: int, headers: list[tuple[bytes, bytes]]) -> Any:
+        return self
+
+    def data(self, chunk: bytes) -> bytes:
+        return chunk
+
+    def end(self, outcome: str) -> bytes:
+        return b'data: {"error": {"code": "upstream_broken"}}\n\n' if outcome == "broken" else b""
+
+
+class BrokenInBandTests(SynchronousTestCase):
+    """A filter may end a broken body in-band instead of the abort."""
+
+    def test_error_event_ends_cleanly(self) -> None:
+        """The error event is written after what was relayed, and the pipe ends cleanly."""
+        request = FakeRequest()
+        ctx = context(request)
+        pipe = StreamPipe(request, ctx, Clock(), None, (ErrorEvent(),))
+        pipe.makeConnection(StringTransport())
+        pipe.dataReceived(b"data: 1\n\n")
+        pipe.connectionLost(Failure(ResponseFailed([Failure(ConnectionLost())])))
+        self.assertIsNone(self.successResultOf(pipe.done))
+        self.assertEqual(request.written, [
+            b"data: 1\n\n", b'data: {"error": {"code": "upstream_broken"}}\n\n'])
+        self.assertEqual(ctx.error, "truncated")

@@ -205,8 +205,14 @@ class StreamPipe(Protocol):
                     self.ctx.bytes_sent += len(tail)
                     self.request.write(tail)
             self.done.callback(None)
+        elif self.filters and (tail := self._end("broken")):
+            # A filter ends the body in-band (e.g. an SSE error event): the
+            # client is told, and the response ends instead of being aborted.
+            self.ctx.error = "truncated"
+            self.ctx.bytes_sent += len(tail)
+            self.request.write(tail)
+            self.done.callback(None)
         else:
-            self._end("broken")
             self.done.errback(reason)
 
     def _end(self, outcome: str) -> bytes:
