@@ -76,13 +76,6 @@ async def wait_for(predicate: Callable[[], Any], what: str, timeout: float = TIM
         await tick(step)
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on (for subprocess configs)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def refusing_port(case: Any) -> int:
     """
     A loopback port that refuses connections for the whole test: bound but
@@ -456,18 +449,6 @@ def pool(*backends: Backend, health: Mapping[str, Any] | None = None, **extra: A
     }
 
 
-def _port_of(svc: Any) -> Deferred:
-    """The listening port of a started endpoint service (without consuming its Deferred)."""
-    d: Deferred = Deferred()
-
-    def got(port: Any) -> Any:
-        d.callback(port)
-        return port
-
-    svc._waitingForPort.addCallback(got)
-    return bounded(d)
-
-
 class Harness:
     """
     Starts backends, gateways, clients and processes for one test, and stops
@@ -562,7 +543,7 @@ class Harness:
         running = RunningGateway(gw, 0, None, None, config.logging.output)
         self.gateways.append(running)
         for svc in gw.listeners:
-            port = (await _port_of(svc)).getHost().port
+            port = (await bounded(svc.when_listening())).getHost().port
             if svc.factory is gw.admin_site:
                 running.admin_port = port
             elif isinstance(svc.endpoint, SSL4ServerEndpoint):
