@@ -28,6 +28,7 @@ from twisted.internet.endpoints import (
     connectProtocol,
     wrapClientTLS,
 )
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
@@ -479,17 +480,24 @@ class Harness:
         site.log = lambda request: None  # type: ignore[method-assign]
         return self._listen(site, id)
 
-    def simulator(self, id: str, front: bool = False, **settings: Any) -> Backend:
+    def simulator(self, id: str, front: bool = False, clock: IReactorTime | None = None,
+                  **settings: Any) -> Backend:
         """
         A simulator (fast by default) on a fresh loopback port.
 
         @param front: put a L{SimFront} in front of it (then
             C{backend.resource} is the front, C{backend.resource.sim} the simulator).
+        @param clock: the simulator's clock (time to first token, token
+            rate): a L{twisted.internet.task.Clock} lets the test release each
+            chunk. Its HTTP server keeps the real reactor.
         """
         settings.setdefault("ttft", 0.005)
         settings.setdefault("tokens_per_second", 2000.0)
         settings.setdefault("max_tokens", 8)
-        site = simulator_site(SimSettings(id=id, **settings), reactor)
+        sim_settings = SimSettings(id=id, **settings)
+        site = simulator_site(sim_settings, reactor)
+        if clock is not None:
+            site.resource = SimulatorResource(sim_settings, clock)
         if front:
             site.resource = SimFront(site.resource)
         return self._listen(site, id)
