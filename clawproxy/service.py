@@ -10,8 +10,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from twisted.application import strports
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
@@ -21,6 +19,7 @@ from clawproxy.backends.prober import HealthProber
 from clawproxy.backends.upstream import make_agent, make_pool, open_upstream_connections
 from clawproxy.config import Config, ConfigError, load_config
 from clawproxy.errors import Rejected
+from clawproxy.listener import Listener
 from clawproxy.metrics import Metrics
 from clawproxy.policy.auth import KeyStoreError, load_key_store
 from clawproxy.policy.breakers import NoBreakers
@@ -111,7 +110,7 @@ class Gateway(MultiService):
             workers=config.server.workers, started=self.started,
         )
         self.admin_site = QuietSite(self.admin, reactor=reactor)
-        self.listeners: list[Service] = []
+        self.listeners: list[Listener] = []
         self._add_children(config)
 
     def _build(self, config: Config) -> None:
@@ -129,24 +128,31 @@ class Gateway(MultiService):
     def _add_children(self, config: Config) -> None:
         from clawproxy.simulator import simulator_service
 
-        for sim in config.simulators:
-            simulator_service(sim, self.reactor).setServiceParent(self)
-        for desc in config.server.listen:
-            svc = strports.service(desc, self.site, reactor=self.reactor)
+        for i, sim in enumerate(config.simulators):
+            simulator_service(sim, self.reactor, key=f"simulators[{i}].listen"
+                              ).setServiceParent(self)
+        listeners = [
+            (serverFromString(self.reactor, desc), self.site, "clawproxy data plane",
+             f"server.listen[{i}]: {desc}")
+            for i, desc in enumerate(config.server.listen)
+        ]
+        if config.server.tls is not None:
+            from clawproxy.web.tls import tls_endpoints
+
+            listeners += [
+                (endpoint, self.site, "clawproxy data plane (TLS)",
+                 f"server.tls.listen[{i}]: {desc}")
+                for i, (desc, endpoint) in enumerate(
+                    tls_endpoints(config.server.tls, self.reactor))
+            ]
+        if config.admin.listen:
+            listeners.append((serverFromString(self.reactor, config.admin.listen),
+                              self.admin_site, "clawproxy admin",
+                              f"admin.listen: {config.admin.listen}"))
+        for endpoint, factory, role, source in listeners:
+            svc = Listener(endpoint, factory, role, source)
             svc.setServiceParent(self)
             self.listeners.append(svc)
-        if config.server.tls is not None:
-            from clawproxy.web.tls import tls_services
-
-            for svc in tls_services(config.server.tls, self.site, self.reactor):
-                svc.setServiceParent(self)
-                self.listeners.append(svc)
-        if config.admin.listen:
-            admin = StreamServerEndpointService(
-                serverFromString(self.reactor, config.admin.listen), self.admin_site
-            )
-            admin.setServiceParent(self)
-            self.listeners.append(admin)
         self.prober.setServiceParent(self)
         _Shutdown(self).setServiceParent(self)
         for what in not_yet_enforced(config):

@@ -26,9 +26,9 @@ from typing import Any
 
 import attrs
 from attrs import validators as v
-from twisted.application import strports
 from twisted.application.service import IService
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -36,6 +36,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from clawproxy.listener import Listener, format_address, listen_error
 from clawproxy.units import parse_duration
 
 DEFAULT_LISTEN = "tcp:11501:interface=127.0.0.1"
@@ -551,16 +552,21 @@ def simulator_site(
     return _QuietSite(SimulatorResource(settings, clock, rng), logPath=None, reactor=clock)
 
 
-def simulator_service(cfg: Any, reactor: Any) -> IService:
+def simulator_service(cfg: Any, reactor: Any, key: str = "listen") -> IService:
     """
     A service listening on C{cfg.listen} with a simulator built from C{cfg}.
 
+    It logs C{simulator ID listening on HOST:PORT} once listening, and an
+    address it cannot take stops the start with one line (L{Listener}).
+
     @param cfg: a C{SimulatorConfig}: C{listen} plus what L{SimSettings.from_config} reads.
     @param reactor: the reactor to listen with and to use as the clock.
+    @param key: the config key C{cfg.listen} came from, for that line.
     @return: a service named after the simulator's id.
     """
     settings = SimSettings.from_config(cfg)
-    service = strports.service(cfg.listen, simulator_site(settings, reactor), reactor=reactor)
+    service = Listener(serverFromString(reactor, cfg.listen), simulator_site(settings, reactor),
+                       f"simulator {settings.id}", f"{key}: {cfg.listen}")
     service.setName(settings.id)
     return service
 
@@ -620,18 +626,17 @@ def sim_main(argv: list[str]) -> int:
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 1
     from twisted.internet import reactor
-    from twisted.internet.endpoints import serverFromString
 
     status = 0
+    role = f"simulator {settings.id}"
 
     def listening(port: Any) -> None:
-        print(f"simulator {settings.id} listening on {listen}", flush=True)
+        print(f"{role} listening on {format_address(port.getHost())}", flush=True)
 
     def failed(reason: Failure) -> None:
         nonlocal status
         status = 1
-        message = f"simulator {settings.id}: cannot listen on {listen}: {reason.value}"
-        print(message, file=sys.stderr)
+        print(listen_error(role, f"--listen {listen}", reason), file=sys.stderr)
         reactor.stop()  # type: ignore[attr-defined]
 
     try:

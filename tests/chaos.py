@@ -66,7 +66,7 @@ from twisted.internet.defer import (
 )
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.error import ConnectingCancelledError, ConnectionDone
-from twisted.internet.interfaces import IDelayedCall, IPullProducer, IPushProducer
+from twisted.internet.interfaces import IDelayedCall, IPullProducer, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -213,21 +213,21 @@ class _Flow:
         if self.dead:
             return
         proxy = self._pipe.proxy
-        self._queue.append((proxy._reactor.seconds() + proxy._latency, item))
+        self._queue.append((proxy._clock.seconds() + proxy._latency, item))
         self.pump()
 
     def pump(self) -> None:
         """Deliver every due item, until one is held or the flow dies."""
-        reactor = self._pipe.proxy._reactor
+        clock = self._pipe.proxy._clock
         while self._queue and not self.dead and not self._held:
             receiver = self._receiver()
             if receiver is None:
                 return  # still connecting upstream; side_made pumps again
             due, item = self._queue[0]
-            wait = due - reactor.seconds()
+            wait = due - clock.seconds()
             if wait > 0:
                 if self._timer is None:
-                    self._timer = reactor.callLater(wait, self._due)
+                    self._timer = clock.callLater(wait, self._due)
                 return
             self._queue.popleft()
             self._deliver(due, item, receiver)
@@ -271,6 +271,11 @@ class _Flow:
         else:
             self._pipe.proxy.bytes_down += len(data)
         receiver.transport.write(data)
+
+    @property
+    def held(self) -> bool:
+        """Whether this flow holds data back (a stall reached its limit)."""
+        return self._held
 
     def _hold(self, due: float, item: bytes | _End) -> None:
         self._queue.appendleft((due, item))
@@ -378,6 +383,10 @@ class _Pipe:
         self._check_done()
 
     def side_data(self, side: _Side, data: bytes) -> None:
+        if side.role == "client":
+            self.proxy.received_up += len(data)
+        else:
+            self.proxy.received_down += len(data)
         if self.closing:
             return
         if side.role == "client":
@@ -467,19 +476,26 @@ class ChaosProxy:
     @ivar connections_total: client connections accepted so far.
     @ivar bytes_up: bytes written to the target (client to backend).
     @ivar bytes_down: bytes written to clients (backend to client).
+    @ivar received_up: bytes read from clients (forwarded or not).
+    @ivar received_down: bytes read from the target (forwarded or not).
     """
 
     log = Logger()
 
-    def __init__(self, reactor: Any, target_host: str, target_port: int) -> None:
+    def __init__(self, reactor: Any, target_host: str, target_port: int,
+                 clock: IReactorTime | None = None) -> None:
         """
-        @param reactor: provides C{IReactorTCP} and C{IReactorTime}; every
-            timer the proxy sets is a C{callLater} on it.
+        @param reactor: provides C{IReactorTCP} (and C{IReactorTime} for the
+            connect timeout).
         @param target_host: the backend's IP address (an address, not a
             name: resolving would use the reactor's thread pool).
         @param target_port: the backend's port.
+        @param clock: every latency timer and L{wait_idle} timeout is a
+            C{callLater} on it; C{reactor} by default (tests of the proxy
+            itself pass a L{twisted.internet.task.Clock}).
         """
         self._reactor = reactor
+        self._clock = clock if clock is not None else reactor
         self.target_host = target_host
         self.target_port = target_port
         self.port: int | None = None
@@ -487,6 +503,8 @@ class ChaosProxy:
         self.connections_total = 0
         self.bytes_up = 0
         self.bytes_down = 0
+        self.received_up = 0
+        self.received_down = 0
         self._listening: Any = None
         self._factory = _ListenFactory(self)
         self._pipes: set[_Pipe] = set()
@@ -613,8 +631,13 @@ class ChaosProxy:
             return succeed(None)
         d: Deferred[None] = Deferred(self._idle_waiters.remove)
         self._idle_waiters.append(d)
-        d.addTimeout(timeout, self._reactor)
+        d.addTimeout(timeout, self._clock)
         return d
+
+    @property
+    def holding(self) -> int:
+        """How many flows hold data back now (a stall that reached its limit)."""
+        return sum(flow.held for pipe in self._pipes for flow in pipe.flows())
 
     # Called by pipes
 

@@ -21,7 +21,7 @@ from twisted.internet.error import (
     ConnectionRefusedError,
 )
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed, readBody
@@ -32,9 +32,6 @@ from tests.chaos import ChaosProxy
 
 #: The bound on any wait that is expected to succeed, in seconds.
 TIMEOUT = 5.0
-
-#: How long a test watches for something that must not happen.
-QUIET = 0.3
 
 #: 10,000 bytes that are not all alike, so truncation points are visible.
 PAYLOAD = bytes(range(256)) * 39 + bytes(range(16))
@@ -57,15 +54,6 @@ async def wait_until(predicate, what: str) -> None:
         if reactor.seconds() > deadline:
             raise AssertionError(f"gave up waiting for {what}")
         await pause(0.01)
-
-
-def chaos_timers() -> list:
-    """The reactor's pending delayed calls that belong to the chaos proxy."""
-    return [
-        call
-        for call in reactor.getDelayedCalls()
-        if getattr(call.func, "__module__", None) == "tests.chaos"
-    ]
 
 
 class _Peer(Protocol):
@@ -172,12 +160,18 @@ class Backend:
 class ChaosProxyTests(TestCase):
     """The chaos proxy itself, between a real client and a real backend."""
 
-    async def start(self, backend: Backend | None = None) -> tuple[ChaosProxy, Backend]:
-        """Start C{backend} (default: echo) and a proxy in front of it."""
+    async def start(self, backend: Backend | None = None, clock: Clock | None = None
+                    ) -> tuple[ChaosProxy, Backend]:
+        """
+        Start C{backend} (default: echo) and a proxy in front of it.
+
+        @param clock: the proxy's clock for latency timers and L{wait_idle}
+            (the real reactor by default; sockets are always real).
+        """
         backend = backend or Backend()
         backend.start()
         self.addCleanup(backend.stop)
-        proxy = ChaosProxy(reactor, "127.0.0.1", backend.port)
+        proxy = ChaosProxy(reactor, "127.0.0.1", backend.port, clock=clock)
         await bounded(proxy.start())
         self.addCleanup(proxy.stop)
         return proxy, backend
@@ -258,37 +252,53 @@ class ChaosProxyTests(TestCase):
 
     async def test_latency_delays_each_direction(self) -> None:
         """
-        With C{latency(s)} an echo round trip takes at least C{2 * s} (one
-        delay each way) and not much more.
+        With C{latency(s)} a chunk is held for exactly C{s} of the proxy's
+        clock on its way to the backend, and the echo for C{s} more on its
+        way back: one delay each way.
         """
-        proxy, _ = await self.start()
+        clock = Clock()
+        proxy, backend = await self.start(clock=clock)
         client = await self.connect(proxy.port)
+        await wait_until(lambda: backend.connections, "the upstream connection")
         proxy.latency(0.2)
-        started = reactor.seconds()
         client.transport.write(b"ping")
+        await wait_until(lambda: proxy.received_up == 4, "the proxy to read the ping")
+        clock.advance(0.199)
+        self.assertEqual(proxy.bytes_up, 0)
+        clock.advance(0.001)
+        self.assertEqual(proxy.bytes_up, 4)
+        await backend.connections[0].received(4)
+        await wait_until(lambda: proxy.received_down == 4, "the proxy to read the echo")
+        clock.advance(0.199)
+        self.assertEqual(proxy.bytes_down, 0)
+        clock.advance(0.001)
+        self.assertEqual(proxy.bytes_down, 4)
         await client.received(4)
-        elapsed = reactor.seconds() - started
         self.assertEqual(client.data, b"ping")
-        self.assertGreaterEqual(elapsed, 0.4)
-        self.assertLess(elapsed, 0.4 + 1.0)
+        self.assertEqual(clock.getDelayedCalls(), [])
 
     async def test_latency_keeps_order_when_lowered(self) -> None:
         """
         Chunks keep their order: one sent after the latency was removed
         still waits behind a delayed one.
         """
-        proxy, backend = await self.start()
+        clock = Clock()
+        proxy, backend = await self.start(clock=clock)
         client = await self.connect(proxy.port)
+        await wait_until(lambda: backend.connections, "the upstream connection")
         proxy.latency(0.3)
-        started = reactor.seconds()
         client.transport.write(b"first,")
-        await pause(0.05)
+        await wait_until(lambda: proxy.received_up == 6, "the proxy to read the first chunk")
         proxy.latency(0)
         client.transport.write(b"second")
+        await wait_until(lambda: proxy.received_up == 12, "the proxy to read the second")
+        # Not due yet, so the second chunk (due at once) waits behind it.
+        self.assertEqual(proxy.bytes_up, 0)
+        clock.advance(0.3)
+        self.assertEqual(proxy.bytes_up, 12)
         await client.received(12)
         self.assertEqual(backend.connections[0].data, b"first,second")
         self.assertEqual(client.data, b"first,second")
-        self.assertGreaterEqual(reactor.seconds() - started, 0.3)
 
     async def test_cut_after_exact_bytes_downstream(self) -> None:
         """
@@ -347,7 +357,8 @@ class ChaosProxyTests(TestCase):
         client.transport.write(b"go")
         await client.received(100)
         await backend.connections[0].lost()
-        await pause(QUIET)
+        await wait_until(lambda: proxy.holding, "the proxy to hold the rest back")
+        self.assertEqual(proxy.bytes_down, 100)
         self.assertEqual(client.data, PAYLOAD[:100])
         self.assertIsNone(client.reason)
         self.assertEqual(proxy.connections_open, 1)
@@ -411,7 +422,8 @@ class ChaosProxyTests(TestCase):
         proxy.blackhole()
         client = await self.connect(proxy.port)
         client.transport.write(b"anyone there?")
-        await self.assertFailure(client.received(1, seconds=QUIET), TimeoutError)
+        await wait_until(lambda: proxy.received_up == 13, "the proxy to read the bytes")
+        self.assertEqual(client.data, b"")
         self.assertEqual(backend.connections, [])
         self.assertEqual((proxy.connections_open, proxy.bytes_up, proxy.bytes_down), (1, 0, 0))
         self.assertIsNone(client.reason)
@@ -451,10 +463,14 @@ class ChaosProxyTests(TestCase):
         C{wait_idle} times out while a client is connected and fires once
         the last one has gone.
         """
-        proxy, _ = await self.start()
+        clock = Clock()
+        proxy, _ = await self.start(clock=clock)
         client = await self.connect(proxy.port)
-        await self.assertFailure(proxy.wait_idle(0.1), TimeoutError)
-        idle = proxy.wait_idle(TIMEOUT)
+        await wait_until(lambda: proxy.connections_open, "the proxy to accept")
+        timing_out = proxy.wait_idle(0.1)
+        clock.advance(0.1)
+        self.failureResultOf(timing_out, TimeoutError)
+        idle = bounded(proxy.wait_idle(TIMEOUT))
         self.assertNoResult(idle)
         client.transport.loseConnection()
         await idle
@@ -466,12 +482,12 @@ class ChaosProxyTests(TestCase):
         and cancels pending latency timers: afterwards no connection is
         open and no delayed call of the proxy is pending.
         """
-        proxy, backend = await self.start()
+        clock = Clock()
+        proxy, backend = await self.start(clock=clock)
         proxy.latency(5.0)
         relayed = await self.connect(proxy.port)
         relayed.transport.write(b"slow")
-        await bounded(pause(0.05))
-        self.assertNotEqual(chaos_timers(), [])
+        await wait_until(clock.getDelayedCalls, "a latency timer")
         proxy.blackhole()
         held = await self.connect(proxy.port)
         held.transport.write(b"void")
@@ -481,10 +497,10 @@ class ChaosProxyTests(TestCase):
         await bounded(proxy.stop())
 
         self.assertEqual(proxy.connections_open, 0)
-        self.assertEqual(chaos_timers(), [])
+        self.assertEqual(clock.getDelayedCalls(), [])
         await relayed.lost()
         await held.lost()
         await backend.connections[0].lost()
-        await bounded(proxy.wait_idle(TIMEOUT))
+        self.assertEqual(proxy.connections_open, 0)
         connecting = Deferred.fromCoroutine(self.connect(proxy.port))
         await self.assertFailure(connecting, ConnectionRefusedError)

@@ -258,16 +258,16 @@ class AdminCommandTests(CLITestCase):
 class UnreachableTests(CLITestCase):
     """Admin commands against an address nobody listens on (a real loopback socket)."""
 
-    def free_port(self) -> int:
+    def refusing_port(self) -> int:
+        """A loopback port bound but never listening, for the whole test: it refuses."""
         s = socket.socket()
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        s.close()
-        return port
+        self.addCleanup(s.close)
+        return s.getsockname()[1]
 
     def test_unreachable(self) -> None:
         """Each admin command exits 1 with one line saying the gateway cannot be reached."""
-        url = f"http://127.0.0.1:{self.free_port()}"
+        url = f"http://127.0.0.1:{self.refusing_port()}"
         for argv in (["status"], ["set-weight", "a", "1"], ["drain", "a"], ["undrain", "a"]):
             self.stderr.truncate(0)
             self.stderr.seek(0)

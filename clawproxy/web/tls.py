@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.internet.ssl import Certificate, CertificateOptions, KeyPair, TLSVersion
 from twisted.web.http import H2_ENABLED
@@ -50,11 +49,12 @@ def parse_ssl_listen(desc: str) -> tuple[int, str, int]:
     return port, interface, backlog
 
 
-def tls_services(cfg: TLSConfig, site: Any, reactor: Any) -> list[StreamServerEndpointService]:
+def tls_endpoints(cfg: TLSConfig, reactor: Any) -> list[tuple[str, SSL4ServerEndpoint]]:
+    """Each of C{cfg.listen} with its TLS server endpoint (one context for all)."""
     opts = context_factory(cfg)
-    services = []
+    endpoints = []
     for desc in cfg.listen:
         port, interface, backlog = parse_ssl_listen(desc)
-        endpoint = SSL4ServerEndpoint(reactor, port, opts, backlog=backlog, interface=interface)
-        services.append(StreamServerEndpointService(endpoint, site))
-    return services
+        endpoints.append((desc, SSL4ServerEndpoint(reactor, port, opts, backlog=backlog,
+                                                   interface=interface)))
+    return endpoints

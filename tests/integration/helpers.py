@@ -28,6 +28,7 @@ from twisted.internet.endpoints import (
     connectProtocol,
     wrapClientTLS,
 )
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
@@ -74,13 +75,6 @@ async def wait_for(predicate: Callable[[], Any], what: str, timeout: float = TIM
         if reactor.seconds() > deadline:
             raise AssertionError(f"gave up after {timeout}s waiting for {what}")
         await tick(step)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on (for subprocess configs)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def refusing_port(case: Any) -> int:
@@ -456,18 +450,6 @@ def pool(*backends: Backend, health: Mapping[str, Any] | None = None, **extra: A
     }
 
 
-def _port_of(svc: Any) -> Deferred:
-    """The listening port of a started endpoint service (without consuming its Deferred)."""
-    d: Deferred = Deferred()
-
-    def got(port: Any) -> Any:
-        d.callback(port)
-        return port
-
-    svc._waitingForPort.addCallback(got)
-    return bounded(d)
-
-
 class Harness:
     """
     Starts backends, gateways, clients and processes for one test, and stops
@@ -498,17 +480,24 @@ class Harness:
         site.log = lambda request: None  # type: ignore[method-assign]
         return self._listen(site, id)
 
-    def simulator(self, id: str, front: bool = False, **settings: Any) -> Backend:
+    def simulator(self, id: str, front: bool = False, clock: IReactorTime | None = None,
+                  **settings: Any) -> Backend:
         """
         A simulator (fast by default) on a fresh loopback port.
 
         @param front: put a L{SimFront} in front of it (then
             C{backend.resource} is the front, C{backend.resource.sim} the simulator).
+        @param clock: the simulator's clock (time to first token, token
+            rate): a L{twisted.internet.task.Clock} lets the test release each
+            chunk. Its HTTP server keeps the real reactor.
         """
         settings.setdefault("ttft", 0.005)
         settings.setdefault("tokens_per_second", 2000.0)
         settings.setdefault("max_tokens", 8)
-        site = simulator_site(SimSettings(id=id, **settings), reactor)
+        sim_settings = SimSettings(id=id, **settings)
+        site = simulator_site(sim_settings, reactor)
+        if clock is not None:
+            site.resource = SimulatorResource(sim_settings, clock)
         if front:
             site.resource = SimFront(site.resource)
         return self._listen(site, id)
@@ -562,7 +551,7 @@ class Harness:
         running = RunningGateway(gw, 0, None, None, config.logging.output)
         self.gateways.append(running)
         for svc in gw.listeners:
-            port = (await _port_of(svc)).getHost().port
+            port = (await bounded(svc.when_listening())).getHost().port
             if svc.factory is gw.admin_site:
                 running.admin_port = port
             elif isinstance(svc.endpoint, SSL4ServerEndpoint):

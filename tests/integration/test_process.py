@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
-from typing import Any
+import socket
 
-from treq.client import HTTPClient
-from twisted.internet import reactor
 from twisted.internet.error import ConnectionRefusedError
 from twisted.trial.unittest import TestCase
 from twisted.web.client import ResponseNeverReceived
 
-from tests.integration.helpers import HELLO, Harness, bounded, free_port, tick
+from tests.integration.helpers import HELLO, Harness, Process, bounded, tick, wait_for
 
 #: Run twistd with the interpreter running the tests (no PATH lookup).
 TWISTD = ("-c", "from twisted.scripts.twistd import run; run()")
@@ -25,12 +24,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 GOOD = """\
 server:
-  listen: ["tcp:{port}:interface=127.0.0.1"]
+  listen: ["tcp:0:interface=127.0.0.1"]
 admin:
-  listen: "tcp:{admin}:interface=127.0.0.1"
+  listen: "tcp:0:interface=127.0.0.1"
 simulators:
-  - {{listen: "tcp:{sim}:interface=127.0.0.1", id: sim-1, model: sim-small, ttft: 10ms,
-     tokens_per_second: 500, max_tokens: 8}}
+  - {{listen: "tcp:0:interface=127.0.0.1", id: sim-local}}
 pools:
   sim:
     models: ["sim-*"]
@@ -43,6 +41,9 @@ routes:
 logging:
   output: "-"
 """
+
+#: C{clawproxy sim} options for the backend C{sim-1}.
+SIM = ("--ttft", "10ms", "--tokens-per-second", "500", "--max-tokens", "8")
 
 BAD = """\
 server:
@@ -64,20 +65,35 @@ BAD_ERRORS = [
 ]
 
 
-async def wait_until_up(client: HTTPClient, url: str, proc: Any, timeout: float = 20.0
-                        ) -> Any:
-    """GET C{url} until it answers (bounded); fail early if the process died."""
-    deadline = reactor.seconds() + timeout
-    while True:
+async def listening(proc: Process, role: str, timeout: float = 20.0) -> int:
+    """
+    The port C{role} listens on, from the line the process logs once it
+    does (C{ROLE listening on 127.0.0.1:PORT}); fails early if the process died.
+    """
+    pattern = re.compile(re.escape(role) + r" listening on 127\.0\.0\.1:(\d+)")
+
+    def found() -> re.Match[str] | None:
         if proc.protocol.exited:
-            raise AssertionError(f"twistd exited early ({proc.protocol.code}):\n{proc.output}")
-        try:
-            return await bounded(client.get(url), 2)
-        except (ConnectionRefusedError, ResponseNeverReceived):
-            pass
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"{url} never answered:\n{proc.output}")
-        await tick(0.05)
+            raise AssertionError(f"exited early ({proc.protocol.code}):\n{proc.output}")
+        return pattern.search(proc.output)
+
+    return int((await wait_for(found, f"'{role} listening on'", timeout)).group(1))
+
+
+async def start_sim(h: Harness, *options: str) -> int:
+    """Run C{clawproxy sim} (id C{sim-1}) on a port of its choosing; its port."""
+    proc = h.spawn("-m", "clawproxy.cli", "sim", "--listen", "tcp:0:interface=127.0.0.1",
+                   "--id", "sim-1", *options)
+    return await listening(proc, "simulator sim-1")
+
+
+def occupied_port(case: TestCase) -> int:
+    """A loopback port another socket listens on for the whole test."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    case.addCleanup(s.close)
+    return s.getsockname()[1]
 
 
 class TwistdTests(TestCase):
@@ -91,13 +107,16 @@ class TwistdTests(TestCase):
         last log lines included) without a traceback and stops listening.
         """
         h = Harness(self)
-        port, admin, sim = free_port(), free_port(), free_port()
+        sim = await start_sim(h, *SIM)
         with open(h.path("gateway.yaml"), "w") as f:
-            f.write(GOOD.format(port=port, admin=admin, sim=sim))
+            f.write(GOOD.format(sim=sim))
         proc = h.spawn(*TWISTD, "-n", "--pidfile=", "clawproxy", "-c", "gateway.yaml")
+        local = await listening(proc, "simulator sim-local")
+        port = await listening(proc, "clawproxy data plane")
+        admin = await listening(proc, "clawproxy admin")
         client = h.client()
         url = f"http://127.0.0.1:{port}"
-        response = await wait_until_up(client, url + "/health", proc)
+        response = await bounded(client.get(url + "/health"))
         self.assertEqual(response.code, 200)
         health = json.loads(await bounded(response.content()))
         self.assertIn(health["status"], ("healthy", "degraded"))
@@ -121,6 +140,12 @@ class TwistdTests(TestCase):
         self.assertEqual(response.code, 200)
         status = json.loads(await bounded(response.content()))
         self.assertEqual(status["pools"]["sim"]["instances"][0]["requests"], 2)
+
+        # The simulator the config starts in the gateway process answers too.
+        response = await bounded(client.get(f"http://127.0.0.1:{local}/health"))
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders("x-sim-instance"), ["sim-local"])
+        await bounded(response.content())
 
         await bounded(h.pools[0].closeCachedConnections())
         proc.signal("TERM")
@@ -146,15 +171,12 @@ class TwistdTests(TestCase):
         already in flight is relayed to its end before the process exits.
         """
         h = Harness(self)
-        port, admin, sim = free_port(), free_port(), free_port()
-        config = GOOD.format(port=port, admin=admin, sim=sim).replace(
-            "tokens_per_second: 500, max_tokens: 8", "tokens_per_second: 20, max_tokens: 20")
+        sim = await start_sim(h, "--ttft", "10ms", "--tokens-per-second", "20",
+                              "--max-tokens", "20")
         with open(h.path("gateway.yaml"), "w") as f:
-            f.write(config)
+            f.write(GOOD.format(sim=sim))
         proc = h.spawn(*TWISTD, "-n", "--pidfile=", "clawproxy", "-c", "gateway.yaml")
-        url = f"http://127.0.0.1:{port}"
-        response = await wait_until_up(h.client(), url + "/health", proc)
-        await bounded(response.content())
+        url = f"http://127.0.0.1:{await listening(proc, 'clawproxy data plane')}"
         response = await bounded(h.client().post(url + "/v1/chat/completions",
                                                  json={**HELLO, "stream": True}))
         self.assertEqual(response.code, 200)
@@ -183,6 +205,29 @@ class TwistdTests(TestCase):
         self.assertIn(code, (0, -signal.SIGTERM), proc.output)
         self.assertNotIn("Traceback", proc.output)
 
+    async def test_port_in_use(self) -> None:
+        """
+        When a listener's address is taken, twistd exits 1 with one line
+        naming the listener, its config key and the address (no traceback),
+        and leaves no pid file behind.
+        """
+        h = Harness(self)
+        busy = occupied_port(self)
+        with open(h.path("gateway.yaml"), "w") as f:
+            f.write(GOOD.format(sim=1).replace('listen: ["tcp:0:', f'listen: ["tcp:{busy}:'))
+        proc = h.spawn(*TWISTD, "-n", "clawproxy", "-c", "gateway.yaml")
+        code = await proc.wait(20)
+        self.assertEqual(code, 1, proc.output)
+        self.assertNotIn("Traceback", proc.output)
+        (line,) = [x for x in proc.output.splitlines() if "cannot listen" in x]
+        self.assertIn(
+            f"clawproxy data plane cannot listen on 127.0.0.1:{busy} "
+            f"(server.listen[0]: tcp:{busy}:interface=127.0.0.1): Address already in use",
+            line)
+        # twistd's two start-up lines, the simulator started before it, and this one.
+        self.assertLessEqual(len(proc.output.strip().splitlines()), 5, proc.output)
+        self.assertFalse(os.path.exists(h.path("twistd.pid")))
+
     async def test_bad_config_refused(self) -> None:
         """
         With an invalid config twistd exits non-zero, listing every error as
@@ -199,6 +244,33 @@ class TwistdTests(TestCase):
         self.assertNotIn("Traceback", proc.output)
 
 
+class SimTests(TestCase):
+    timeout = 60
+
+    async def test_port_zero_reported(self) -> None:
+        """
+        C{clawproxy sim --listen tcp:0:...} prints the address it really
+        listens on, and answers there.
+        """
+        h = Harness(self)
+        port = await start_sim(h)
+        response = await bounded(h.client().get(f"http://127.0.0.1:{port}/health"))
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders("x-sim-instance"), ["sim-1"])
+        await bounded(response.content())
+
+    async def test_port_in_use(self) -> None:
+        """C{clawproxy sim} on a taken port exits 1 with one line naming it."""
+        h = Harness(self)
+        busy = occupied_port(self)
+        code, out, err = await h.run("-m", "clawproxy.cli", "sim", "--listen",
+                                     f"tcp:{busy}:interface=127.0.0.1")
+        self.assertEqual((code, out), (1, ""))
+        self.assertEqual(err.splitlines(), [
+            f"simulator sim-1 cannot listen on 127.0.0.1:{busy} "
+            f"(--listen tcp:{busy}:interface=127.0.0.1): Address already in use"])
+
+
 class CheckConfigTests(TestCase):
     timeout = 60
 
@@ -209,7 +281,7 @@ class CheckConfigTests(TestCase):
         """
         h = Harness(self)
         with open(h.path("gateway.yaml"), "w") as f:
-            f.write(GOOD.format(port=8080, admin=9901, sim=11501))
+            f.write(GOOD.format(sim=11501))
         code, out, err = await h.run("-m", "clawproxy.cli", "check-config", "gateway.yaml")
         self.assertEqual((code, err), (0, ""))
         self.assertIn("gateway.yaml: OK", out)

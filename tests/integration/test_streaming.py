@@ -9,10 +9,12 @@ import json
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from tests.integration.edge import access_lines, parsed_access_lines
 from tests.integration.helpers import (
     HELLO,
     Harness,
@@ -20,7 +22,6 @@ from tests.integration.helpers import (
     buffered,
     pool,
     response_complete,
-    tick,
     wait_for,
 )
 
@@ -50,64 +51,68 @@ class StreamingTests(TestCase):
     async def test_first_chunk_before_backend_finishes(self) -> None:
         """
         A C{"stream": true} chat request is relayed chunk by chunk: the
-        client reads its first SSE event while the backend is still
-        generating (1s of tokens), and the whole stream then arrives intact.
+        client reads the first SSE event while the backend is still
+        generating, each later event as soon as the backend sends it, and
+        the whole stream then arrives intact. (The simulator runs on a fake
+        clock, so the test releases each of its chunks.)
         """
         h = Harness(self)
-        sim = h.simulator("slow", ttft=0.05, tokens_per_second=10.0, max_tokens=10)
+        clock = Clock()
+        # Binary fractions: every tick falls exactly on a sum of advances.
+        sim = h.simulator("slow", clock=clock, ttft=0.0625, tokens_per_second=8.0,
+                          max_tokens=8)
         gw = await h.gateway(h.config({"sim": pool(sim)}))
-        client = h.client()
-        started = reactor.seconds()
-        response = await bounded(client.post(
-            gw.url + "/v1/chat/completions", json={**HELLO, "stream": True}
-        ))
+        pending = h.client().post(gw.url + "/v1/chat/completions",
+                                  json={**HELLO, "stream": True})
+        await wait_for(lambda: sim.resource.active == 1, "the request to reach the backend")
+        clock.advance(0.0625)  # the backend sends its head and first event
+        response = await bounded(pending)
         self.assertEqual(response.code, 200)
         self.assertEqual(response.headers.getRawHeaders("content-type"), ["text/event-stream"])
         self.assertEqual(response.headers.getRawHeaders("x-sim-instance"), ["slow"])
-        chunks: list[tuple[float, bytes, int]] = []
+        chunks: list[bytes] = []
+        done = response.collect(chunks.append)
 
-        def got(data: bytes) -> None:
-            chunks.append((reactor.seconds(), data, sim.resource.active))
+        def events() -> int:
+            return b"".join(chunks).count(b"\n\n")
 
-        await bounded(response.collect(got), 10)
-        finished = reactor.seconds()
-        first_at, first, active_then = chunks[0]
-        self.assertIn(b"data: ", first)
-        # The backend was still working on this very request when the first
-        # chunk reached the client...
-        self.assertEqual(active_then, 1)
-        # ...which was long before the whole answer was done (10 tokens at 10/s).
-        self.assertLess(first_at - started, 0.5)
-        self.assertGreater(finished - started, 0.9)
-        self.assertGreater(len(chunks), 5)
-        body = b"".join(c for _, c, _ in chunks)
-        events = sse_events(body)
-        self.assertEqual(events[-1], b"[DONE]")
-        pieces = [json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1]]
-        self.assertEqual("".join(pieces).split(), ["hello", "there"] * 5)
+        await wait_for(lambda: events() == 1, "the first event")
+        # The backend is still working on this very request.
+        self.assertEqual((sim.resource.active, sim.resource.requests_served), (1, 0))
+        for k in range(1, 9):
+            clock.advance(0.125)  # the backend sends token k
+            await wait_for(lambda k=k: events() >= k + 1, f"event {k + 1}")
+        await bounded(done)
+        body = b"".join(chunks)
+        events_ = sse_events(body)
+        self.assertEqual(events_[-1], b"[DONE]")
+        pieces = [json.loads(e)["choices"][0]["delta"].get("content", "") for e in events_[:-1]]
+        self.assertEqual("".join(pieces).split(), ["hello", "there"] * 4)
         self.assertEqual(sim.resource.requests_served, 1)
 
     async def test_client_disconnect_cancels_upstream(self) -> None:
         """
         A client that closes its connection in the middle of a stream stops
-        the backend's work at once: the simulator has no active request left
-        long before its 4s answer would have ended, and the gateway counts no
-        active upstream request either.
+        the backend's work: the simulator drops the request (its timer for
+        the next token is cancelled, while its fake clock never let the
+        answer end), and the gateway counts no active upstream request either.
         """
         h = Harness(self)
-        sim = h.simulator("slow", ttft=0.02, tokens_per_second=10.0, max_tokens=40)
+        clock = Clock()
+        sim = h.simulator("slow", clock=clock, ttft=0.0625, tokens_per_second=8.0,
+                          max_tokens=32)
         gw = await h.gateway(h.config({"sim": pool(sim)}))
         client = await h.raw(gw.port, stream_request(gw.port, {**HELLO, "stream": True}))
+        await wait_for(lambda: sim.resource.active == 1, "the request to reach the backend")
+        clock.advance(0.0625)
         await client.when(lambda data: b"data: " in data)
         self.assertEqual(sim.resource.active, 1)
         self.assertEqual(gw.instance("slow").active, 1)
-        left = reactor.seconds()
+        self.assertEqual(len(clock.getDelayedCalls()), 1)  # the next token
         client.transport.abortConnection()
-        await wait_for(lambda: sim.resource.active == 0, "the simulator to drop the request",
-                       timeout=2.0)
-        self.assertLess(reactor.seconds() - left, 2.0)
-        await wait_for(lambda: gw.instance("slow").active == 0, "the gateway to forget it",
-                       timeout=2.0)
+        await wait_for(lambda: sim.resource.active == 0, "the simulator to drop the request")
+        await wait_for(lambda: gw.instance("slow").active == 0, "the gateway to forget it")
+        self.assertEqual(clock.getDelayedCalls(), [])
         self.assertEqual(sim.resource.requests_served, 0)
 
     async def test_client_disconnect_before_answer_is_not_retried(self) -> None:
@@ -124,11 +129,13 @@ class StreamingTests(TestCase):
         client = await h.raw(gw.port, stream_request(gw.port, {**HELLO, "stream": True}))
         await wait_for(lambda: first.resource.sim.active == 1, "the request to reach a backend")
         client.transport.abortConnection()
-        await wait_for(lambda: first.resource.sim.active == 0, "the upstream request to end",
-                       timeout=2.0)
-        # A resend would reach the second instance within a few reactor turns.
-        for _ in range(20):
-            await tick(0.01)
+        await wait_for(lambda: first.resource.sim.active == 0, "the upstream request to end")
+        # The access-log line is written once the gateway is done with the
+        # request: any resend would have been made by then.
+        await wait_for(lambda: access_lines(gw), "the access-log line")
+        (line,) = parsed_access_lines(gw)
+        self.assertEqual((line["status"], line["instance"], line["attempts"]),
+                         (499, "first", 1))
         self.assertEqual(second.resource.received, [])
         self.assertEqual(gw.instance("first").active, 0)
         self.assertEqual(gw.instance("second").active, 0)
@@ -159,10 +166,11 @@ class StreamingTests(TestCase):
         gateway_side = [t for t in h.tracker.open()
                         if t.getHost().port == gw.port]
         self.assertEqual(len(gateway_side), 1)
-        # Let the reactor settle: the gateway would keep reading upstream now
-        # if it were not paused.
-        for _ in range(20):
-            await tick(0.005)
+        (upstream,) = [t for t in h.tracker.open() if t.getPeer().port == sim.number]
+        # The gateway stops reading from the backend (its transport leaves
+        # the reactor's readers) once the client's side is full.
+        await wait_for(lambda: upstream not in reactor.getReaders(),
+                       "the gateway to pause its upstream read")
         held = buffered(gateway_side[0])
         sim_side = [t for t in sim.open_transports()]
         backlog = sum(buffered(t) for t in sim_side)
