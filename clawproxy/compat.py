@@ -62,7 +62,7 @@ class HTTPChannel(http.HTTPChannel):
     Assumes C{HTTPChannel}:
       - keeps C{__first_line} (so C{_HTTPChannel__first_line}) truthy while
         the next line read is a request line, false from the request line
-        until the request is done;
+        until the request's content is in;
       - counts the head's bytes so far in C{_receivedHeaderSize};
       - stores the request line's parts in C{_command}, C{_path} and
         C{_version} (unset before the first request line), and reads
@@ -260,8 +260,9 @@ def response_parser(protocol: Any) -> Any:
 
     Assumes C{HTTP11ClientProtocol.request} creates an C{HTTPClientParser}
     and keeps it in C{_parser} while the response is read; that the parser
-    reads each head line through C{self.lineReceived} (so an instance
-    attribute replaces it), has C{state} equal to L{PARSER_BODY_STATE} once
+    splits the head on LF alone (a CR stays at the end of the line) and reads
+    each line through C{self.lineReceived} (so an instance attribute
+    replaces it), has C{state} equal to L{PARSER_BODY_STATE} once
     the head is in, and files the C{Connection} header apart from
     C{response.headers} (see L{connection_header}).
     """
