@@ -7,16 +7,19 @@ here, by name, rather than in production.
 from __future__ import annotations
 
 import io
+import sys
 from typing import Any
 
 import h2.config
 import h2.connection
 import h2.events
+from twisted.application import app
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import succeed
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.task import Clock, Cooperator
 from twisted.internet.testing import StringTransport
+from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import http, server
@@ -296,6 +299,30 @@ class H2Tests(SynchronousTestCase):
         self.assertIs(request.channel.site, conn.site)
         self.assertFalse(compat.is_h2_stream(http.HTTPChannel()))
 
+    def test_parse_cookies_before_continue(self) -> None:
+        """
+        C{H2Stream} calls the request's C{parseCookies()} once the stream's
+        headers are in and before it decides on C{100 Continue}: a request
+        that drops C{Expect} there (a refused head) gets no C{100 Continue}.
+        """
+
+        def informational(request_class: type) -> list[Any]:
+            conn, client, transport, _, _ = h2_server()
+            conn.requestFactory = request_class
+            client.send_headers(1, [(":method", "POST"), (":path", "/x"), (":scheme", "https"),
+                                    (":authority", "gw"), ("expect", "100-continue")])
+            conn.dataReceived(client.data_to_send())
+            events = client.receive_data(transport.value())
+            return [e for e in events if isinstance(e, h2.events.InformationalResponseReceived)]
+
+        class Refusing(server.Request):
+            def parseCookies(self) -> None:
+                self.requestHeaders.removeHeader(b"expect")
+                super().parseCookies()
+
+        self.assertEqual(len(informational(server.Request)), 1)
+        self.assertEqual(informational(Refusing), [])
+
     def test_state_machine_replaceable(self) -> None:
         """
         C{conn}, created in C{__init__}, may be replaced before C{connectionMade};
@@ -512,3 +539,23 @@ class CooperatorTests(SynchronousTestCase):
             clock.advance(0)
         self.assertEqual(sink.getvalue(), b"abc")
         cooperator.stop()
+
+
+class TwistdTests(SynchronousTestCase):
+    """What clawproxy's C{twistd} plugin relies on."""
+
+    def test_usage_error_exits_non_zero(self) -> None:
+        """
+        twistd exits with status 1 when the plugin's options refuse the
+        command line (Twisted >= 26.10; before, it printed the error and
+        exited 0, so a bad config did not fail the process).
+        """
+
+        class Refusing(usage.Options):
+            def parseOptions(self, options: Any = None) -> None:
+                raise usage.UsageError("invalid configuration")
+
+        self.patch(sys, "stdout", io.StringIO())
+        with self.assertRaises(SystemExit) as caught:
+            app.run(lambda config: None, Refusing)
+        self.assertEqual(caught.exception.code, 1)
