@@ -31,6 +31,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from clawproxy.compat import use_cooperator
 from clawproxy.web.context import RequestContext
 from clawproxy.web.headers import connection_named, forwarded_headers, response_headers
 from clawproxy.web.pipe import (
@@ -378,7 +379,7 @@ class BodyProducerTests(SynchronousTestCase):
             f.write(data)
             for _ in range(2):
                 producer = body_producer(f)
-                producer._cooperate = cooperator.cooperate
+                use_cooperator(producer, cooperator)
                 self.assertEqual(producer.length, len(data))
                 sink = io.BytesIO()
                 d = producer.startProducing(sink)

@@ -122,7 +122,7 @@ class SiteTests(SynchronousTestCase):
         conn.send(b"POST /v1/x HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n")
         conn.send(b"40\r\n" + b"c" * 64 + b"\r\n")
         self.assertEqual(conn.transport.value(), b"")
-        request = conn.protocol._channel.requests[-1]
+        request = conn.protocol.channel.requests[-1]
         conn.send(b"40\r\n" + b"c" * 64 + b"\r\n")
         self.assertTrue(request.too_large)
         self.assertIsInstance(request.content, _Discarding)
@@ -187,7 +187,7 @@ class GotLengthTests(SynchronousTestCase):
         protocol = site.buildProtocol(IPv4Address("TCP", "10.0.0.7", 1))
         protocol.makeConnection(StringTransport())
         self.addCleanup(protocol.connectionLost, Failure(ConnectionDone()))
-        return GatewayRequest(protocol._channel, False)
+        return GatewayRequest(protocol.channel, False)
 
     def test_over_limit(self) -> None:
         """Over the limit: flagged, and the body goes to a sink that keeps nothing."""

@@ -6,13 +6,15 @@ import gc
 import weakref
 
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web._newclient import HTTPClientParser, Request
 from twisted.web.client import URI
 from twisted.web.http_headers import Headers
 
-from clawproxy.backends.upstream import _watch_bare_lf, make_agent, make_pool
+from clawproxy.backends.upstream import _EndpointCache, _watch_bare_lf, make_agent, make_pool
+from clawproxy.compat import ClientRequest as Request
+from clawproxy.compat import HTTPClientParser
 
 
 class EndpointTests(SynchronousTestCase):
@@ -21,9 +23,16 @@ class EndpointTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
         self.agent = make_agent(self.reactor, make_pool(self.reactor), connect_timeout=7.0)
+        self.endpoints = _EndpointCache(self.reactor, connect_timeout=7.0)
 
     def endpoint(self, url: bytes):
-        return self.agent._getEndpoint(URI.fromBytes(url))
+        return self.endpoints.endpointForURI(URI.fromBytes(url))
+
+    def connects_to(self, endpoint) -> tuple[str, int, float]:
+        """Where C{endpoint} connects: host, port and connect timeout given to the reactor."""
+        endpoint.connect(Factory.forProtocol(Protocol))
+        ((host, port, _factory, timeout, _bind),) = self.reactor.tcpClients
+        return host, port, timeout
 
     def test_reused(self) -> None:
         """Requests to the same scheme, host and port share one endpoint; others do not."""
@@ -36,13 +45,13 @@ class EndpointTests(SynchronousTestCase):
         """An http upstream at an IPv4 address connects over plain TCP, no name resolution."""
         ep = self.endpoint(b"http://10.0.0.11:11434/api/chat")
         self.assertIsInstance(ep, TCP4ClientEndpoint)
-        self.assertEqual((ep._host, ep._port, ep._timeout), ("10.0.0.11", 11434, 7.0))
+        self.assertEqual(self.connects_to(ep), ("10.0.0.11", 11434, 7.0))
 
     def test_ipv6_literal(self) -> None:
         """An http upstream at an IPv6 address connects over plain TCP6."""
         ep = self.endpoint(b"http://[::1]:8080/")
         self.assertIsInstance(ep, TCP6ClientEndpoint)
-        self.assertEqual((ep._host, ep._port, ep._timeout), ("::1", 8080, 7.0))
+        self.assertEqual(self.connects_to(ep), ("::1", 8080, 7.0))
 
     def test_hostname(self) -> None:
         """A name is resolved on each new connection, as Twisted's Agent does."""

@@ -6,11 +6,24 @@ import weakref
 from typing import Any
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.web._newclient import BODY, HTTP11ClientProtocol
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
-from twisted.web.iweb import IAgentEndpointFactory
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.web.error import SchemeNotSupported
+from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
+
+from clawproxy.compat import (
+    PARSER_BODY_STATE,
+    HTTP11ClientProtocol,
+    connection_header,
+    response_parser,
+    use_client_protocol,
+)
 
 
 class _ClientProtocol(HTTP11ClientProtocol):
@@ -34,7 +47,7 @@ class _ClientProtocol(HTTP11ClientProtocol):
 
     def request(self, request: Any) -> Any:
         d = super().request(request)
-        parser = self._parser
+        parser = response_parser(self)
         if parser is not None and not d.called:
             _watch_bare_lf(parser)
             d.addCallback(_keep_connection_header, parser)
@@ -61,7 +74,7 @@ def _watch_bare_lf(parser: Any) -> None:
         p = parser_ref()
         if p is None:
             return
-        if line[-1:] != b"\r" and p.state != BODY:
+        if line[-1:] != b"\r" and p.state != PARSER_BODY_STATE:
             p.bare_lf = True
         line_received(p, line)
 
@@ -69,18 +82,9 @@ def _watch_bare_lf(parser: Any) -> None:
 
 
 def _keep_connection_header(response: Any, parser: Any) -> Any:
-    response.connection_header = tuple(parser.connHeaders.getRawHeaders(b"connection") or ())
+    response.connection_header = connection_header(parser)
     response.bare_lf = parser.bare_lf
     return response
-
-
-class _QuietClientFactory(_HTTP11ClientFactory):
-    """Twisted's client factory without a log line per new upstream connection."""
-
-    noisy = False
-
-    def buildProtocol(self, addr: Any) -> HTTP11ClientProtocol:
-        return _ClientProtocol(self._quiescentCallback)
 
 
 def make_pool(reactor: Any, max_per_host: int = 256, idle_timeout: float = 60.0
@@ -95,7 +99,7 @@ def make_pool(reactor: Any, max_per_host: int = 256, idle_timeout: float = 60.0
     pool.maxPersistentPerHost = max_per_host
     pool.cachedConnectionTimeout = idle_timeout
     pool.retryAutomatically = False
-    pool._factory = _QuietClientFactory
+    use_client_protocol(pool, _ClientProtocol)
     return pool
 
 
@@ -119,15 +123,18 @@ class _EndpointCache:
     the reactor's thread pool on every new connection (a thread hop and a
     GIL hand-off before the connect even starts). Names still go through
     C{HostnameEndpoint}, so DNS changes are followed; C{https} upstreams keep
-    Twisted's TLS endpoint whatever their host.
+    Twisted's TLS endpoint whatever their host. Other endpoints are built as
+    C{Agent}'s own default does: C{HostnameEndpoint}, wrapped in TLS with
+    C{BrowserLikePolicyForHTTPS} for C{https}.
     """
 
     _MAX = 1024  # instance URLs come from the config; this only bounds a bug
 
-    def __init__(self, factory: Any, reactor: Any, connect_timeout: float) -> None:
-        self._factory = factory
+    def __init__(self, reactor: Any, connect_timeout: float,
+                 tls_policy: IPolicyForHTTPS | None = None) -> None:
         self._reactor = reactor
         self._timeout = connect_timeout
+        self._tls = tls_policy if tls_policy is not None else BrowserLikePolicyForHTTPS()
         self._endpoints: dict[tuple[bytes, bytes, int], Any] = {}
 
     def endpointForURI(self, uri: Any) -> Any:
@@ -146,10 +153,19 @@ class _EndpointCache:
                 return TCP4ClientEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
             if isIPv6Address(host):
                 return TCP6ClientEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
-        return self._factory.endpointForURI(uri)
+        try:
+            host = uri.host.decode("ascii")
+        except UnicodeDecodeError:
+            raise ValueError(f"The host of the provided URI ({uri.host!r}) contains non-ASCII "
+                             "octets, it should be ASCII decodable.") from None
+        endpoint = HostnameEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
+        if uri.scheme in (b"http", b"ws"):
+            return endpoint
+        if uri.scheme in (b"https", b"wss"):
+            return wrapClientTLS(self._tls.creatorForNetloc(uri.host, uri.port), endpoint)
+        raise SchemeNotSupported(f"Unsupported scheme: {uri.scheme!r}")
 
 
 def make_agent(reactor: Any, pool: HTTPConnectionPool, connect_timeout: float = 10.0) -> Agent:
-    agent = Agent(reactor, pool=pool, connectTimeout=connect_timeout)
-    agent._endpointFactory = _EndpointCache(agent._endpointFactory, reactor, connect_timeout)
-    return agent
+    """An C{Agent} on C{pool} that connects through L{_EndpointCache}."""
+    return Agent.usingEndpointFactory(reactor, _EndpointCache(reactor, connect_timeout), pool=pool)

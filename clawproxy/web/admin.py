@@ -21,6 +21,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from clawproxy import __version__
 from clawproxy.backends.registry import Instance, Registry
+from clawproxy.compat import client_gone
 from clawproxy.errors import Rejected, error_body
 from clawproxy.metrics import CONTENT_TYPE, Metrics
 from clawproxy.web.gateway import format_uptime
@@ -178,12 +179,12 @@ class AdminResource(Resource):
                 "success_count": 0, "last_failure_time": None}
 
     def _write_json(self, result: Any, request: Any) -> None:
-        if not request._disconnected:
+        if not client_gone(request):
             request.write(self._json(request, 200, result))
             request.finish()
 
     def _failed(self, failure: Failure, request: Any) -> None:
-        if request._disconnected:
+        if client_gone(request):
             return
         if failure.check(Rejected):
             body = self._error(request, failure.value)

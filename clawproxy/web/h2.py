@@ -16,10 +16,11 @@ import h2.errors
 import h2.settings
 from twisted.internet.error import ConnectionLost
 from twisted.python.failure import Failure
-from twisted.web._http2 import H2Connection
+
+from clawproxy import compat
 
 
-class _RefusingConnection(h2.connection.H2Connection):
+class _RefusingConnection(compat.H2StateMachine):
     """
     h2's connection state machine, except that a stream opened beyond our
     C{SETTINGS_MAX_CONCURRENT_STREAMS} is refused with RST_STREAM
@@ -36,22 +37,22 @@ class _RefusingConnection(h2.connection.H2Connection):
         # Let h2's own check pass once, for the stream refused just below.
         return n - 1 if self._admitting else n
 
-    def _receive_headers_frame(self, frame: Any) -> Any:
+    def headers_frame_received(self, frame: Any) -> Any:
         if (frame.stream_id in self.streams
                 or self.open_inbound_streams < self.local_settings.max_concurrent_streams):
-            return super()._receive_headers_frame(frame)
+            return super().headers_frame_received(frame)
         # Accept the HEADERS (keeping HPACK and stream state right), then
         # reset the stream; the server never sees the request.
         self._admitting = True
         try:
-            frames, events = super()._receive_headers_frame(frame)
+            frames, events = super().headers_frame_received(frame)
         finally:
             self._admitting = False
         self.reset_stream(frame.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
         return frames, [e for e in events if getattr(e, "stream_id", None) != frame.stream_id]
 
 
-class GatewayH2Connection(H2Connection):
+class GatewayH2Connection(compat.H2Connection):
     """
     An H2Connection that refuses streams over the concurrency cap and closes
     connections abusing stream resets.
@@ -69,17 +70,17 @@ class GatewayH2Connection(H2Connection):
                             max_concurrent_streams},
         )
 
-    def _requestAborted(self, event: Any) -> None:
+    def stream_reset(self, event: Any) -> None:
         self.resets += 1
         if self.resets > self.max_resets:
             stream = self.streams.get(event.stream_id)
             if stream is not None:
                 stream.connectionLost(Failure(ConnectionLost("stream reset")))
-                self._requestDone(event.stream_id)
+                self.stream_done(event.stream_id)
             self.conn.close_connection(error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
-            self._terminate(Failure(ConnectionLost("too many stream resets")))
+            self.terminate(Failure(ConnectionLost("too many stream resets")))
             return
-        super()._requestAborted(event)
+        super().stream_reset(event)
 
     def abortRequest(self, streamID: int) -> None:
         """
@@ -93,19 +94,19 @@ class GatewayH2Connection(H2Connection):
         """
         stream = self.streams.get(streamID)
         self.conn.reset_stream(streamID, h2.errors.ErrorCodes.INTERNAL_ERROR)
-        if self._tryToWriteControlData():
-            self._requestDone(streamID)
+        if self.flush_control_data():
+            self.stream_done(streamID)
             if stream is not None:
                 stream.connectionLost(Failure(ConnectionLost("response aborted")))
 
-    def _terminate(self, reason: Failure) -> None:
+    def terminate(self, reason: Failure) -> None:
         """
         As Twisted's, but let the transport really close: Twisted leaves this
         connection registered as the transport's producer, and a TLS
         transport does not start its close while one is registered, so a
         connection closed with GOAWAY lingered until the idle timeout.
         """
-        if self._tryToWriteControlData():
+        if self.flush_control_data():
             self.transport.unregisterProducer()
             self.transport.loseConnection()
-            self.connectionLost(reason, _cancelTimeouts=False)
+            self.lost_keeping_timers(reason)

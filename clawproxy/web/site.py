@@ -10,8 +10,8 @@ from typing import Any
 
 from twisted.internet.protocol import Protocol
 from twisted.web import http, server
-from twisted.web._http2 import H2Stream
 
+from clawproxy import compat
 from clawproxy.errors import Rejected, bad_request
 from clawproxy.policy.validation import (
     check_header_names,
@@ -68,7 +68,7 @@ class GatewayRequest(server.Request):
     def parseCookies(self) -> None:
         # For HTTP/2, Twisted's H2Stream calls this once all of the stream's
         # headers are in, just before it decides on 100 Continue.
-        if isinstance(self.channel, H2Stream) and not self._h2_checked:
+        if isinstance(self.channel, compat.H2Stream) and not self._h2_checked:
             self._h2_checked = True
             try:
                 self._check_h2_head()
@@ -142,7 +142,7 @@ class GatewayRequest(server.Request):
         self.content.write(data)
 
 
-class GatewayChannel(http.HTTPChannel):
+class GatewayChannel(compat.HTTPChannel):
     """
     An HTTP/1.1 channel that checks each request head before any body is
     read or C{100 Continue} sent, and refuses bad ones at once with the SPEC's
@@ -177,15 +177,15 @@ class GatewayChannel(http.HTTPChannel):
         super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:
-        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+        if self.head_size + len(line) > self.totalHeadersSize:
             self._refuse_head()
             return
-        if line[:1] in (b" ", b"\t") and not self._HTTPChannel__first_line:
+        starting = self.reading_request_line
+        if line[:1] in (b" ", b"\t") and not starting:
             self.refuse(bad_request("obsolete line folding in headers", "invalid_header"))
             return
-        starting = self._HTTPChannel__first_line
         super().lineReceived(line)
-        if starting and not self._HTTPChannel__first_line and not self._refused:
+        if starting and not self.reading_request_line and not self._refused:
             self._pending = True
 
     def lineLengthExceeded(self, line: bytes) -> None:
@@ -209,11 +209,13 @@ class GatewayChannel(http.HTTPChannel):
         site = self.site
         req = self.requests[-1]
         headers = req.requestHeaders
-        check_method(self._command)
-        host = check_host(headers.getRawHeaders(b"host"), self._version)
-        self._path = check_target(self._path, self._command, host)
+        method = self.request_method
+        version = self.request_version
+        check_method(method)
+        host = check_host(headers.getRawHeaders(b"host"), version)
+        path = self.request_target = check_target(self.request_target, method, host)
         te = headers.getRawHeaders(b"transfer-encoding")
-        if te and self._version == b"HTTP/1.0":
+        if te and version == b"HTTP/1.0":
             # RFC 9112 6.1: faulty framing (Twisted would decode it as chunked).
             raise bad_request("Transfer-Encoding in an HTTP/1.0 request", "invalid_framing")
         check_transfer_encoding(te)
@@ -223,7 +225,7 @@ class GatewayChannel(http.HTTPChannel):
             raise Rejected(413, "request body exceeds max_body_size", "invalid_request_error",
                            "request_too_large")
         for check in site.early_checks:
-            check(self._command, self._path, headers)
+            check(method, path, headers)
 
     def rawDataReceived(self, data: bytes) -> None:
         if self._refused:
@@ -259,8 +261,7 @@ class GatewayChannel(http.HTTPChannel):
         self._cancel_body_timer()
         if self._pending and not self._refused:
             self._pending = False
-            self.site.refused(self, getattr(self, "_command", None) or b"-",
-                              getattr(self, "_path", None) or b"-",
+            self.site.refused(self, self.request_method or b"-", self.request_target or b"-",
                               Rejected(499, "client closed the connection mid-request",
                                        "invalid_request_error", "client_disconnected"))
         super().connectionLost(reason)
@@ -282,7 +283,7 @@ class GatewayChannel(http.HTTPChannel):
         self.refuse(Rejected(408, "request head not received in time", "invalid_request_error",
                              "request_timeout"))
 
-    def _respondToBadRequestAndDisconnect(self) -> None:
+    def parser_refused(self) -> None:
         """Twisted's parser refused the request: answer in our shape, and log it."""
         self.refuse(bad_request("malformed request", "malformed_request"))
 
@@ -301,55 +302,36 @@ class GatewayChannel(http.HTTPChannel):
         self._refused = True
         self._cancel_head_timer()
         self._cancel_body_timer()
-        command = getattr(self, "_command", None) or b"-"
-        path = getattr(self, "_path", None) or b"-"
+        command = self.request_method or b"-"
+        path = self.request_target or b"-"
         request_id = self.site.refused(self, command, path, rej)
         self.transport.write(raw_error_response(rej, request_id))
         self.transport.loseConnection()
         self.dataReceived = self.lineReceived = lambda *a: None  # type: ignore[method-assign]
 
 
-class _CountedProtocol(http._GenericHTTPChannelProtocol):
+class _CountedProtocol(compat.GenericHTTPChannelProtocol):
     """
     Twisted's HTTP/1.1-or-h2 switch, counting open connections on the site
     and using L{GatewayH2Connection} when ALPN chooses h2.
     """
 
-    def dataReceived(self, data: bytes) -> None:
-        if self._negotiatedProtocol is None:
-            negotiated = getattr(self._channel.transport, "negotiatedProtocol", None)
-            if negotiated == b"h2":
-                self._switch_to_h2()
-        super().dataReceived(data)
-
-    def _switch_to_h2(self) -> None:
-        """As Twisted's own switch, with our connection class and limits."""
+    def make_h2_channel(self) -> Any:
+        """Our HTTP/2 connection class and limits; the HTTP/1.1 head timer stops."""
         from clawproxy.web.h2 import GatewayH2Connection
 
-        site = self._site
-        network = self._channel._networkProducer
-        network.unregisterProducer()
-        self._channel.setTimeout(None)
-        self._channel._cancel_head_timer()
-        transport = self._channel.transport
-        self._channel = GatewayH2Connection(
+        self.channel._cancel_head_timer()
+        site = self.site
+        return GatewayH2Connection(
             site.reactor, site.max_concurrent_streams, site.max_stream_resets
         )
-        self._channel.requestFactory = self._requestFactory
-        self._channel.site = site
-        self._channel.factory = self._factory
-        self._channel.timeOut = self._timeOut
-        self._channel.callLater = self._callLater
-        self._channel.makeConnection(transport)
-        network.registerProducer(self._channel, True)
-        self._negotiatedProtocol = b"h2"
 
     def makeConnection(self, transport: Any) -> None:
-        self._site.open_connections += 1
+        self.site.open_connections += 1
         super().makeConnection(transport)
 
     def connectionLost(self, reason: Any) -> None:
-        self._site.open_connections -= 1
+        self.site.open_connections -= 1
         super().connectionLost(reason)
 
 
@@ -387,7 +369,10 @@ class GatewaySite(server.Site):
 
     def protocol(self) -> Any:  # type: ignore[override]
         """Our channel, wrapped so TLS connections can still switch to HTTP/2."""
-        return _CountedProtocol(GatewayChannel())
+        channel = GatewayChannel()
+        channel.totalHeadersSize = self.max_header_size
+        channel.MAX_LENGTH = self.max_header_size
+        return _CountedProtocol(channel)
 
     def __init__(self, resource: Any, max_body_size: int, max_header_size: int,
                  timeout: float, head_timeout: float = 10.0, reactor: Any = None,
@@ -418,12 +403,7 @@ class GatewaySite(server.Site):
     def buildProtocol(self, addr: Any) -> Any:
         if self.max_connections is not None and self.open_connections >= self.max_connections:
             return _RefuseConnection()
-        proto = super().buildProtocol(addr)
-        channel = getattr(proto, "_channel", proto)
-        if isinstance(channel, GatewayChannel):
-            channel.totalHeadersSize = self.max_header_size
-            channel.MAX_LENGTH = self.max_header_size
-        return proto
+        return super().buildProtocol(addr)
 
     def refused(self, channel: Any, method: bytes, path: bytes, rej: Rejected) -> str:
         if self.on_refused is None:

@@ -37,6 +37,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from clawproxy.compat import http_channel_of, observe_client_protocols
 from clawproxy.config import Config, parse_config
 from clawproxy.service import Gateway
 from clawproxy.simulator import SimSettings, SimulatorResource, simulator_site
@@ -103,7 +104,7 @@ def error_of(body: bytes) -> dict[str, Any]:
 
 def _transport_of(proto: Any) -> Any:
     """The reactor transport under C{proto} (through HTTP channel and TLS wrappers)."""
-    t = getattr(getattr(proto, "_channel", proto), "transport", None) or getattr(
+    t = getattr(http_channel_of(proto), "transport", None) or getattr(
         proto, "transport", None
     )
     while t is not None and not hasattr(t, "disconnected") and hasattr(t, "transport"):
@@ -138,16 +139,7 @@ class ConnectionTracker:
 
     def watch_pool(self, pool: HTTPConnectionPool) -> HTTPConnectionPool:
         """Record the client connections an L{HTTPConnectionPool} opens."""
-        tracker = self
-        base = pool._factory
-
-        class TrackedFactory(base):  # type: ignore[misc, valid-type]
-            def buildProtocol(self, addr: Any) -> Any:
-                proto = super().buildProtocol(addr)
-                tracker.protocols.append(proto)
-                return proto
-
-        pool._factory = TrackedFactory
+        observe_client_protocols(pool, self.protocols.append)
         return pool
 
     def open(self) -> list[Any]:

@@ -23,6 +23,7 @@ import attrs
 import h2.errors
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from clawproxy.config import hash_key
@@ -339,13 +340,7 @@ async def _trickle(proto: RawClient, data: bytes, interval: float) -> None:
         if proto.reason is not None:
             return
         proto.transport.write(data[i:i + 1])
-        await bounded(_sleep(interval), interval + 5)
-
-
-def _sleep(seconds: float) -> Deferred[None]:
-    d: Deferred[None] = Deferred(lambda _: call.cancel())
-    call = reactor.callLater(seconds, d.callback, None)
-    return d
+        await bounded(deferLater(reactor, interval), interval + 5)
 
 
 class CorpusTests(TestCase):

@@ -14,6 +14,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from clawproxy.compat import client_gone
 from tests.integration.edge import (
     H2Client,
     gauge_returns,
@@ -45,7 +46,7 @@ class Held(Resource):
     def release(self) -> None:
         pending, self.pending = self.pending, []
         for request in pending:
-            if not request._disconnected and not request.finished:
+            if not client_gone(request) and not request.finished:
                 request.setHeader(b"content-type", b"application/json")
                 request.write(b'{"ok": true}')
                 request.finish()
