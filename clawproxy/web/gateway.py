@@ -20,12 +20,12 @@ from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web._http2 import H2Stream
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from clawproxy import __version__
 from clawproxy.backends.registry import Pool, Registry
+from clawproxy.compat import client_gone, is_h2_stream
 from clawproxy.config import Config, expand_request_variables
 from clawproxy.errors import Rejected, bad_request, not_found, unavailable
 from clawproxy.interfaces import PHASES
@@ -198,7 +198,7 @@ class GatewayResource(Resource):
                                   code="no_healthy_upstream") from None
             self._write_local(ctx, answer)
             return
-        if not request.finished and not request._disconnected:
+        if not request.finished and not client_gone(request):
             request.finish()
 
     async def _run_phase(self, stages: list[Any], ctx: RequestContext) -> bool:
@@ -347,7 +347,7 @@ class GatewayResource(Resource):
 
     def _write_local(self, ctx: RequestContext, answer: LocalResponse) -> None:
         request = ctx.request
-        if request.finished or request._disconnected:
+        if request.finished or client_gone(request):
             return
         ctx.status = answer.status
         request.setResponseCode(answer.status)
@@ -365,7 +365,7 @@ class GatewayResource(Resource):
     def _fail(self, failure: Failure, ctx: RequestContext) -> None:
         """The one place that turns an exception into a response."""
         request = ctx.request
-        if failure.check(CancelledError) or request._disconnected:
+        if failure.check(CancelledError) or client_gone(request):
             ctx.error = ctx.error or "client_disconnected"
             return
         if request.finished:
@@ -418,7 +418,7 @@ def _abort(request: Any) -> None:
     channel = request.channel
     if channel is None:
         return
-    if isinstance(channel, H2Stream):
+    if is_h2_stream(channel):
         channel.abortConnection()
         return
     transport = getattr(channel, "transport", None)

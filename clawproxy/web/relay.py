@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError
 from twisted.internet.error import (
     ConnectError,
     ConnectionRefusedError,
@@ -19,6 +19,7 @@ from twisted.internet.error import (
     TimeoutError,
 )
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
@@ -27,6 +28,7 @@ from twisted.web.client import (
 )
 from twisted.web.iweb import UNKNOWN_LENGTH
 
+from clawproxy.compat import client_gone, drop_response_connection
 from clawproxy.errors import Rejected, bad_gateway, gateway_timeout, unavailable
 from clawproxy.metrics import Metrics
 from clawproxy.web.context import RequestContext
@@ -126,7 +128,7 @@ class Relay:
                 return
             metrics.upstream_retries_total.labels(pool.name).inc()
             if delay > 0:
-                await _sleep(self.clock, delay)
+                await deferLater(self.clock, delay)
 
     def _choose(self, pool: Any, key: str | None, sticky_key: str | None,
                 tried: set[str]) -> Any:
@@ -172,7 +174,7 @@ class Relay:
         except CancelledError:
             raise
         except Exception:
-            if request._disconnected:
+            if client_gone(request):
                 # The client left: Agent reports its cancellation as
                 # ResponseNeverReceived([CancelledError]). Not the instance's
                 # fault, and nobody to retry for.
@@ -222,7 +224,7 @@ class Relay:
             # Garbage from upstream: don't read it, don't reuse the connection.
             ctx.error = "bad_upstream_response"
             response.deliverBody(Discard())
-            _drop_connection(response)
+            drop_response_connection(response)
             raise
         ctx.status = code
         ctx.error = None
@@ -301,13 +303,6 @@ def _is_stream(response: Any) -> bool:
     return bool(ctype) and ctype[0].lower().startswith(_STREAM_TYPES)
 
 
-def _drop_connection(response: Any) -> None:
-    """Close the connection a response came on, so the pool never reuses it."""
-    transport = getattr(response, "_transport", None)
-    if transport is not None:
-        transport.stopProducing()
-
-
 def _status_class(code: int) -> str:
     return str(code)
 
@@ -332,12 +327,6 @@ def _timed_out(result: Any, timeout: float) -> Any:
     if isinstance(result, Failure):
         raise defer.TimeoutError(timeout, "upstream request")
     return result
-
-
-def _sleep(clock: IReactorTime, seconds: float) -> Deferred[None]:
-    d: Deferred[None] = Deferred(lambda _: call.cancel() if call.active() else None)
-    call = clock.callLater(seconds, d.callback, None)
-    return d
 
 
 __all__ = ["NoInstance", "Relay", "UpstreamBroken", "unavailable"]
