@@ -18,27 +18,7 @@ from clawproxy.config import parse_config
 from clawproxy.metrics import Metrics
 from clawproxy.policy.breakers import NoBreakers
 from clawproxy.web.admin import AdminResource
-
-#: Every metric family of SPEC section 7, as C{(name, type)}.
-SPEC_FAMILIES = [
-    ("requests_total", "counter"),
-    ("request_duration_seconds", "histogram"),
-    ("upstream_requests_total", "counter"),
-    ("upstream_latency_seconds", "histogram"),
-    ("upstream_ttfb_seconds", "histogram"),
-    ("active_connections", "gauge"),
-    ("backend_up", "gauge"),
-    ("backend_weight", "gauge"),
-    ("circuit_breaker_state", "gauge"),
-    ("circuit_breaker_open_total", "counter"),
-    ("upstream_retries_total", "counter"),
-    ("fallback_responses_total", "counter"),
-    ("rate_limited_total", "counter"),
-    ("cache_requests_total", "counter"),
-    ("coalesced_requests_total", "counter"),
-    ("tokens_total", "counter"),
-    ("spend_total", "counter"),
-]
+from tests.test_metrics import SPEC_FAMILIES
 
 CONFIG = {
     "pools": {
