@@ -27,6 +27,7 @@ from clawproxy.policy.auth import KeyStoreError, extract_key, load_key_store, mi
 from clawproxy.policy.breakers import NoBreakers
 from clawproxy.policy.retry import RetryPolicy
 from clawproxy.policy.routing import canonical_path, strip_base
+from clawproxy.stores import StoreService, build_store
 from clawproxy.web.accesslog import AccessLog
 from clawproxy.web.admin import AdminResource
 from clawproxy.web.auth import auth_stages
@@ -93,6 +94,8 @@ class Gateway(MultiService):
         self.breakers = NoBreakers()
         self.retry_policy = RetryPolicy()
         self.started = reactor.seconds()
+        # Built once: a reload keeps the store (like the listeners).
+        self.store = build_store(config.store, reactor, self.metrics)
         self._build(config)
         self.site = GatewaySite(
             self.resource, max_body_size=config.server.max_body_size,
@@ -111,7 +114,7 @@ class Gateway(MultiService):
         self.admin = AdminResource(
             self.registry, self.metrics, self.breakers, reactor, config.admin.token,
             metrics_path=config.metrics.path, reload=self.reload if config.source else None,
-            workers=config.server.workers, started=self.started,
+            workers=config.server.workers, started=self.started, store=self.store,
         )
         self.admin_site = QuietSite(self.admin, reactor=reactor)
         self.listeners: list[Service] = []
@@ -136,6 +139,8 @@ class Gateway(MultiService):
     def _add_children(self, config: Config) -> None:
         from clawproxy.simulator import simulator_service
 
+        # First child: started before and stopped after everything that may use it.
+        StoreService(self.store).setServiceParent(self)
         for sim in config.simulators:
             simulator_service(sim, self.reactor).setServiceParent(self)
         for desc in config.server.listen:
