@@ -14,7 +14,7 @@ from typing import Any
 
 import txredisapi
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
@@ -596,6 +596,31 @@ class RedisOnlyTests(RedisHarness, TestCase):
         finally:
             server.resume()
         await self.until_works(store, deadline=5.0)
+        await store.set("k", b"v")
+        self.assertEqual(await store.get("k"), b"v")
+
+    @contract
+    async def test_cancel(self) -> None:
+        """
+        A caller that gives up cancels its call: it fails with
+        L{CancelledError} at once, is not counted as a store error, and the
+        store goes on working.
+        """
+        server = await self.start_redis()
+        metrics = Metrics()
+        store = self.redis_store(server.url, metrics=metrics)
+        await self.until_works(store)
+        server.pause()
+        try:
+            d = store.get("k")
+            d.cancel()
+            with self.assertRaises(CancelledError):
+                await d
+        finally:
+            server.resume()
+        self.assertEqual(store.health()["errors"], 0)
+        self.assertIsNone(metrics.registry.get_sample_value(
+            "clawproxy_store_errors_total", {"op": "get"}))
         await store.set("k", b"v")
         self.assertEqual(await store.get("k"), b"v")
 

@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import attrs
 import txredisapi
 from twisted.internet import defer
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import LoopingCall
@@ -92,6 +92,25 @@ def parse_redis_url(url: str) -> RedisTarget:
                        parts.scheme == "rediss")
 
 
+class _Protocol(txredisapi.RedisProtocol):
+    """
+    Notes when the connection last received anything (on the factory's
+    C{clock}), and tells the factory's C{lost} callable when it closes.
+    """
+
+    last_received = float("-inf")
+
+    def dataReceived(self, data: bytes, unpause: bool = False) -> Any:
+        self.last_received = self.factory.clock.seconds()
+        return super().dataReceived(data, unpause)
+
+    def connectionLost(self, why: Failure) -> None:
+        try:
+            super().connectionLost(why)
+        finally:
+            self.factory.lost()
+
+
 @implementer(IStateStore)
 class RedisStore:
     """
@@ -120,8 +139,8 @@ class RedisStore:
         self._factory: txredisapi.RedisFactory | None = None
         self._ping: LoopingCall | None = None
         self._loaded: set[str] = set()
-        # The last call found Redis unreachable: while no connection is up,
-        # fail at once instead of waiting out the timeout on every call.
+        # A connection was lost or a call found Redis unreachable: while no
+        # connection is up, fail at once instead of waiting out the timeout.
         self._down = False
 
     # -- life cycle
@@ -135,6 +154,7 @@ class RedisStore:
             password=t.password, username=t.username, convertNumbers=False,
         )
         factory.initialDelay, factory.maxDelay = self.reconnect_delays
+        factory.protocol, factory.clock, factory.lost = _Protocol, self._reactor, self._lost
         # Fires once the pool is complete, or fails for good (a wrong
         # password): txredisapi stops trying then, and calls fail unavailable.
         factory.deferred.addErrback(self._gave_up)
@@ -146,6 +166,10 @@ class RedisStore:
         self._ping.start(self.ping_interval, now=True).addErrback(
             lambda f: self.log.failure("store health check stopped", f))
         return succeed(None)
+
+    def _lost(self) -> None:
+        """A connection closed: until one is back, calls fail at once."""
+        self._down = True
 
     def _gave_up(self, failure: Failure) -> None:
         self.log.error("giving up on Redis at {target}: {why}", target=str(self.target),
@@ -244,54 +268,57 @@ class RedisStore:
         """
         Run C{send(connection)} on a pooled connection, bounded by the timeout
         (the wait for a connection included), timed and counted.
-        """
-        return Deferred.fromCoroutine(self._timed(op, send))
 
-    async def _timed(self, op: str, send: Callable[[Any], Deferred[Any]]) -> Any:
+        Plain callbacks rather than a coroutine: this runs for every call on
+        the data plane, and each coroutine layer costs as much as the rest.
+        """
         factory, clock = self._factory, self._reactor
         if factory is None:
             self.stats.failed(op, reachable=False)
-            raise StoreUnavailable(f"store {op}: the Redis store is not started")
+            return fail(StoreUnavailable(f"store {op}: the Redis store is not started"))
         if self._down and not factory.size:
             self.stats.failed(op, reachable=False)
-            raise StoreUnavailable(f"store {op}: no connection to Redis at {self.target}")
+            return fail(StoreUnavailable(f"store {op}: no connection to Redis at {self.target}"))
+        started = clock.seconds()
         used: list[Any] = []
 
-        async def attempt() -> Any:
-            conn = await factory.getConnection(peek=True)
+        def connected(conn: Any) -> Deferred[Any]:
             used.append(conn)
-            return await send(conn)
+            return send(conn)
 
-        started = clock.seconds()
-        d = Deferred.fromCoroutine(attempt())
+        d = factory.getConnection(peek=True)
+        d.addCallback(connected)
         d.addTimeout(self.timeout, clock)
-        try:
-            result = await d
-        except CancelledError:
-            raise
-        except defer.TimeoutError:
-            # A connection that holds an unanswered command may be dead
-            # without knowing it (a host gone, a half-open socket): drop it
-            # and let the pool reconnect.
+        d.addCallbacks(self._answered, self._failed, (started,), None, (op, started, used))
+        return d
+
+    def _answered(self, result: Any, started: float) -> Any:
+        self._down = False
+        self.stats.succeeded(self._reactor.seconds() - started)
+        return result
+
+    def _failed(self, failure: Failure, op: str, started: float, used: list[Any]) -> Failure:
+        e = failure.value
+        if isinstance(e, defer.TimeoutError):
+            # A connection that has received nothing since this call began
+            # may be dead without knowing it (a host gone, a half-open
+            # socket): drop it and let the pool reconnect. One that is busy
+            # answering (a burst of calls) is kept.
             for conn in used:
-                if conn.transport is not None and conn.connected:
+                if (conn.transport is not None and conn.connected
+                        and getattr(conn, "last_received", started) < started):
                     conn.transport.abortConnection()
             self._unreachable(op)
-            raise StoreUnavailable(
-                f"store {op}: no answer from Redis at {self.target} within {self.timeout}s"
-            ) from None
-        except txredisapi.ConnectionError as e:
+            return Failure(StoreUnavailable(
+                f"store {op}: no answer from Redis at {self.target} within {self.timeout}s"))
+        if isinstance(e, txredisapi.ConnectionError) or (
+                isinstance(e, txredisapi.RedisError) and str(e).startswith(_UNAVAILABLE)):
             self._unreachable(op)
-            raise StoreUnavailable(f"store {op}: Redis at {self.target}: {e}") from None
-        except txredisapi.RedisError as e:
-            if str(e).startswith(_UNAVAILABLE):
-                self._unreachable(op)
-                raise StoreUnavailable(f"store {op}: Redis at {self.target}: {e}") from None
-            self.stats.failed(op, reachable=True, seconds=clock.seconds() - started)
-            raise StoreError(f"store {op}: {e}") from None
-        self._down = False
-        self.stats.succeeded(clock.seconds() - started)
-        return result
+            return Failure(StoreUnavailable(f"store {op}: Redis at {self.target}: {e}"))
+        if isinstance(e, txredisapi.RedisError):
+            self.stats.failed(op, reachable=True, seconds=self._reactor.seconds() - started)
+            return Failure(StoreError(f"store {op}: {e}"))
+        return failure  # CancelledError (the caller gave up), or a bug
 
     def _unreachable(self, op: str) -> None:
         self._down = True
