@@ -221,6 +221,8 @@ class Gateway(MultiService):
                 if was is not None and prev.base_weight != float(was[1].weight):
                     inst.base_weight = prev.base_weight
                 self.registry.changed(inst)  # gauges follow the carried-over state
+        if config.store != self.config.store:
+            self.log.warn("store settings changed: they take effect when the gateway restarts")
         self.config = config
         self.site.resource = self.resource
         self.admin.registry = self.registry

@@ -10,12 +10,13 @@ from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
 from clawproxy import __version__
 from clawproxy.backends.registry import Registry
-from clawproxy.config import StoreConfig, parse_config
+from clawproxy.config import StoreConfig, load_config, parse_config
 from clawproxy.metrics import Metrics
 from clawproxy.policy.breakers import NoBreakers
 from clawproxy.service import build_service
@@ -179,6 +180,28 @@ class StoreStatusTests(SynchronousTestCase):
         self.assertTrue(first.running)
         self.successResultOf(gateway.stopService())
         self.assertFalse(first.running)
+
+    def test_reload_keeps_store(self) -> None:
+        """
+        A reload keeps the store object; changed store settings are logged as
+        taking effect at the next restart.
+        """
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write('pools: {main: {instances: [{id: a, url: "http://127.0.0.1:1"}]}}\n'
+                    'routes: [{path: /*}]\nlogging: {output: "off"}\n')
+        gateway = build_service(load_config(path, environ={}), MemoryReactorClock())
+        store = gateway.store
+        with open(path, "a") as f:
+            f.write('store: {redis: {prefix: "other:"}}\n')
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.assertEqual(self.successResultOf(gateway.reload()), [])
+        self.assertIs(gateway.store, store)
+        self.assertIs(gateway.admin.store, store)
+        self.assertIn("store settings changed: they take effect when the gateway restarts",
+                      [formatEvent(e) for e in events])
 
 
 class InstanceActionTests(SynchronousTestCase):
