@@ -195,10 +195,17 @@ class StoreContract:
         self.assertIsNone(await self.store.get("short"))
         self.assertEqual(await self.store.get("kept"), b"w")
 
-    def test_bad_ttl(self) -> None:
-        """A TTL that is not a positive number of seconds is a programming error."""
+    def test_bad_arguments(self) -> None:
+        """
+        A TTL that is not a positive number of seconds, a value that is not
+        bytes, a script argument that is not a string or number: programming
+        errors, raised at once.
+        """
         self.assertRaises(ValueError, self.store.set, "k", b"v", ttl=0)
         self.assertRaises(ValueError, self.store.incrby, "k", 1, ttl=-1)
+        self.assertRaises(TypeError, self.store.set, "k", "text")
+        self.assertRaises(TypeError, self.store.run, SHAPES, ["k"], [True])
+        self.assertRaises(TypeError, self.store.run, SHAPES, ["k"], [None])
 
     @contract
     async def test_incrby(self) -> None:

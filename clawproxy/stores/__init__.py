@@ -1,6 +1,19 @@
 """
 State stores (L{clawproxy.interfaces.IStateStore}): C{memory} for one
 process, C{redis} for state shared by several gateways.
+
+What the features build on it:
+  - rate limits (token bucket, sliding window across gateways): a L{Script}
+    that reads the store's own time (C{redis.call('TIME')} / C{keys.time()})
+    and updates one key atomically; a fixed window is C{incrby(key, 1, ttl)};
+  - token budgets: reserve with C{incrby(key, estimate, ttl=period)} (or a
+    script that refuses over the limit), settle with
+    C{incrby(key, actual - estimate)};
+  - cache entries and session affinity: C{set(key, bytes, ttl)}, C{get},
+    C{delete};
+  - shared breaker state: a script over the breaker's keys.
+Callers catch L{StoreUnavailable} and apply C{store.redis.on_error}
+(C{fail_open} / C{fail_closed}); L{StoreError} is a bug or bad data.
 """
 
 from __future__ import annotations

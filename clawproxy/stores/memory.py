@@ -139,6 +139,8 @@ class MemoryStore:
         return self._do("get", self.keys.get, key)
 
     def set(self, key: str, value: bytes, ttl: float | None = None) -> Deferred[None]:
+        if not isinstance(value, bytes):
+            raise TypeError(f"values are bytes, not {type(value).__name__}")
         return self._do("set", self.keys.set, key, value, ttl_ms(ttl) or None)
 
     def incrby(self, key: str, amount: int, ttl: float | None = None) -> Deferred[int]:
