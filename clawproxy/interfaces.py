@@ -157,3 +157,80 @@ class IBreakerBoard(Interface):
 
     def state(name):
         """C{"CLOSED"}, C{"OPEN"} or C{"HALF_OPEN"} for the breaker C{name}."""
+
+
+# --- The state store (issue 6 point 4) -------------------------------------
+#
+# Shared state for rate limits, token budgets, cache entries, affinity and
+# breakers lives behind IStateStore: memory (one process) or Redis (shared by
+# gateways). Implementations are in clawproxy.stores; errors are
+# clawproxy.stores.StoreError and its subclass StoreUnavailable.
+
+
+class IStateStore(Interface):
+    """
+    Keys with byte-string values and optional TTLs, atomic scripts and a
+    clock, shared by every gateway that uses the same store.
+
+    Every method but L{health} returns a Deferred, even in memory, so a
+    caller works unchanged on either backend. A call that cannot reach the
+    store fails with C{StoreUnavailable} within the configured timeout; a
+    command the store refuses (wrong type, script error) fails with
+    C{StoreError}. Keys are text; the Redis store prefixes them with
+    C{store.redis.prefix}. TTLs are seconds (floats allowed, rounded up to
+    whole milliseconds).
+    """
+
+    backend = Attribute("C{'memory'} or C{'redis'}.")
+
+    def connect():
+        """
+        Start using the store (Redis: open the connection in the background).
+        Does not wait for the server: calls made while it is unreachable fail
+        with C{StoreUnavailable}. @return: a Deferred firing with L{None}.
+        """
+
+    def disconnect():
+        """Stop using the store. @return: a Deferred firing once closed."""
+
+    def now():
+        """
+        The store's own time in seconds since the epoch (Redis C{TIME}), so
+        that gateways with skewed clocks agree. @return: Deferred[float].
+        """
+
+    def get(key):
+        """@return: Deferred firing with the value (bytes), or L{None} when absent."""
+
+    def set(key, value, ttl=None):
+        """
+        Store C{value} (bytes) under C{key}, replacing any value and TTL; with
+        C{ttl} the key expires after that many seconds.
+        @return: Deferred firing with L{None}.
+        """
+
+    def incrby(key, amount, ttl=None):
+        """
+        Add the integer C{amount} (may be negative) to the counter C{key}
+        (absent counts as 0). With C{ttl}, a key that has no TTL after the
+        addition (it was just created) gets one: a fixed window.
+        @return: Deferred firing with the new value (int).
+        """
+
+    def delete(key):
+        """@return: Deferred firing with C{True} if C{key} existed."""
+
+    def run(script, keys, args):
+        """
+        Run C{script} (a C{clawproxy.stores.Script}) atomically over C{keys}
+        with C{args} (bytes, str, int or float; each passed as a string).
+        @return: Deferred firing with the script's result: an int, bytes,
+            L{None} or a list of these.
+        """
+
+    def health():
+        """
+        @return: C{{"backend", "healthy", "latency_ms", "errors"}}: the last
+            call's latency and whether it reached the store, and the number
+            of failed calls so far (synchronous).
+        """

@@ -52,6 +52,11 @@ _LATENCY_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 )
 
+#: A shared store answers in well under a millisecond on a LAN.
+_STORE_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+)
+
 
 class Metrics:
     """
@@ -126,6 +131,34 @@ class Metrics:
         self.spend_total = Counter(
             p + "spend_total", "Spend in the currency of models.prices", ["agent", "model"],
             registry=r,
+        )
+        self.circuit_breaker_transitions_total = Counter(
+            p + "circuit_breaker_transitions_total", "Breaker state changes, by new state",
+            ["name", "to"], registry=r,
+        )
+        self.queue_depth = Gauge(
+            p + "queue_depth", "Requests waiting in a limit's queue", ["limit"], registry=r,
+        )
+        self.queue_wait = Histogram(
+            p + "queue_wait_seconds", "Time requests waited in a queue",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.store_errors_total = Counter(
+            p + "store_errors_total", "State store calls that failed", ["op"], registry=r,
+        )
+        self.store_latency = Histogram(
+            p + "store_latency_seconds", "Time the shared state store took to answer",
+            buckets=_STORE_BUCKETS, registry=r,
+        )
+        self.adaptive_factor = Gauge(
+            p + "adaptive_factor", "Factor applied to rate limits by adaptive limiting",
+            ["pool"], registry=r,
+        )
+        self.websocket_tunnels = Gauge(
+            p + "websocket_tunnels", "WebSocket tunnels open now", ["route"], registry=r,
+        )
+        self.worker_restarts_total = Counter(
+            p + "worker_restarts_total", "Worker processes restarted", registry=r,
         )
 
     def watch_connections(self, client: Any, upstream: Any) -> None:

@@ -24,6 +24,7 @@ from clawproxy.metrics import Metrics
 from clawproxy.policy.auth import KeyStoreError, load_key_store
 from clawproxy.policy.breakers import NoBreakers
 from clawproxy.policy.retry import RetryPolicy
+from clawproxy.stores import StoreService, build_store
 from clawproxy.web.accesslog import AccessLog
 from clawproxy.web.admin import AdminResource
 from clawproxy.web.context import RequestContext
@@ -89,6 +90,8 @@ class Gateway(MultiService):
         self.breakers = NoBreakers()
         self.retry_policy = RetryPolicy()
         self.started = reactor.seconds()
+        # Built once: a reload keeps the store (like the listeners).
+        self.store = build_store(config.store, reactor, self.metrics)
         self._build(config)
         self.site = GatewaySite(
             self.resource, max_body_size=config.server.max_body_size,
@@ -107,7 +110,7 @@ class Gateway(MultiService):
         self.admin = AdminResource(
             self.registry, self.metrics, self.breakers, reactor, config.admin.token,
             metrics_path=config.metrics.path, reload=self.reload if config.source else None,
-            workers=config.server.workers, started=self.started,
+            workers=config.server.workers, started=self.started, store=self.store,
         )
         self.admin_site = QuietSite(self.admin, reactor=reactor)
         self.listeners: list[Listener] = []
@@ -128,6 +131,8 @@ class Gateway(MultiService):
     def _add_children(self, config: Config) -> None:
         from clawproxy.simulator import simulator_service
 
+        # First child: started before and stopped after everything that may use it.
+        StoreService(self.store).setServiceParent(self)
         for i, sim in enumerate(config.simulators):
             simulator_service(sim, self.reactor, key=f"simulators[{i}].listen"
                               ).setServiceParent(self)
@@ -214,6 +219,8 @@ class Gateway(MultiService):
                 if was is not None and prev.base_weight != float(was[1].weight):
                     inst.base_weight = prev.base_weight
                 self.registry.changed(inst)  # gauges follow the carried-over state
+        if config.store != self.config.store:
+            self.log.warn("store settings changed: they take effect when the gateway restarts")
         self.config = config
         self.site.resource = self.resource
         self.admin.registry = self.registry

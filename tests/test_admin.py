@@ -9,36 +9,21 @@ import attrs
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
 from clawproxy import __version__
 from clawproxy.backends.registry import Registry
-from clawproxy.config import parse_config
+from clawproxy.config import StoreConfig, load_config, parse_config
 from clawproxy.metrics import Metrics
 from clawproxy.policy.breakers import NoBreakers
+from clawproxy.service import build_service
+from clawproxy.stores import StoreError, StoreService, StoreUnavailable, build_store
+from clawproxy.stores.memory import MemoryStore
 from clawproxy.web.admin import AdminResource
-
-#: Every metric family of SPEC section 7, as C{(name, type)}.
-SPEC_FAMILIES = [
-    ("requests_total", "counter"),
-    ("request_duration_seconds", "histogram"),
-    ("upstream_requests_total", "counter"),
-    ("upstream_latency_seconds", "histogram"),
-    ("upstream_ttfb_seconds", "histogram"),
-    ("active_connections", "gauge"),
-    ("backend_up", "gauge"),
-    ("backend_weight", "gauge"),
-    ("circuit_breaker_state", "gauge"),
-    ("circuit_breaker_open_total", "counter"),
-    ("upstream_retries_total", "counter"),
-    ("fallback_responses_total", "counter"),
-    ("rate_limited_total", "counter"),
-    ("cache_requests_total", "counter"),
-    ("coalesced_requests_total", "counter"),
-    ("tokens_total", "counter"),
-    ("spend_total", "counter"),
-]
+from tests.test_metrics import SPEC_FAMILIES
 
 CONFIG = {
     "pools": {
@@ -145,6 +130,78 @@ class StatusTests(SynchronousTestCase):
         self.assertEqual((main[1]["state"], main[1]["healthy"]), ("unhealthy", False))
         cpu = status["pools"]["small"]["instances"][0]
         self.assertEqual((cpu["state"], cpu["drained"]), ("draining", True))
+
+
+class StoreStatusTests(SynchronousTestCase):
+    """C{GET /admin/status} shows the state store's health under C{"store"}."""
+
+    def test_memory(self) -> None:
+        """A memory store is healthy; the other keys of the status stay as they were."""
+        admin = AdminHarness(self)
+        before = admin.request("GET", "/admin/status").json()
+        self.assertNotIn("store", before)
+        admin.resource.store = MemoryStore(admin.clock, admin.metrics)
+        status = admin.request("GET", "/admin/status").json()
+        self.assertEqual(status.pop("store"), {"backend": "memory", "healthy": True,
+                                               "latency_ms": 0.0, "errors": 0})
+        self.assertEqual(status, before)
+
+    def test_errors_counted(self) -> None:
+        """Failed store calls show in C{errors}."""
+        admin = AdminHarness(self)
+        store = admin.resource.store = MemoryStore(admin.clock, admin.metrics)
+        store.set("k", b"text")
+        self.failureResultOf(store.incrby("k", 1), StoreError)
+        self.assertEqual(admin.request("GET", "/admin/status").json()["store"]["errors"], 1)
+
+    def test_unreachable(self) -> None:
+        """A Redis store that cannot be reached shows as unhealthy."""
+        admin = AdminHarness(self)
+        store = build_store(StoreConfig(backend="redis"), admin.clock, admin.metrics)
+        admin.resource.store = store
+        self.failureResultOf(store.get("k"), StoreUnavailable)
+        self.assertEqual(admin.request("GET", "/admin/status").json()["store"],
+                         {"backend": "redis", "healthy": False, "latency_ms": 0.0,
+                          "errors": 1})
+
+    def test_gateway(self) -> None:
+        """
+        The gateway builds its store from C{store}, shows it on its admin status,
+        and connects it first and disconnects it last.
+        """
+        reactor = MemoryReactorClock()
+        gateway = build_service(parse_config(CONFIG, environ={}), reactor)
+        self.assertIsInstance(gateway.store, MemoryStore)
+        self.assertEqual(gateway.admin.status()["store"]["backend"], "memory")
+        first = next(iter(gateway))
+        self.assertIsInstance(first, StoreService)
+        self.assertIs(first.store, gateway.store)
+        gateway.startService()
+        self.assertTrue(first.running)
+        self.successResultOf(gateway.stopService())
+        self.assertFalse(first.running)
+
+    def test_reload_keeps_store(self) -> None:
+        """
+        A reload keeps the store object; changed store settings are logged as
+        taking effect at the next restart.
+        """
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write('pools: {main: {instances: [{id: a, url: "http://127.0.0.1:1"}]}}\n'
+                    'routes: [{path: /*}]\nlogging: {output: "off"}\n')
+        gateway = build_service(load_config(path, environ={}), MemoryReactorClock())
+        store = gateway.store
+        with open(path, "a") as f:
+            f.write('store: {redis: {prefix: "other:"}}\n')
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.assertEqual(self.successResultOf(gateway.reload()), [])
+        self.assertIs(gateway.store, store)
+        self.assertIs(gateway.admin.store, store)
+        self.assertIn("store settings changed: they take effect when the gateway restarts",
+                      [formatEvent(e) for e in events])
 
 
 class InstanceActionTests(SynchronousTestCase):

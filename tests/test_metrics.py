@@ -4,10 +4,48 @@ from __future__ import annotations
 
 import attrs
 from prometheus_client import CollectorRegistry
+from treq.testing import StubTreq
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from clawproxy.backends.registry import Registry
+from clawproxy.config import parse_config
 from clawproxy.metrics import CONTENT_TYPE, Metrics
-from tests.test_admin import SPEC_FAMILIES
+from clawproxy.policy.breakers import NoBreakers
+from clawproxy.web.admin import AdminResource
+
+#: Every metric family of SPEC section 7 (without the C{clawproxy_} prefix):
+#: its type and its label names.
+SPEC = {
+    "requests_total": ("counter", ("route", "method", "status", "agent")),
+    "request_duration_seconds": ("histogram", ("route",)),
+    "upstream_requests_total": ("counter", ("pool", "instance", "status")),
+    "upstream_latency_seconds": ("histogram", ("pool", "instance")),
+    "upstream_ttfb_seconds": ("histogram", ("pool",)),
+    "active_connections": ("gauge", ("pool", "instance")),
+    "backend_up": ("gauge", ("pool", "instance")),
+    "backend_weight": ("gauge", ("pool", "instance")),
+    "circuit_breaker_state": ("gauge", ("name",)),
+    "circuit_breaker_open_total": ("counter", ("name",)),
+    "upstream_retries_total": ("counter", ("pool",)),
+    "fallback_responses_total": ("counter", ("fallback",)),
+    "rate_limited_total": ("counter", ("agent", "limit")),
+    "cache_requests_total": ("counter", ("route", "result")),
+    "coalesced_requests_total": ("counter", ("route",)),
+    "tokens_total": ("counter", ("agent", "model", "kind")),
+    "spend_total": ("counter", ("agent", "model")),
+    "circuit_breaker_transitions_total": ("counter", ("name", "to")),
+    "queue_depth": ("gauge", ("limit",)),
+    "queue_wait_seconds": ("histogram", ()),
+    "store_errors_total": ("counter", ("op",)),
+    "store_latency_seconds": ("histogram", ()),
+    "adaptive_factor": ("gauge", ("pool",)),
+    "websocket_tunnels": ("gauge", ("route",)),
+    "worker_restarts_total": ("counter", ()),
+}
+
+#: C{(name, type)} of every SPEC section 7 family.
+SPEC_FAMILIES = [(name, kind) for name, (kind, _) in SPEC.items()]
 
 
 @attrs.define
@@ -42,6 +80,37 @@ class MetricsTests(SynchronousTestCase):
         for name, kind in SPEC_FAMILIES:
             self.assertIn(f"# TYPE clawproxy_{name} {kind}\n", text)
         self.assertTrue(CONTENT_TYPE.startswith("text/plain"))
+
+    def test_spec_labels(self) -> None:
+        """Each family takes exactly the labels SPEC section 7 gives it."""
+        metrics = Metrics()
+        families = {}
+        for value in vars(metrics).values():
+            if hasattr(value, "collect") and hasattr(value, "labels"):
+                families[value.collect()[0].name] = value
+        for name, (kind, labels) in SPEC.items():
+            family = families["clawproxy_" + (name[:-6] if kind == "counter" else name)]
+            if labels:
+                family.labels(**{label: "x" for label in labels})
+            sample = name + ("_count" if kind == "histogram" else "")
+            self.assertEqual(metrics.registry.get_sample_value(
+                "clawproxy_" + sample, {label: "x" for label in labels}), 0.0, name)
+
+    def test_metrics_page_lists_every_family(self) -> None:
+        """C{GET /metrics} on the admin listener lists every SPEC family, even at zero."""
+        clock = Clock()
+        config = parse_config({"pools": {"main": {"instances": [
+            {"id": "a", "url": "http://127.0.0.1:1"}]}}, "routes": [{"path": "/*"}]},
+            environ={})
+        metrics = Metrics()
+        admin = AdminResource(Registry(config, clock), metrics, NoBreakers(), clock, None)
+        client = StubTreq(admin)
+        response = self.successResultOf(client.get("http://127.0.0.1:9901/metrics"))
+        self.assertEqual(response.code, 200)
+        text = self.successResultOf(response.text())
+        for name, kind in SPEC_FAMILIES:
+            self.assertIn(f"# TYPE clawproxy_{name} {kind}\n", text)
+        self.assertIn("clawproxy_worker_restarts_total 0.0\n", text)
 
     def test_independent_registries(self) -> None:
         """Two L{Metrics} do not share (or clash over) samples."""

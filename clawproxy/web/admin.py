@@ -51,6 +51,8 @@ class AdminResource(Resource):
     @param reload: called for C{POST /admin/reload}; returns a Deferred that
         fires with a list of config errors (empty on success), or None when
         reload is not available.
+    @param store: the gateway's L{clawproxy.interfaces.IStateStore}, whose
+        health C{/admin/status} shows under C{"store"}.
     """
 
     isLeaf = True
@@ -59,7 +61,7 @@ class AdminResource(Resource):
     def __init__(self, registry: Registry, metrics: Metrics, breakers: Any,
                  clock: IReactorTime, token: str | None, metrics_path: str = "/metrics",
                  reload: Callable[[], Deferred] | None = None, workers: int = 1,
-                 started: float | None = None) -> None:
+                 started: float | None = None, store: Any = None) -> None:
         super().__init__()
         self.registry = registry
         self.metrics = metrics
@@ -70,6 +72,7 @@ class AdminResource(Resource):
         self._reload = reload
         self.workers = workers
         self.started = clock.seconds() if started is None else started
+        self.store = store
 
     def render(self, request: Any) -> Any:
         try:
@@ -140,12 +143,15 @@ class AdminResource(Resource):
                 "breaker": self.breakers.state(name),
                 "instances": [instance_status(i, self.breakers) for i in pool.instances],
             }
-        return {
+        status = {
             "version": __version__,
             "uptime": format_uptime(self.clock.seconds() - self.started),
             "workers": self.workers,
             "pools": pools,
         }
+        if self.store is not None:
+            status["store"] = self.store.health()
+        return status
 
     def _instance_action(self, request: Any, instance_id: str, action: bytes) -> Any:
         inst = self.registry.instance(instance_id)
