@@ -120,7 +120,8 @@ class Gateway(MultiService):
         """(Re)build the parts that follow the config: the data plane and its prober."""
         plane = build_data_plane(
             config, self.reactor, self.agent, self.metrics, self.access_log,
-            retry_policy=self.retry_policy, breakers=self.breakers, started=self.started,
+            retry_policy=self.retry_policy, breakers=self.breakers, store=self.store,
+            started=self.started,
         )
         self.plane = plane
         self.registry = plane.registry

@@ -196,7 +196,7 @@ def _reachable(routes: list[Any], headers: Any) -> list[Any]:
     return out
 
 
-def auth_parts(config: Config, router: Router) -> list[Any]:
+def auth_parts(config: Config, router: Router, **_: Any) -> list[Any]:
     """
     Everything auth plugs into the data plane for C{config}: its stages
     (L{auth_stages}) and, when API keys are checked, the L{HeadKeyCheck}.

@@ -30,12 +30,16 @@ from clawproxy.metrics import Metrics
 from clawproxy.policy.breakers import NoBreakers
 from clawproxy.policy.retry import RetryPolicy
 from clawproxy.policy.routing import Router
+from clawproxy.stores.memory import MemoryStore
 from clawproxy.web.accesslog import AccessLog
 from clawproxy.web.auth import auth_parts
 from clawproxy.web.gateway import GatewayResource
 from clawproxy.web.relay import Relay
 
-Feature = Callable[[Config, Router], Iterable[Any]]
+#: A feature: called with keyword arguments C{config}, C{router}, C{store}
+#: (the L{IStateStore}), C{clock} and C{metrics}, it returns the parts it adds
+#: (taking C{**_} for the ones it does not use).
+Feature = Callable[..., Iterable[Any]]
 
 #: What each feature adds to the data plane for a configuration, in the order
 #: its stages run within a phase.
@@ -90,6 +94,7 @@ class DataPlane:
     relay: Relay
     resource: GatewayResource
     parts: Parts
+    store: Any
 
     def check_head(self, method: bytes, path: bytes, headers: Any) -> None:
         """Run the head checks (the site calls this when a request head is in)."""
@@ -106,6 +111,7 @@ def build_data_plane(
     *,
     retry_policy: Any = None,
     breakers: Any = None,
+    store: Any = None,
     extra: Sequence[Any] = (),
     started: float | None = None,
 ) -> DataPlane:
@@ -115,6 +121,7 @@ def build_data_plane(
     @param agent: the upstream L{IAgent} (one persistent connection pool).
     @param retry_policy: an L{IRetryPolicy}; a new L{RetryPolicy} by default.
     @param breakers: an L{IBreakerBoard}; L{NoBreakers} by default.
+    @param store: the gateway's L{IStateStore} (a memory store by default).
     @param extra: parts added after the configured features' (tests plug in
         stages and filters this way).
     @param started: when the gateway started (for C{/health}'s uptime).
@@ -123,8 +130,11 @@ def build_data_plane(
     registry.subscribe(metrics.instance_changed)
     router = Router(config)
     parts = Parts()
+    if store is None:
+        store = MemoryStore(clock)
     for feature in FEATURES:
-        for part in feature(config, router):
+        for part in feature(config=config, router=router, store=store, clock=clock,
+                            metrics=metrics):
             parts.add(part)
     for part in extra:
         parts.add(part)
@@ -139,4 +149,4 @@ def build_data_plane(
         config, registry, relay, metrics, access_log, clock,
         stages=parts.stages, observers=parts.observers, started=started, router=router,
     )
-    return DataPlane(config, registry, router, relay, resource, parts)
+    return DataPlane(config, registry, router, relay, resource, parts, store)
