@@ -1221,9 +1221,9 @@ class ErrorTests(ConfigTestCase):
             [
                 "store.redis.url: must be a redis://, rediss:// or unix:// URL",
                 "store.redis.timeout: must be > 0",
+                "models.aliases.fast: must be a string",
                 "models.prices.m.prompt: must be >= 0",
                 "models.prices.m.extra: unknown key",
-                "models.aliases.fast: must be a string",
                 "cache.store: must be one of memory, redis",
                 "cache.max_entries: must be >= 1",
                 "cache.check_model_version: must be a boolean (true or false)",
