@@ -156,13 +156,6 @@ class Gateway(MultiService):
             self.listeners.append(admin)
         self.prober.setServiceParent(self)
         _Shutdown(self).setServiceParent(self)
-        for what in not_yet_enforced(config):
-            self.log.warn("{what} is configured but not enforced by this version", what=what)
-        if config.server.workers > 1:
-            self.log.warn(
-                "server.workers is {n}, but this version runs one process; "
-                "run several gateways with store: redis to scale out", n=config.server.workers
-            )
 
     def _early_checks(self, method: bytes, path: bytes, headers: Any) -> None:
         """Header-time checks that follow the config (and so a reload)."""
@@ -275,39 +268,6 @@ def _reachable(routes: list[Any], headers: Any) -> list[Any]:
             out.append(route)
             break
     return out
-
-
-def not_yet_enforced(config: Config) -> list[str]:
-    """
-    Configured features this version accepts but does not act on yet, so the
-    operator is told at start instead of silently going without them.
-    """
-    found = []
-    if config.rate_limits is not None:
-        found.append("rate_limits")
-    if config.auth is not None and config.auth.jwt is not None:
-        found.append("auth.jwt")
-    if config.store.backend != "memory":
-        found.append(f"store.backend: {config.store.backend}")
-    if config.tracing.enabled:
-        found.append("tracing")
-    if config.models.fallbacks:
-        found.append("models.fallbacks")
-    for name, agent in config.agents.items():
-        for key in ("scopes", "rate_limit", "token_limit", "spend_limit"):
-            if getattr(agent, key, None):
-                found.append(f"agents.{name}.{key}")
-        if getattr(agent, "inject_headers", None):
-            found.append(f"agents.{name}.inject_headers")
-    for name, pool in config.pools.items():
-        if pool.max_qps is not None:
-            found.append(f"pools.{name}.max_qps")
-    for i, route in enumerate(config.routes):
-        if route.rate_limit is not None:
-            found.append(f"routes[{i}].rate_limit")
-        if route.cache is not None and route.cache.enabled:
-            found.append(f"routes[{i}].cache")
-    return found
 
 
 def build_service(config: Config, reactor: Any) -> Gateway:

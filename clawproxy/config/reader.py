@@ -86,7 +86,7 @@ def parse_config(
     @param base_dir: directory against which relative file paths are resolved.
     @raise ConfigError: listing every problem found.
     """
-    return read_config(data, environ, base_dir, refuse=False)
+    return read_config(data, environ, base_dir)
 
 
 def read_config(data: object, environ: Mapping[str, str] | None = None, base_dir: str = ".",
