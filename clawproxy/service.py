@@ -87,7 +87,8 @@ class Gateway(MultiService):
         self.config = config
         self.reactor = reactor
         self.metrics = metrics if metrics is not None else Metrics()
-        self.access_log = access_log or AccessLog.open(config.logging.output, reactor)
+        self.access_log = access_log or AccessLog.open(config.logging.output, reactor,
+                                                       config.logging.format)
         self.upstream_pool = make_pool(reactor)
         self.agent = make_agent(reactor, self.upstream_pool)
         self.breakers = NoBreakers()
@@ -110,7 +111,8 @@ class Gateway(MultiService):
         self.site.early_checks.append(self._early_checks)
         self.admin = AdminResource(
             self.registry, self.metrics, self.breakers, reactor, config.admin.token,
-            metrics_path=config.metrics.path, reload=self.reload if config.source else None,
+            metrics_path=config.metrics.path if config.metrics.enabled else None,
+            reload=self.reload if config.source else None,
             workers=config.server.workers, started=self.started,
         )
         self.admin_site = QuietSite(self.admin, reactor=reactor)

@@ -56,7 +56,8 @@ class AdminResource(Resource):
     log = Logger()
 
     def __init__(self, registry: Registry, metrics: Metrics, breakers: Any,
-                 clock: IReactorTime, token: str | None, metrics_path: str = "/metrics",
+                 clock: IReactorTime, token: str | None,
+                 metrics_path: str | None = "/metrics",
                  reload: Callable[[], Deferred] | None = None, workers: int = 1,
                  started: float | None = None) -> None:
         super().__init__()
@@ -65,7 +66,7 @@ class AdminResource(Resource):
         self.breakers = breakers
         self.clock = clock
         self._token = token.encode() if token else None
-        self._metrics_path = metrics_path.encode()
+        self._metrics_path = metrics_path.encode() if metrics_path else None  # None: off
         self._reload = reload
         self.workers = workers
         self.started = clock.seconds() if started is None else started
