@@ -175,6 +175,25 @@ class DefaultsTests(ConfigTestCase):
         self.assertEqual(health.expected_status, 200)
         self.assertIsNone(health.expected_body_contains)
 
+    def test_health_check_headers(self) -> None:
+        """Probe headers are read with C{${VAR}} from the environment; names are checked."""
+        text = """
+            pools:
+              p:
+                instances: ["http://h:1"]
+                health_check: {headers: {Authorization: "Bearer ${KEY}", %s: x}}
+            routes: [{path: /}]
+            """
+        config = parse(text % "X-Probe", {"KEY": "sk-1"})
+        self.assertEqual(config.pools["p"].health_check.headers,
+                         {"Authorization": "Bearer sk-1", "X-Probe": "x"})
+        self.assertEqual(parse(MINIMAL).pools["main"].health_check.headers, {})
+        self.assertEqual(
+            self.errors(text % '"Bad Name"'),
+            ["pools.p.health_check.headers.Authorization: environment variable KEY is not set",
+             "pools.p.health_check.headers.Bad Name: invalid header name"],
+        )
+
     def test_health_path_by_protocol(self) -> None:
         """The default health path is /v1/models, /api/tags or /health by protocol."""
         config = parse(

@@ -320,6 +320,11 @@ class HealthCheckConfig:
     expected_status: int = f.setting(f.integer(low=100, high=599), 200, "Status of a pass.")
     expected_body_contains: str | None = f.setting(f.text, None,
                                                    "Text a passing body must contain.")
+    headers: dict[str, str] = f.setting(
+        f.headers, factory=dict, doc="Headers sent with every probe, for backends that need a"
+        " key: ``{Authorization: \"Bearer ${LITELLM_MASTER_KEY}\"}``. A backend's own"
+        " liveness path (vLLM and LiteLLM ``/health``) is often a lighter probe than"
+        " ``/v1/models``: set ``path``.")
 
 
 @attrs.frozen
