@@ -1394,6 +1394,48 @@ class RefusalTests(ConfigTestCase):
         self.assertIsNone(config.rate_limits)
 
 
+class ReferenceTests(SynchronousTestCase):
+    """C{docs/configuration.rst} is generated from the declaration."""
+
+    def test_every_flag_has_an_issue(self) -> None:
+        """Each refused key names the issue that will build it."""
+        from clawproxy.config.reference import refused_keys
+
+        refused = dict(refused_keys())
+        self.assertEqual(refused["rate_limits"].issue, 8)
+        self.assertEqual(refused["pools.NAME.max_qps"].issue, 8)
+        self.assertEqual(refused["server.workers"].issue, 11)
+        self.assertTrue(all(flag.issue in (8, 9, 10, 11) for flag in refused.values()))
+
+    def test_up_to_date(self) -> None:
+        """
+        The committed reference is what the declaration generates (run
+        C{python3 -m clawproxy.config.reference > docs/configuration.rst} after changing
+        a setting).
+        """
+        from clawproxy.config.reference import render
+
+        with open(os.path.join(ETC, "..", "docs", "configuration.rst"), encoding="utf-8") as f:
+            self.assertEqual(f.read(), render())
+
+    def test_every_key(self) -> None:
+        """Every key of every section is documented, with its type, and the TLS sections
+        and refusals are there."""
+        from clawproxy.config.reference import render, walk
+
+        text = render()
+        for path, _, fields in walk():
+            for key, _, spec in fields:
+                full = f"{path}.{key}" if path else key
+                self.assertIn(f"``{full}``\n", text)
+                self.assertTrue(spec.doc, full)
+        for expected in ("``server.tls.cert``", "``pools.NAME.tls.ca_file``",
+                         "``pools.NAME.health_check.headers``",
+                         "**Refused** by this version: issue 8 (protection) builds it.",
+                         "**Refused** when more than 1 by this version"):
+            self.assertIn(expected, text)
+
+
 class LoadConfigTests(ConfigTestCase):
     """L{load_config} reads files."""
 
