@@ -84,7 +84,8 @@ class Gateway(MultiService):
         self.config = config
         self.reactor = reactor
         self.metrics = metrics if metrics is not None else Metrics()
-        self.access_log = access_log or AccessLog.open(config.logging.output, reactor)
+        self.access_log = access_log or AccessLog.open(config.logging.output, reactor,
+                                                       config.logging.format)
         self.upstream_pool = make_pool(reactor)
         self.agent = make_agent(reactor, self.upstream_pool)
         self.breakers = NoBreakers()
@@ -109,7 +110,8 @@ class Gateway(MultiService):
         self.site.early_checks.append(self._early_checks)
         self.admin = AdminResource(
             self.registry, self.metrics, self.breakers, reactor, config.admin.token,
-            metrics_path=config.metrics.path, reload=self.reload if config.source else None,
+            metrics_path=config.metrics.path if config.metrics.enabled else None,
+            reload=self.reload if config.source else None,
             workers=config.server.workers, started=self.started, store=self.store,
         )
         self.admin_site = QuietSite(self.admin, reactor=reactor)
@@ -161,13 +163,6 @@ class Gateway(MultiService):
             self.listeners.append(svc)
         self.prober.setServiceParent(self)
         _Shutdown(self).setServiceParent(self)
-        for what in not_yet_enforced(config):
-            self.log.warn("{what} is configured but not enforced by this version", what=what)
-        if config.server.workers > 1:
-            self.log.warn(
-                "server.workers is {n}, but this version runs one process; "
-                "run several gateways with store: redis to scale out", n=config.server.workers
-            )
 
     def _early_checks(self, method: bytes, path: bytes, headers: Any) -> None:
         """Header-time checks of the data plane in force (they follow a reload)."""
@@ -230,37 +225,6 @@ class Gateway(MultiService):
         return succeed([])
 
 
-def not_yet_enforced(config: Config) -> list[str]:
-    """
-    Configured features this version accepts but does not act on yet, so the
-    operator is told at start instead of silently going without them.
-    """
-    found = []
-    if config.rate_limits is not None:
-        found.append("rate_limits")
-    if config.auth is not None and config.auth.jwt is not None:
-        found.append("auth.jwt")
-    if config.store.backend != "memory":
-        found.append(f"store.backend: {config.store.backend}")
-    if config.tracing.enabled:
-        found.append("tracing")
-    if config.models.fallbacks:
-        found.append("models.fallbacks")
-    for name, agent in config.agents.items():
-        for key in ("scopes", "rate_limit", "token_limit", "spend_limit"):
-            if getattr(agent, key, None):
-                found.append(f"agents.{name}.{key}")
-        if getattr(agent, "inject_headers", None):
-            found.append(f"agents.{name}.inject_headers")
-    for name, pool in config.pools.items():
-        if pool.max_qps is not None:
-            found.append(f"pools.{name}.max_qps")
-    for i, route in enumerate(config.routes):
-        if route.rate_limit is not None:
-            found.append(f"routes[{i}].rate_limit")
-        if route.cache is not None and route.cache.enabled:
-            found.append(f"routes[{i}].cache")
-    return found
 
 
 def build_service(config: Config, reactor: Any) -> Gateway:

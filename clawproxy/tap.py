@@ -5,6 +5,14 @@ from __future__ import annotations
 import gc
 from typing import Any
 
+from twisted.application.service import MultiService, Service
+from twisted.logger import (
+    FilteringLogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    LogPublisher,
+    globalLogPublisher,
+)
 from twisted.python import usage
 
 from clawproxy.config import ConfigError, load_config
@@ -29,10 +37,64 @@ def makeService(options: Options) -> Any:
 
     from clawproxy.service import build_service
 
-    gateway = build_service(options["loaded"], reactor)
+    config = options["loaded"]
+    gateway = build_service(config, reactor)
     _install_sighup(reactor, gateway)
     tune_gc()
-    return gateway
+    # The level filter starts first (before the listeners log), stops last.
+    root = MultiService()
+    LogLevelFilter(config.logging.level).setServiceParent(root)
+    gateway.setServiceParent(root)
+    return root
+
+
+#: C{logging.level} names.
+LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn,
+          "error": LogLevel.error}
+
+
+class LogLevelFilter(Service):
+    """
+    Keep events of the process log (twistd's: Twisted's and clawproxy's
+    C{twisted.logger} events, not the access log) at C{level} or above.
+
+    twistd creates its log observers (C{--logfile}, C{--syslog}, standard
+    output) before it starts the services, and offers no public way to wrap
+    them: while running, each observer of C{publisher} is replaced by a
+    C{FilteringLogObserver} around it, and put back on stop. Reading the
+    observers uses C{LogPublisher._observers} (pinned by a test).
+    """
+
+    name = "log-level"
+
+    def __init__(self, level: str, publisher: LogPublisher = globalLogPublisher) -> None:
+        self._predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])
+        self._publisher = publisher
+        self._wrapped: list[tuple[Any, Any]] = []
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._wrap()
+
+    def startService(self) -> None:
+        super().startService()
+        self._wrap()
+
+    def stopService(self) -> None:
+        super().stopService()
+        for original, wrapper in reversed(self._wrapped):
+            self._publisher.removeObserver(wrapper)
+            self._publisher.addObserver(original)
+        self._wrapped = []
+
+    def _wrap(self) -> None:
+        if self._wrapped:
+            return
+        for original in list(self._publisher._observers):
+            wrapper = FilteringLogObserver(original, [self._predicate])
+            self._publisher.removeObserver(original)
+            self._publisher.addObserver(wrapper)
+            self._wrapped.append((original, wrapper))
 
 
 #: Full collections after this many second-generation ones (CPython's default is 10).

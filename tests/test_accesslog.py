@@ -149,3 +149,45 @@ class OpenTests(SynchronousTestCase):
         self.assertIs(log._out, sys.stdout)
         log.close()
         self.assertFalse(sys.stdout.closed)
+
+
+class TextTests(SynchronousTestCase):
+    """C{logging.format: text}: one plain line per request."""
+
+    def setUp(self) -> None:
+        self.out = io.StringIO()
+        self.log = AccessLog(self.out, Clock(), text=True)
+
+    def test_fields(self) -> None:
+        """The line has the time (UTC), client, method, path, status, duration, bytes and
+        the rest as C{name=value} words."""
+        ctx = context(route=Named(name="/v1/*"), pool=Named(name="main"),
+                      instance=Named(id="gpu-1"), agent_name="finance-agent", status=201,
+                      bytes_sent=512, attempts=2)
+        self.log.record(ctx, 10.25, 1_700_000_000.12345)
+        self.assertEqual(
+            self.out.getvalue(),
+            "2023-11-14T22:13:20.123Z 192.0.2.7 POST /v1/chat/completions 201 250.0ms 512B"
+            " route=/v1/* agent=finance-agent pool=main instance=gpu-1 attempts=2 error=-"
+            " request_id=rid-1\n",
+        )
+
+    def test_one_line_each(self) -> None:
+        """Spaces and control characters in the path are escaped: one request, one line
+        of words; headers and the query are not logged."""
+        self.log.record(context(path=b"/a b\nc", request=FakeRequest(code=404),
+                                error="route_not_found"), 10.0, 0.0)
+        (line,) = self.out.getvalue().splitlines()
+        self.assertEqual(line.split(" ")[2:5], ["POST", "/a%20b%0Ac", "404"])
+        self.assertIn(" route=- agent=- ", line)
+        for secret in ("sk-secret", "k-1", "zzz"):
+            self.assertNotIn(secret, line)
+
+    def test_open(self) -> None:
+        """L{AccessLog.open} with C{format="text"} writes text lines to the file."""
+        path = self.mktemp()
+        log = AccessLog.open(path, Clock(), "text")
+        log.record(context(), 10.0, 0.0)
+        log.close()
+        with open(path) as f:
+            self.assertTrue(f.read().startswith("1970-01-01T00:00:00.000Z 192.0.2.7 POST "))

@@ -24,8 +24,8 @@ from clawproxy.config import (
     Config,
     RouteConfig,
     hash_key,
-    parse_config,
 )
+from clawproxy.config.reader import read_config
 from clawproxy.errors import Rejected
 from clawproxy.interfaces import IRequestStage
 from clawproxy.policy.auth import (
@@ -52,9 +52,13 @@ POOLS = {"main": {"instances": [{"id": "a", "url": "http://127.0.0.1:9000"}]}}
 
 
 def make_config(data: dict[str, Any], base_dir: str = ".") -> Config:
-    """A validated L{Config} from C{data} plus one pool and, unless given, one route."""
+    """
+    A validated L{Config} from C{data} plus one pool and, unless given, one route; agent
+    settings not enforced yet (C{inject_headers}, C{rate_limit}) are read, not refused, so
+    that their carrying onto the L{Agent} is checked.
+    """
     data = {"pools": POOLS, "routes": [{"path": "/v1/*", "pool": "main"}], **data}
-    return parse_config(data, {}, base_dir)
+    return read_config(data, {}, base_dir, refuse=False)
 
 
 def agents_config() -> Config:

@@ -67,7 +67,20 @@ class RaisingAgent:
         raise RuntimeError("agent exploded")
 
 
-def make_registry(clock: Any, instances: int = 1, **health: Any) -> Registry:
+class KeyedEndpoint(HealthEndpoint):
+    """A backend that answers 401 unless the probe carries its key (LiteLLM, vLLM)."""
+
+    def render(self, request: Any) -> bytes:
+        self.seen.append((request.getHeader(b"authorization"), request.uri,
+                          request.getHeader(b"x-extra")))
+        if request.getHeader(b"authorization") != b"Bearer sk-master":
+            request.setResponseCode(401)
+            return b'{"error": "unauthorized"}'
+        return self.body
+
+
+def make_registry(clock: Any, instances: int = 1, environ: dict[str, str] | None = None,
+                  **health: Any) -> Registry:
     """Pool C{main} with C{instances} instances and the given C{health_check}."""
     hc: dict[str, Any] = {"interval": "5s", "timeout": "2s", "healthy_threshold": 2,
                           "unhealthy_threshold": 3}
@@ -79,7 +92,7 @@ def make_registry(clock: Any, instances: int = 1, **health: Any) -> Registry:
             "health_check": hc,
         }},
         "routes": [{"path": "/*", "pool": "main"}],
-    }, environ={})
+    }, environ=environ or {})
     return Registry(config, clock)
 
 
@@ -185,6 +198,26 @@ class ProberTests(SynchronousTestCase):
         self.backend.body = b'{"status": "ready"}'
         self.advance(5)
         self.assertTrue(inst.healthy)
+
+    def test_headers(self) -> None:
+        """
+        C{health_check.headers} (with C{${VAR}} from the environment) go with every probe,
+        so a backend that needs a key passes its checks; without them it fails them.
+        """
+        backend = KeyedEndpoint()
+        self.agent = RequestTraversalAgent(backend)
+        reg = make_registry(self.clock, environ={"MASTER_KEY": "sk-master"},
+                            unhealthy_threshold=1,
+                            headers={"Authorization": "Bearer ${MASTER_KEY}", "X-Extra": 1})
+        self.start(reg)
+        self.advance(5)
+        self.assertTrue(reg.instance("i1").healthy)
+        self.assertEqual(backend.seen, [(b"Bearer sk-master", b"/v1/models", b"1")] * 2)
+
+        keyless = make_registry(self.clock, unhealthy_threshold=1)
+        self.start(keyless)
+        self.assertFalse(keyless.instance("i1").healthy)
+        self.assertEqual(backend.seen[-1], (None, b"/v1/models", None))
 
     def test_timeout_is_failure(self) -> None:
         """

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import textwrap
 
 from twisted.application.service import IServiceMaker
@@ -201,23 +200,3 @@ class BuildServiceTests(SynchronousTestCase):
         errors = self.successResultOf(self.gateway.reload())
         self.assertTrue(any(e.startswith("pools.main.instances[0].weight:") for e in errors))
         self.assertIs(self.gateway.registry, registry)
-
-
-class NotYetEnforcedTests(SynchronousTestCase):
-    def test_listed(self) -> None:
-        """
-        Sections accepted by the config but not acted on yet are named (the
-        gateway logs a warning for each), and the default config names none.
-        """
-        from clawproxy.config import load_config, parse_config
-        from clawproxy.service import not_yet_enforced
-
-        config = parse_config({
-            "rate_limits": {"default": "10/minute"},
-            "pools": {"p": {"max_qps": 5, "instances": ["http://127.0.0.1:1"]}},
-            "routes": [{"path": "/x", "pool": "p", "cache": {"ttl": "1m"}}],
-        }, environ={})
-        self.assertEqual(not_yet_enforced(config),
-                         ["rate_limits", "pools.p.max_qps", "routes[0].cache"])
-        default = os.path.join(os.path.dirname(__file__), "..", "etc", "gateway.yaml")
-        self.assertEqual(not_yet_enforced(load_config(default, {})), [])

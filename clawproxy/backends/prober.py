@@ -25,7 +25,8 @@ class HealthProber(Service):
 
     Probes of a pool run together, once per C{interval}; a round never
     overlaps the next (LoopingCall waits for it). Each probe is bounded by
-    the pool's C{timeout}.
+    the pool's C{timeout} and carries the pool's C{health_check.headers}
+    (credentials for backends that need a key).
     """
 
     log = Logger()
@@ -73,6 +74,8 @@ class HealthProber(Service):
         hc = pool.config.health_check
         url = inst.url_bytes + hc.path.encode()
         headers = Headers({b"user-agent": [b"clawproxy-health"]})
+        for name, value in hc.headers.items():  # health_check.headers, e.g. an API key
+            headers.setRawHeaders(name.encode("ascii"), [value.encode("utf-8")])
         # maybeDeferred: an agent that raises fails this probe, not the whole loop.
         d = maybeDeferred(self.agent.request, b"GET", url, headers)
 

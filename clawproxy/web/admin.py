@@ -59,7 +59,8 @@ class AdminResource(Resource):
     log = Logger()
 
     def __init__(self, registry: Registry, metrics: Metrics, breakers: Any,
-                 clock: IReactorTime, token: str | None, metrics_path: str = "/metrics",
+                 clock: IReactorTime, token: str | None,
+                 metrics_path: str | None = "/metrics",
                  reload: Callable[[], Deferred] | None = None, workers: int = 1,
                  started: float | None = None, store: Any = None) -> None:
         super().__init__()
@@ -68,7 +69,7 @@ class AdminResource(Resource):
         self.breakers = breakers
         self.clock = clock
         self._token = token.encode() if token else None
-        self._metrics_path = metrics_path.encode()
+        self._metrics_path = metrics_path.encode() if metrics_path else None  # None: off
         self._reload = reload
         self.workers = workers
         self.started = clock.seconds() if started is None else started

@@ -1,0 +1,707 @@
+"""
+The configuration, declared once (SPEC section 2).
+
+Each section is one frozen attrs class; each field says, in one place, its YAML key,
+converter, default, documentation and whether the gateway refuses it until a later
+issue builds it (L{NotYet}). L{clawproxy.config.reader} builds the tree from these
+declarations and L{clawproxy.config.reference} documents them.
+
+A C{_check(present, error)} method, where a class has one, checks what involves
+several fields once they are read: C{present} is the set of keys written, C{error(key,
+message)} reports a problem, and it returns the (possibly amended) object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import attrs
+
+from clawproxy.config import fields as f
+from clawproxy.config.fields import IPNetwork, NotYet
+from clawproxy.units import Rate
+
+ALGORITHMS = (
+    "round_robin",
+    "weighted_round_robin",
+    "least_connections",
+    "ip_hash",
+    "consistent_hash",
+    "random",
+)
+PROTOCOLS = ("openai", "ollama", "http")
+HEALTH_PATHS = {"openai": "/v1/models", "ollama": "/api/tags", "http": "/health"}
+AFFINITY_METHODS = ("cookie", "ip_hash", "header")
+RETRY_ON = ("5xx", "connect_failure", "refused", "timeout")
+BACKOFFS = ("exponential", "linear", "constant")
+JWT_ALGORITHMS = (
+    "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "ES512",
+    "PS256", "PS384", "PS512", "EdDSA",
+)  # fmt: skip
+
+Error = Callable[[str, str], None]
+
+#: The feature issues that will build what is refused today.
+PROTECTION, RESILIENCE, LLM, OPERATIONS = 8, 9, 10, 11
+
+
+# -- server --------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class TLSConfig:
+    """TLS listeners (pyOpenSSL); the certificate comes from C{cert}/C{key}."""
+
+    listen: tuple[str, ...] = f.setting(
+        f.one_or_more(f.tls_endpoint), doc="TLS listeners; required unless ``port`` is given.",
+        placeholder=())
+    cert: str = f.setting(f.nonempty, doc="PEM certificate (chain) file, relative to the"
+                          " config file's directory.", required=True, placeholder="",
+                          resolve=f.existing_file)
+    key: str = f.setting(f.nonempty, doc="PEM private key file.", required=True,
+                         placeholder="", resolve=f.existing_file)
+    min_version: str = f.setting(f.choice("TLSv1.2", "TLSv1.3"), "TLSv1.2",
+                                 "Oldest TLS version accepted.")
+    http2: bool = f.setting(f.boolean, True, "Offer HTTP/2 (``h2``) by ALPN when the h2"
+                            " package is installed.")
+    port: int | None = f.setting(f.integer(low=1, high=65535), None,
+                                 "Shorthand for ``listen: [ssl:PORT]`` (give one of the two).")
+
+    def _check(self, present: set[str], error: Error) -> TLSConfig:
+        if "port" in present:
+            if "listen" in present:
+                error("port", "give either listen or port, not both")
+            return attrs.evolve(self, listen=(f"ssl:{self.port}",) if self.port else ())
+        if "listen" not in present:
+            error("listen", "required")
+        return self
+
+
+@attrs.frozen
+class ServerConfig:
+    """The data-plane listeners and request limits."""
+
+    listen: tuple[str, ...] = f.setting(f.one_or_more(f.endpoint), ("tcp:8080",),
+                                        "Plain HTTP listeners (HTTP/1.1 and h2c).")
+    tls: TLSConfig | None = f.section(TLSConfig, "TLS listeners.", optional=True)
+    base_path: str = f.setting(f.base_path, "", "Prefix stripped before route matching"
+                               " (``/api/v1``); ``/`` means none.")
+    workers: int = f.setting(
+        f.integer(low=1), 1, "Gateway processes.",
+        not_yet=NotYet(OPERATIONS, lambda n: n > 1, "more than one worker is not supported by"
+                       " this version yet; run several gateways with store: redis to scale"
+                       " out", "more than 1"))
+    max_body_size: int = f.setting(f.size, 10 * 1024 * 1024, "Largest request body (413"
+                                   " beyond).", shown="10MB")
+    max_header_size: int = f.setting(f.at_least_size(1024, "must be at least 1KB"), 16 * 1024,
+                                     "Largest request head (431 beyond).", shown="16KB")
+    client_timeout: float = f.setting(f.duration(above=0), 60.0,
+                                      "Idle / slow client cutoff.", shown="60s")
+    head_timeout: float = f.setting(f.duration(above=0), 10.0,
+                                    "Deadline for receiving a request's head.", shown="10s")
+    trusted_proxies: tuple[IPNetwork, ...] = f.setting(
+        f.list_of(f.network), (), "Addresses whose ``X-Forwarded-For`` is believed.")
+    max_connections: int | None = f.setting(
+        f.integer(low=1), None, "Open client connections beyond which new ones get 503.")
+    underscores_in_headers: bool = f.setting(
+        f.boolean, False, "Accept header names containing ``_`` (refused by default).")
+    min_body_rate: int = f.setting(
+        f.size, 1024, "Bytes per second a request body must average once it is"
+        " ``client_timeout`` under way (slow-body cutoff).", shown="1KB")
+    max_concurrent_streams: int = f.setting(f.integer(low=1), 100,
+                                            "HTTP/2 streams open at once on one connection.")
+    max_stream_resets: int = f.setting(
+        f.integer(low=1), 200, "HTTP/2 stream resets one connection may cause before it is"
+        " closed.")
+
+
+@attrs.frozen
+class AdminConfig:
+    """The admin listener (status, drain, reload, metrics)."""
+
+    listen: str = f.setting(f.endpoint, "tcp:9901:interface=127.0.0.1",
+                            "Admin listener; keep it on loopback or behind a token.")
+    token: str | None = f.setting(f.optional_text, None,
+                                  "When set, admin calls need ``Authorization: Bearer TOKEN``.")
+
+
+# -- shared state --------------------------------------------------------------------------
+
+
+@attrs.frozen
+class RedisConfig:
+    """Redis connection for shared state."""
+
+    url: str = f.setting(f.redis_url, "redis://127.0.0.1:6379/0", "Redis server.")
+    prefix: str = f.setting(f.text, "clawproxy:", "Prefix of every key the gateway writes.")
+    timeout: float = f.setting(f.duration(above=0), 0.2, "Bound on each Redis command.",
+                               shown="200ms")
+    on_error: str = f.setting(f.choice("fail_open", "fail_closed"), "fail_open",
+                              "What limits do while Redis is unreachable.")
+
+
+@attrs.frozen
+class StoreConfig:
+    """Where state shared between gateways lives."""
+
+    backend: str = f.setting(f.choice("memory", "redis"), "memory",
+                             "``memory`` (this process only) or ``redis``.")
+    redis: RedisConfig = f.section(RedisConfig, "Used when ``backend`` is ``redis``.")
+
+
+# -- identity ------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class ApiKeyConfig:
+    """API key authentication (C{Authorization: Bearer KEY} is accepted too)."""
+
+    header: str = f.setting(f.header_name, "X-API-Key", "Header carrying the key.")
+    keys_store: str | None = f.setting(
+        f.nonempty, None, 'JSON file ``{"agent": ["sha256:...", ...]}`` of stored keys;'
+        " agents it names may also be configured under ``agents``.", resolve=f.existing_file)
+
+
+@attrs.frozen
+class JwtConfig:
+    """JWT bearer authentication; the C{sub} claim names the agent."""
+
+    secret: str | None = f.setting(f.nonempty, None, "Shared secret for ``HS*`` algorithms.")
+    algorithms: tuple[str, ...] = f.setting(f.list_of(f.choice(*JWT_ALGORITHMS), False),
+                                            ("HS256",), "Accepted algorithms.")
+    issuer: str | None = f.setting(f.text, None, "Required ``iss``.")
+    audience: str | None = f.setting(f.text, None, "Required ``aud``.")
+    leeway: float = f.setting(f.duration(), 30.0, "Clock skew allowed.", shown="30s")
+    max_age: float | None = f.setting(f.duration(above=0), None,
+                                      "Maximum token age from ``iat``.")
+    public_key: str | None = f.setting(
+        f.nonempty, None, "PEM text, or a PEM file, for ``RS*``, ``ES*``, ``PS*`` and"
+        " ``EdDSA``.", resolve=f.pem_or_file)
+
+    def _check(self, present: set[str], error: Error) -> JwtConfig:
+        if any(a.startswith("HS") for a in self.algorithms) and not self.secret:
+            error("secret", "required for HS* algorithms")
+        if not all(a.startswith("HS") for a in self.algorithms) and not self.public_key:
+            error("public_key", "required for RS*, ES*, PS* and EdDSA algorithms")
+        return self
+
+
+@attrs.frozen
+class AuthConfig:
+    """Enabled authentication methods (either may be C{None})."""
+
+    api_key: ApiKeyConfig | None = f.section(
+        ApiKeyConfig, "API keys; ``api_key:`` with no settings enables them with the"
+        " defaults.", optional=True, null_enables=True)
+    jwt: JwtConfig | None = f.section(JwtConfig, "JWT bearer tokens.", optional=True,
+                                      null_enables=True, not_yet=NotYet(PROTECTION))
+
+
+@attrs.frozen
+class AgentConfig:
+    """One agent (tenant)."""
+
+    name: str = f.entry_name("The agent's name (its key under ``agents``).")
+    keys: tuple[str, ...] = f.setting(f.list_of(f.stored_key), (),
+                                      "Stored key forms (``clawproxy hash-key KEY``);"
+                                      " plain keys are refused.")
+    scopes: tuple[str, ...] | None = f.setting(
+        f.list_of(f.url_path), None, "Path globs the agent may call (default: all).",
+        not_yet=NotYet(PROTECTION))
+    rate_limit: Rate | None = f.setting(f.rate, None, "Requests per period for this agent.",
+                                        not_yet=NotYet(PROTECTION))
+    token_limit: Rate | None = f.setting(f.rate, None, "Prompt + completion tokens per"
+                                         " period.", not_yet=NotYet(LLM))
+    spend_limit: Rate | None = f.setting(f.rate, None, "Budget in the currency of"
+                                         " ``models.prices``.", not_yet=NotYet(LLM))
+    tier: str | None = f.setting(f.scalar_text, None,
+                                 "Free attribute for routes' ``match: {agent.tier: ...}``.")
+    inject_headers: dict[str, str] = f.setting(
+        f.headers, factory=dict, doc="Headers set on requests sent upstream for this agent.",
+        not_yet=NotYet(PROTECTION))
+
+
+# -- rate limits ---------------------------------------------------------------------------
+
+
+@attrs.frozen
+class QueueConfig:
+    """Waiting room used when C{rate_limits.on_limit} is C{queue}."""
+
+    max_size: int = f.setting(f.integer(low=1), 1000, "Requests waiting at most.")
+    max_wait: float = f.setting(f.duration(above=0), 5.0, "Longest wait.", shown="5s")
+
+
+@attrs.frozen
+class AdaptiveConfig:
+    """Tighten limits by C{factor} while backends struggle."""
+
+    latency_p95_above: float | None = f.setting(f.duration(above=0), None,
+                                                "Pool p95 latency that tightens limits.")
+    gpu_memory_above: float | None = f.setting(
+        f.number(low=0, high=100), None, "GPU memory percent (from health bodies) that"
+        " tightens limits.")
+    factor: float = f.setting(f.number(high=1, above=0), 0.6, "Multiplier applied to limits.")
+
+
+@attrs.frozen
+class RateLimitsConfig:
+    """Gateway-wide rate limiting."""
+
+    global_: Rate | None = f.setting(f.rate, None, "Limit on the whole gateway.", key="global")
+    default: Rate | None = f.setting(f.rate, None, "Per agent, or per client IP when"
+                                     " anonymous.")
+    algorithm: str = f.setting(f.choice("token_bucket", "sliding_window", "fixed_window"),
+                               "token_bucket", "Limiting algorithm.")
+    burst: int | None = f.setting(f.integer(low=1), None, "Token bucket capacity (default:"
+                                  " the limit's count).")
+    session_min_interval: float | None = f.setting(
+        f.duration(above=0), None, "Minimum time between requests of one session.")
+    on_limit: str = f.setting(f.choice("reject", "queue"), "reject",
+                              "``reject`` (429) or ``queue``.")
+    queue: QueueConfig = f.section(QueueConfig, "Used when ``on_limit`` is ``queue``.")
+    adaptive: AdaptiveConfig | None = f.section(AdaptiveConfig, "Adaptive throttling.",
+                                                optional=True)
+
+
+# -- models --------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class ModelPrice:
+    """Prices per 1K tokens."""
+
+    prompt: float = f.setting(f.number(low=0), 0.0, "Per 1K prompt tokens.")
+    completion: float = f.setting(f.number(low=0), 0.0, "Per 1K completion tokens.")
+
+
+@attrs.frozen
+class ModelsConfig:
+    """Model aliases, model fallback chains and prices."""
+
+    aliases: dict[str, str] = f.setting(f.map_of(f.nonempty), factory=dict,
+                                        doc="A request for the key is served as the value.")
+    fallbacks: dict[str, tuple[str, ...]] = f.setting(
+        f.map_of(f.list_of(f.nonempty, allow_empty=False)), factory=dict,
+        doc="Models tried in order when a model's pool fails.", not_yet=NotYet(LLM))
+    prices: dict[str, ModelPrice] = f.entries(ModelPrice, "Prices per model, for spend.",
+                                              name=f.nonempty, not_yet=NotYet(LLM))
+
+
+# -- pools ---------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class InstanceConfig:
+    """One backend instance; a bare URL string stands for C{{url: URL}}."""
+
+    id: str = f.setting(f.name_text, doc="Unique across pools.", shown="POOL-N (by position)")
+    url: str = f.setting(f.instance_url, doc="Base URL of the backend.", required=True,
+                         placeholder="")
+    weight: float = f.setting(f.number(low=0), 1.0, "Relative share of traffic; 0 takes none.")
+    max_connections: int | None = f.setting(f.integer(low=1), None,
+                                            "Requests in flight at most.")
+
+
+@attrs.frozen
+class HealthCheckConfig:
+    """Active health checks."""
+
+    enabled: bool = f.setting(f.boolean, True, "Probe the instances.")
+    path: str = f.setting(f.url_path, "/v1/models", "Probed path; by protocol: ``/v1/models``"
+                          " (openai), ``/api/tags`` (ollama), ``/health`` (http).",
+                          shown="by protocol")
+    interval: float = f.setting(f.duration(above=0), 5.0, "Time between probes.", shown="5s")
+    timeout: float = f.setting(f.duration(above=0), 2.0, "Bound on each probe.", shown="2s")
+    healthy_threshold: int = f.setting(f.integer(low=1), 2, "Passing probes in a row that"
+                                       " mark an instance healthy.")
+    unhealthy_threshold: int = f.setting(f.integer(low=1), 3, "Failing probes in a row that"
+                                         " mark it unhealthy.")
+    expected_status: int = f.setting(f.integer(low=100, high=599), 200, "Status of a pass.")
+    expected_body_contains: str | None = f.setting(f.text, None,
+                                                   "Text a passing body must contain.")
+    headers: dict[str, str] = f.setting(
+        f.headers, factory=dict, doc="Headers sent with every probe, for backends that need a"
+        " key: ``{Authorization: \"Bearer ${LITELLM_MASTER_KEY}\"}``. A backend's own"
+        " liveness path (vLLM and LiteLLM ``/health``) is often a lighter probe than"
+        " ``/v1/models``: set ``path``.")
+
+
+@attrs.frozen
+class PassiveConfig:
+    """Passive health (nginx C{max_fails}/C{fail_timeout})."""
+
+    max_fails: int = f.setting(f.integer(low=0), 3, "Failures within ``fail_timeout`` that"
+                               " eject an instance; 0 disables passive checks.")
+    fail_timeout: float = f.setting(f.duration(above=0), 30.0, "Failure window and ejection"
+                                    " time.", shown="30s")
+    max_ejection_percent: int = f.setting(f.integer(low=0, high=100), 50,
+                                          "Most of a pool that may be ejected at once.")
+
+
+@attrs.frozen
+class AffinityConfig:
+    """Session affinity."""
+
+    method: str = f.setting(f.choice(*AFFINITY_METHODS), doc="How a session is recognised.",
+                            required=True, placeholder="cookie")
+    cookie_name: str = f.setting(f.header_name, "CLAWPROXY_SESSION", "Cookie for ``cookie``.")
+    header_name: str = f.setting(f.header_name, "X-Session-ID", "Header for ``header``.")
+    ttl: float = f.setting(f.duration(above=0), 3600.0, "How long a session is remembered.",
+                           shown="1h")
+
+
+@attrs.frozen
+class BreakerConfig:
+    """Circuit breaker settings, shared by the pool's breaker and its instances'."""
+
+    enabled: bool = f.setting(f.boolean, True, "Use circuit breakers.")
+    failure_threshold: int = f.setting(f.integer(low=1), 5, "Failures that open a breaker.")
+    failure_window: float = f.setting(f.duration(above=0), 60.0, "Window of those failures.",
+                                      shown="60s")
+    success_threshold: int = f.setting(f.integer(low=1), 3, "Successes that close it.")
+    success_window: float = f.setting(f.duration(above=0), 30.0, "Window of those successes.",
+                                      shown="30s")
+    open_timeout: float = f.setting(f.duration(above=0), 30.0, "Time before half-open.",
+                                    shown="30s")
+
+
+@attrs.frozen
+class RetryConfig:
+    """Retries of failed upstream attempts."""
+
+    max_retries: int = f.setting(f.integer(low=0), 2, "Retries after the first attempt.")
+    retry_on: frozenset[str] = f.setting(f.set_of(f.choice(*RETRY_ON)),
+                                         frozenset({"connect_failure", "refused"}),
+                                         "Failures that are retried.",
+                                         shown="[connect_failure, refused]")
+    backoff: str = f.setting(f.choice(*BACKOFFS), "exponential", "Delay growth.")
+    base_delay: float = f.setting(f.duration(), 0.025, "First delay.", shown="25ms")
+    max_delay: float = f.setting(f.duration(), 0.25, "Largest delay (>= ``base_delay``).",
+                                 shown="250ms")
+    budget: float = f.setting(f.number(low=0, high=1), 0.2,
+                              "Fraction of requests that may be retries.")
+
+    def _check(self, present: set[str], error: Error) -> RetryConfig:
+        if self.max_delay < self.base_delay:
+            error("max_delay", "must be >= base_delay")
+        return self
+
+
+@attrs.frozen
+class UpstreamTLSConfig:
+    """TLS towards C{https://} instances."""
+
+    verify: bool = f.setting(f.boolean, True, "Verify the instance's certificate.")
+    ca_file: str | None = f.setting(f.nonempty, None, "PEM CA bundle for a private CA.",
+                                    resolve=f.existing_file)
+    client_cert: str | None = f.setting(f.nonempty, None, "PEM client certificate (mutual"
+                                        " TLS).", resolve=f.existing_file)
+    client_key: str | None = f.setting(f.nonempty, None, "PEM client key.",
+                                       resolve=f.existing_file)
+    server_name: str | None = f.setting(f.nonempty, None, "SNI and verified name, if not the"
+                                        " URL's host.")
+
+
+def _health_defaults(pool: dict[str, object], _: object) -> dict[str, object]:
+    return {"path": HEALTH_PATHS.get(str(pool.get("protocol", "openai")), "/v1/models")}
+
+
+def _instance_defaults(pool: dict[str, object], index: int) -> dict[str, object]:
+    return {"id": f"{pool.get('name')}-{index + 1}"}
+
+
+def _instance_shorthand(value: object) -> object:
+    return {"url": value} if isinstance(value, str) else value
+
+
+@attrs.frozen
+class PoolConfig:
+    """A pool of interchangeable instances."""
+
+    name: str = f.entry_name("The pool's name (its key under ``pools``).")
+    protocol: str = f.setting(f.choice(*PROTOCOLS), "openai", "What the backends speak.")
+    instances: tuple[InstanceConfig, ...] = f.items(
+        InstanceConfig, "The backends.", shorthand=_instance_shorthand, given=_instance_defaults,
+        required=True, empty="must list at least one instance")
+    health_check: HealthCheckConfig = f.section(HealthCheckConfig, "Active health checks.",
+                                                given=_health_defaults)
+    passive: PassiveConfig = f.section(PassiveConfig, "Passive health checks.")
+    session_affinity: AffinityConfig | None = f.section(AffinityConfig, "Session affinity.",
+                                                        optional=True)
+    circuit_breaker: BreakerConfig = f.section(
+        BreakerConfig, "Circuit breakers.", not_yet=NotYet(
+            RESILIENCE, lambda b: b.enabled, "circuit breakers are not supported by this"
+            " version yet (leave the section out, or set enabled: false)", "enabled"))
+    retry: RetryConfig = f.section(RetryConfig, "Retries.")
+    models: tuple[str, ...] = f.setting(f.list_of(f.nonempty), (), "Model name globs the"
+                                        " pool serves; routes without a pool pick it by the"
+                                        " request's model.")
+    algorithm: str = f.setting(f.choice(*ALGORITHMS), "round_robin", "Load balancing.")
+    slow_start: float = f.setting(f.duration(), 0.0, "Time over which a returning instance's"
+                                  " weight ramps up.", shown="0s")
+    timeout: float = f.setting(f.duration(above=0), 30.0, "Per upstream attempt (connect +"
+                               " first byte).", shown="30s")
+    first_token_timeout: float | None = f.setting(
+        f.duration(above=0), None, "Streams: no first chunk by then, try another instance.")
+    stall_timeout: float | None = f.setting(
+        f.duration(above=0), None, "Streams: no chunk for this long ends the stream with an"
+        " SSE error event.")
+    max_qps: float | None = f.setting(f.number(above=0), None, "Pool-wide request rate cap.",
+                                      not_yet=NotYet(PROTECTION))
+    fallback: str | None = f.setting(f.text, None, "A name in ``fallbacks``.")
+    tls: UpstreamTLSConfig | None = f.section(UpstreamTLSConfig, "TLS towards ``https://``"
+                                              " instances.", optional=True,
+                                              not_yet=NotYet(PROTECTION))
+
+
+# -- routes --------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class RouteCacheConfig:
+    """Response caching for one route."""
+
+    enabled: bool = f.setting(f.boolean, True, "Cache this route.")
+    ttl: float = f.setting(f.duration(above=0), 300.0, "Entry lifetime.", shown="5m")
+    semantic: bool = f.setting(f.boolean, False, "Match similar prompts.")
+    threshold: float = f.setting(f.number(low=0, high=1), 0.85, "Semantic similarity of a hit.")
+    shared: bool = f.setting(f.boolean, False, "Share entries between agents.")
+    key: tuple[str, ...] = f.setting(f.list_of(f.nonempty), (), "Request parts forming the"
+                                     " key (``body.model``, ``header.X``); empty: method,"
+                                     " path and whole body.")
+
+
+@attrs.frozen
+class HeaderTransform:
+    """Headers to set and to remove."""
+
+    set: dict[str, str] = f.setting(f.headers, factory=dict, doc="Headers to set; values may"
+                                    " hold request variables.")
+    remove: tuple[str, ...] = f.setting(f.list_of(f.header_name), (), "Headers to remove.")
+
+
+@attrs.frozen
+class TransformsConfig:
+    """
+    Header rewrites for a route: values may use C{${request_id}}, C{${agent}},
+    C{${client_ip}}, C{${route}}, C{${pool}}, C{${instance}} and C{${env:NAME}}.
+    """
+
+    request_headers: HeaderTransform = f.section(HeaderTransform, "On the way upstream.")
+    response_headers: HeaderTransform = f.section(HeaderTransform, "On the way back.")
+
+
+@attrs.frozen
+class RouteConfig:
+    """One route; routes are tried in order and the first match wins."""
+
+    path: str = f.setting(f.url_path, doc="Exact path, prefix ``/tools/*``, or glob.",
+                          required=True, placeholder="/")
+    methods: tuple[str, ...] | None = f.setting(f.list_of(f.method, allow_empty=False), None,
+                                                "Methods matched (default: any).")
+    match: dict[str, str] = f.setting(f.map_of(f.scalar_text, f.match_key), factory=dict,
+                                      doc="Conditions, all of which must hold.")
+    pool: str | None = f.setting(f.text, None, "The pool; with neither ``pool`` nor ``split``"
+                                 " the pool is chosen by the request's model.")
+    split: dict[str, float] | None = f.setting(
+        f.map_of(f.number(above=0), allow_empty=False, empty="must name at least one pool"),
+        None, "Pool name to positive weight (instead of ``pool``).")
+    auth_required: bool = f.setting(f.boolean, False, "Only identified agents (also implied"
+                                    " by ``allowed_agents``).")
+    allowed_agents: tuple[str, ...] | None = f.setting(f.list_of(f.nonempty), None,
+                                                       "Agents allowed on this route.")
+    rate_limit: Rate | None = f.setting(f.rate, None, "Requests per period on this route.",
+                                        not_yet=NotYet(PROTECTION))
+    timeout: float | None = f.setting(f.duration(above=0), None,
+                                      "Per upstream attempt (default: the pool's).")
+    cache: RouteCacheConfig | None = f.section(
+        RouteCacheConfig, "Response caching.", optional=True,
+        not_yet=NotYet(RESILIENCE, lambda c: c.enabled, values="enabled"))
+    fallback: str | None = f.setting(f.text, None, "A name in ``fallbacks``.")
+    transforms: TransformsConfig | None = f.section(TransformsConfig, "Header rewrites.",
+                                                    optional=True)
+
+    def _check(self, present: set[str], error: Error) -> RouteConfig:
+        if "pool" in present and "split" in present:
+            error("split", "give either pool or split, not both")
+        if self.allowed_agents is not None and not self.auth_required:
+            return attrs.evolve(self, auth_required=True)
+        return self
+
+
+# -- fallbacks, cache, observability -------------------------------------------------------
+
+
+@attrs.frozen
+class FallbackConfig:
+    """A canned response used when a pool cannot answer."""
+
+    name: str = f.entry_name("The fallback's name (its key under ``fallbacks``).")
+    type: str = f.setting(
+        f.choice("static", "cache"), "static", "``static`` answers with ``status``/``body``;"
+        " ``cache`` serves the last good cached answer.",
+        not_yet=NotYet(RESILIENCE, lambda t: t == "cache",
+                       "type cache is not supported by this version yet", "``cache``"))
+    status: int = f.setting(f.integer(low=100, high=599), 200, "Status of the answer.")
+    content_type: str = f.setting(f.nonempty, "application/json", "Its content type.")
+    body: str = f.setting(f.fallback_body, "", "Its body.")
+    headers: dict[str, str] = f.setting(f.headers, factory=dict, doc="Extra headers.")
+    max_stale: float | None = f.setting(f.duration(above=0), None, "``cache``: oldest answer"
+                                        " served.", not_yet=NotYet(RESILIENCE))
+
+
+@attrs.frozen
+class CacheConfig:
+    """The response cache store shared by routes that enable caching."""
+
+    store: str = f.setting(f.choice("memory", "redis"), "memory", "Where entries live.")
+    max_entries: int = f.setting(f.integer(low=1), 10000, "Entries at most.")
+    max_bytes: int = f.setting(f.size, 256 * 1024 * 1024, "Stored bytes at most.",
+                               shown="256MB")
+    check_model_version: bool = f.setting(f.boolean, True, "Drop entries made by another"
+                                          " model version.")
+
+
+@attrs.frozen
+class MetricsConfig:
+    """Prometheus metrics."""
+
+    enabled: bool = f.setting(f.boolean, True, "Serve ``/metrics``; when false no listener"
+                              " serves it.")
+    path: str = f.setting(f.url_path, "/metrics", "Path of the metrics page.")
+    public: bool = f.setting(f.boolean, False, "Also serve it on the data plane (it is always"
+                             " on the admin listener).")
+
+
+@attrs.frozen
+class LoggingConfig:
+    """The access log and the process's own log."""
+
+    level: str = f.setting(f.log_level, "info", "Least severe event of the process log that"
+                           " is written (twistd's log).")
+    format: str = f.setting(f.choice("json", "text"), "json", "Access log lines: one JSON"
+                            " object, or plain text.")
+    output: str = f.setting(f.log_output, "-", "Where the access log goes.",
+                            resolve=f.output_path)
+    redact: tuple[str, ...] = f.setting(
+        f.list_of(f.header_name), ("Authorization", "X-API-Key"), "Headers whose values never"
+        " appear in a log. The access log records no header values; any log line that"
+        " shows headers replaces these ones' values with ``[redacted]``.")
+
+
+@attrs.frozen
+class TracingConfig:
+    """Distributed tracing."""
+
+    enabled: bool = f.setting(
+        f.boolean, False, "Trace requests.",
+        not_yet=NotYet(OPERATIONS, bool, "tracing is not supported by this version yet",
+                       "``true``"))
+    sample_rate: float = f.setting(f.number(low=0, high=1), 0.1, "Fraction of requests"
+                                   " traced.")
+    exporter: str = f.setting(f.choice("otlp", "console"), "otlp", "Where spans go.")
+    endpoint: str | None = f.setting(f.nonempty, None, "Exporter endpoint.")
+
+
+@attrs.frozen
+class SimulatorConfig:
+    """A simulated LLM backend started in-process (SPEC section 6)."""
+
+    listen: str = f.setting(f.endpoint, doc="Its listener.", required=True, placeholder="")
+    id: str = f.setting(f.name_text, doc="Its name.", shown="sim-N (by position)")
+    model: str = f.setting(f.nonempty, "sim-small", "Model it reports.")
+    ttft: float = f.setting(f.duration(), 0.05, "Time to first token.", shown="50ms")
+    tokens_per_second: float = f.setting(f.number(above=0), 200.0, "Streaming speed.")
+    max_tokens: int = f.setting(f.integer(low=1), 64, "Tokens per answer at most.")
+    failure_rate: float = f.setting(f.number(low=0, high=1), 0.0, "Fraction answered 500.")
+    hang_rate: float = f.setting(f.number(low=0, high=1), 0.0, "Fraction never answered.")
+
+
+def _simulator_defaults(_: dict[str, object], index: int) -> dict[str, object]:
+    return {"id": f"sim-{index + 1}"}
+
+
+# -- the whole ---------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Config:
+    """
+    A whole, valid configuration.
+
+    @ivar auth: C{None} when no authentication is configured. When C{agents} hold keys but
+        there is no C{auth} section, API key authentication with default settings is on.
+    @ivar source: absolute path of the file it was loaded from, if any.
+    """
+
+    server: ServerConfig = f.section(ServerConfig, "Data-plane listeners and limits.")
+    admin: AdminConfig = f.section(AdminConfig, "The admin listener.")
+    store: StoreConfig = f.section(StoreConfig, "Shared state.")
+    auth: AuthConfig | None = f.section(AuthConfig, "Authentication; agents with keys and no"
+                                        " ``auth`` section enable API keys.", optional=True)
+    agents: dict[str, AgentConfig] = f.entries(AgentConfig, "The agents (tenants).")
+    rate_limits: RateLimitsConfig | None = f.section(RateLimitsConfig, "Rate limiting.",
+                                                     optional=True, not_yet=NotYet(PROTECTION))
+    models: ModelsConfig = f.section(ModelsConfig, "Model routing.")
+    pools: dict[str, PoolConfig] = f.entries(PoolConfig, "Pools of backends.",
+                                             required="required (at least one pool)",
+                                             empty="must define at least one pool")
+    routes: tuple[RouteConfig, ...] = f.items(RouteConfig, "Routes, first match wins.",
+                                              required="required (at least one route)",
+                                              empty="must define at least one route")
+    fallbacks: dict[str, FallbackConfig] = f.entries(FallbackConfig, "Canned responses.")
+    cache: CacheConfig = f.section(CacheConfig, "The response cache.",
+                                   not_yet=NotYet(RESILIENCE))
+    metrics: MetricsConfig = f.section(MetricsConfig, "Prometheus metrics.")
+    logging: LoggingConfig = f.section(LoggingConfig, "Logging.")
+    tracing: TracingConfig = f.section(TracingConfig, "Tracing.")
+    simulators: tuple[SimulatorConfig, ...] = f.items(SimulatorConfig, "Simulated backends"
+                                                      " started in-process.",
+                                                      given=_simulator_defaults)
+    source: str | None = f.internal()
+
+    def _check(self, present: set[str], error: Error) -> Config:
+        if self.auth is None and any(agent.keys for agent in self.agents.values()):
+            return attrs.evolve(self, auth=AuthConfig(api_key=ApiKeyConfig()))
+        return self
+
+    def instance(self, id: str) -> tuple[PoolConfig, InstanceConfig] | None:
+        """
+        Find an instance by id (ids are unique across pools).
+
+        @return: the pool and the instance, or C{None}.
+        """
+        for pool in self.pools.values():
+            for instance in pool.instances:
+                if instance.id == id:
+                    return pool, instance
+        return None
+
+    def summary(self) -> str:
+        """A few human-readable lines describing this configuration."""
+        server = self.server
+        listeners = list(server.listen)
+        if server.tls is not None:
+            listeners += [f"{listen} (TLS)" for listen in server.tls.listen]
+        lines = [f"config: {self.source or '(inline)'}"]
+        lines.append(f"listeners: {', '.join(listeners) or '(none)'}")
+        if server.base_path:
+            lines.append(f"base path: {server.base_path}")
+        lines.append(f"admin: {self.admin.listen}")
+        lines.append(f"store: {self.store.backend}")
+        lines.append(f"pools: {len(self.pools)}")
+        for pool in self.pools.values():
+            count = len(pool.instances)
+            plural = "instance" if count == 1 else "instances"
+            models = f", models {', '.join(pool.models)}" if pool.models else ""
+            lines.append(
+                f"  {pool.name}: {count} {plural}, {pool.algorithm}, {pool.protocol}{models}"
+            )
+        lines.append(f"routes: {len(self.routes)}")
+        lines.append(f"agents: {len(self.agents)}")
+        lines.append(f"fallbacks: {len(self.fallbacks)}")
+        lines.append(f"simulators: {len(self.simulators)}")
+        for sim in self.simulators:
+            lines.append(f"  {sim.id}: {sim.listen} ({sim.model})")
+        return "\n".join(lines)
