@@ -346,6 +346,15 @@ def use_cooperator(producer: Any, cooperator: Any) -> None:
     producer._cooperate = cooperator.cooperate
 
 
+def log_observers(publisher: Any) -> list[Any]:
+    """
+    The observers of a C{twisted.logger.LogPublisher}, in the order they were
+    added (twistd offers no public way to wrap the ones it made). Assumes the
+    publisher keeps them in the list C{_observers}.
+    """
+    return list(publisher._observers)
+
+
 __all__ = [
     "PARSER_BODY_STATE",
     "ClientRequest",
@@ -361,6 +370,7 @@ __all__ = [
     "drop_response_connection",
     "http_channel_of",
     "is_h2_stream",
+    "log_observers",
     "observe_client_protocols",
     "response_parser",
     "use_client_protocol",

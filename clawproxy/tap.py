@@ -15,6 +15,7 @@ from twisted.logger import (
 )
 from twisted.python import usage
 
+from clawproxy.compat import log_observers
 from clawproxy.config import ConfigError, load_config
 from clawproxy.policy.auth import KeyStoreError, load_key_store
 
@@ -62,7 +63,7 @@ class LogLevelFilter(Service):
     output) before it starts the services, and offers no public way to wrap
     them: while running, each observer of C{publisher} is replaced by a
     C{FilteringLogObserver} around it, and put back on stop. Reading the
-    observers uses C{LogPublisher._observers} (pinned by a test).
+    observers goes through L{clawproxy.compat.log_observers}.
     """
 
     name = "log-level"
@@ -90,7 +91,7 @@ class LogLevelFilter(Service):
     def _wrap(self) -> None:
         if self._wrapped:
             return
-        for original in list(self._publisher._observers):
+        for original in log_observers(self._publisher):
             wrapper = FilteringLogObserver(original, [self._predicate])
             self._publisher.removeObserver(original)
             self._publisher.addObserver(wrapper)

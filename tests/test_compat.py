@@ -19,6 +19,7 @@ from twisted.internet.defer import succeed
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.task import Clock, Cooperator
 from twisted.internet.testing import StringTransport
+from twisted.logger import LogPublisher
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -559,3 +560,18 @@ class TwistdTests(SynchronousTestCase):
         with self.assertRaises(SystemExit) as caught:
             app.run(lambda config: None, Refusing)
         self.assertEqual(caught.exception.code, 1)
+
+
+class LogPublisherTests(SynchronousTestCase):
+    """What the C{logging.level} filter assumes of C{twisted.logger}."""
+
+    def test_publisher_observers(self) -> None:
+        """
+        The one private Twisted name the filter relies on: a C{LogPublisher} keeps its
+        observers in the list C{_observers}, in the order they were added.
+        """
+        publisher = LogPublisher()
+        first, second = (lambda e: None), (lambda e: None)
+        publisher.addObserver(first)
+        publisher.addObserver(second)
+        self.assertEqual(compat.log_observers(publisher), [first, second])

@@ -147,13 +147,3 @@ class LogLevelTests(SynchronousTestCase):
         self.addCleanup(service.stopService)
         self.assertEqual(self.emit_all(), ["warn", "error"])
 
-    def test_publisher_observers(self) -> None:
-        """
-        The one private Twisted name the filter relies on: a C{LogPublisher} keeps its
-        observers in the list C{_observers}, in the order they were added.
-        """
-        publisher = LogPublisher()
-        first, second = (lambda e: None), (lambda e: None)
-        publisher.addObserver(first)
-        publisher.addObserver(second)
-        self.assertEqual(publisher._observers, [first, second])
