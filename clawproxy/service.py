@@ -119,11 +119,10 @@ class Gateway(MultiService):
 
     def _build(self, config: Config) -> None:
         """(Re)build the parts that follow the config: registry, relay, resource."""
-        self.registry = Registry(config, self.reactor)
+        self.registry = Registry(config, self.reactor, breakers=self.breakers)
         self.registry.subscribe(self.metrics.instance_changed)
-        relay = Relay(self.agent, self.reactor, self.metrics, self.retry_policy, self.breakers,
+        relay = Relay(self.agent, self.reactor, self.metrics, self.retry_policy,
                       config.server.trusted_proxies)
-        relay.registry = self.registry
         self.relay = relay
         identify, stages = auth_stages(config)
         self.resource = GatewayResource(
@@ -203,19 +202,7 @@ class Gateway(MultiService):
         old = self.registry
         self.prober.disownServiceParent()
         self._build(config)
-        for inst in self.registry:
-            prev = old.instance(inst.id)
-            if prev is not None and prev.url == inst.url:
-                inst.drained = prev.drained
-                inst.probe = prev.probe
-                inst.health = prev.health
-                inst.models = prev.models
-                # A weight set at runtime (admin, CLI) survives; one changed
-                # in the file takes effect.
-                was = self.config.instance(inst.id)
-                if was is not None and prev.base_weight != float(was[1].weight):
-                    inst.base_weight = prev.base_weight
-                self.registry.changed(inst)  # gauges follow the carried-over state
+        self.registry.adopt(old)
         self.config = config
         self.site.resource = self.resource
         self.admin.registry = self.registry

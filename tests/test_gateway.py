@@ -25,7 +25,6 @@ from clawproxy import __version__
 from clawproxy.backends.registry import Registry
 from clawproxy.config import parse_config
 from clawproxy.metrics import Metrics
-from clawproxy.policy.breakers import NoBreakers
 from clawproxy.policy.retry import RetryPolicy
 from clawproxy.web.accesslog import AccessLog
 from clawproxy.web.gateway import GatewayResource, format_uptime
@@ -134,7 +133,7 @@ class Harness:
     def __init__(self, testcase: SynchronousTestCase, config: dict[str, Any],
                  wrap_agent: Callable[[Any], Any] | None = None,
                  wrap_root: Callable[[Resource], Resource] | None = None,
-                 backend: Resource | None = None) -> None:
+                 backend: Resource | None = None, breakers: Any = None) -> None:
         self.testcase = testcase
         self.config = parse_config(config, environ={})
         self.clock = Clock()
@@ -142,13 +141,12 @@ class Harness:
         self.upstream = RequestTraversalAgent(self.backend)
         self.agent = wrap_agent(self.upstream) if wrap_agent else self.upstream
         self.metrics = Metrics()
-        self.registry = Registry(self.config, self.clock)
+        self.registry = Registry(self.config, self.clock, breakers=breakers)
         self.registry.subscribe(self.metrics.instance_changed)
         self.log = io.StringIO()
         self.access_log = AccessLog(self.log, self.clock)
-        self.relay = Relay(self.agent, self.clock, self.metrics, RetryPolicy(), NoBreakers(),
+        self.relay = Relay(self.agent, self.clock, self.metrics, RetryPolicy(),
                            self.config.server.trusted_proxies)
-        self.relay.registry = self.registry
         self.resource = GatewayResource(self.config, self.registry, self.relay, self.metrics,
                                         self.access_log, self.clock)
         self.root = wrap_root(self.resource) if wrap_root else self.resource
