@@ -372,3 +372,73 @@ class ReportedModelsTests(SynchronousTestCase):
         """Bodies without models report none, whatever their shape."""
         self.assertEqual(reported_models({}), ())
         self.assertEqual(reported_models({"data": ["x", 1], "model": 3}), ())
+
+
+class AdoptTests(SynchronousTestCase):
+    """L{Registry.adopt}: instance state carried across a config reload."""
+
+    def reload(self, old: Registry, **pool: Any) -> Registry:
+        new = registry(old.clock, **pool)
+        seen: list[str] = []
+        new.subscribe(lambda inst: seen.append(inst.id))
+        del seen[:]
+        new.adopt(old)
+        self.told = seen
+        return new
+
+    def test_carried(self) -> None:
+        """
+        An instance that keeps its id and URL keeps its drain state, probe
+        state, refused-connection mark, health body, models and a runtime
+        weight; listeners hear about each one carried.
+        """
+        clock = Clock()
+        old = registry(clock, health_check={"unhealthy_threshold": 1})
+        i1, i2 = old.instance("i1"), old.instance("i2")
+        old.set_drained("i1", True)
+        old.set_weight("i1", 7)
+        old.probe_result(i2, False, {"data": [{"id": "m"}]})
+        i2.pool.record(i2, "refused", reached=False)
+        new = self.reload(old)
+        n1, n2 = new.instance("i1"), new.instance("i2")
+        self.assertIsNot(n1, i1)
+        self.assertEqual((n1.drained, n1.base_weight, n1.state), (True, 7.0, "draining"))
+        self.assertFalse(n2.healthy)
+        self.assertEqual((n2.health, n2.models), ({"data": [{"id": "m"}]}, ("m",)))
+        self.assertEqual(n2.down_until, i2.down_until)
+        self.assertEqual(self.told, ["i1", "i2"])
+
+    def test_weight_from_file_wins(self) -> None:
+        """
+        A weight changed in the file takes effect, unless one was set at
+        runtime (admin, CLI): that one survives.
+        """
+        def weighted(weight: int) -> Registry:
+            return Registry(parse_config({
+                "pools": {"main": {"instances": [
+                    {"id": "i1", "url": "http://i1.test:8000", "weight": weight},
+                    {"id": "i2", "url": "http://i2.test:8000", "weight": weight}]}},
+                "routes": [{"path": "/*", "pool": "main"}]}, environ={}), Clock())
+
+        old = weighted(3)
+        old.set_weight("i2", 7)
+        new = weighted(5)
+        new.adopt(old)
+        self.assertEqual(new.instance("i1").base_weight, 5.0)
+        self.assertEqual(new.instance("i2").base_weight, 7.0)
+        newer = weighted(2)
+        newer.adopt(new)
+        self.assertEqual(newer.instance("i1").base_weight, 2.0)
+        self.assertEqual(newer.instance("i2").base_weight, 7.0)
+
+    def test_new_url_starts_afresh(self) -> None:
+        """An instance whose URL changed, or a new id, starts with fresh state."""
+        old = registry()
+        old.set_drained("i1", True)
+        new = Registry(parse_config({
+            "pools": {"main": {"instances": [{"id": "i1", "url": "http://elsewhere.test:1"},
+                                             {"id": "i9", "url": "http://i9.test:1"}]}},
+            "routes": [{"path": "/*", "pool": "main"}]}, environ={}), Clock())
+        new.adopt(old)
+        self.assertFalse(new.instance("i1").drained)
+        self.assertEqual(new.instance("i9").state, "healthy")

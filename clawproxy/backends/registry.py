@@ -214,19 +214,26 @@ class Pool:
             when a policy answers with a Deferred or refuses) a Deferred
             firing with one of those.
         """
-        inst, pin = self._pick(key, exclude, sticky_key)
-        if inst is None:
-            return None
-        index = 0
-        for admit in self._admitters:
-            answer = admit(inst)
-            if answer is not True:
-                return Deferred.fromCoroutine(
-                    self._take_slowly(key, exclude, sticky_key, inst, pin, index, answer))
-            index += 1
-        if pin:
-            self.affinity.set(sticky_key, inst.id)  # type: ignore[union-attr]
-        return inst
+        skipped = exclude
+        while True:
+            inst, pin = self._pick(key, skipped, sticky_key)
+            if inst is None:
+                return None
+            index = 0
+            for admit in self._admitters:
+                answer = admit(inst)
+                if isinstance(answer, Deferred):
+                    return Deferred.fromCoroutine(
+                        self._take_slowly(key, skipped, sticky_key, inst, pin, index, answer))
+                if not answer:
+                    self._release(inst, index)
+                    break
+                index += 1
+            else:
+                if pin:
+                    self.affinity.set(sticky_key, inst.id)  # type: ignore[union-attr]
+                return inst
+            skipped = {*skipped, inst.id}
 
     def _pick(self, key: str | None, exclude: frozenset[str] | set[str],
               sticky_key: str | None) -> tuple[Instance | None, bool]:
