@@ -184,8 +184,23 @@ class Pool:
         """
         out = []
         spare = None
+        excluders = self.excluders
         for i in self.instances:
-            if i.id in exclude or not i.usable():
+            # Instance.usable(), inlined: this runs for every instance of every request.
+            if (
+                i.id in exclude
+                or not i.probe.healthy
+                or i.drained
+                or i.base_weight <= 0
+                or (i.max_connections is not None and i.active >= i.max_connections)
+            ):
+                continue
+            excluded = False
+            for excludes in excluders:
+                if excludes(i):
+                    excluded = True
+                    break
+            if excluded:
                 continue
             if i.down_until is not None and i.down:
                 if spare is None:

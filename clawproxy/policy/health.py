@@ -150,6 +150,8 @@ class PassiveState:
     @property
     def ejected(self) -> bool:
         """Whether the instance is ejected right now."""
+        if self._ejected_until is None:
+            return False  # the common case, asked for every instance of every request
         return self._expire(self._clock.seconds())
 
     @property
