@@ -16,6 +16,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
 from clawproxy.backends.prober import HealthProber
+from clawproxy.backends.registry import Registry
 from clawproxy.backends.upstream import make_agent, make_pool, open_upstream_connections
 from clawproxy.config import Config, ConfigError, load_config
 from clawproxy.errors import Rejected
@@ -118,12 +119,12 @@ class Gateway(MultiService):
         self.listeners: list[Listener] = []
         self._add_children(config)
 
-    def _build(self, config: Config) -> None:
+    def _build(self, config: Config, previous: Registry | None = None) -> None:
         """(Re)build the parts that follow the config: the data plane and its prober."""
         plane = build_data_plane(
             config, self.reactor, self.agent, self.metrics, self.access_log,
             retry_policy=self.retry_policy, breakers=self.breakers, store=self.store,
-            started=self.started,
+            started=self.started, previous=previous,
         )
         self.plane = plane
         self.registry = plane.registry
@@ -199,22 +200,8 @@ class Gateway(MultiService):
         except (ConfigError, KeyStoreError) as e:
             self.log.warn("reload refused: {errors}", errors=e.errors)
             return succeed(list(e.errors))
-        old = self.registry
         self.prober.disownServiceParent()
-        self._build(config)
-        for inst in self.registry:
-            prev = old.instance(inst.id)
-            if prev is not None and prev.url == inst.url:
-                inst.drained = prev.drained
-                inst.probe = prev.probe
-                inst.health = prev.health
-                inst.models = prev.models
-                # A weight set at runtime (admin, CLI) survives; one changed
-                # in the file takes effect.
-                was = self.config.instance(inst.id)
-                if was is not None and prev.base_weight != float(was[1].weight):
-                    inst.base_weight = prev.base_weight
-                self.registry.changed(inst)  # gauges follow the carried-over state
+        self._build(config, previous=self.registry)
         if config.store != self.config.store:
             self.log.warn("store settings changed: they take effect when the gateway restarts")
         self.config = config

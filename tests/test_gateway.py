@@ -22,11 +22,13 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from clawproxy import __version__
+from clawproxy.backends.registry import L4_RETRY_INTERVAL
 from clawproxy.config import parse_config
 from clawproxy.metrics import Metrics
 from clawproxy.web.accesslog import AccessLog
 from clawproxy.web.dataplane import build_data_plane
 from clawproxy.web.gateway import format_uptime
+from tests.test_availability import TrialBreakers
 
 
 @attrs.define
@@ -1040,3 +1042,146 @@ class DisconnectTests(SynchronousTestCase):
         (line,) = gw.log_lines()
         self.assertEqual(line["error"], "client_disconnected")
         self.assertEqual(gw.clock.getDelayedCalls(), [])
+
+
+class AvailabilityTests(SynchronousTestCase):
+    """
+    The registry's one availability decision seen through the relay: the
+    breaker is asked once, for the chosen instance (a test-only breaker
+    board plays the breakers), and a refusing instance leaves at once.
+    """
+
+    def answer_later(self, gw: Harness) -> None:
+        """Answer every request the backend holds with a 200."""
+        while gw.backend.hanging:
+            request = gw.backend.hanging.pop(0)
+            request.write(b'{"late": true}')
+            request.finish()
+        gw.flush()
+
+    def test_open_breaker_skips_instance(self) -> None:
+        """An instance whose breaker is open is skipped (and not asked): the other answers."""
+        breakers = TrialBreakers()
+        breakers.open("main/a")
+        gw = Harness(self, basic(), breakers=breakers)
+        answers = [gw.request("GET", "/v1/x") for _ in range(3)]
+        self.assertEqual([(a.code, a.json()["instance"]) for a in answers], [(200, "b")] * 3)
+        self.assertEqual(gw.backend.instances(), ["b"] * 3)
+        self.assertEqual(breakers.asked, ["b"] * 3)
+        self.assertEqual(breakers.outcomes, [("b", "ok")] * 3)
+
+    def test_half_open_admits_exactly_its_probes(self) -> None:
+        """
+        Six concurrent requests while C{main/a} is half-open with two probes:
+        exactly two reach a, the other four go to b; every admitted attempt
+        reports exactly one outcome, and two successes close the breaker.
+        """
+        breakers = TrialBreakers()
+        breakers.half_open("main/a", 2)
+        gw = Harness(self, basic(), breakers=breakers)
+        gw.backend.hang.update({"a", "b"})
+        ds = [gw.start("GET", "/v1/x") for _ in range(6)]
+        self.assertEqual(sorted(gw.backend.instances()), ["a", "a", "b", "b", "b", "b"])
+        self.assertEqual(breakers.outcomes, [])
+        self.answer_later(gw)
+        self.assertEqual([gw.finish(d).code for d in ds], [200] * 6)
+        self.assertEqual(sorted(breakers.outcomes), [("a", "ok")] * 2 + [("b", "ok")] * 4)
+        self.assertEqual(breakers.state("main/a"), "CLOSED")
+
+    def test_half_open_nowhere_else(self) -> None:
+        """With one instance, requests beyond the probe count get 503 at once."""
+        breakers = TrialBreakers()
+        breakers.half_open("main/a", 1)
+        config = basic()
+        config["pools"]["main"]["instances"] = config["pools"]["main"]["instances"][:1]
+        gw = Harness(self, config, breakers=breakers)
+        gw.backend.hang.add("a")
+        first = gw.start("GET", "/v1/x")
+        refused = [gw.request("GET", "/v1/x") for _ in range(2)]
+        self.assertEqual([(a.code, a.json()["error"]["code"]) for a in refused],
+                         [(503, "no_healthy_upstream")] * 2)
+        self.assertEqual(gw.backend.instances(), ["a"])
+        self.answer_later(gw)
+        self.assertEqual(gw.finish(first).code, 200)
+
+    def test_admission_answered_later(self) -> None:
+        """A breaker may answer through a Deferred: the request waits for it, then goes on."""
+        breakers = TrialBreakers(deferred=True)
+        gw = Harness(self, basic(), breakers=breakers)
+        d = gw.start("GET", "/v1/x")
+        self.assertNoResult(d)
+        self.assertEqual(gw.backend.seen, [])
+        breakers.flush()
+        answer = gw.finish(d)
+        self.assertEqual((answer.code, answer.json()["instance"]), (200, "a"))
+        self.assertEqual(breakers.outcomes, [("a", "ok")])
+
+    def test_client_leaves_frees_the_trial(self) -> None:
+        """A client that leaves during a trial attempt gives its slot back to the breaker."""
+        breakers = TrialBreakers()
+        breakers.half_open("main/a", 1)
+        gw = Harness(self, basic(), breakers=breakers)
+        gw.backend.hang.add("a")
+        d = gw.start("GET", "/v1/x")
+        d.cancel()
+        gw.flush()
+        self.failureResultOf(d)
+        self.assertEqual(breakers.outcomes, [("a", "cancelled")])
+        gw.backend.hang.clear()
+        breakers.open("main/b")
+        self.assertEqual(gw.request("GET", "/v1/x").json()["instance"], "a")
+        self.assertEqual(breakers.state("main/a"), "CLOSED")
+
+    def test_refusing_instance_out_at_once(self) -> None:
+        """
+        (b) After one refused connection, requests stop trying that instance
+        until L{L4_RETRY_INTERVAL} has passed; then one tries it again.
+        """
+        gw = Harness(self, basic(retry={"base_delay": 0}), wrap_agent=RefusingAgent)
+        gw.agent.refuse.add(b"a.test:8000")
+        answers = [gw.request("GET", "/v1/x") for _ in range(4)]
+        self.assertEqual([a.json()["instance"] for a in answers], ["b"] * 4)
+        self.assertEqual(gw.sample("upstream_requests_total", pool="main", instance="a",
+                                   status="refused"), 1.0)
+        self.assertEqual(gw.registry.instance("a").state, "ejected")
+        gw.clock.advance(L4_RETRY_INTERVAL)
+        gw.agent.refuse.clear()
+        gw.request("GET", "/v1/x")
+        self.assertEqual(gw.backend.instances()[-1], "a")
+        self.assertEqual(gw.registry.instance("a").state, "healthy")
+
+    def test_refused_retries_spend_no_budget(self) -> None:
+        """
+        (c) With a retry budget of 0 (a floor of 3 retries), ten requests
+        that each meet a refused connection are all retried and answered;
+        resends of 5xx answers stop at the floor.
+        """
+        gw = Harness(self, basic(retry={"base_delay": 0, "budget": 0.0}),
+                     wrap_agent=RefusingAgent)
+        gw.agent.refuse.add(b"a.test:8000")
+        for _ in range(10):
+            gw.clock.advance(L4_RETRY_INTERVAL)  # a is tried first again each time
+            self.assertEqual(gw.request("GET", "/v1/x").code, 200)
+        self.assertEqual(gw.sample("upstream_requests_total", pool="main", instance="a",
+                                   status="refused"), 10.0)
+        self.assertEqual(gw.sample("upstream_retries_total", pool="main"), 10.0)
+
+        gw = Harness(self, basic(retry={"base_delay": 0, "budget": 0.0, "retry_on": ["5xx"]},
+                                 passive={"max_fails": 0}))
+        gw.backend.status["a"] = 503
+        codes = [gw.request("GET", "/v1/x").code for _ in range(10)]
+        self.assertEqual(gw.sample("upstream_retries_total", pool="main"), 3.0)
+        self.assertIn(503, codes)
+
+    def test_unreachable_names_instances(self) -> None:
+        """(d) When no instance can be connected to, the 502 names the instances tried."""
+        gw = Harness(self, basic(retry={"base_delay": 0}), wrap_agent=RefusingAgent)
+        gw.agent.refuse.update({b"a.test:8000", b"b.test:8000"})
+        answer = gw.request("GET", "/v1/x")
+        self.assertEqual(answer.code, 502)
+        self.assertEqual(answer.json()["error"], {
+            "message": "could not connect to any upstream instance (tried a, b)",
+            "type": "upstream_error", "code": "upstream_unreachable"})
+        # Both are out now, but still tried (nothing else is left): the same answer.
+        self.assertEqual(gw.request("GET", "/v1/x").json()["error"]["message"],
+                         "could not connect to any upstream instance (tried a, b)")

@@ -5,7 +5,9 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from clawproxy.interfaces import CANCELLED, OK
 from clawproxy.policy.health import (
+    PassiveEjection,
     PassiveState,
     ProbeState,
     may_eject,
@@ -269,3 +271,67 @@ class ParseHealthBodyTests(SynchronousTestCase):
     def test_str(self) -> None:
         """An already decoded body is accepted too."""
         self.assertEqual(parse_health_body('{"a": 1}'), {"a": 1})  # type: ignore[arg-type]
+
+
+class _Pool:
+    def __init__(self, n: int, clock: Clock, max_ejection_percent: float = 50) -> None:
+        self.instances = [_Instance(self, f"i{k}", clock) for k in range(1, n + 1)]
+        self.config = type("C", (), {"passive": type("P", (), {
+            "max_ejection_percent": max_ejection_percent})()})()
+
+
+class _Instance:
+    def __init__(self, pool: _Pool, id: str, clock: Clock) -> None:
+        self.pool = pool
+        self.id = id
+        self.passive = PassiveState(2, 30, clock)
+
+
+class PassiveEjectionPolicyTests(SynchronousTestCase):
+    """L{PassiveEjection}: passive health as an availability policy."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.pool = _Pool(3, self.clock)
+        self.i1, self.i2, self.i3 = self.pool.instances
+        self.policy = PassiveEjection()
+
+    def test_counts_reached_failures(self) -> None:
+        """Failures of attempts that reached the instance eject it; it is then excluded."""
+        self.policy.record(self.i1, "5xx", True)
+        self.assertFalse(self.policy.excludes(self.i1))
+        self.policy.record(self.i1, "timeout", True)
+        self.assertTrue(self.policy.excludes(self.i1))
+        self.assertTrue(self.policy.admit(self.i1))
+
+    def test_ignores_unreached_and_cancelled(self) -> None:
+        """Refused connections (the registry's business) and cancelled attempts do not count."""
+        for _ in range(5):
+            self.policy.record(self.i1, "refused", False)
+            self.policy.record(self.i1, CANCELLED, True)
+        self.assertFalse(self.policy.excludes(self.i1))
+        self.assertEqual(self.i1.passive.failures, 0)
+
+    def test_success_resets(self) -> None:
+        """A success between failures restarts the count."""
+        self.policy.record(self.i1, "5xx", True)
+        self.policy.record(self.i1, OK, True)
+        self.policy.record(self.i1, "5xx", True)
+        self.assertFalse(self.policy.excludes(self.i1))
+
+    def test_cap(self) -> None:
+        """C{max_ejection_percent} 50 of three: one instance may be ejected, not two."""
+        for inst in (self.i1, self.i2):
+            for _ in range(2):
+                self.policy.record(inst, "5xx", True)
+        self.assertEqual([self.policy.excludes(i) for i in self.pool.instances],
+                         [True, False, False])
+
+    def test_probe_pass_ends_ejection(self) -> None:
+        """A passing health check ends an ejection at once; a failing one does not."""
+        for _ in range(2):
+            self.policy.record(self.i1, "5xx", True)
+        self.policy.probed(self.i1, False)
+        self.assertTrue(self.policy.excludes(self.i1))
+        self.policy.probed(self.i1, True)
+        self.assertFalse(self.policy.excludes(self.i1))

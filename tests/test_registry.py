@@ -9,6 +9,12 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from clawproxy.backends.registry import Instance, Registry, reported_models
 from clawproxy.config import parse_config
+from clawproxy.interfaces import OK
+
+
+def fail(inst: Instance, outcome: str = "5xx") -> None:
+    """Record one failed attempt to C{inst} that reached it."""
+    inst.pool.record(inst, outcome)
 
 
 def registry(clock: Clock | None = None, instances: int = 2, **pool: Any) -> Registry:
@@ -38,7 +44,7 @@ class AvailabilityTests(SynchronousTestCase):
         """Instances start healthy and available, as in nginx and HAProxy."""
         self.assertTrue(self.i1.available())
         self.assertEqual(self.i1.state, "healthy")
-        self.assertEqual([i.id for i in self.pool.eligible()], ["i1", "i2"])
+        self.assertEqual([i.id for i in self.pool.candidates()], ["i1", "i2"])
 
     def test_unhealthy(self) -> None:
         """An instance failed by probes takes no traffic and reports C{unhealthy}."""
@@ -47,7 +53,7 @@ class AvailabilityTests(SynchronousTestCase):
         self.assertFalse(self.i1.available())
         self.assertEqual(self.i1.state, "unhealthy")
         self.assertFalse(self.i1.healthy)
-        self.assertEqual([i.id for i in self.pool.eligible()], ["i2"])
+        self.assertEqual([i.id for i in self.pool.candidates()], ["i2"])
 
     def test_drained(self) -> None:
         """A drained instance takes no new traffic and reports C{draining}; undrain restores."""
@@ -64,7 +70,7 @@ class AvailabilityTests(SynchronousTestCase):
         self.registry.set_weight("i1", 0)
         self.assertFalse(self.i1.available())
         self.assertEqual(self.i1.state, "healthy")
-        self.assertEqual([i.id for i in self.pool.eligible()], ["i2"])
+        self.assertEqual([i.id for i in self.pool.candidates()], ["i2"])
         self.registry.set_weight("i1", 2.5)
         self.assertTrue(self.i1.available())
         self.assertEqual(self.i1.weight, 2.5)
@@ -94,14 +100,14 @@ class AvailabilityTests(SynchronousTestCase):
         self.assertTrue(x.available())
         x.active = 2
         self.assertFalse(x.available())
-        self.assertIsNone(reg.pools["p"].choose())
+        self.assertIsNone(reg.pools["p"].take())
         x.active = 1
-        self.assertIs(reg.pools["p"].choose(), x)
+        self.assertIs(reg.pools["p"].take(), x)
 
     def test_choose_excludes(self) -> None:
-        """L{Pool.choose} skips excluded ids and returns None when nothing is left."""
-        self.assertEqual(self.pool.choose(exclude={"i1"}).id, "i2")
-        self.assertIsNone(self.pool.choose(exclude={"i1", "i2"}))
+        """L{Pool.take} skips excluded ids and returns None when nothing is left."""
+        self.assertEqual(self.pool.take(exclude={"i1"}).id, "i2")
+        self.assertIsNone(self.pool.take(exclude={"i1", "i2"}))
 
     def test_iteration(self) -> None:
         """Iterating the registry yields every instance of every pool."""
@@ -225,10 +231,10 @@ class PassiveEjectionTests(SynchronousTestCase):
         seen: list[str] = []
         reg.subscribe(lambda inst: seen.append(inst.state))
         del seen[:]
-        reg.passive_failure(i1)
-        reg.passive_failure(i1)
+        fail(i1)
+        fail(i1)
         self.assertTrue(i1.available())
-        reg.passive_failure(i1)
+        fail(i1)
         self.assertFalse(i1.available())
         self.assertEqual(i1.state, "ejected")
         self.assertEqual(i1.failures, 3)
@@ -243,9 +249,9 @@ class PassiveEjectionTests(SynchronousTestCase):
         """A success between failures restarts the count."""
         reg = registry(passive={"max_fails": 2})
         i1 = reg.instance("i1")
-        reg.passive_failure(i1)
-        reg.passive_success(i1)
-        reg.passive_failure(i1)
+        fail(i1)
+        i1.pool.record(i1, OK)
+        fail(i1)
         self.assertTrue(i1.available())
 
     def test_window(self) -> None:
@@ -253,21 +259,21 @@ class PassiveEjectionTests(SynchronousTestCase):
         clock = Clock()
         reg = registry(clock, passive={"max_fails": 2, "fail_timeout": "10s"})
         i1 = reg.instance("i1")
-        reg.passive_failure(i1)
+        fail(i1)
         clock.advance(10)
-        reg.passive_failure(i1)
+        fail(i1)
         self.assertTrue(i1.available())
-        reg.passive_failure(i1)
+        fail(i1)
         self.assertFalse(i1.available())
 
     def test_max_ejection_percent(self) -> None:
         """With 50%, a pool of two ejects one instance but never both."""
         reg = registry(passive={"max_fails": 1, "max_ejection_percent": 50})
         i1, i2 = reg.instance("i1"), reg.instance("i2")
-        reg.passive_failure(i1)
+        fail(i1)
         self.assertEqual(i1.state, "ejected")
         for _ in range(5):
-            reg.passive_failure(i2)
+            fail(i2)
         self.assertEqual(i2.state, "healthy")
         self.assertTrue(i2.available())
         self.assertEqual(i2.failures, 5)
@@ -277,7 +283,7 @@ class PassiveEjectionTests(SynchronousTestCase):
         reg = registry(instances=1, passive={"max_fails": 1})
         i1 = reg.instance("i1")
         for _ in range(10):
-            reg.passive_failure(i1)
+            fail(i1)
         self.assertTrue(i1.available())
 
     def test_max_fails_zero(self) -> None:
@@ -285,7 +291,7 @@ class PassiveEjectionTests(SynchronousTestCase):
         reg = registry(passive={"max_fails": 0})
         i1 = reg.instance("i1")
         for _ in range(10):
-            reg.passive_failure(i1)
+            fail(i1)
         self.assertTrue(i1.available())
         self.assertEqual(i1.failures, 10)
 
@@ -366,3 +372,73 @@ class ReportedModelsTests(SynchronousTestCase):
         """Bodies without models report none, whatever their shape."""
         self.assertEqual(reported_models({}), ())
         self.assertEqual(reported_models({"data": ["x", 1], "model": 3}), ())
+
+
+class AdoptTests(SynchronousTestCase):
+    """L{Registry.adopt}: instance state carried across a config reload."""
+
+    def reload(self, old: Registry, **pool: Any) -> Registry:
+        new = registry(old.clock, **pool)
+        seen: list[str] = []
+        new.subscribe(lambda inst: seen.append(inst.id))
+        del seen[:]
+        new.adopt(old)
+        self.told = seen
+        return new
+
+    def test_carried(self) -> None:
+        """
+        An instance that keeps its id and URL keeps its drain state, probe
+        state, refused-connection mark, health body, models and a runtime
+        weight; listeners hear about each one carried.
+        """
+        clock = Clock()
+        old = registry(clock, health_check={"unhealthy_threshold": 1})
+        i1, i2 = old.instance("i1"), old.instance("i2")
+        old.set_drained("i1", True)
+        old.set_weight("i1", 7)
+        old.probe_result(i2, False, {"data": [{"id": "m"}]})
+        i2.pool.record(i2, "refused", reached=False)
+        new = self.reload(old)
+        n1, n2 = new.instance("i1"), new.instance("i2")
+        self.assertIsNot(n1, i1)
+        self.assertEqual((n1.drained, n1.base_weight, n1.state), (True, 7.0, "draining"))
+        self.assertFalse(n2.healthy)
+        self.assertEqual((n2.health, n2.models), ({"data": [{"id": "m"}]}, ("m",)))
+        self.assertEqual(n2.down_until, i2.down_until)
+        self.assertEqual(self.told, ["i1", "i2"])
+
+    def test_weight_from_file_wins(self) -> None:
+        """
+        A weight changed in the file takes effect, unless one was set at
+        runtime (admin, CLI): that one survives.
+        """
+        def weighted(weight: int) -> Registry:
+            return Registry(parse_config({
+                "pools": {"main": {"instances": [
+                    {"id": "i1", "url": "http://i1.test:8000", "weight": weight},
+                    {"id": "i2", "url": "http://i2.test:8000", "weight": weight}]}},
+                "routes": [{"path": "/*", "pool": "main"}]}, environ={}), Clock())
+
+        old = weighted(3)
+        old.set_weight("i2", 7)
+        new = weighted(5)
+        new.adopt(old)
+        self.assertEqual(new.instance("i1").base_weight, 5.0)
+        self.assertEqual(new.instance("i2").base_weight, 7.0)
+        newer = weighted(2)
+        newer.adopt(new)
+        self.assertEqual(newer.instance("i1").base_weight, 2.0)
+        self.assertEqual(newer.instance("i2").base_weight, 7.0)
+
+    def test_new_url_starts_afresh(self) -> None:
+        """An instance whose URL changed, or a new id, starts with fresh state."""
+        old = registry()
+        old.set_drained("i1", True)
+        new = Registry(parse_config({
+            "pools": {"main": {"instances": [{"id": "i1", "url": "http://elsewhere.test:1"},
+                                             {"id": "i9", "url": "http://i9.test:1"}]}},
+            "routes": [{"path": "/*", "pool": "main"}]}, environ={}), Clock())
+        new.adopt(old)
+        self.assertFalse(new.instance("i1").drained)
+        self.assertEqual(new.instance("i9").state, "healthy")

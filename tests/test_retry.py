@@ -169,3 +169,33 @@ class BudgetTests(SynchronousTestCase):
             self.assertIsNone(policy.should_retry(p, "5xx", 1))
             self.assertIsNone(policy.should_retry(p, "refused", 11))
         self.assertIsNotNone(policy.should_retry(p, "refused", 1))
+
+
+class UnreachedTests(SynchronousTestCase):
+    """(c) A retry after a connection that never opened resends nothing: it is free."""
+
+    def test_spends_no_budget(self) -> None:
+        """
+        Retries of refused connections go on past the budget (only
+        C{max_retries} bounds them), and leave the budget for resends intact.
+        """
+        p = pool(budget=0.0, max_retries=10)
+        policy = RetryPolicy()
+        policy.record_request(p)
+        for _ in range(50):
+            self.assertEqual(policy.should_retry(p, "refused", 1, reached=False), 0.025)
+            self.assertIsNotNone(policy.should_retry(p, "connect_failure", 2, reached=False))
+        resends = 0
+        while policy.should_retry(p, "connect_failure", 1) is not None:
+            resends += 1
+            self.assertLess(resends, 100)
+        self.assertEqual(resends, 3)  # the floor, untouched
+        self.assertIsNotNone(policy.should_retry(p, "refused", 1, reached=False))
+
+    def test_still_bounded(self) -> None:
+        """Free retries still follow C{max_retries} and C{retry_on}."""
+        p = pool(max_retries=1, retry_on=["refused"])
+        policy = RetryPolicy()
+        self.assertIsNotNone(policy.should_retry(p, "refused", 1, reached=False))
+        self.assertIsNone(policy.should_retry(p, "refused", 2, reached=False))
+        self.assertIsNone(policy.should_retry(p, "connect_failure", 1, reached=False))

@@ -145,7 +145,7 @@ class BuildServiceTests(SynchronousTestCase):
         self.assertEqual([i.id for i in gw.registry], ["a", "b"])
         self.assertIs(gw.site.resource, gw.resource)
         self.assertIs(gw.admin.registry, gw.registry)
-        self.assertIs(gw.relay.registry, gw.registry)
+        self.assertIs(gw.registry.breakers, gw.admin.breakers)
         self.assertEqual(gw.metrics.registry.get_sample_value(
             "clawproxy_backend_weight", {"pool": "main", "instance": "a"}), 3.0)
 

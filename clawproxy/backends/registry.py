@@ -1,24 +1,48 @@
 """
 The shared backend registry: pools, their instances and each instance's live state.
 
-The registry is the one place that knows whether an instance may take traffic.
-The prober and the relay write to it; the balancer, admin and metrics read it.
+The registry is the one place that decides which instances may take a
+request: L{Pool.take} is that decision. An instance is a candidate when its
+active health checks pass, it is not drained, its weight is above 0, it is
+under C{max_connections} and no availability policy (passive ejection,
+circuit breakers: L{IAvailabilityPolicy}) excludes it; the pool's balancer
+chooses among the candidates (slow start ramps the weight it reads), and
+the chosen one is then admitted by each policy, once. The prober and the
+relay report to it (L{Registry.probe_result}, L{Pool.record}); the
+balancer, admin and metrics read it.
+
+An instance that refuses connections (or cannot be connected to) is out at
+once, whatever C{max_ejection_percent} says, as HAProxy's C{observe layer4}
+with C{on-error mark-down}: until an active health check passes, or for
+L{L4_RETRY_INTERVAL} seconds, after which one request tries it again (a
+refused connection costs nothing upstream and is retried elsewhere without
+spending the retry budget). Such instances are still used when no other
+instance of the pool may take the request, so a pool whose every instance
+refuses answers as it did before (502, naming the instances tried).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from clawproxy.config import Config, InstanceConfig, PoolConfig
+from clawproxy.interfaces import CANCELLED, OK, IAvailabilityPolicy, IBreakerBoard
 from clawproxy.policy.affinity import AffinityTable
 from clawproxy.policy.balancers import Balancer, make_balancer
-from clawproxy.policy.health import PassiveState, ProbeState, may_eject
+from clawproxy.policy.breakers import NoBreakers
+from clawproxy.policy.health import PassiveEjection, PassiveState, ProbeState
 
 Listener = Callable[["Instance"], None]
+
+#: Seconds an instance that refused a connection stays out unless an active
+#: health check passes first (a constant for now: no config key).
+L4_RETRY_INTERVAL = 1.0
 
 
 class Instance:
@@ -27,6 +51,10 @@ class Instance:
 
     @ivar base_weight: the weight set by config or admin; C{weight} is this
         ramped by slow start, which balancers read.
+    @ivar config_weight: the weight the config file gave (a reload keeps a
+        runtime weight only if it differs from this).
+    @ivar down_until: when an instance that refused a connection may be
+        tried again (clock seconds), or L{None}.
     """
 
     def __init__(self, pool: Pool, cfg: InstanceConfig, clock: IReactorTime) -> None:
@@ -35,12 +63,13 @@ class Instance:
         self.url = cfg.url
         self.url_bytes = cfg.url.encode("ascii")
         self.host_header = urlsplit(cfg.url).netloc.encode("ascii")
-        self.base_weight = float(cfg.weight)
+        self.base_weight = self.config_weight = float(cfg.weight)
         self.max_connections = cfg.max_connections
         self.drained = False
         self.active = 0
         self.requests = 0
         self.failures = 0
+        self.down_until: float | None = None
         self.health: dict | None = None
         self.models: tuple[str, ...] = ()
         self._clock = clock
@@ -67,25 +96,48 @@ class Instance:
         return self.base_weight * max(0.05, elapsed / slow)
 
     @property
+    def down(self) -> bool:
+        """Whether the instance refused a connection and is out for it now."""
+        until = self.down_until
+        if until is None:
+            return False
+        if self._clock.seconds() >= until:
+            self.down_until = None
+            return False
+        return True
+
+    @property
     def state(self) -> str:
         """C{healthy}, C{unhealthy}, C{draining} or C{ejected} (SPEC section 2, Names)."""
         if not self.probe.healthy:
             return "unhealthy"
         if self.drained:
             return "draining"
-        if self.passive.ejected:
+        if self.passive.ejected or self.down:
             return "ejected"
         return "healthy"
 
-    def available(self) -> bool:
-        """May this instance take a new request now?"""
-        return (
+    def usable(self) -> bool:
+        """
+        May this instance take a new request, a refused connection aside?
+        (Healthy, not drained, weight > 0, under C{max_connections}, and no
+        policy excludes it.)
+        """
+        if not (
             self.probe.healthy
             and not self.drained
             and self.base_weight > 0
-            and not self.passive.ejected
             and (self.max_connections is None or self.active < self.max_connections)
-        )
+        ):
+            return False
+        for excludes in self.pool.excluders:
+            if excludes(self):
+                return False
+        return True
+
+    def available(self) -> bool:
+        """May this instance take a new request now (admission aside)?"""
+        return self.usable() and not self.down
 
     def mark_up(self) -> None:
         """Start slow start (if configured) from now."""
@@ -99,32 +151,203 @@ class Instance:
 
 
 class Pool:
-    """A named set of instances behind one balancer."""
+    """
+    A named set of instances behind one balancer, and the availability
+    decision for them (L{candidates}, L{take}).
 
-    def __init__(self, cfg: PoolConfig, clock: IReactorTime, balancer: Balancer) -> None:
+    @ivar policies: the availability policies, asked in order.
+    """
+
+    log = Logger()
+
+    def __init__(self, cfg: PoolConfig, clock: IReactorTime, balancer: Balancer,
+                 policies: Sequence[IAvailabilityPolicy] = (),
+                 changed: Listener | None = None) -> None:
         self.name = cfg.name
         self.config = cfg
         self.balancer = balancer
+        self.policies = tuple(policies)
+        self.excluders = tuple(p.excludes for p in self.policies)
+        self._admitters = tuple(p.admit for p in self.policies)
+        self._changed = changed
+        self._clock = clock
         self.instances = [Instance(self, i, clock) for i in cfg.instances]
         self.by_id = {i.id: i for i in self.instances}
         aff = cfg.session_affinity
         self.affinity = AffinityTable(clock, aff.ttl) if aff is not None else None
 
-    def eligible(self, exclude: frozenset[str] | set[str] = frozenset()) -> list[Instance]:
-        return [i for i in self.instances if i.id not in exclude and i.available()]
+    def candidates(self, exclude: frozenset[str] | set[str] = frozenset()) -> list[Instance]:
+        """
+        The instances (in config order) that may take a request now, less
+        the ids in C{exclude}. Instances out for a refused connection are
+        returned only when no other instance may take it.
+        """
+        out = []
+        spare = None
+        excluders = self.excluders
+        for i in self.instances:
+            # Instance.usable(), inlined: this runs for every instance of every request.
+            if (
+                i.id in exclude
+                or not i.probe.healthy
+                or i.drained
+                or i.base_weight <= 0
+                or (i.max_connections is not None and i.active >= i.max_connections)
+            ):
+                continue
+            excluded = False
+            for excludes in excluders:
+                if excludes(i):
+                    excluded = True
+                    break
+            if excluded:
+                continue
+            if i.down_until is not None and i.down:
+                if spare is None:
+                    spare = []
+                spare.append(i)
+                continue
+            out.append(i)
+        return out if out or spare is None else spare
 
-    def choose(
-        self, key: str | None = None, exclude: frozenset[str] | set[str] = frozenset()
-    ) -> Instance | None:
-        """Pick an available instance, skipping the ids in C{exclude}."""
-        return self.balancer.pick(self.eligible(exclude), key)
+    def take(self, key: str | None = None, exclude: frozenset[str] | set[str] = frozenset(),
+             sticky_key: str | None = None) -> Instance | Deferred[Instance | None] | None:
+        """
+        Choose an instance for one attempt and take its admission: the one
+        availability decision.
+
+        The balancer picks among L{candidates} (or the pinned instance of
+        C{sticky_key}, on a first attempt); each policy is then asked once
+        to L{admit<IAvailabilityPolicy.admit>} that instance. A refused
+        instance is set aside and another one picked. The caller must
+        L{record} the outcome of the attempt it makes with the result.
+
+        @param key: the balancer's hash key (client IP, session...), if any.
+        @param exclude: ids not to choose (already tried).
+        @param sticky_key: the session-affinity key, if the pool has affinity.
+        @return: the instance, L{None} if none may take the request, or (only
+            when a policy answers with a Deferred or refuses) a Deferred
+            firing with one of those.
+        """
+        skipped = exclude
+        while True:
+            inst, pin = self._pick(key, skipped, sticky_key)
+            if inst is None:
+                return None
+            index = 0
+            for admit in self._admitters:
+                answer = admit(inst)
+                if isinstance(answer, Deferred):
+                    return Deferred.fromCoroutine(
+                        self._take_slowly(key, skipped, sticky_key, inst, pin, index, answer))
+                if not answer:
+                    self._release(inst, index)
+                    break
+                index += 1
+            else:
+                if pin:
+                    self.affinity.set(sticky_key, inst.id)  # type: ignore[union-attr]
+                return inst
+            skipped = {*skipped, inst.id}
+
+    def _pick(self, key: str | None, exclude: frozenset[str] | set[str],
+              sticky_key: str | None) -> tuple[Instance | None, bool]:
+        """The balancer's (or affinity's) choice, and whether to pin it to C{sticky_key}."""
+        candidates = self.candidates(exclude)
+        if sticky_key is None or self.affinity is None:
+            return self.balancer.pick(candidates, key), False
+        if not exclude:
+            pinned = self.affinity.get(sticky_key)
+            if pinned is not None:
+                for c in candidates:
+                    if c.id == pinned:
+                        return c, False
+        inst = self.balancer.pick(candidates, key)
+        return inst, inst is not None
+
+    async def _take_slowly(self, key: str | None, exclude: frozenset[str] | set[str],
+                           sticky_key: str | None, inst: Instance, pin: bool, index: int,
+                           answer: Any) -> Instance | None:
+        """L{take} once a policy refused or answered with a Deferred."""
+        skipped = set(exclude)
+        while True:
+            if await self._admission(inst, index, answer):
+                if pin:
+                    self.affinity.set(sticky_key, inst.id)  # type: ignore[union-attr]
+                return inst
+            skipped.add(inst.id)
+            picked, pin = self._pick(key, skipped, sticky_key)
+            if picked is None:
+                return None
+            inst, index, answer = picked, 0, None
+
+    async def _admission(self, inst: Instance, index: int, answer: Any) -> bool:
+        """
+        Finish asking the policies from C{index} on (C{answer} is that one's,
+        if already given). On a refusal or an error, the policies that had
+        admitted C{inst} are told the attempt will not happen (L{CANCELLED}).
+        """
+        policies = self.policies
+        try:
+            while True:
+                if answer is None:
+                    answer = policies[index].admit(inst)
+                if isinstance(answer, Deferred):
+                    answer = await answer
+                if not answer:
+                    self._release(inst, index)
+                    return False
+                index += 1
+                if index == len(policies):
+                    return True
+                answer = None
+        except BaseException:
+            self._release(inst, index)
+            raise
+
+    def _release(self, inst: Instance, upto: int) -> None:
+        for policy in self.policies[:upto]:
+            policy.record(inst, CANCELLED, False)
+
+    def record(self, inst: Instance, outcome: str, reached: bool = True) -> None:
+        """
+        The outcome of an attempt to C{inst} made with L{take}'s answer: the
+        instance's failure count, its refused-connection mark and every
+        policy (passive ejection, breakers) follow it.
+
+        @param outcome: L{OK}, L{CANCELLED} or a failure name (C{"refused"},
+            C{"connect_failure"}, C{"5xx"}, C{"timeout"}, ...).
+        @param reached: L{False} when the connection never opened: the
+            instance is then out at once (see the module docstring).
+        """
+        policies = self.policies
+        if outcome == OK:
+            for policy in policies:
+                policy.record(inst, OK, True)
+            if inst.down_until is not None:
+                inst.down_until = None
+                if self._changed is not None:
+                    self._changed(inst)
+            return
+        if outcome == CANCELLED:
+            for policy in policies:
+                policy.record(inst, CANCELLED, reached)
+            return
+        before = inst.state
+        inst.failures += 1
+        if not reached:
+            if not inst.down:
+                self.log.warn(
+                    "{instance} refused a connection: out for {seconds}s or until a health "
+                    "check passes", instance=inst.id, seconds=L4_RETRY_INTERVAL)
+            inst.down_until = self._clock.seconds() + L4_RETRY_INTERVAL
+        for policy in policies:
+            policy.record(inst, outcome, reached)
+        if self._changed is not None and inst.state != before:
+            self._changed(inst)
 
     def any_healthy(self) -> bool:
         return any(i.healthy for i in self.instances)
-
-    def may_eject(self) -> bool:
-        ejected = sum(1 for i in self.instances if i.passive.ejected)
-        return may_eject(len(self.instances), ejected, self.config.passive.max_ejection_percent)
 
 
 class Registry:
@@ -132,15 +355,23 @@ class Registry:
     All pools by name and all instances by id.
 
     Listeners registered with L{subscribe} are told whenever an instance's
-    health, weight or drain state changes (metrics keep their gauges this way).
+    health, weight, drain or ejection state changes (metrics keep their
+    gauges this way).
+
+    @ivar breakers: the circuit breakers, the second availability policy
+        after passive ejection.
     """
 
     log = Logger()
 
-    def __init__(self, config: Config, clock: IReactorTime) -> None:
+    def __init__(self, config: Config, clock: IReactorTime,
+                 breakers: IBreakerBoard | None = None) -> None:
         self.clock = clock
+        self.breakers = breakers if breakers is not None else NoBreakers()
+        self.policies: tuple[IAvailabilityPolicy, ...] = (PassiveEjection(), self.breakers)
         self.pools: dict[str, Pool] = {
-            name: Pool(p, clock, make_balancer(p.algorithm)) for name, p in config.pools.items()
+            name: Pool(p, clock, make_balancer(p.algorithm), self.policies, self.changed)
+            for name, p in config.pools.items()
         }
         self._instances = {i.id: i for p in self.pools.values() for i in p.instances}
         self._listeners: list[Listener] = []
@@ -159,6 +390,27 @@ class Registry:
     def changed(self, inst: Instance) -> None:
         for listener in self._listeners:
             listener(inst)
+
+    def adopt(self, old: Registry) -> None:
+        """
+        Carry instance state over from the registry a reload replaces: an
+        instance that keeps its id and URL keeps its drain state, probe state,
+        refused-connection mark, last health body and reported models, and a
+        weight set at runtime (admin, CLI); a weight changed in the file
+        takes effect.
+        """
+        for inst in self:
+            prev = old.instance(inst.id)
+            if prev is None or prev.url != inst.url:
+                continue
+            inst.drained = prev.drained
+            inst.probe = prev.probe
+            inst.down_until = prev.down_until
+            inst.health = prev.health
+            inst.models = prev.models
+            if prev.base_weight != prev.config_weight:
+                inst.base_weight = prev.base_weight
+            self.changed(inst)  # gauges follow the carried-over state
 
     # Operations used by admin, prober and relay.
 
@@ -183,12 +435,23 @@ class Registry:
         return inst
 
     def probe_result(self, inst: Instance, ok: bool, health: dict | None = None) -> None:
-        """Record an active probe's outcome."""
+        """
+        Record an active probe's outcome. A passing probe also ends a
+        refused-connection mark and (through the policies) a passive
+        ejection at once.
+        """
         if health is not None:
             inst.health = health
             inst.models = reported_models(health) or inst.models
+        before = inst.state
+        if ok:
+            inst.down_until = None
+        for policy in inst.pool.policies:
+            policy.probed(inst, ok)
         became = inst.probe.record(ok)
         if became is None:
+            if inst.state != before:
+                self.changed(inst)
             return
         if became:
             inst.mark_up()
@@ -198,23 +461,6 @@ class Registry:
             if inst.pool.affinity is not None:
                 inst.pool.affinity.forget_instance(inst.id)
         self.changed(inst)
-
-    def passive_failure(self, inst: Instance) -> None:
-        """A live request to C{inst} failed in a way that counts against it."""
-        inst.failures += 1
-        if inst.passive.ejected or not inst.pool.may_eject():
-            return
-        if inst.passive.record_failure():
-            self.log.warn(
-                "{instance} ejected for {seconds}s after {fails} failures",
-                instance=inst.id,
-                seconds=inst.pool.config.passive.fail_timeout,
-                fails=inst.pool.config.passive.max_fails,
-            )
-            self.changed(inst)
-
-    def passive_success(self, inst: Instance) -> None:
-        inst.passive.record_success()
 
     def _require(self, instance_id: str) -> Instance:
         inst = self._instances.get(instance_id)

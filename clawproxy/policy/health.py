@@ -11,8 +11,18 @@ import json
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
 
-__all__ = ["PassiveState", "ProbeState", "may_eject", "parse_health_body"]
+from clawproxy.interfaces import CANCELLED, OK, IAvailabilityPolicy
+
+__all__ = [
+    "PassiveEjection",
+    "PassiveState",
+    "ProbeState",
+    "may_eject",
+    "parse_health_body",
+]
 
 
 class ProbeState:
@@ -140,6 +150,8 @@ class PassiveState:
     @property
     def ejected(self) -> bool:
         """Whether the instance is ejected right now."""
+        if self._ejected_until is None:
+            return False  # the common case, asked for every instance of every request
         return self._expire(self._clock.seconds())
 
     @property
@@ -188,6 +200,54 @@ class PassiveState:
             self._failures = 0
             return False
         return True
+
+
+@implementer(IAvailabilityPolicy)
+class PassiveEjection:
+    """
+    Passive health as an availability policy: each instance's
+    L{PassiveState} (C{instance.passive}) counts the failures of requests
+    that reached it (5xx, timeouts, connections closed before an answer) and
+    ejects it after C{max_fails}, within the pool's C{max_ejection_percent}.
+
+    Failures before a connection opened (refused, connect errors) are not
+    counted here: the registry takes such an instance out at once, whatever
+    the cap (see L{clawproxy.backends.registry.Pool.record}). A passing
+    active health check ends an ejection at once (as Envoy's
+    C{successful_active_health_check_uneject_host}): a restarted instance is
+    back as soon as its probe answers, not a whole C{fail_timeout} later.
+    """
+
+    log = Logger()
+
+    def excludes(self, instance: Any) -> bool:
+        return instance.passive.ejected
+
+    def admit(self, instance: Any) -> bool:
+        return True
+
+    def record(self, instance: Any, outcome: str, reached: bool) -> None:
+        passive = instance.passive
+        if outcome == OK:
+            passive.record_success()
+            return
+        if outcome == CANCELLED or not reached or passive.ejected:
+            return
+        pool = instance.pool
+        ejected = sum(1 for i in pool.instances if i.passive.ejected)
+        if not may_eject(len(pool.instances), ejected, pool.config.passive.max_ejection_percent):
+            return
+        if passive.record_failure():
+            self.log.warn(
+                "{instance} ejected for {seconds}s after {fails} failures",
+                instance=instance.id, seconds=passive.fail_timeout, fails=passive.max_fails,
+            )
+
+    def probed(self, instance: Any, ok: bool) -> None:
+        if ok and instance.passive.ejected:
+            self.log.info("{instance} passed a health check: ejection ended",
+                          instance=instance.id)
+            instance.passive.reset()
 
 
 def may_eject(total: int, ejected_now: int, max_ejection_percent: float) -> bool:

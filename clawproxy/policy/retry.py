@@ -18,7 +18,11 @@ class RetryPolicy:
 
     The budget caps retries at C{budget} times the requests seen (plus a floor
     of a few retries so a quiet gateway can still fail over), counted over
-    the policy's lifetime with exponential decay so old traffic fades.
+    the policy's lifetime with exponential decay so old traffic fades. Only
+    retries that resend the request spend it: a retry after a connection
+    that never opened (refused, connect error) loaded no instance, so it is
+    bounded by C{max_retries} alone (and the registry takes the refusing
+    instance out at once, so there are few of them).
     """
 
     _MIN_RETRIES = 3.0
@@ -33,10 +37,13 @@ class RetryPolicy:
         self._requests[name] = self._requests.get(name, 0.0) * self._DECAY + 1.0
         self._retries[name] = self._retries.get(name, 0.0) * self._DECAY
 
-    def should_retry(self, pool, outcome: str, attempt: int) -> float | None:
+    def should_retry(self, pool, outcome: str, attempt: int,
+                     reached: bool = True) -> float | None:
         cfg = pool.config.retry
         if attempt > cfg.max_retries or (outcome not in cfg.retry_on and outcome not in _ALWAYS):
             return None
+        if not reached:
+            return backoff_delay(cfg.backoff, cfg.base_delay, cfg.max_delay, attempt)
         name = pool.name
         allowed = self._requests.get(name, 0.0) * cfg.budget + self._MIN_RETRIES
         if self._retries.get(name, 0.0) + 1.0 > allowed:

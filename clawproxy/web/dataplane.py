@@ -27,7 +27,6 @@ from clawproxy.interfaces import (
     IResponseObserver,
 )
 from clawproxy.metrics import Metrics
-from clawproxy.policy.breakers import NoBreakers
 from clawproxy.policy.retry import RetryPolicy
 from clawproxy.policy.routing import Router
 from clawproxy.stores.memory import MemoryStore
@@ -112,6 +111,7 @@ def build_data_plane(
     retry_policy: Any = None,
     breakers: Any = None,
     store: Any = None,
+    previous: Registry | None = None,
     extra: Sequence[Any] = (),
     started: float | None = None,
 ) -> DataPlane:
@@ -120,14 +120,19 @@ def build_data_plane(
 
     @param agent: the upstream L{IAgent} (one persistent connection pool).
     @param retry_policy: an L{IRetryPolicy}; a new L{RetryPolicy} by default.
-    @param breakers: an L{IBreakerBoard}; L{NoBreakers} by default.
+    @param breakers: an L{IBreakerBoard}, one of the registry's availability
+        policies; L{NoBreakers<clawproxy.policy.breakers.NoBreakers>} by default.
+    @param previous: the registry of the data plane this one replaces (a
+        reload): instances that stay keep their state (L{Registry.adopt}).
     @param store: the gateway's L{IStateStore} (a memory store by default).
     @param extra: parts added after the configured features' (tests plug in
         stages and filters this way).
     @param started: when the gateway started (for C{/health}'s uptime).
     """
-    registry = Registry(config, clock)
+    registry = Registry(config, clock, breakers=breakers)
     registry.subscribe(metrics.instance_changed)
+    if previous is not None:
+        registry.adopt(previous)
     router = Router(config)
     parts = Parts()
     if store is None:
@@ -141,10 +146,8 @@ def build_data_plane(
     relay = Relay(
         agent, clock, metrics,
         retry_policy if retry_policy is not None else RetryPolicy(),
-        breakers if breakers is not None else NoBreakers(),
         config.server.trusted_proxies, parts.filters,
     )
-    relay.registry = registry
     resource = GatewayResource(
         config, registry, relay, metrics, access_log, clock,
         stages=parts.stages, observers=parts.observers, started=started, router=router,

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import (
     ConnectError,
     ConnectionRefusedError,
@@ -30,6 +30,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 
 from clawproxy.compat import client_gone, drop_response_connection
 from clawproxy.errors import Rejected, bad_gateway, gateway_timeout, unavailable
+from clawproxy.interfaces import CANCELLED, OK
 from clawproxy.metrics import Metrics
 from clawproxy.web.context import RequestContext
 from clawproxy.web.headers import forwarded_headers, response_headers
@@ -50,6 +51,14 @@ class NoInstance(Exception):
     """No instance of the pool could take the request."""
 
 
+class _GiveUp(Exception):
+    """A connect failure that is not retried (the caller names the instances tried)."""
+
+    def __init__(self, outcome: str) -> None:
+        super().__init__(outcome)
+        self.outcome = outcome
+
+
 def classify(failure: Failure) -> str:
     """Name the kind of upstream failure, as used in C{retry.retry_on}."""
     if failure.check(ConnectionRefusedError):
@@ -68,13 +77,17 @@ class Relay:
     """
     Send requests to a pool's instances through one L{IAgent}.
 
+    Which instance takes each attempt is the registry's decision
+    (L{clawproxy.backends.registry.Pool.take}); every attempt's outcome goes
+    back through one path, L{_record}, which also decides the retry.
+
     @ivar agent: the upstream agent (one persistent connection pool).
     """
 
     log = Logger()
 
     def __init__(self, agent: Any, clock: IReactorTime, metrics: Metrics,
-                 retry_policy: Any, breakers: Any, trusted_proxies: Sequence[Any] = (),
+                 retry_policy: Any, trusted_proxies: Sequence[Any] = (),
                  filters: Sequence[Any] = ()) -> None:
         self.agent = agent
         #: The data plane's L{IResponseFilter}s, asked about each relayed response.
@@ -82,7 +95,6 @@ class Relay:
         self.clock = clock
         self.metrics = metrics
         self.retry = retry_policy
-        self.breakers = breakers
         self.trusted = tuple(trusted_proxies)
 
     async def forward(self, ctx: RequestContext, pool: Any, key: str | None,
@@ -100,15 +112,20 @@ class Relay:
         @raise NoInstance: when no instance could take it (caller falls back).
         """
         tried: set[str] = set()
+        names: list[str] = []  # every instance attempted, in order, for the error message
         self.retry.record_request(pool)
         metrics = self.metrics
         while True:
-            inst = self._choose(pool, key, sticky_key, tried)
+            inst = pool.take(key, tried, sticky_key)
+            if isinstance(inst, Deferred):
+                inst = await inst
             if inst is None:
-                if tried and ctx.error:
-                    raise _failure_rejection(ctx.error)
+                if names and ctx.error:
+                    raise _failure_rejection(ctx.error, names)
                 raise NoInstance(pool.name)
             tried.add(inst.id)
+            if inst.id not in names:
+                names.append(inst.id)
             ctx.instance = inst
             ctx.attempts += 1
             inst.active += 1
@@ -118,6 +135,8 @@ class Relay:
             started = self.clock.seconds()
             try:
                 delay = await self._attempt(ctx, pool, inst, timeout, upstream_path, started, tried)
+            except _GiveUp as e:
+                raise _failure_rejection(e.outcome, names) from None
             finally:
                 inst.active -= 1
                 active_gauge.dec()
@@ -130,92 +149,77 @@ class Relay:
             if delay > 0:
                 await deferLater(self.clock, delay)
 
-    def _choose(self, pool: Any, key: str | None, sticky_key: str | None,
-                tried: set[str]) -> Any:
-        inst = None
-        affinity = pool.affinity if sticky_key is not None else None
-        if affinity is not None and not tried:
-            sticky = pool.by_id.get(affinity.get(sticky_key) or "")
-            if sticky is not None and sticky.available() and self.breakers.allow(pool, sticky):
-                inst = sticky
-        if inst is None:
-            candidates = [
-                i for i in pool.eligible(tried) if self.breakers.allow(pool, i)
-            ]
-            inst = pool.balancer.pick(candidates, key)
-            if inst is not None and affinity is not None:
-                affinity.set(sticky_key, inst.id)
-        return inst
-
     async def _attempt(self, ctx: RequestContext, pool: Any, inst: Any, timeout: float,
                        upstream_path: bytes, started: float, tried: set[str]) -> float | None:
         """
-        One upstream attempt. Returns None when the response was relayed, else
-        the delay before retrying a failure that nothing reached the client for.
+        One upstream attempt to C{inst}, which the pool admitted. Returns None
+        when the response was relayed, else the delay before retrying a
+        failure that nothing reached the client for.
 
         @raise Rejected: the failure is not retried and the gateway answers.
+        @raise _GiveUp: a connect failure that is not retried.
         """
         request = ctx.request
         metrics = self.metrics
         rewrite = ctx.rewrite
-        if rewrite is None:
-            url = inst.url_bytes + upstream_path
-            producer = body_producer(request.content)
-        else:
-            url = inst.url_bytes + (rewrite.path or upstream_path)
-            producer = BytesProducer(rewrite.body)
-        if ctx.query:
-            url += b"?" + ctx.query
-        headers = forwarded_headers(request, ctx, inst.host_header, self.trusted)
-        d = self.agent.request(ctx.method, url, headers, producer)
+        try:
+            if rewrite is None:
+                url = inst.url_bytes + upstream_path
+                producer = body_producer(request.content)
+            else:
+                url = inst.url_bytes + (rewrite.path or upstream_path)
+                producer = BytesProducer(rewrite.body)
+            if ctx.query:
+                url += b"?" + ctx.query
+            headers = forwarded_headers(request, ctx, inst.host_header, self.trusted)
+            d = self.agent.request(ctx.method, url, headers, producer)
+        except BaseException:
+            pool.record(inst, CANCELLED)  # the admitted attempt never started
+            raise
         d.addTimeout(timeout, self.clock, onTimeoutCancel=_timed_out)
         try:
             response = await d
         except CancelledError:
+            pool.record(inst, CANCELLED)
             raise
         except Exception:
             if client_gone(request):
                 # The client left: Agent reports its cancellation as
                 # ResponseNeverReceived([CancelledError]). Not the instance's
                 # fault, and nobody to retry for.
+                pool.record(inst, CANCELLED)
                 raise CancelledError() from None
             failure = Failure()
             outcome = classify(failure)
             ctx.error = outcome
-            metrics.upstream_requests_total.labels(pool.name, inst.id, outcome).inc()
-            self.breakers.record(pool, inst, False)
-            if outcome == "timeout":
-                raise gateway_timeout(
-                    f"upstream {inst.id} did not answer within {timeout:g}s"
-                ) from None
             if outcome == "error":
                 self.log.failure("request to {instance} failed", failure, instance=inst.id)
-            self.registry_failure(inst)
-            delay = self.retry.should_retry(pool, outcome, ctx.attempts)
-            if delay is None:
-                raise _failure_rejection(outcome) from None
             if failure.check(ResponseNeverReceived):
                 # Most often a keep-alive connection the backend closed as we
                 # sent on it: the instance itself may be fine, so it stays a
                 # candidate for the retry (a dead one then refuses at once).
                 tried.discard(inst.id)
-            return delay
+            # A connection that never opened sent nothing upstream.
+            reached = not failure.check(ConnectError, DNSLookupError)
+            delay = self._record(ctx, pool, inst, outcome, outcome, tried, reached)
+            if delay is not None:
+                return delay
+            if outcome == "timeout":
+                raise gateway_timeout(
+                    f"upstream {inst.id} did not answer within {timeout:g}s"
+                ) from None
+            raise _GiveUp(outcome) from None
         now = self.clock.seconds()
         metrics.upstream_ttfb.labels(pool.name).observe(now - started)
         code = response.code
-        metrics.upstream_requests_total.labels(pool.name, inst.id, _status_class(code)).inc()
         if code >= 500:
-            self.breakers.record(pool, inst, False)
-            self.registry_failure(inst)
-            if pool.eligible(tried):
-                delay = self.retry.should_retry(pool, "5xx", ctx.attempts)
-                if delay is not None:
-                    ctx.error = "5xx"
-                    response.deliverBody(Discard())
-                    return delay
+            delay = self._record(ctx, pool, inst, "5xx", _status_class(code), tried)
+            if delay is not None:
+                ctx.error = "5xx"
+                response.deliverBody(Discard())
+                return delay
         else:
-            self.breakers.record(pool, inst, True)
-            self.registry_success(inst)
+            self._record(ctx, pool, inst, OK, _status_class(code), tried)
         try:
             if code < 100 or code > 599:
                 raise bad_gateway(f"upstream {inst.id} sent status {code}")
@@ -263,12 +267,7 @@ class Relay:
             request.setResponseCode(200)
             ctx.status = 0
             ctx.error = "first_token_timeout"
-            metrics.upstream_requests_total.labels(pool.name, inst.id, ctx.error).inc()
-            self.breakers.record(pool, inst, False)
-            self.registry_failure(inst)
-            delay = None
-            if pool.eligible(tried):
-                delay = self.retry.should_retry(pool, ctx.error, ctx.attempts)
+            delay = self._record(ctx, pool, inst, ctx.error, ctx.error, tried)
             if delay is None:
                 raise gateway_timeout(
                     f"upstream {inst.id} sent no first chunk within {first:g}s") from None
@@ -283,16 +282,26 @@ class Relay:
             raise UpstreamBroken(inst.id) from None
         return None
 
-    # Passive health accounting; the registry is set by the gateway.
-    registry: Any = None
+    def _record(self, ctx: RequestContext, pool: Any, inst: Any, outcome: str, label: str,
+                tried: set[str], reached: bool = True) -> float | None:
+        """
+        The one bookkeeping path of an attempt's outcome: the
+        C{upstream_requests_total} sample, then the registry (the instance's
+        failure count, passive health, breakers), then the retry decision.
 
-    def registry_failure(self, inst: Any) -> None:
-        if self.registry is not None:
-            self.registry.passive_failure(inst)
-
-    def registry_success(self, inst: Any) -> None:
-        if self.registry is not None:
-            self.registry.passive_success(inst)
+        @param outcome: L{OK} or a failure name as in C{retry.retry_on}.
+        @param label: the metric's C{status} label (the status code, or the outcome).
+        @param tried: ids not to retry on.
+        @param reached: L{False} when the connection never opened.
+        @return: the delay before retrying elsewhere, or L{None}: success, a
+            timeout (never retried), nowhere else to go, or the retry policy
+            says no.
+        """
+        self.metrics.upstream_requests_total.labels(pool.name, inst.id, label).inc()
+        pool.record(inst, outcome, reached)
+        if outcome == OK or outcome == "timeout" or not pool.candidates(tried):
+            return None
+        return self.retry.should_retry(pool, outcome, ctx.attempts, reached)
 
 
 _STREAM_TYPES = (b"text/event-stream", b"application/x-ndjson")
@@ -307,14 +316,17 @@ def _status_class(code: int) -> str:
     return str(code)
 
 
-def _failure_rejection(outcome: str) -> Rejected:
+def _failure_rejection(outcome: str, tried: Sequence[str] = ()) -> Rejected:
+    """The gateway's answer when the last attempt failed with C{outcome}."""
     if outcome == "timeout":
         return gateway_timeout()
     if outcome == "5xx":
         return bad_gateway("every instance tried answered with an error")
     if outcome in ("connect_failure", "refused"):
-        return Rejected(502, "could not connect to any upstream instance",
-                        "upstream_error", "upstream_unreachable")
+        message = "could not connect to any upstream instance"
+        if tried:
+            message += f" (tried {', '.join(tried)})"
+        return Rejected(502, message, "upstream_error", "upstream_unreachable")
     return bad_gateway()
 
 
