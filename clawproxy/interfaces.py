@@ -8,8 +8,10 @@ A request meets them in this order (README, "How a request flows"):
   2. the L{IRequestStage}s of phase C{identify} (before routing), then of
      phase C{route} (after routing), then of phase C{pool} (once the pool
      and model are resolved);
-  3. the availability decision of the registry, the balancer, and upstream
-     attempts governed by an L{IRetryPolicy} and an L{IBreakerBoard};
+  3. the registry's one availability decision (health, drain, weight,
+     C{max_connections}, and every L{IAvailabilityPolicy}: passive ejection,
+     the L{IBreakerBoard}), the balancer, the chosen instance's admission,
+     and upstream attempts governed by an L{IRetryPolicy};
   4. L{IResponseFilter}s over the relayed response head, body and end;
   5. every L{IResponseObserver}, once the request is answered.
 
