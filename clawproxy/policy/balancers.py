@@ -5,8 +5,9 @@ Pure policy: no reactor, no I/O. A balancer gets only the candidates of the
 registry's availability decision (L{clawproxy.backends.registry.Pool.candidates}:
 healthy, not drained, weight > 0, under C{max_connections}, excluded by no
 availability policy) in a stable order (config order) and returns one of
-them. L{Balancer.pick} runs on every request, so each one is a single O(n) pass with a small constant (or O(log n) for
-C{consistent_hash}) and allocates nothing in the steady state.
+them. L{Balancer.pick} runs on every request, so each one is a single O(n)
+pass with a small constant (or O(log n) for C{consistent_hash}) and
+allocates nothing in the steady state.
 
 Candidates are any objects with C{id: str}, C{weight: float} (current
 effective weight, > 0) and C{active: int} (requests in flight); see
