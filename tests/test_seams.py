@@ -22,6 +22,8 @@ from zope.interface import implementer
 
 from clawproxy.errors import Rejected
 from clawproxy.interfaces import (
+    CANCELLED,
+    OK,
     IBodyFilter,
     IHeadCheck,
     IRequestStage,
@@ -31,6 +33,7 @@ from clawproxy.interfaces import (
 from clawproxy.web.context import LocalResponse, RequestContext
 from clawproxy.web.dataplane import Parts
 from clawproxy.web.pipe import StreamPipe
+from tests.test_availability import TrialBreakers
 from tests.test_gateway import Harness, basic
 from tests.test_relay import FakeRequest, context
 
@@ -371,3 +374,57 @@ class BrokenInBandTests(SynchronousTestCase):
         self.assertEqual(request.written, [
             b"data: 1\n\n", b'data: {"error": {"code": "upstream_broken"}}\n\n'])
         self.assertEqual(ctx.error, "truncated")
+
+
+class FirstChunkOutcomeTests(SynchronousTestCase):
+    """
+    A stream watched by C{first_token_timeout} ends its attempt with exactly
+    one outcome for the availability policies: success once its first chunk
+    comes, failure (only) when none comes in time.
+    """
+
+    def start_stream(self) -> tuple[Harness, TrialBreakers, Any]:
+        breakers = TrialBreakers()
+        gw = Harness(self, routed(first_token_timeout="5s"), breakers=breakers)
+        gw.backend.hang.update({"a", "b"})
+        d = gw.start("POST", "/v1/chat/completions", {"model": "m", "stream": True})
+        upstream = gw.backend.hanging[0]
+        upstream.setHeader(b"content-type", b"text/event-stream")
+        upstream.write(b"")  # the head goes out, no body chunk yet
+        gw.flush()
+        return gw, breakers, d
+
+    def test_success_recorded_at_first_chunk(self) -> None:
+        """Nothing is recorded at the head; one OK at the first chunk."""
+        gw, breakers, d = self.start_stream()
+        self.assertEqual(breakers.outcomes, [])
+        gw.backend.hanging[0].write(b"data: 1\n\n")
+        gw.flush()
+        self.assertEqual(breakers.outcomes, [("a", OK)])
+        gw.backend.hanging[0].finish()
+        self.assertEqual(gw.finish(d).body, b"data: 1\n\n")
+        self.assertEqual(breakers.outcomes, [("a", OK)])
+
+    def test_no_first_chunk_recorded_once_as_failure(self) -> None:
+        """A stream with no first chunk in time: one failure, then the retry elsewhere."""
+        gw, breakers, d = self.start_stream()
+        gw.clock.advance(5)
+        gw.flush()
+        self.assertEqual(breakers.outcomes, [("a", "first_token_timeout")])
+        gw.clock.advance(1)  # the retry's backoff
+        gw.flush()
+        self.assertEqual(gw.backend.instances(), ["a", "b"])
+        upstream = gw.backend.hanging[1]
+        upstream.setHeader(b"content-type", b"text/event-stream")
+        upstream.write(b"data: 2\n\n")
+        upstream.finish()
+        self.assertEqual(gw.finish(d).body, b"data: 2\n\n")
+        self.assertEqual(breakers.outcomes, [("a", "first_token_timeout"), ("b", OK)])
+
+    def test_client_gone_before_first_chunk(self) -> None:
+        """A client that leaves before the first chunk: the attempt is cancelled, not judged."""
+        gw, breakers, d = self.start_stream()
+        d.cancel()
+        gw.flush()
+        self.failureResultOf(d)
+        self.assertEqual(breakers.outcomes, [("a", CANCELLED)])

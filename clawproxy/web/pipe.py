@@ -150,7 +150,15 @@ class StreamPipe(Protocol):
     #: Seconds to wait for the first body chunk before giving up on this
     #: upstream (the pool's C{first_token_timeout}, streams only).
     first_chunk_timeout: float | None = None
+    #: Called once, when the first chunk comes (or by L{settle_first_chunk}).
+    first_chunk: Any = None
     _first_call: Any = None
+
+    def settle_first_chunk(self) -> None:
+        """Call L{first_chunk} now if nobody has yet (the body ended without one)."""
+        if self.first_chunk is not None:
+            call, self.first_chunk = self.first_chunk, None
+            call()
 
     def connectionMade(self) -> None:
         self.request.registerProducer(self.transport, True)
@@ -179,6 +187,7 @@ class StreamPipe(Protocol):
         if self._first_call is not None:
             self._first_call.cancel()
             self._first_call = None
+            self.settle_first_chunk()
         if self.filters:
             try:
                 for f in self.filters:

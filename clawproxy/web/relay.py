@@ -212,13 +212,17 @@ class Relay:
         now = self.clock.seconds()
         metrics.upstream_ttfb.labels(pool.name).observe(now - started)
         code = response.code
+        first = pool.config.first_token_timeout
+        # A stream watched for its first chunk succeeds only once that chunk
+        # comes: until then the attempt's outcome is open (one record each).
+        watch_first = bool(first) and code < 500 and _is_stream(response)
         if code >= 500:
             delay = self._record(ctx, pool, inst, "5xx", _status_class(code), tried)
             if delay is not None:
                 ctx.error = "5xx"
                 response.deliverBody(Discard())
                 return delay
-        else:
+        elif not watch_first:
             self._record(ctx, pool, inst, OK, _status_class(code), tried)
         try:
             if code < 100 or code > 599:
@@ -252,12 +256,15 @@ class Relay:
                 chain and any(f.rewrites for f in chain)):
             rh.setRawHeaders(b"content-length", [b"%d" % response.length])
         if ctx.method == b"HEAD" or code in (204, 304):
+            if watch_first:
+                self._record(ctx, pool, inst, OK, _status_class(code), tried)
             response.deliverBody(Discard())
             return None
         pipe = StreamPipe(request, ctx, self.clock, pool.config.stall_timeout, chain)
-        first = pool.config.first_token_timeout
-        if first and _is_stream(response):
+        if watch_first:
             pipe.first_chunk_timeout = first
+            pipe.first_chunk = lambda: self._record(ctx, pool, inst, OK, _status_class(code),
+                                                    tried)
         response.deliverBody(pipe)
         try:
             await pipe.done
@@ -272,14 +279,21 @@ class Relay:
                 raise gateway_timeout(
                     f"upstream {inst.id} sent no first chunk within {first:g}s") from None
             return delay
-        except (CancelledError, StreamStalled):
+        except CancelledError:
+            if pipe.first_chunk is not None:
+                pool.record(inst, CANCELLED)
+            raise
+        except StreamStalled:
+            pipe.settle_first_chunk()
             raise
         except Exception:
+            pipe.settle_first_chunk()
             failure = Failure()
             ctx.error = "truncated"
             if not failure.check(ResponseFailed):
                 self.log.failure("relaying body from {instance}", failure, instance=inst.id)
             raise UpstreamBroken(inst.id) from None
+        pipe.settle_first_chunk()
         return None
 
     def _record(self, ctx: RequestContext, pool: Any, inst: Any, outcome: str, label: str,
