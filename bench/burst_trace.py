@@ -10,7 +10,8 @@ C{accept} (connections accepted per listening-port read), C{request} (a client
 request's body complete: the resource runs next), C{upstream} (a request
 written to a backend connection), C{connect} (a new backend connection made),
 C{head} (a backend response head parsed), C{first} (the first body write to a
-client), C{poll} (one reactor poll: how many events it returned). The events
+client), C{gc0}/C{gc1}/C{gc2} (collections of each generation, with their length in
+microseconds), C{poll} (one reactor poll: how many events it returned). The events
 are written to OUT.json when the reactor stops (SIGTERM). C{--summary} prints,
 for the last burst, when each phase started and ended and its mean cost per
 event: where the time before the first byte goes.
@@ -19,6 +20,7 @@ event: where the time before the first byte goes.
 from __future__ import annotations
 
 import cProfile
+import gc
 import json
 import os
 import runpy
@@ -66,6 +68,16 @@ def install(out: str) -> None:
             ev.insert(n, ("poll", clock(), len(ev) - n))
 
     epollreactor.EPollReactor.doPoll = epollreactor.EPollReactor.doIteration = do_poll
+
+    gc_start = [0.0]
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            gc_start[0] = clock()
+        else:
+            ev.append((f"gc{info['generation']}", clock(), round((clock() - gc_start[0]) * 1e6)))
+
+    gc.callbacks.append(on_gc)
 
     from twisted.internet import reactor
 
@@ -131,6 +143,11 @@ def summary(path: str) -> None:
         n = sum(e[2] for e in xs)
         start, end = (xs[0][1] - t0) * 1000, (xs[-1][1] - t0) * 1000
         print(f"{kind:9s} {n:7d} {start:8.1f} {end:8.1f} {(end - start) / max(1, n - 1):9.3f}")
+    for g in ("gc0", "gc1", "gc2"):
+        xs = [e[2] for e in burst if e[0] == g]
+        if xs:
+            print(f"{g}: {len(xs)} collections, {sum(xs) / 1000:.1f} ms in all, "
+                  f"longest {max(xs) / 1000:.1f} ms")
     polls = [e[2] for e in burst if e[0] == "poll"]
     print(f"polls with work: {len(polls)}; largest: {sorted(polls)[-5:]}")
     firsts = [(e[1] - t0) * 1000 for e in burst if e[0] == "first"]
