@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # clawproxy benchmark: direct backend vs a bare Twisted relay vs clawproxy, in one run.
 #
-#   bash bench/run.sh            # full run, about 5 minutes (hard limit 6)
-#   bash bench/run.sh --quick    # shorter phases, about 2 minutes
+#   bash bench/run.sh            # full run, about 6 minutes (hard limit 8)
+#   bash bench/run.sh --quick    # shorter phases, about 3.5 minutes
 #   bash bench/run.sh --no-profile
 #   bash bench/run.sh --before TREE   # also measure the clawproxy of another tree (e.g. a
 #                                     # worktree of the baseline commit), same run, side by side
