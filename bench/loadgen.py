@@ -4,6 +4,7 @@ Bounded load generators for bench/run.sh (stdlib asyncio only, loopback only).
     python bench/loadgen.py rate  --port P --rate 500 --duration 20
     python bench/loadgen.py sse   --port P --streams 2000 --ramp 8 --tokens 24
     python bench/loadgen.py idle  --port P --conns 5000 --pid PID
+    python bench/loadgen.py burst --port P --streams 400 --events 50 --rounds 3
 
 Each prints one JSON object on stdout.
 
@@ -16,6 +17,14 @@ C{sse} opens C{streams} streaming chat requests, evenly spread over C{ramp}
 seconds, each asking for C{tokens} tokens; the backend's token rate makes each
 stream outlive the ramp, so all of them are open together at the end. TTFB
 is the time from writing the request to the first C{data:} byte.
+
+C{burst} opens C{streams} connections, waits until all are connected (and
+C{settle} seconds more, so the server has accepted them), then writes every
+request in one go: no ramp. Each stream's TTFB runs from its own write to the
+first C{data:} byte, its total time to C{data: [DONE]}. It does this
+C{rounds} times, C{pause} seconds apart, on new connections each time: the
+first round meets a proxy with no pooled upstream connections (cold), the
+later ones a warm pool.
 
 C{idle} opens C{conns} keep-alive connections, makes one request on each
 (C{concurrency} at a time), leaves them idle and reports the growth of the
@@ -319,6 +328,109 @@ async def run_sse(a: argparse.Namespace) -> dict:
     }
 
 
+# -- burst: N streams at the same instant ----------------------------------------
+
+
+class BurstStream(asyncio.Protocol):
+    def __init__(self, on_end) -> None:
+        self.on_end = on_end
+        self.transport = None
+        self.buf = bytearray()
+        self.scan = 0
+        self.sent = 0.0
+        self.first: float | None = None
+        self.end: float | None = None
+        self.ok = False
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        if self.first is None and buf.find(b"data:", max(0, self.scan - 5)) >= 0:
+            self.first = time.perf_counter()
+        if buf.find(b"data: [DONE]", max(0, self.scan - 12)) >= 0:
+            self.end = time.perf_counter()
+            self.ok = True
+            self.transport.close()
+        self.scan = len(buf)
+
+    def connection_lost(self, exc) -> None:
+        if self.end is None:
+            self.end = time.perf_counter()
+        self.on_end()
+
+
+def _mean_ms(values: list[float]) -> float | None:
+    return round(sum(values) / len(values) * 1000, 3) if values else None
+
+
+async def burst_round(a: argparse.Namespace, req: bytes) -> dict:
+    loop = asyncio.get_running_loop()
+    left = [a.streams]
+    all_ended = asyncio.Event()
+
+    def on_end() -> None:
+        left[0] -= 1
+        if left[0] == 0:
+            all_ended.set()
+
+    streams = [BurstStream(on_end) for _ in range(a.streams)]
+    results = await asyncio.gather(
+        *(loop.create_connection(lambda s=s: s, a.host, a.port) for s in streams),
+        return_exceptions=True)
+    connect_errors = sum(1 for r in results if isinstance(r, BaseException))
+    left[0] -= connect_errors
+    live = [s for s, r in zip(streams, results) if not isinstance(r, BaseException)]
+    await asyncio.sleep(a.settle)
+    # The burst: every request written in one go, each write timed.
+    clock = time.perf_counter
+    for s in live:
+        s.sent = clock()
+        s.transport.write(req)
+    sent_spread = (live[-1].sent - live[0].sent) if live else 0.0
+    try:
+        await asyncio.wait_for(all_ended.wait(), a.events * a.interval + a.drain_timeout)
+    except asyncio.TimeoutError:
+        pass
+    for s in live:
+        if s.end is None:
+            s.transport.abort()
+    events_ok = 0
+    for s in live:
+        if s.ok and s.buf.startswith(b"HTTP/1.1 200") and s.buf.count(b"data:") == a.events:
+            events_ok += 1
+    ttfb = [s.first - s.sent for s in live if s.first is not None]
+    total = [s.end - s.sent for s in live if s.ok]
+    ends = [s.end for s in live if s.ok]
+    return {
+        "streams": a.streams, "connect_errors": connect_errors, "first_byte": len(ttfb),
+        "completed_ok": events_ok, "send_spread_ms": round(sent_spread * 1000, 3),
+        "ttfb_mean_ms": _mean_ms(ttfb), "ttfb_ms": summary_ms(ttfb),
+        "total_mean_ms": _mean_ms(total), "total_ms": summary_ms(total),
+        "wall_ms": round((max(ends) - live[0].sent) * 1000, 3) if ends else None,
+        "_ttfb": ttfb, "_total": total,
+    }
+
+
+async def run_burst(a: argparse.Namespace) -> dict:
+    body = (b'{"model":"sim-stream","stream":true,'
+            b'"messages":[{"role":"user","content":"stream please"}]}')
+    req = request_bytes(a.host, a.port, a.path, body, "Accept: text/event-stream\r\n")
+    rounds = []
+    for i in range(a.rounds):
+        if i:
+            await asyncio.sleep(a.pause)
+        r = await burst_round(a, req)
+        # Raw per-stream figures, so runs can be pooled (bench/burst_report.py).
+        r["ttfb_raw_ms"] = [round(x * 1000, 3) for x in r.pop("_ttfb")]
+        r["total_raw_ms"] = [round(x * 1000, 3) for x in r.pop("_total")]
+        rounds.append(r)
+    return {"test": "burst", "streams": a.streams, "events": a.events,
+            "interval_s": a.interval, "rounds": rounds}
+
+
 # -- idle keep-alive memory -----------------------------------------------------
 
 
@@ -393,7 +505,7 @@ async def run_idle(a: argparse.Namespace) -> dict:
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="test", required=True)
-    for name in ("rate", "sse", "idle"):
+    for name in ("rate", "sse", "idle", "burst"):
         s = sub.add_parser(name)
         s.add_argument("--host", default="127.0.0.1")
         s.add_argument("--port", type=int, required=True)
@@ -411,6 +523,16 @@ def main(argv: list[str]) -> int:
             s.add_argument("--tokens", type=int, default=24)
             s.add_argument("--token-rate", type=float, default=2.0,
                            help="the backend's tokens per second (for the time bound)")
+        elif name == "burst":
+            s.add_argument("--streams", type=int, default=400)
+            s.add_argument("--events", type=int, default=50,
+                           help="the backend's events per stream, [DONE] included")
+            s.add_argument("--interval", type=float, default=0.02,
+                           help="the backend's seconds between events (for the time bound)")
+            s.add_argument("--rounds", type=int, default=3, help="bursts, on new connections")
+            s.add_argument("--pause", type=float, default=1.0, help="seconds between bursts")
+            s.add_argument("--settle", type=float, default=0.5,
+                           help="seconds between the last connect and the burst")
         else:
             s.add_argument("--conns", type=int, default=5000)
             s.add_argument("--concurrency", type=int, default=50)
@@ -420,7 +542,7 @@ def main(argv: list[str]) -> int:
     # The load generator must not pause for its own collector; what it keeps
     # is bounded by one run.
     gc.disable()
-    run = {"rate": run_rate, "sse": run_sse, "idle": run_idle}[a.test]
+    run = {"rate": run_rate, "sse": run_sse, "idle": run_idle, "burst": run_burst}[a.test]
     result = asyncio.run(run(a))
     result["label"] = a.label
     print(json.dumps(result))

@@ -18,7 +18,9 @@ LABELS = {
     "bare-nofp": "bare relay, form parsing off (info)",
     "claw": "clawproxy (access log to file)",
     "claw-nolog": "clawproxy (access log off)",
+    "before": "clawproxy, before tree (access log to file)",
 }
+TARGETS = ("direct", "bare", "claw", "before")
 
 
 def ms(text: str) -> float:
@@ -119,7 +121,7 @@ def main(out_dir: str) -> int:
             verdicts.append(f"  (vs the bare relay with form parsing off, as clawproxy has it: "
                             f"{100 * w['claw']['rps'] / w['bare-nofp']['rps']:.0f}%)")
 
-    rates = {k: load(out_dir, "rate", k) for k in ("direct", "bare", "claw")}
+    rates = {k: load(out_dir, "rate", k) for k in TARGETS}
     if any(rates.values()):
         add("")
         add("### 2. Added latency at a fixed 500 req/s (open loop, latency from the due time)")
@@ -142,7 +144,7 @@ def main(out_dir: str) -> int:
             verdicts.append(f"- p99 added latency ≤ 3 ms at 500 req/s: {added:.2f} ms → "
                             f"{verdict(added <= 3.0)}")
 
-    sse = {k: load(out_dir, "sse", k) for k in ("direct", "bare", "claw")}
+    sse = {k: load(out_dir, "sse", k) for k in TARGETS}
     if any(sse.values()):
         add("")
         add("### 3. Concurrent SSE streams (TTFB = request written → first `data:` byte)")
@@ -166,7 +168,7 @@ def main(out_dir: str) -> int:
                             f"{c['completed_ok']} completed → {verdict(held)}")
             verdicts.append(f"- p99 TTFB overhead < 5 ms: {over:.2f} ms → {verdict(over < 5.0)}")
 
-    idle = {k: load(out_dir, "idle", k) for k in ("direct", "bare", "claw")}
+    idle = {k: load(out_dir, "idle", k) for k in TARGETS}
     if any(idle.values()):
         add("")
         add("### 4. Memory per idle keep-alive connection (VmRSS growth / connections)")
@@ -183,6 +185,54 @@ def main(out_dir: str) -> int:
             ok = c["kib_per_conn"] <= 10 and c["alive"] == c["conns"]
             verdicts.append(f"- ≤ 10 KiB per idle connection: {c['kib_per_conn']:.2f} KiB "
                             f"→ {verdict(ok)}")
+
+    burst = f"{out_dir}/burst/summary.md"
+    if os.path.exists(burst):
+        add("")
+        add("### 5. Burst: 400 SSE streams at the same instant, 50 events 20 ms apart "
+            "(bench/burst.sh)")
+        add("")
+        text = open(burst).read()
+        add(text.split("```", 2)[-1].strip() if text.count("```") >= 2 else text.strip())
+        for line in text.splitlines():
+            if line.startswith("Target"):
+                verdicts.append("- burst: " + line)
+
+    if "before" in w or rates.get("before") or sse.get("before"):
+        add("")
+        add("### Before and after, same run (after / before; target: within 5 %)")
+        add("")
+        add("| figure | before | after | change | within 5 % |")
+        add("|---|---:|---:|---:|---|")
+
+        def row(name: str, b: float | None, a: float | None, higher_better: bool,
+                unit: str = "", digits: int = 2) -> None:
+            if b is None or a is None:
+                return
+            change = (a / b - 1) * 100 if b else float("nan")
+            ok = change >= -5 if higher_better else change <= 5
+            add(f"| {name} | {b:.{digits}f}{unit} | {a:.{digits}f}{unit} | {change:+.1f} % "
+                f"| {'yes' if ok else '**no**'} |")
+
+        if "before" in w and "claw" in w:
+            row("req/s (wrk, access log to file)", w["before"]["rps"], w["claw"]["rps"], True,
+                digits=0)
+            row("server CPU µs per request", w["before"]["cpu_us"], w["claw"]["cpu_us"], False,
+                digits=0)
+        base = (rates.get("direct") or {}).get("latency_ms", {}).get("p99")
+        if base is not None and rates.get("before") and rates.get("claw"):
+            row("p99 added at 500 req/s", rates["before"]["latency_ms"]["p99"] - base,
+                rates["claw"]["latency_ms"]["p99"] - base, False, " ms")
+        if sse.get("before") and sse.get("claw"):
+            for p in ("p50", "p99"):
+                row(f"SSE TTFB {p}, 2,000 streams", sse["before"]["ttfb_ms"][p],
+                    sse["claw"]["ttfb_ms"][p], False, " ms")
+        if idle.get("before") and idle.get("claw"):
+            row("KiB per idle connection", idle["before"]["kib_per_conn"],
+                idle["claw"]["kib_per_conn"], False)
+        add("")
+        add("Latency changes under 5 % of a millisecond-scale figure are within this "
+            "machine's run-to-run noise; compare the direct and bare rows of the same run.")
 
     add("")
     add("### Targets")

@@ -105,3 +105,15 @@ class BareLFWatchTests(SynchronousTestCase):
         finally:
             if enabled:
                 gc.enable()
+
+
+class PoolTests(SynchronousTestCase):
+    def test_keeps_a_burst(self) -> None:
+        """
+        The pool keeps enough idle connections per upstream for a burst of
+        hundreds of concurrent streams: the next burst reuses them instead of
+        connecting again (bench/burst.sh: 400 streams at once).
+        """
+        pool = make_pool(MemoryReactorClock())
+        self.assertGreaterEqual(pool.maxPersistentPerHost, 1024)
+        self.assertFalse(pool.retryAutomatically)

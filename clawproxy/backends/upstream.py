@@ -87,10 +87,15 @@ def _keep_connection_header(response: Any, parser: Any) -> Any:
     return response
 
 
-def make_pool(reactor: Any, max_per_host: int = 256, idle_timeout: float = 60.0
+def make_pool(reactor: Any, max_per_host: int = 1024, idle_timeout: float = 60.0
               ) -> HTTPConnectionPool:
     """
     A persistent connection pool with clawproxy's settings.
+
+    C{max_per_host} idle connections are kept per upstream: a burst of
+    concurrent streams needs one connection each, and the next burst finds
+    them open instead of connecting again (each connect costs a reactor turn
+    before its request can be written). Idle ones close after C{idle_timeout}.
 
     Twisted's silent resend of idempotent requests on a stale connection is
     turned off: the relay owns every retry (and counts it).
