@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Alternated A/B of the 2,000-stream SSE phase: before tree vs after tree.
 set -u
+# Usage: bash bench/sse_ab.sh BEFORE_TREE AFTER_TREE [ROUNDS]; raw results in /tmp/ab.
+mkdir -p /tmp/ab
 BEFORE=$1; AFTER=$2; ROUNDS=${3:-2}
 cd "$(dirname "$0")/.."
 PY=python3
