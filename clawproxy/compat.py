@@ -30,6 +30,7 @@ from twisted.web import http
 from twisted.web._http2 import H2Connection as _TwistedH2Connection
 from twisted.web._http2 import H2Stream as H2Stream
 from twisted.web._newclient import BODY as _BODY
+from twisted.web._newclient import STATUS as _STATUS
 from twisted.web._newclient import HTTP11ClientProtocol as HTTP11ClientProtocol
 from twisted.web._newclient import HTTPClientParser as HTTPClientParser
 from twisted.web._newclient import Request as ClientRequest
@@ -252,6 +253,10 @@ class H2StateMachine(h2.connection.H2Connection):
 
 #: The parser's C{state} once the response head is in.
 PARSER_BODY_STATE = _BODY
+#: The parser's C{state} while the next line read is a status line: before
+#: the first one, and again after each interim (1xx) response's head, which
+#: the parser drops.
+PARSER_STATUS_STATE = _STATUS
 
 
 def response_parser(protocol: Any) -> Any:
@@ -262,9 +267,13 @@ def response_parser(protocol: Any) -> Any:
     and keeps it in C{_parser} while the response is read; that the parser
     splits the head on LF alone (a CR stays at the end of the line) and reads
     each line through C{self.lineReceived} (so an instance attribute
-    replaces it), has C{state} equal to L{PARSER_BODY_STATE} once
+    replaces it), has C{state} equal to L{PARSER_STATUS_STATE} when a status
+    line is read (after a 1xx head too) and L{PARSER_BODY_STATE} once
     the head is in, and files the C{Connection} header apart from
-    C{response.headers} (see L{connection_header}).
+    C{response.headers} (see L{connection_header}). A line longer than the
+    parser's C{MAX_LENGTH} goes to C{self.lineLengthExceeded(line)} instead;
+    an exception raised by either makes the protocol close the connection
+    and fail the request with C{ResponseFailed} wrapping it.
     """
     return protocol._parser
 
@@ -357,6 +366,7 @@ def log_observers(publisher: Any) -> list[Any]:
 
 __all__ = [
     "PARSER_BODY_STATE",
+    "PARSER_STATUS_STATE",
     "ClientRequest",
     "GenericHTTPChannelProtocol",
     "H2Connection",

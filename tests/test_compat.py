@@ -24,7 +24,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import http, server
-from twisted.web.client import FileBodyProducer, HTTPConnectionPool
+from twisted.web.client import FileBodyProducer, HTTPConnectionPool, ResponseFailed
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 
@@ -462,6 +462,60 @@ class ClientParserTests(SynchronousTestCase):
                                  (b"\r", False)])
         self.assertEqual(parser.state, compat.PARSER_BODY_STATE)
         self.assertEqual(len(responses), 1)
+
+    def test_status_state(self) -> None:
+        """
+        C{state} is C{STATUS} when each status line is read, that of the
+        final response after a 1xx too (the parser drops the interim head),
+        and not C{STATUS} for header lines.
+        """
+        proto, parser, _, responses = self.request()
+        seen: list[tuple[bytes, bool]] = []
+        original = type(parser).lineReceived
+
+        def watching(line: bytes) -> None:
+            seen.append((line, parser.state == compat.PARSER_STATUS_STATE))
+            original(parser, line)
+
+        parser.lineReceived = watching
+        proto.dataReceived(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+                           b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual([flag for _, flag in seen],
+                         [True, False, False, True, False, False])
+        self.assertEqual(responses[0].code, 200)
+        self.assertFalse(responses[0].headers.hasHeader(b"link"))
+
+    def test_line_too_long_hook(self) -> None:
+        """A head line over the parser's C{MAX_LENGTH} goes to C{self.lineLengthExceeded}."""
+        proto, parser, _, _ = self.request()
+        too_long: list[int] = []
+        parser.lineLengthExceeded = lambda line: too_long.append(len(line))
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nX-A: " + b"a" * parser.MAX_LENGTH)
+        self.assertEqual(len(too_long), 1)
+        self.assertGreater(too_long[0], parser.MAX_LENGTH)
+
+    def test_parser_exception_fails_request(self) -> None:
+        """
+        An exception raised from the parser's C{lineReceived} fails the
+        request with C{ResponseFailed} wrapping it and closes the connection.
+        """
+        proto = compat.HTTP11ClientProtocol()
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        d = proto.request(compat.ClientRequest(b"GET", b"/", Headers({b"host": [b"h"]}), None))
+        parser = compat.response_parser(proto)
+
+        class Refused(Exception):
+            pass
+
+        def refuse(line: bytes) -> None:
+            raise Refused()
+
+        parser.lineReceived = refuse
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\n")
+        failure = self.failureResultOf(d, ResponseFailed)
+        self.assertTrue(failure.value.reasons[0].check(Refused))
+        self.assertTrue(transport.disconnecting)
 
     def test_connection_header(self) -> None:
         """C{connHeaders} holds the C{Connection} header, kept out of C{response.headers}."""

@@ -12,6 +12,7 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
+from twisted.protocols.basic import LineReceiver
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from twisted.web.error import SchemeNotSupported
 from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
@@ -19,11 +20,27 @@ from zope.interface import implementer
 
 from clawproxy.compat import (
     PARSER_BODY_STATE,
+    PARSER_STATUS_STATE,
     HTTP11ClientProtocol,
     connection_header,
     response_parser,
     use_client_protocol,
 )
+
+#: The most header lines one upstream response head may have (interim 1xx
+#: heads are counted apart). Envoy's and HAProxy's defaults are the same.
+MAX_RESPONSE_HEADERS = 100
+#: The most bytes the response head lines of one upstream request may take
+#: together, interim 1xx heads included (Envoy's default is 60 KiB).
+MAX_RESPONSE_HEAD = 64 * 1024
+
+
+class UpstreamHeadTooLarge(Exception):
+    """
+    An upstream response head went past L{MAX_RESPONSE_HEADERS} lines or
+    L{MAX_RESPONSE_HEAD} bytes (or had one line over Twisted's 16 KiB): the
+    request fails and the connection is closed at once.
+    """
 
 
 class _ClientProtocol(HTTP11ClientProtocol):
@@ -32,10 +49,17 @@ class _ClientProtocol(HTTP11ClientProtocol):
     C{Connection} header as C{response.connection_header}: Twisted's parser
     files it apart from C{response.headers}, and the relay needs the header
     names it lists to drop them (RFC 9110 section 7.6.1).
+
+    A response head is bounded (Twisted's client keeps every header line it
+    is sent): past L{max_headers} lines or L{max_head} bytes the request
+    fails with C{ResponseFailed([UpstreamHeadTooLarge])} and Twisted closes
+    the connection (it stops reading at once).
     """
 
     #: Upstream connections open now, across the process (a gauge reads it).
     open_connections = 0
+    max_headers = MAX_RESPONSE_HEADERS
+    max_head = MAX_RESPONSE_HEAD
 
     def connectionMade(self) -> None:
         _ClientProtocol.open_connections += 1
@@ -49,36 +73,67 @@ class _ClientProtocol(HTTP11ClientProtocol):
         d = super().request(request)
         parser = response_parser(self)
         if parser is not None and not d.called:
-            _watch_bare_lf(parser)
+            _watch_head(parser, self.max_headers, self.max_head)
             d.addCallback(_keep_connection_header, parser)
         return d
 
 
-def _watch_bare_lf(parser: Any) -> None:
+def _watch_head(parser: Any, max_headers: int = MAX_RESPONSE_HEADERS,
+                max_head: int = MAX_RESPONSE_HEAD) -> None:
     """
-    Note on C{parser} whether the response head used a bare LF as a line end.
+    Watch the response head C{parser} reads: note whether it used a bare LF
+    as a line end, and refuse it past C{max_headers} header lines (per
+    response, interim ones included) or C{max_head} bytes (all heads of the
+    request together), or for one line longer than the parser takes.
 
     Twisted's client splits lines on LF alone, so C{X-A: 1<LF>Set-Cookie: x}
     would become two headers where a stricter hop sees one: the relay answers
     502 for such a head (C{response.bare_lf}).
+
+    A refusal raises L{UpstreamHeadTooLarge} from the parser, which Twisted's
+    protocol turns into a failed request and a closed connection.
     """
     parser.bare_lf = False
-    # The wrapper is stored on the parser, so it must not hold the parser
+    # The wrappers are stored on the parser, so they must not hold the parser
     # strongly: that cycle took each request's whole client-side graph
     # (parser, request, response, headers, producers) to the cyclic garbage
     # collector instead of freeing it at once.
     parser_ref = weakref.ref(parser)
     line_received = type(parser).lineReceived
+    # Countdowns: bytes left for every head of the request, and lines left
+    # in this head before its blank line (the status line and the headers).
+    left = max_head
+    lines = 0
 
     def checked(line: bytes) -> None:
+        nonlocal left, lines
         p = parser_ref()
         if p is None:
             return
-        if line[-1:] != b"\r" and p.state != PARSER_BODY_STATE:
-            p.bare_lf = True
+        state = p.state
+        if state != PARSER_BODY_STATE:
+            if line[-1:] != b"\r":
+                p.bare_lf = True
+            left -= len(line) + 1
+            if state == PARSER_STATUS_STATE:
+                # A status line starts a head (the final one after any 1xx).
+                lines = max_headers + 1
+            lines -= 1
+            if lines < 0 or left < 0:
+                if left < 0:
+                    raise UpstreamHeadTooLarge(f"response head over {max_head} bytes")
+                if line.rstrip(b"\r"):  # not the blank line ending the head
+                    raise UpstreamHeadTooLarge(
+                        f"response head over {max_headers} header lines")
         line_received(p, line)
 
     parser.lineReceived = checked
+    parser.lineLengthExceeded = _line_too_long
+
+
+def _line_too_long(line: bytes) -> None:
+    """C{LineReceiver.lineLengthExceeded} for a response head: refuse it."""
+    raise UpstreamHeadTooLarge(f"response head line over {LineReceiver.MAX_LENGTH} bytes")
 
 
 def _keep_connection_header(response: Any, parser: Any) -> Any:

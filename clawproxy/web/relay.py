@@ -14,6 +14,8 @@ from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import (
     ConnectError,
+    ConnectionDone,
+    ConnectionLost,
     ConnectionRefusedError,
     DNSLookupError,
     TimeoutError,
@@ -193,7 +195,13 @@ class Relay:
             outcome = classify(failure)
             ctx.error = outcome
             if outcome == "error":
-                self.log.failure("request to {instance} failed", failure, instance=inst.id)
+                if failure.check(ResponseFailed):
+                    # A head Twisted's client refused (or one over our caps):
+                    # the backend's fault, not a gateway bug; no traceback.
+                    self.log.warn("bad response head from {instance}: {why}",
+                                  instance=inst.id, why=_describe(failure))
+                else:
+                    self.log.failure("request to {instance} failed", failure, instance=inst.id)
             if failure.check(ResponseNeverReceived):
                 # Most often a keep-alive connection the backend closed as we
                 # sent on it: the instance itself may be fine, so it stays a
@@ -228,8 +236,10 @@ class Relay:
             if code < 100 or code > 599:
                 raise bad_gateway(f"upstream {inst.id} sent status {code}")
             relayed = response_headers(response)
-        except Rejected:
+        except Rejected as e:
             # Garbage from upstream: don't read it, don't reuse the connection.
+            self.log.warn("bad response head from {instance}: {why}", instance=inst.id,
+                          why=e.message)
             ctx.error = "bad_upstream_response"
             response.deliverBody(Discard())
             drop_response_connection(response)
@@ -289,9 +299,20 @@ class Relay:
         except Exception:
             pipe.settle_first_chunk()
             failure = Failure()
-            ctx.error = "truncated"
-            if not failure.check(ResponseFailed):
+            if failure.check(ResponseFailed, UpstreamBroken):
+                self.log.warn("bad response body from {instance}: {why}",
+                              instance=inst.id, why=_describe(failure))
+            else:
                 self.log.failure("relaying body from {instance}", failure, instance=inst.id)
+            if not request.startedWriting and not client_gone(request):
+                # No byte reached the client yet: it can still get a 502.
+                request.responseHeaders = saved_headers
+                request.setResponseCode(200)
+                ctx.status = 0
+                ctx.error = "bad_upstream_response"
+                raise bad_gateway(
+                    f"upstream {inst.id} broke off its response") from None
+            ctx.error = "truncated"
             raise UpstreamBroken(inst.id) from None
         pipe.settle_first_chunk()
         return None
@@ -342,6 +363,27 @@ def _failure_rejection(outcome: str, tried: Sequence[str] = ()) -> Rejected:
             message += f" (tried {', '.join(tried)})"
         return Rejected(502, message, "upstream_error", "upstream_unreachable")
     return bad_gateway()
+
+
+def _describe(failure: Failure) -> str:
+    """
+    What went wrong with an upstream response, in one short line: the
+    reasons a C{ResponseFailed} wraps (a parse error, a closed connection,
+    a body cut short), else the exception itself.
+    """
+    exc = failure.value
+    reasons = exc.reasons if isinstance(exc, ResponseFailed) else [failure]
+    parts = []
+    for reason in reasons:
+        e = getattr(reason, "value", reason)
+        if isinstance(e, ConnectionDone):
+            parts.append("connection closed")
+        elif isinstance(e, ConnectionLost):
+            parts.append("connection lost")
+        else:
+            text = str(e)
+            parts.append(f"{type(e).__name__}: {text}" if text else type(e).__name__)
+    return "; ".join(parts)[:300]
 
 
 def _timed_out(result: Any, timeout: float) -> Any:

@@ -189,18 +189,22 @@ class ChaosRelayTests(TestCase):
         self.assertEqual(parse_response(raw).status, 504)
         await self.no_leaks(gw, proxy, client)
 
-    async def test_reset_after_headers_aborts_client(self) -> None:
+    async def test_reset_after_headers_is_502(self) -> None:
         """
         The upstream connection is reset (RST) right after the response
-        head: the response had begun, so the client gets no clean answer
-        and its connection is aborted; nothing is left open.
+        head, before any body byte: nothing had reached the client yet (the
+        head is relayed with the first body bytes), so it gets a 502
+        C{bad_gateway} JSON instead of a reset connection (issue 7); nothing
+        is left open.
         """
         h, gw, proxy, backend = await self.start()
         proxy.reset_after(await self.head_length(h, backend))
         client = await h.raw(gw.port, REQUEST)
-        raw = await bounded(client.closed)
-        self.assert_aborted(client, raw)
-        await self.no_leaks(gw, proxy)
+        raw = await client.when(response_complete)
+        response = parse_response(raw)
+        self.assertEqual(response.status, 502)
+        self.assertEqual(error_of(response.body)["code"], "bad_gateway")
+        await self.no_leaks(gw, proxy, client)
 
     async def test_reset_mid_body_aborts_client(self) -> None:
         """An upstream reset 4 KiB into the body aborts the client's connection."""
