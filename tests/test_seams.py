@@ -428,3 +428,12 @@ class FirstChunkOutcomeTests(SynchronousTestCase):
         gw.flush()
         self.failureResultOf(d)
         self.assertEqual(breakers.outcomes, [("a", CANCELLED)])
+
+    def test_broken_before_first_chunk_recorded_once_as_failure(self) -> None:
+        """A watched stream whose body breaks before its first chunk: one failure, a 502."""
+        gw, breakers, d = self.start_stream()
+        gw.backend.hanging[0].loseConnection()  # the backend goes away mid-response
+        gw.flush()
+        self.assertEqual(breakers.outcomes, [("a", "error")])
+        answer = gw.finish(d)
+        self.assertEqual((answer.code, answer.json()["error"]["code"]), (502, "bad_gateway"))

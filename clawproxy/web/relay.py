@@ -297,7 +297,10 @@ class Relay:
             pipe.settle_first_chunk()
             raise
         except Exception:
-            pipe.settle_first_chunk()
+            if pipe.first_chunk is not None:
+                # A watched stream that broke before its first chunk failed.
+                pipe.first_chunk = None
+                self._record(ctx, pool, inst, "error", "error", tried)
             failure = Failure()
             if failure.check(ResponseFailed, UpstreamBroken):
                 self.log.warn("bad response body from {instance}: {why}",
