@@ -333,7 +333,7 @@ class Pool:
         """
         policies = self.policies
         if outcome == OK:
-            if client is not None:
+            if self.blame.marks and client is not None:
                 self.blame.forgive(client)
             for policy in policies:
                 policy.record(inst, OK, True)

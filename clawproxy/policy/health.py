@@ -226,7 +226,7 @@ class ClientBound:
     one window eject the instance anyway).
     """
 
-    __slots__ = ("_clock", "_marks", "window")
+    __slots__ = ("_clock", "marks", "window")
 
     #: Clients remembered per pool before expired entries are dropped.
     MAX_CLIENTS = 4096
@@ -239,7 +239,8 @@ class ClientBound:
         """
         self.window = window
         self._clock = clock
-        self._marks: dict[str, dict[str, float]] = {}
+        #: Client -> instance id -> until when its failures there do not count.
+        self.marks: dict[str, dict[str, float]] = {}
 
     def counts(self, client: str, instance_id: str) -> bool:
         """
@@ -248,7 +249,7 @@ class ClientBound:
         seconds or until L{forgive}.
         """
         now = self._clock.seconds()
-        table = self._marks
+        table = self.marks
         marks = table.get(client)
         if marks is None:
             if len(table) >= self.MAX_CLIENTS:
@@ -264,12 +265,14 @@ class ClientBound:
         return True
 
     def forgive(self, client: str) -> None:
-        """C{client} had a success: its failures count again."""
-        if self._marks:
-            self._marks.pop(client, None)
+        """
+        C{client} had a success: its failures count again. (Callers on a hot
+        path may skip this while C{marks} is empty.)
+        """
+        self.marks.pop(client, None)
 
     def __len__(self) -> int:
-        return len(self._marks)
+        return len(self.marks)
 
 
 @implementer(IAvailabilityPolicy)
