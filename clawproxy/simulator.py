@@ -19,6 +19,7 @@ import argparse
 import itertools
 import json
 import random
+import re
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
@@ -40,6 +41,9 @@ from clawproxy.listener import Listener, format_address, listen_error
 from clawproxy.units import parse_duration
 
 DEFAULT_LISTEN = "tcp:11501:interface=127.0.0.1"
+
+#: Header value bytes refused with a 400: control characters other than HTAB.
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 _Json = dict[str, Any]
 _Body = Coroutine[Deferred[Any], Any, None]
@@ -267,8 +271,16 @@ class SimulatorResource(Resource):
     # Routing
 
     def render(self, request: Request) -> bytes | int:
-        """Route by exact path; unknown paths get a 404 JSON error."""
+        """
+        Route by exact path; unknown paths get a 404 JSON error, header
+        values with control characters (other than HTAB) a 400 JSON error.
+        """
         request.setHeader(b"X-Sim-Instance", self.settings.id.encode())
+        for _, values in request.requestHeaders.getAllRawHeaders():
+            for value in values:
+                if _CONTROL.search(value) is not None:
+                    return self._error(request, 400, "control character in a header value",
+                                       "invalid_request_error", "invalid_header")
         path = request.path.rstrip(b"/") or b"/"
         route = self._routes.get(path)
         if route is None:
@@ -354,7 +366,7 @@ class SimulatorResource(Resource):
         raw = request.content.read() if request.content is not None else b""
         try:
             body = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise _BadRequest("request body is not valid JSON") from None
         if not isinstance(body, dict):
             raise _BadRequest("request body must be a JSON object")
@@ -549,7 +561,11 @@ def simulator_site(
 
     @param clock: used by the resource and for the site's connection timeouts.
     """
-    return _QuietSite(SimulatorResource(settings, clock, rng), logPath=None, reactor=clock)
+    # No form parsing of POST bodies: the simulator reads JSON whatever the
+    # Content-Type, and Twisted's parse raises (dropping the connection) on a
+    # Content-Type holding a byte Python counts as a line break (VT, FF...).
+    return _QuietSite(SimulatorResource(settings, clock, rng), logPath=None, reactor=clock,
+                      parsePOSTFormSubmission=False)
 
 
 def simulator_service(cfg: Any, reactor: Any, key: str = "listen") -> IService:

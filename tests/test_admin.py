@@ -16,7 +16,7 @@ from twisted.web.http_headers import Headers
 
 from clawproxy import __version__
 from clawproxy.backends.registry import Registry
-from clawproxy.config import StoreConfig, load_config, parse_config
+from clawproxy.config import ConfigError, StoreConfig, load_config, parse_config
 from clawproxy.metrics import Metrics
 from clawproxy.policy.breakers import NoBreakers
 from clawproxy.service import build_service
@@ -70,12 +70,13 @@ class AdminHarness:
         self.client = StubTreq(self.resource)
 
     def request(self, method: str, path: str, body: Any = None,
-                token: str | None = None, raw: bytes | None = None) -> Answer:
+                token: str | None = None, raw: bytes | None = None,
+                base: str = "http://127.0.0.1:9901", **extra: str) -> Answer:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        headers.update({k.replace("_", "-"): v for k, v in extra.items()})
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None
                                             else None)
-        d = self.client.request(method, "http://127.0.0.1:9901" + path, data=data,
-                                headers=headers)
+        d = self.client.request(method, base + path, data=data, headers=headers)
         self.client.flush()
         response = self.testcase.successResultOf(d)
         content = response.content()
@@ -322,6 +323,119 @@ class TokenTests(SynchronousTestCase):
         """Without a token configured no credentials are needed."""
         admin = AdminHarness(self, token=None)
         self.assertEqual(admin.request("GET", "/admin/status").code, 200)
+
+
+class BrowserTests(SynchronousTestCase):
+    """
+    Web pages cannot drive the admin API (CSRF, DNS rebinding: issue 7,
+    failure 7). Without a token, a request whose C{Host} is not a loopback
+    name or address, or that carries C{Origin} or C{Sec-Fetch-Site:
+    cross-site}/C{same-site}, is refused (403, nothing done); with a token,
+    state-changing calls from a browser page are refused too.
+    """
+
+    def assertRefused(self, answer: Answer) -> None:
+        self.assertEqual(answer.code, 403)
+        self.assertEqual(answer.header(b"content-type"), b"application/json")
+        self.assertEqual(answer.json()["error"]["type"], "permission_error")
+
+    def test_foreign_host(self) -> None:
+        """A DNS-rebound page (C{Host: evil.example}) can neither drain nor read."""
+        admin = AdminHarness(self)
+        for host in ("evil.example:9901", "evil.example", "127.0.0.1.evil.example:9901",
+                     "10.0.0.1:9901", "localhost.evil:9901", "[::2]:9901", "[::1]x",
+                     "127.0.0.1:x", "127.1", ""):
+            self.assertRefused(admin.request("POST", "/admin/instances/gpu-1/drain",
+                                             Host=host))
+            self.assertRefused(admin.request("GET", "/admin/status", Host=host))
+        self.assertRefused(admin.request("GET", "/admin/status", base="http://evil.example"))
+        self.assertFalse(admin.registry.instance("gpu-1").drained)
+
+    def test_loopback_hosts(self) -> None:
+        """C{localhost}, 127.0.0.0/8 and C{[::1]}, with or without a port, are served."""
+        admin = AdminHarness(self)
+        for host in ("localhost:9901", "LOCALHOST", "127.0.0.1", "127.3.2.1:80",
+                     "[::1]:9901", "[::1]"):
+            self.assertEqual(admin.request("GET", "/admin/status", Host=host).code, 200, host)
+        self.assertEqual(admin.request("GET", "/admin/status", base="http://localhost").code,
+                         200)
+
+    def test_origin(self) -> None:
+        """
+        A cross-origin C{text/plain} form POST carries C{Origin}: refused, and
+        the instance is not drained; any C{Origin} (a loopback one too) is.
+        """
+        admin = AdminHarness(self)
+        for origin in ("http://evil.example", "null", "http://127.0.0.1:9901"):
+            answer = admin.request("POST", "/admin/instances/gpu-1/drain", raw=b"x=1",
+                                   Origin=origin, Content_Type="text/plain")
+            self.assertRefused(answer)
+        self.assertRefused(admin.request("POST", "/admin/instances/gpu-1/weight",
+                                         {"weight": 0}, Origin="http://evil.example"))
+        self.assertRefused(admin.request("POST", "/admin/reload", Origin="http://evil.example"))
+        self.assertFalse(admin.registry.instance("gpu-1").drained)
+        self.assertEqual(admin.registry.instance("gpu-1").base_weight, 5)
+
+    def test_fetch_metadata(self) -> None:
+        """
+        C{Sec-Fetch-Site: cross-site} or C{same-site} is refused; C{none} (the
+        operator typing the URL) and C{same-origin} are served.
+        """
+        admin = AdminHarness(self)
+        for site in ("cross-site", "same-site"):
+            self.assertRefused(admin.request("POST", "/admin/instances/gpu-1/drain",
+                                             Sec_Fetch_Site=site))
+        self.assertFalse(admin.registry.instance("gpu-1").drained)
+        for site in ("none", "same-origin"):
+            self.assertEqual(admin.request("GET", "/admin/status", Sec_Fetch_Site=site).code,
+                             200)
+
+    def test_with_token(self) -> None:
+        """
+        With a token any Host is served (the listener may be remote), but a
+        browser-sent state-changing call is refused even with the token;
+        reads from a browser are served.
+        """
+        admin = AdminHarness(self, token="s3cret")
+        answer = admin.request("GET", "/admin/status", token="s3cret", base="http://gw.example")
+        self.assertEqual(answer.code, 200)
+        self.assertRefused(admin.request("POST", "/admin/instances/gpu-1/drain", token="s3cret",
+                                         Origin="http://evil.example"))
+        self.assertRefused(admin.request("POST", "/admin/instances/gpu-1/drain", token="s3cret",
+                                         Sec_Fetch_Site="cross-site"))
+        self.assertFalse(admin.registry.instance("gpu-1").drained)
+        self.assertEqual(admin.request("GET", "/admin/status", token="s3cret",
+                                       Origin="http://evil.example").code, 200)
+        self.assertEqual(admin.request("POST", "/admin/instances/gpu-1/drain",
+                                       base="http://evil.example").code, 401)
+
+
+class AdminListenConfigTests(SynchronousTestCase):
+    """C{admin.listen} beyond loopback needs C{admin.token}."""
+
+    def errors(self, admin: dict[str, Any]) -> list[str]:
+        try:
+            parse_config({**CONFIG, "admin": admin}, environ={})
+        except ConfigError as e:
+            return e.errors
+        return []
+
+    def test_all_interfaces_without_token(self) -> None:
+        """C{tcp:9901} (every interface) without a token is a config error naming the key."""
+        for listen in ("tcp:9901", "tcp:9901:interface=0.0.0.0", "tcp6:9901",
+                       "tcp:9901:interface=10.0.0.5", "tcp6:9901:interface=\\:\\:",
+                       "ssl:9901:privateKey=k.pem", "systemd:domain=INET:index=0"):
+            [error] = self.errors({"listen": listen})
+            self.assertTrue(error.startswith("admin.listen: "), error)
+            self.assertIn("admin.token", error)
+
+    def test_loopback_or_token(self) -> None:
+        """Loopback addresses, unix sockets, or any address with a token, are fine."""
+        for listen in ("tcp:9901:interface=127.0.0.1", "tcp:0:interface=127.0.0.2",
+                       "tcp:9901:interface=localhost", "tcp6:9901:interface=\\:\\:1",
+                       "tcp6:port=9901:interface=\\:\\:1", "unix:/run/clawproxy-admin.sock"):
+            self.assertEqual(self.errors({"listen": listen}), [], listen)
+        self.assertEqual(self.errors({"listen": "tcp:9901", "token": "s3cret"}), [])
 
 
 class MetricsEndpointTests(SynchronousTestCase):

@@ -35,7 +35,7 @@ def gateway(testcase: SynchronousTestCase, **sections: Any) -> Gateway:
 def get(testcase: SynchronousTestCase, resource: Any, path: str,
         headers: dict[str, str] | None = None) -> tuple[int, bytes]:
     client = StubTreq(resource)
-    d = client.request("GET", "http://gw.test" + path, headers=headers)
+    d = client.request("GET", "http://localhost" + path, headers=headers)
     client.flush()
     response = testcase.successResultOf(d)
     body = response.content()

@@ -7,6 +7,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from clawproxy.interfaces import CANCELLED, OK
 from clawproxy.policy.health import (
+    ClientBound,
     PassiveEjection,
     PassiveState,
     ProbeState,
@@ -335,3 +336,55 @@ class PassiveEjectionPolicyTests(SynchronousTestCase):
         self.assertTrue(self.policy.excludes(self.i1))
         self.policy.probed(self.i1, True)
         self.assertFalse(self.policy.excludes(self.i1))
+
+
+class ClientBoundTests(SynchronousTestCase):
+    """
+    L{ClientBound} lets one failure per client per instance per window
+    count, until the client's next success.
+    """
+
+    def test_once_per_window(self) -> None:
+        """A client counts once per instance, then again only after C{window} seconds."""
+        clock = Clock()
+        bound = ClientBound(30.0, clock)
+        self.assertTrue(bound.counts("a", "i1"))
+        self.assertFalse(bound.counts("a", "i1"))
+        self.assertTrue(bound.counts("a", "i2"))
+        self.assertTrue(bound.counts("b", "i1"))
+        clock.advance(29.9)
+        self.assertFalse(bound.counts("a", "i1"))
+        clock.advance(0.1)
+        self.assertTrue(bound.counts("a", "i1"))
+        self.assertFalse(bound.counts("a", "i1"))
+
+    def test_forgive(self) -> None:
+        """After a success of that client, its next failure counts again."""
+        bound = ClientBound(30.0, Clock())
+        bound.counts("a", "i1")
+        bound.counts("b", "i1")
+        bound.forgive("a")
+        bound.forgive("c")
+        self.assertTrue(bound.counts("a", "i1"))
+        self.assertFalse(bound.counts("b", "i1"))
+
+    def test_table_bounded(self) -> None:
+        """
+        Past C{MAX_CLIENTS} clients, expired entries are dropped; if none had
+        expired the table starts afresh: it never grows past the cap.
+        """
+        class Small(ClientBound):
+            MAX_CLIENTS = 4
+
+        clock = Clock()
+        bound = Small(10.0, clock)
+        for c in "abc":
+            bound.counts(c, "i1")
+        clock.advance(10)
+        bound.counts("d", "i1")
+        bound.counts("e", "i1")
+        self.assertEqual(len(bound), 2)
+        for c in "fgh":
+            bound.counts(c, "i1")
+        self.assertLessEqual(len(bound), 4)
+        self.assertFalse(bound.counts("h", "i1"))

@@ -296,6 +296,117 @@ class PassiveEjectionTests(SynchronousTestCase):
         self.assertEqual(i1.failures, 10)
 
 
+class ClientBoundTests(SynchronousTestCase):
+    """
+    In a run of failures from one client address with no success between
+    them, at most one per instance per C{fail_timeout} counts toward the
+    instance's passive count and breakers: a client whose own requests make
+    every instance fail cannot eject them (issue 7, failure 6).
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.breakers = _RecordingBreakers()
+        self.reg = Registry(self.reg_config(), self.clock, self.breakers)
+        self.i1 = self.reg.instance("i1")
+
+    def reg_config(self) -> Any:
+        cfg = {"instances": [{"id": f"i{n}", "url": f"http://i{n}.test:8000"}
+                             for n in (1, 2, 3)],
+               "passive": {"max_fails": 3, "fail_timeout": "30s"}}
+        return parse_config({"pools": {"main": cfg},
+                             "routes": [{"path": "/*", "pool": "main"}]}, environ={})
+
+    def test_one_client_does_not_eject(self) -> None:
+        """
+        Twenty failures from one client count once: the instance stays in,
+        its breakers hear one failure, and the failures still show in its
+        statistics.
+        """
+        for _ in range(20):
+            self.i1.pool.record(self.i1, "5xx", client="198.51.100.7")
+            self.clock.advance(1)
+        self.assertEqual(self.i1.state, "healthy")
+        self.assertTrue(self.i1.available())
+        self.assertEqual(self.i1.failures, 20)
+        self.assertEqual(self.breakers.outcomes.count(("i1", "5xx")), 1)
+        self.assertEqual(self.breakers.outcomes.count(("i1", "cancelled")), 19)
+
+    def test_three_clients_eject(self) -> None:
+        """Failures from three different clients eject (C{max_fails: 3})."""
+        for client in ("198.51.100.1", "198.51.100.2"):
+            self.i1.pool.record(self.i1, "5xx", client=client)
+        self.assertEqual(self.i1.state, "healthy")
+        self.i1.pool.record(self.i1, "timeout", client="2001:db8::3")
+        self.assertEqual(self.i1.state, "ejected")
+
+    def test_counts_again_after_fail_timeout(self) -> None:
+        """A client's failure counts again once C{fail_timeout} has passed since its last."""
+        self.i1.pool.record(self.i1, "5xx", client="a")
+        self.clock.advance(29)
+        self.i1.pool.record(self.i1, "5xx", client="a")
+        self.assertEqual(self.i1.passive.failures, 1)
+        self.clock.advance(1)
+        self.i1.pool.record(self.i1, "5xx", client="a")
+        self.assertEqual(self.breakers.outcomes,
+                         [("i1", "5xx"), ("i1", "cancelled"), ("i1", "5xx")])
+
+    def test_success_forgives(self) -> None:
+        """
+        A client served by another instance between its failures on one is
+        evidence against that instance: its failures count (a lone client
+        still gets a failing instance ejected).
+        """
+        i2 = self.reg.instance("i2")
+        for _ in range(2):
+            self.i1.pool.record(self.i1, "5xx", client="a")
+            i2.pool.record(i2, OK, client="a")
+        self.assertEqual(self.i1.state, "healthy")
+        self.i1.pool.record(self.i1, "5xx", client="a")
+        self.assertEqual(self.i1.state, "ejected")
+
+    def test_per_instance(self) -> None:
+        """The bound is per instance: one client's failure counts on each instance once."""
+        for inst in self.i1.pool.instances:
+            inst.pool.record(inst, "5xx", client="a")
+            self.assertEqual(inst.passive.failures, 1)
+
+    def test_refusals_not_bound(self) -> None:
+        """A refused connection (nothing reached the instance) is not the client's doing."""
+        self.i1.pool.record(self.i1, "5xx", client="a")
+        self.i1.pool.record(self.i1, "refused", reached=False, client="a")
+        self.assertEqual(self.i1.state, "ejected")
+        self.assertEqual(self.breakers.outcomes[-1], ("i1", "refused"))
+
+    def test_without_client(self) -> None:
+        """Callers that name no client count every failure, as before."""
+        for _ in range(3):
+            fail(self.i1)
+        self.assertEqual(self.i1.state, "ejected")
+
+
+class _RecordingBreakers:
+    """An availability policy that only records what it is told."""
+
+    def __init__(self) -> None:
+        self.outcomes: list[tuple[str, str]] = []
+
+    def excludes(self, instance: Any) -> bool:
+        return False
+
+    def admit(self, instance: Any) -> bool:
+        return True
+
+    def record(self, instance: Any, outcome: str, reached: bool) -> None:
+        self.outcomes.append((instance.id, outcome))
+
+    def probed(self, instance: Any, ok: bool) -> None:
+        pass
+
+    def state(self, name: str) -> str:
+        return "CLOSED"
+
+
 class SlowStartTests(SynchronousTestCase):
     """An instance that comes back ramps its weight up over C{slow_start}."""
 

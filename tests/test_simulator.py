@@ -13,7 +13,7 @@ from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactor
+from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseNeverReceived
@@ -543,3 +543,108 @@ class ArgsTests(SynchronousTestCase):
         for argv in [["--ttft", "soon"], ["--failure-rate", "2"], ["--max-tokens", "0"]]:
             self.assertEqual(sim_main(argv), 2, argv)
         self.assertRaises(SystemExit, parse_sim_args, ["--hang-rate", "-1"])
+
+
+def _raw(site: Any, clock: Clock, data: bytes) -> tuple[bytes, bool]:
+    """
+    Feed C{data} to a new connection of C{site}; return what it wrote and
+    whether it was dropped without an answer (an exception out of the
+    protocol drops a real connection).
+    """
+    proto = site.buildProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    try:
+        proto.dataReceived(data)
+    except Exception:
+        return transport.value(), True
+    clock.advance(10)
+    return transport.value(), False
+
+
+def _post_head(content_type: bytes, body: bytes) -> bytes:
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: sim\r\nContent-Type: " + content_type
+            + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+
+
+class OddInputTests(SynchronousTestCase):
+    """
+    The simulator answers odd requests (400 JSON) and never drops the
+    connection: a gateway in front of it counts a dropped connection
+    against the instance (issue 7, failure 6).
+    """
+
+    def answer(self, data: bytes) -> tuple[int, Any]:
+        clock = Clock()
+        written, dropped = _raw(simulator_site(SETTINGS, clock), clock, data)
+        self.assertFalse(dropped, "the connection was dropped")
+        self.assertTrue(written.startswith(b"HTTP/1.1 "), written[:80])
+        head, _, body = written.partition(b"\r\n\r\n")
+        return int(head[9:12]), json.loads(body) if body else None
+
+    def test_control_bytes_in_content_type(self) -> None:
+        """
+        A Content-Type carrying a byte Python treats as a line break (VT, FF,
+        FS, GS, RS, NEL) made Twisted's form parsing raise, which dropped
+        the connection; a control character is now a 400 JSON error, and NEL
+        (obs-text, not a control character in HTTP) is served.
+        """
+        body = json.dumps({"messages": HELLO}).encode()
+        for ct in (b"\x0bapplication/json", b"appli\x0ccation/json", b"text/\x1cplain",
+                   b"multipart/\x1dform-data"):
+            status, error = self.answer(_post_head(ct, body))
+            self.assertEqual(status, 400, ct)
+            self.assertEqual(error["error"]["code"], "invalid_header", ct)
+        status, _ = self.answer(_post_head(b"application/\x85json", body))
+        self.assertEqual(status, 200)
+
+    def test_control_bytes_in_any_header(self) -> None:
+        """A control character other than HTAB in any header value is a 400 JSON error."""
+        status, error = self.answer(
+            b"GET /v1/models HTTP/1.1\r\nHost: sim\r\nX-Odd: a\x01b\r\n\r\n")
+        self.assertEqual((status, error["error"]["type"]), (400, "invalid_request_error"))
+        status, _ = self.answer(b"GET /v1/models HTTP/1.1\r\nHost: sim\r\nX-Tab: a\tb\r\n\r\n")
+        self.assertEqual(status, 200)
+
+    def test_multipart_body(self) -> None:
+        """
+        A multipart Content-Type is not parsed as a form (the simulator reads
+        JSON whatever the Content-Type): Twisted's form parsing answered a
+        bare 400 and closed the connection.
+        """
+        status, answer = self.answer(_post_head(b"multipart/form-data; boundary=x",
+                                                json.dumps({"messages": HELLO}).encode()))
+        self.assertEqual((status, answer["object"]), (200, "chat.completion"))
+
+    def test_deeply_nested_json(self) -> None:
+        """JSON nested past the recursion limit is a 400, not a 500 "Processing Failed"."""
+        status, error = self.answer(_post_head(b"application/json", b"[" * 100_000))
+        self.assertEqual((status, error["error"]["code"]), (400, "bad_request"))
+        status, error = self.answer(_post_head(
+            b"application/json", b'{"messages": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"))
+        self.assertEqual((status, error["error"]["code"]), (400, "bad_request"))
+
+    def test_fuzzed_requests(self) -> None:
+        """
+        Two thousand seeded mutations of a valid request: each is answered or
+        waits for more bytes; none drops the connection or answers 500.
+        """
+        rng = random.Random(7)
+        base = _post_head(b"application/json", json.dumps(
+            {"model": "m", "stream": True, "max_tokens": 3, "messages": HELLO}).encode())
+        alphabet = bytes(range(256))
+        for _ in range(2000):
+            data = bytearray(base)
+            for _ in range(rng.randint(1, 4)):
+                at = rng.randrange(len(data))
+                op = rng.random()
+                if op < 0.4:
+                    data[at] = rng.choice(alphabet)
+                elif op < 0.7:
+                    data[at:at] = bytes([rng.choice(alphabet)]) * rng.choice((1, 2, 50))
+                else:
+                    del data[at]
+            clock = Clock()
+            written, dropped = _raw(simulator_site(SETTINGS, clock), clock, bytes(data))
+            self.assertFalse(dropped, bytes(data))
+            self.assertFalse(written.startswith(b"HTTP/1.1 500"), bytes(data))

@@ -36,7 +36,7 @@ from clawproxy.interfaces import CANCELLED, OK, IAvailabilityPolicy, IBreakerBoa
 from clawproxy.policy.affinity import AffinityTable
 from clawproxy.policy.balancers import Balancer, make_balancer
 from clawproxy.policy.breakers import NoBreakers
-from clawproxy.policy.health import PassiveEjection, PassiveState, ProbeState
+from clawproxy.policy.health import ClientBound, PassiveEjection, PassiveState, ProbeState
 
 Listener = Callable[["Instance"], None]
 
@@ -173,6 +173,8 @@ class Pool:
         self._clock = clock
         self.instances = [Instance(self, i, clock) for i in cfg.instances]
         self.by_id = {i.id: i for i in self.instances}
+        #: How much of the instances' failure counts one client may add.
+        self.blame = ClientBound(cfg.passive.fail_timeout, clock)
         aff = cfg.session_affinity
         self.affinity = AffinityTable(clock, aff.ttl) if aff is not None else None
 
@@ -309,19 +311,30 @@ class Pool:
         for policy in self.policies[:upto]:
             policy.record(inst, CANCELLED, False)
 
-    def record(self, inst: Instance, outcome: str, reached: bool = True) -> None:
+    def record(self, inst: Instance, outcome: str, reached: bool = True,
+               client: str | None = None) -> None:
         """
         The outcome of an attempt to C{inst} made with L{take}'s answer: the
         instance's failure count, its refused-connection mark and every
         policy (passive ejection, breakers) follow it.
 
+        A failure that reached the instance counts for the policies only if
+        C{client} had none counted against C{inst} in the last
+        C{fail_timeout} without a success since (L{ClientBound}): one client
+        cannot eject an instance, or open its breaker, with requests that
+        fail everywhere. The policies are told such a failure as
+        L{CANCELLED} (it frees any admission slot and counts neither way).
+
         @param outcome: L{OK}, L{CANCELLED} or a failure name (C{"refused"},
             C{"connect_failure"}, C{"5xx"}, C{"timeout"}, ...).
         @param reached: L{False} when the connection never opened: the
             instance is then out at once (see the module docstring).
+        @param client: the client's address, or L{None} (every failure counts).
         """
         policies = self.policies
         if outcome == OK:
+            if self.blame.marks and client is not None:
+                self.blame.forgive(client)
             for policy in policies:
                 policy.record(inst, OK, True)
             if inst.down_until is not None:
@@ -341,6 +354,8 @@ class Pool:
                     "{instance} refused a connection: out for {seconds}s or until a health "
                     "check passes", instance=inst.id, seconds=L4_RETRY_INTERVAL)
             inst.down_until = self._clock.seconds() + L4_RETRY_INTERVAL
+        elif client is not None and not self.blame.counts(client, inst.id):
+            outcome = CANCELLED
         for policy in policies:
             policy.record(inst, outcome, reached)
         if self._changed is not None and inst.state != before:

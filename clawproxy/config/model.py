@@ -13,6 +13,8 @@ message)} reports a problem, and it returns the (possibly amended) object.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from collections.abc import Callable
 
 import attrs
@@ -120,9 +122,41 @@ class AdminConfig:
     """The admin listener (status, drain, reload, metrics)."""
 
     listen: str = f.setting(f.endpoint, "tcp:9901:interface=127.0.0.1",
-                            "Admin listener; keep it on loopback or behind a token.")
+                            "Admin listener: a loopback address or a unix socket, unless"
+                            " ``token`` is set.")
     token: str | None = f.setting(f.optional_text, None,
-                                  "When set, admin calls need ``Authorization: Bearer TOKEN``.")
+                                  "When set, admin calls need ``Authorization: Bearer TOKEN``;"
+                                  " without it only loopback ``Host`` names are served, and"
+                                  " never to web pages.")
+
+    def _check(self, present: set[str], error: Error) -> AdminConfig:
+        if not self.token and not _local_endpoint(self.listen):
+            error("listen", "listens beyond loopback without admin.token: bind it to"
+                  " 127.0.0.1 or ::1 (interface=...), or set admin.token")
+        return self
+
+
+def _local_endpoint(description: str) -> bool:
+    """
+    Whether a server endpoint string only accepts connections from this
+    machine: a unix socket, or tcp/tcp6/ssl with a loopback C{interface}
+    (none means every interface).
+    """
+    kind, _, rest = description.partition(":")
+    if kind == "unix":
+        return True
+    if kind not in ("tcp", "tcp6", "ssl"):
+        return False
+    for arg in re.split(r"(?<!\\):", rest):
+        if arg.startswith("interface="):
+            interface = arg[len("interface="):].replace("\\:", ":")
+            if interface.lower() == "localhost":
+                return True
+            try:
+                return ipaddress.ip_address(interface).is_loopback
+            except ValueError:
+                return False
+    return False
 
 
 # -- shared state --------------------------------------------------------------------------

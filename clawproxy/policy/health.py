@@ -17,6 +17,7 @@ from zope.interface import implementer
 from clawproxy.interfaces import CANCELLED, OK, IAvailabilityPolicy
 
 __all__ = [
+    "ClientBound",
     "PassiveEjection",
     "PassiveState",
     "ProbeState",
@@ -200,6 +201,78 @@ class PassiveState:
             self._failures = 0
             return False
         return True
+
+
+class ClientBound:
+    """
+    How much of a pool's failure counts one client address may add: in a run
+    of failed requests from one client with no success in between, at most
+    one failure per instance per C{window} seconds (the pool's
+    C{fail_timeout}) counts.
+
+    A client whose own requests make instances fail (bytes the backend
+    chokes on, a prompt that crashes it, a request built to time out) would
+    otherwise eject healthy instances, or open their breakers, just by
+    repeating the request. Its failures keep counting normally once it has a
+    success in the pool (L{forgive}): a client served by the other instances
+    while one keeps failing it is evidence against that instance, so a lone
+    client (or everyone behind one proxy address) still gets a genuinely
+    failing instance ejected as before. Failures that do not count are still
+    failures for the client, the statistics and the retry decision.
+
+    The table holds the clients with a counted failure and no success since;
+    past L{MAX_CLIENTS} entries, expired ones are dropped, and if none had
+    expired it starts afresh (that many different addresses failing within
+    one window eject the instance anyway).
+    """
+
+    __slots__ = ("_clock", "marks", "window")
+
+    #: Clients remembered per pool before expired entries are dropped.
+    MAX_CLIENTS = 4096
+
+    def __init__(self, window: float, clock: IReactorTime) -> None:
+        """
+        @param window: seconds during which a client's counted failure on an
+            instance keeps its further failures there from counting.
+        @param clock: the time source (C{seconds()}).
+        """
+        self.window = window
+        self._clock = clock
+        #: Client -> instance id -> until when its failures there do not count.
+        self.marks: dict[str, dict[str, float]] = {}
+
+    def counts(self, client: str, instance_id: str) -> bool:
+        """
+        Whether a failure of C{client}'s request on C{instance_id} may count
+        now; if so, its further failures there do not count for C{window}
+        seconds or until L{forgive}.
+        """
+        now = self._clock.seconds()
+        table = self.marks
+        marks = table.get(client)
+        if marks is None:
+            if len(table) >= self.MAX_CLIENTS:
+                for key in [k for k, m in table.items() if max(m.values()) <= now]:
+                    del table[key]
+                if len(table) >= self.MAX_CLIENTS:
+                    table.clear()
+            table[client] = {instance_id: now + self.window}
+            return True
+        if marks.get(instance_id, 0.0) > now:
+            return False
+        marks[instance_id] = now + self.window
+        return True
+
+    def forgive(self, client: str) -> None:
+        """
+        C{client} had a success: its failures count again. (Callers on a hot
+        path may skip this while C{marks} is empty.)
+        """
+        self.marks.pop(client, None)
+
+    def __len__(self) -> int:
+        return len(self.marks)
 
 
 @implementer(IAvailabilityPolicy)

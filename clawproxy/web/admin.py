@@ -2,11 +2,20 @@
 The admin listener (SPEC section 5): status, weights, drain, breakers,
 reload and Prometheus metrics. Bound to loopback by default; when a token
 is configured every call needs C{Authorization: Bearer TOKEN}.
+
+Web pages the operator visits must not drive it (CSRF, DNS rebinding):
+without a token, a request is refused (403) unless its C{Host} is a
+loopback name or address, and whenever a browser marks it as sent by a
+page (C{Origin}, or C{Sec-Fetch-Site} other than C{none}/C{same-origin}).
+With a token (which a page cannot send without a CORS preflight this
+listener never answers), browser-sent state-changing calls are refused too,
+as defence in depth.
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 from collections.abc import Callable
 from typing import Any
@@ -90,13 +99,21 @@ class AdminResource(Resource):
         return self._json(request, 200, result)
 
     def _authorize(self, request: Any) -> None:
+        headers = request.requestHeaders
         if self._token is None:
+            for host in headers.getRawHeaders(b"host", ()):
+                if not loopback_host(host):
+                    raise _forbidden("without admin.token only loopback Host names are served")
+            if from_page(headers):
+                raise _forbidden("admin calls from web pages are refused")
             return
         auth = request.getHeader(b"authorization") or b""
         scheme, _, given = auth.partition(b" ")
         if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self._token):
             raise Rejected(401, "admin token required", "authentication_error",
                            "invalid_admin_token", (("WWW-Authenticate", 'Bearer realm="admin"'),))
+        if request.method not in _SAFE_METHODS and from_page(headers):
+            raise _forbidden("admin calls from web pages are refused")
 
     def _dispatch(self, request: Any) -> Any:
         path = request.path.rstrip(b"/") or b"/"
@@ -213,6 +230,51 @@ class AdminResource(Resource):
         for k, v in rej.headers:
             request.setHeader(k.encode(), v.encode())
         return error_body(rej.message, rej.type, rej.code)
+
+
+_SAFE_METHODS = frozenset((b"GET", b"HEAD"))
+#: C{Sec-Fetch-Site} values of requests a page did not make.
+_NOT_FROM_PAGE = frozenset((b"none", b"same-origin"))
+
+
+def loopback_host(host: bytes) -> bool:
+    """
+    Whether a C{Host} value names this machine's loopback: C{localhost},
+    an address in 127.0.0.0/8 or C{[::1]}, with or without a port.
+    """
+    host = host.strip().lower()
+    if host.startswith(b"["):
+        name, sep, port = host[1:].partition(b"]")
+        if not sep or (port and not (port[:1] == b":" and port[1:].isdigit())):
+            return False
+        return _is_loopback_ip(name, ipaddress.IPv6Address)
+    name, sep, port = host.partition(b":")
+    if sep and not port.isdigit():
+        return False
+    return name == b"localhost" or _is_loopback_ip(name, ipaddress.IPv4Address)
+
+
+def _is_loopback_ip(name: bytes, kind: Any) -> bool:
+    try:
+        return kind(name.decode("ascii")).is_loopback
+    except (ValueError, UnicodeDecodeError):
+        return False
+
+
+def from_page(headers: Any) -> bool:
+    """
+    Whether a browser says a web page made this request: it carries
+    C{Origin}, or C{Sec-Fetch-Site} other than C{none} (typed by the user)
+    and C{same-origin}. The CLI, curl and scrapers send neither.
+    """
+    if headers.hasHeader(b"origin"):
+        return True
+    site = headers.getRawHeaders(b"sec-fetch-site")
+    return site is not None and any(v.strip().lower() not in _NOT_FROM_PAGE for v in site)
+
+
+def _forbidden(message: str) -> Rejected:
+    return Rejected(403, message, "permission_error", "admin_forbidden")
 
 
 def _read_json(request: Any) -> dict[str, Any]:

@@ -336,7 +336,7 @@ class Relay:
             says no.
         """
         self.metrics.upstream_requests_total.labels(pool.name, inst.id, label).inc()
-        pool.record(inst, outcome, reached)
+        pool.record(inst, outcome, reached, client=ctx.client_ip)
         if outcome == OK or outcome == "timeout" or not pool.candidates(tried):
             return None
         return self.retry.should_retry(pool, outcome, ctx.attempts, reached)

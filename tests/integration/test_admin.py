@@ -171,6 +171,46 @@ class AdminApiTests(TestCase):
         self.assertEqual(code, 200)
         self.assertIn("sim", status["pools"])
 
+    async def test_web_pages_refused_without_token(self) -> None:
+        """
+        Without a token (the default), a DNS-rebound page (C{Host:
+        evil.example}) and a cross-origin C{text/plain} form POST both get a
+        403 JSON error from the real listener, and the instance is not
+        drained; the same call with a loopback Host and no Origin drains it.
+        """
+        gw = await self.start()
+        drain = b"POST /admin/instances/sim-1/drain HTTP/1.1\r\nHost: %s\r\n%s" \
+                b"Content-Type: text/plain\r\nContent-Length: 3\r\n\r\nx=1"
+        for host, extra in ((b"evil.example:%d" % gw.admin_port, b""),
+                            (b"127.0.0.1:%d" % gw.admin_port, b"Origin: http://evil.example\r\n"),
+                            (b"localhost:%d" % gw.admin_port, b"Sec-Fetch-Site: cross-site\r\n")):
+            answer = await self.h.exchange(gw.admin_port, drain % (host, extra))
+            self.assertEqual(answer.status, 403, answer.body)
+            self.assertEqual(answer.header(b"content-type"), b"application/json")
+            self.assertEqual(error_of(answer.body)["type"], "permission_error")
+            self.assertFalse(gw.instance("sim-1").drained)
+        rebound = b"GET /admin/status HTTP/1.1\r\nHost: evil.example\r\n\r\n"
+        self.assertEqual((await self.h.exchange(gw.admin_port, rebound)).status, 403)
+        answer = await self.h.exchange(gw.admin_port, drain % (b"127.0.0.1", b""))
+        self.assertEqual(answer.status, 200)
+        self.assertTrue(gw.instance("sim-1").drained)
+
+    async def test_page_cannot_change_state_with_token(self) -> None:
+        """
+        With a token, any Host is served to a caller that has it, but a
+        state-changing call a browser marks as sent by a page is refused.
+        """
+        gw = await self.start(token="s3cret")
+        auth = b"Authorization: Bearer s3cret\r\n"
+        answer = await self.h.exchange(gw.admin_port, (
+            b"POST /admin/instances/sim-1/drain HTTP/1.1\r\nHost: gw.example\r\n" + auth
+            + b"Origin: http://evil.example\r\nContent-Length: 0\r\n\r\n"))
+        self.assertEqual(answer.status, 403)
+        self.assertFalse(gw.instance("sim-1").drained)
+        answer = await self.h.exchange(gw.admin_port, (
+            b"GET /admin/status HTTP/1.1\r\nHost: gw.example\r\n" + auth + b"\r\n"))
+        self.assertEqual(answer.status, 200)
+
     async def test_metrics_lists_every_family(self) -> None:
         """
         C{GET /metrics} on the admin listener is Prometheus text listing
@@ -255,6 +295,26 @@ class AdminCliTests(TestCase):
                                         CLAWPROXY_ADMIN_TOKEN="s3cret")
         self.assertEqual(code, 0, err)
         self.assertIn("draining", out)
+
+    async def test_open_admin_listener_refused(self) -> None:
+        """
+        C{clawproxy check-config} refuses an admin listener on every
+        interface without a token, naming the key; with a token it is fine.
+        """
+        self.h = Harness(self)
+        base = ("pools: {p: {instances: [{id: a, url: 'http://127.0.0.1:9'}]}}\n"
+                "routes: [{path: /*, pool: p}]\n")
+        with open(self.h.path("open.yaml"), "w") as f:
+            f.write(base + "admin: {listen: 'tcp:9901'}\n")
+        with open(self.h.path("token.yaml"), "w") as f:
+            f.write(base + "admin: {listen: 'tcp:9901', token: s3cret}\n")
+        code, _, err = await self.cli("check-config", "open.yaml")
+        self.assertEqual(code, 1)
+        self.assertEqual(err.strip().splitlines(), [
+            "admin.listen: listens beyond loopback without admin.token: bind it to 127.0.0.1"
+            " or ::1 (interface=...), or set admin.token"])
+        code, _, err = await self.cli("check-config", "token.yaml")
+        self.assertEqual(code, 0, err)
 
     async def test_unreachable_gateway(self) -> None:
         """
