@@ -437,3 +437,15 @@ class FirstChunkOutcomeTests(SynchronousTestCase):
         self.assertEqual(breakers.outcomes, [("a", "error")])
         answer = gw.finish(d)
         self.assertEqual((answer.code, answer.json()["error"]["code"]), (502, "bad_gateway"))
+
+
+class DeepJSONTests(SynchronousTestCase):
+    """A body nested deeper than the JSON parser's stack is a 400, not a 500."""
+
+    def test_deep_body(self) -> None:
+        gw = Harness(self, routed())
+        body = b"[" * 100000 + b"]" * 100000
+        answer = gw.request("POST", "/v1/chat/completions", body,
+                            headers={"Content-Type": "application/json"})
+        self.assertEqual((answer.code, answer.json()["error"]["code"]), (400, "invalid_json"))
+        self.assertEqual(gw.backend.seen, [])

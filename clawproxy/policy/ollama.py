@@ -116,7 +116,7 @@ class StreamTranslator:
     def _line(self, line: bytes) -> bytes:
         try:
             obj = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             return b""
         if not isinstance(obj, dict):
             return b""
@@ -165,14 +165,14 @@ class CompletionCollector:
         raw = b"".join(self._parts)
         try:
             obj = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             # A streamed answer where a single one was asked for: merge it.
             content: list[str] = []
             last: dict[str, Any] = {}
             for line in raw.splitlines():
                 try:
                     part = json.loads(line)
-                except ValueError:
+                except (ValueError, RecursionError):
                     continue
                 if isinstance(part, dict):
                     content.append((part.get("message") or {}).get("content", ""))

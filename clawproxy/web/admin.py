@@ -281,7 +281,7 @@ def _read_json(request: Any) -> dict[str, Any]:
     try:
         request.content.seek(0)
         data = json.loads(request.content.read() or b"{}")
-    except ValueError:
+    except (ValueError, RecursionError):
         raise Rejected(400, "body must be JSON", "invalid_request_error", "invalid_json") from None
     if not isinstance(data, dict):
         raise Rejected(400, "body must be a JSON object", "invalid_request_error", "invalid_json")

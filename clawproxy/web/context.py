@@ -75,7 +75,8 @@ class RequestContext:
             content.seek(0)
             try:
                 body = json.loads(content.read())
-            except ValueError:
+            except (ValueError, RecursionError):
+                # RecursionError: nested deeper than the parser's stack allows.
                 raise bad_request("request body is not valid JSON", "invalid_json") from None
             finally:
                 content.seek(0)
