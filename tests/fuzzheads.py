@@ -541,8 +541,11 @@ class Case:
 
     @property
     def expects_continue(self) -> bool:
-        return b"100-continue" in self.data.partition(b"\r\n\r\n")[0].lower()
+        """Whether any request in C{data} has an C{Expect} naming 100-continue."""
+        return _EXPECT_CONTINUE.search(self.data) is not None
 
+
+_EXPECT_CONTINUE = re.compile(rb"(?im)^expect[ \t]*:[^\r\n]*100-continue")
 
 CLASSES: tuple[str, ...] = (*MUTATIONS, "truncate", "bare_crlf", "pipeline", "fragmented",
                             "combo")
