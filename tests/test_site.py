@@ -11,6 +11,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
 from clawproxy.web.site import GatewayRequest, GatewaySite, _Discarding
 
@@ -28,6 +29,20 @@ class Recorder(Resource):
         body = request.content.read()
         self.seen.append((request.method, body, getattr(request, "too_large", False)))
         return b"got %d" % len(body)
+
+
+class Holding(Resource):
+    """Keeps every request open (the test finishes it)."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[Any] = []
+
+    def render(self, request: Any) -> Any:
+        self.held.append(request)
+        return NOT_DONE_YET
 
 
 class Connection:
@@ -168,6 +183,42 @@ class SiteTests(SynchronousTestCase):
         self.reactor.advance(1)
         self.assertRefused(conn, 408, "request_timeout")
 
+    def test_chunk_size_overflow_refused_at_once(self) -> None:
+        """
+        A chunk size past 63 bits (C{ffffffffffffffff1}) is answered 400 as
+        soon as its line is in, not after the body-rate or head deadline.
+        """
+        conn = self.connect()
+        conn.send(b"POST /v1/x HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  b"ffffffffffffffff1\r\nabc")
+        self.assertRefused(conn, 400, "malformed_request")
+
+    def test_chunk_over_limit_refused_at_its_size_line(self) -> None:
+        """A chunk that would take the body past C{max_body_size} is answered 413 at once."""
+        conn = self.connect()
+        conn.send(b"POST /v1/x HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  b"32\r\n" + b"d" * 50 + b"\r\n")
+        self.assertEqual(conn.transport.value(), b"")
+        conn.send(b"33\r\n")
+        self.assertRefused(conn, 413, "request_too_large")
+
+    def test_unknown_expect(self) -> None:
+        """An C{Expect} other than C{100-continue} is answered 417, and no 100 Continue."""
+        conn = self.connect()
+        conn.send(b"POST /v1/x HTTP/1.1\r\nHost: gw\r\nContent-Length: 3\r\n"
+                  b"Expect: 100-continue-please\r\n\r\n")
+        self.assertRefused(conn, 417, "expectation_failed")
+
+    def test_control_bytes(self) -> None:
+        """A target with a DEL, or a header value with a vertical tab: 400 at the head."""
+        for head, code in [(b"GET /v1/mo\x7fdels HTTP/1.1\r\nHost: gw\r\n", "invalid_target"),
+                           (b"GET /v1/x?\x80 HTTP/1.1\r\nHost: gw\r\n", "invalid_target"),
+                           (b"GET /v1/x HTTP/1.1\r\nHost: gw\r\nContent-Type: a\x0bb\r\n",
+                            "invalid_header")]:
+            conn = self.connect()
+            conn.send(head + b"\r\n")
+            self.assertRefused(conn, 400, code)
+
     def test_head_in_time(self) -> None:
         """A complete head cancels the head deadline."""
         conn = self.connect()
@@ -207,3 +258,44 @@ class GotLengthTests(SynchronousTestCase):
         request.handleContentChunk(b"y" * 10)
         request.content.seek(0)
         self.assertEqual(request.content.read(), b"y" * 10)
+
+
+class BackpressureTests(SynchronousTestCase):
+    """A connection whose answers back up is not read (pipelining without reading)."""
+
+    def setUp(self) -> None:
+        self.resource = Holding()
+        self.site = GatewaySite(self.resource, max_body_size=100, max_header_size=1024,
+                                timeout=60, reactor=MemoryReactorClock())
+        self.conn = Connection(self.site)
+        self.addCleanup(self.conn.close)
+
+    def test_full_output_pauses_reading_during_a_request(self) -> None:
+        """
+        The transport fills while a request is handled: the connection stops
+        being read at once (Twisted waited for the next request), stays
+        paused after the buffer drains until the request is done, then reads
+        again and handles the next pipelined request.
+        """
+        channel = self.conn.protocol.channel
+        get = b"GET /v1/x HTTP/1.1\r\nHost: gw\r\n\r\n"
+        self.conn.send(get + get)
+        self.assertEqual(len(self.resource.held), 1)
+        self.assertEqual(self.conn.transport.producerState, "producing")
+        channel.pauseProducing()  # the transport's write buffer is full
+        self.assertEqual(self.conn.transport.producerState, "paused")
+        channel.resumeProducing()  # drained, but the request is still open
+        self.assertEqual(self.conn.transport.producerState, "paused")
+        self.resource.held[0].finish()
+        self.assertEqual(self.conn.transport.producerState, "producing")
+        self.assertEqual(len(self.resource.held), 2)
+
+    def test_stays_paused_while_output_full(self) -> None:
+        """A request that ends while the transport is still full does not resume reading."""
+        channel = self.conn.protocol.channel
+        self.conn.send(b"GET /v1/x HTTP/1.1\r\nHost: gw\r\n\r\n")
+        channel.pauseProducing()
+        self.resource.held[0].finish()
+        self.assertEqual(self.conn.transport.producerState, "paused")
+        channel.resumeProducing()
+        self.assertEqual(self.conn.transport.producerState, "producing")

@@ -14,6 +14,7 @@ from twisted.web import http, server
 from clawproxy import compat
 from clawproxy.errors import Rejected, bad_request
 from clawproxy.policy.validation import (
+    check_fields,
     check_header_names,
     check_host,
     check_method,
@@ -99,6 +100,7 @@ class GatewayRequest(server.Request):
             # a disagreeing pair itself): one Host.
             hosts = hosts[:1]
         check_host(hosts, b"HTTP/2")
+        check_fields(self.channel.path, headers.getAllRawHeaders())
         if not site.underscores_in_headers:
             check_header_names((n for n, _ in headers.getAllRawHeaders()), False)
         for check in site.early_checks:
@@ -142,6 +144,10 @@ class GatewayRequest(server.Request):
         self.content.write(data)
 
 
+#: The largest chunk size accepted (nginx's: a signed 64-bit size).
+MAX_CHUNK_SIZE = 2**63 - 1
+
+
 class GatewayChannel(compat.HTTPChannel):
     """
     An HTTP/1.1 channel that checks each request head before any body is
@@ -152,11 +158,18 @@ class GatewayChannel(compat.HTTPChannel):
       - a head not complete C{head_timeout} after its first byte → 408 (the
         idle timeout alone resets on every byte, so a trickle never ends);
       - obs-fold lines, a missing/duplicate/malformed C{Host}, foreign
-        absolute-form targets, header names with C{_} → 400;
-        C{Transfer-Encoding} other than chunked → 501;
+        absolute-form targets, header names with C{_}, a target with bytes
+        outside C{0x21-0x7e}, a header value with control characters, a
+        malformed method → 400; C{Transfer-Encoding} other than chunked →
+        501; an C{Expect} other than C{100-continue} → 417;
       - a declared body over C{max_body_size} → 413, and the site's
         C{early_checks} (e.g. an invalid API key → 401);
+      - a chunk size over 63 bits → 400, a chunk that would take the body
+        over C{max_body_size} → 413, both at the chunk-size line;
       - a body arriving slower than C{min_body_rate} → 408.
+
+    While the transport's write buffer is full (a client pipelining
+    requests without reading the answers), the connection is not read.
     """
 
     _awaiting_head = True
@@ -213,6 +226,7 @@ class GatewayChannel(compat.HTTPChannel):
         version = self.request_version
         check_method(method)
         host = check_host(headers.getRawHeaders(b"host"), version)
+        check_fields(self.request_target, headers.getAllRawHeaders())
         path = self.request_target = check_target(self.request_target, method, host)
         te = headers.getRawHeaders(b"transfer-encoding")
         if te and version == b"HTTP/1.0":
@@ -232,6 +246,38 @@ class GatewayChannel(compat.HTTPChannel):
             return
         self._body_received += len(data)
         super().rawDataReceived(data)
+        due = self.chunk_remaining
+        if due is not None and not self._refused:
+            self._check_chunk_size(due)
+
+    def _check_chunk_size(self, due: int) -> None:
+        """
+        Refuse a chunked body at its chunk-size line, not when its data fails
+        to come: a size past what nginx takes (over 63 bits) → 400, a chunk
+        that would take the body over C{max_body_size} → 413.
+        """
+        if due > MAX_CHUNK_SIZE:
+            self.refuse(bad_request("chunk size out of range", "malformed_request"))
+            return
+        req = self.requests[-1] if self.requests else None
+        received = getattr(req, "_received", 0)
+        if received + due > self.site.max_body_size:
+            self.refuse(Rejected(413, "request body exceeds max_body_size",
+                                 "invalid_request_error", "request_too_large"))
+
+    def pauseProducing(self) -> None:
+        """
+        The transport's write buffer is full: stop reading the connection
+        until it drains, also while a request is being handled.
+
+        Twisted pauses reading here only between requests; pipelined
+        requests answered at once then kept being read, and their answers
+        piled up in the write buffer without bound. Twisted resumes reading
+        in C{resumeProducing} (between requests) or in C{requestDone} (once
+        the transport is no longer full).
+        """
+        super().pauseProducing()
+        self.network_producer.pauseProducing()
 
     def allContentReceived(self) -> None:
         self._cancel_body_timer()

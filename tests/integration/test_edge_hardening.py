@@ -1,0 +1,206 @@
+"""
+HTTP/1.1 edge hardening, round two (issue 7): a client that pipelines
+without reading, and one client address filling the connection cap.
+
+The pipelining test runs the gateway as a real C{twistd clawproxy}
+subprocess, so its RSS (read from C{/proc/PID/status}) is the gateway's
+alone; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+from zope.interface import implementer
+
+from tests.integration.edge import Recorder
+from tests.integration.helpers import (
+    Harness,
+    bounded,
+    tick,
+    wait_for,
+)
+from tests.integration.test_process import TWISTD, listening
+
+#: How long the pipelining client writes without reading, in seconds.
+PIPELINE_SECONDS = 4.0
+#: The RSS growth the gateway may show meanwhile (issue 7).
+RSS_BOUND = 50 * 1024 * 1024
+
+_ID = re.compile(rb"\r\nX-Request-Id: p(\d+)\r\n", re.IGNORECASE)
+
+
+def rss_of(pid: int) -> int:
+    """Resident set size of process C{pid}, in bytes (from C{/proc})."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def cpu_of(pid: int) -> float:
+    """CPU seconds (user + system) process C{pid} has used (from C{/proc})."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@implementer(IPushProducer)
+class Pipeliner(Protocol):
+    """
+    Writes pipelined C{GET /health} requests, each with its own
+    C{X-Request-ID} (C{p0}, C{p1}, ...), as fast as its socket takes them,
+    and reads nothing until told to.
+    """
+
+    BATCH = 200
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.paused = False
+        self.writing = True
+        self.data = bytearray()
+        self.lost: Failure | None = None
+
+    def connectionMade(self) -> None:
+        self.transport.pauseProducing()  # stop reading: never take an answer
+        self.transport.registerProducer(self, True)
+        self._write()
+
+    def _write(self) -> None:
+        while self.writing and not self.paused and self.lost is None:
+            batch = b"".join(
+                b"GET /health HTTP/1.1\r\nHost: gw\r\nX-Request-ID: p%d\r\n\r\n" % n
+                for n in range(self.sent, self.sent + self.BATCH))
+            self.sent += self.BATCH
+            self.transport.write(batch)
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        reactor.callLater(0, self._write)
+
+    def stopProducing(self) -> None:
+        self.writing = False
+
+    def read(self) -> None:
+        """Stop writing and start reading the answers."""
+        self.writing = False
+        self.transport.unregisterProducer()
+        self.transport.resumeProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self.lost = reason
+
+
+GATEWAY = """\
+server:
+  listen: ["tcp:0:interface=127.0.0.1"]
+admin:
+  listen: "tcp:0:interface=127.0.0.1"
+pools:
+  p:
+    instances:
+      - {{id: b-1, url: "{backend}"}}
+    health_check: {{enabled: false}}
+routes:
+  - path: /v1/*
+    pool: p
+logging:
+  output: access.log
+"""
+
+
+def answered(h: Harness) -> int:
+    """Lines in the subprocess gateway's access log so far (one per answered request)."""
+    try:
+        with open(h.path("access.log"), "rb") as f:
+            return f.read().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+class PipeliningTests(TestCase):
+    timeout = 60
+
+    async def test_pipelining_without_reading_is_bounded(self) -> None:
+        """
+        A client that writes pipelined C{GET /health} requests for a few
+        seconds and reads nothing: the gateway stops reading the connection
+        once its answers back up, so its RSS grows by less than 50 MB (and
+        it answers only about as many requests as the socket buffers hold);
+        when the client then reads, it gets a 200 for every request the
+        gateway took, in order.
+        """
+        h = Harness(self)
+        backend = h.serve(Recorder(), "recorder")
+        with open(h.path("gateway.yaml"), "w") as f:
+            f.write(GATEWAY.format(backend=backend.url))
+        proc = h.spawn(*TWISTD, "-n", "--pidfile=", "clawproxy", "-c", "gateway.yaml")
+        port = await listening(proc, "clawproxy data plane")
+        pid = proc.pid
+        assert pid is not None
+        # Warm up (first request's imports and allocations), then the baseline.
+        warm = await h.exchange(port, b"GET /health HTTP/1.1\r\nHost: gw\r\n\r\n")
+        self.assertEqual(warm.status, 200)
+        await tick(0.2)
+        rss_before = rss_of(pid)
+        cpu_before = cpu_of(pid)
+
+        client = Pipeliner()
+        await bounded(connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client))
+        self.addCleanup(lambda: client.transport.abortConnection())
+        peak = rss_before
+        started = reactor.seconds()
+        half = None
+        while reactor.seconds() - started < PIPELINE_SECONDS:
+            await tick(0.1)
+            peak = max(peak, rss_of(pid))
+            if half is None and reactor.seconds() - started >= PIPELINE_SECONDS / 2:
+                half = (answered(h), cpu_of(pid))
+        assert half is not None
+        late_answers = answered(h) - half[0]
+        late_cpu = cpu_of(pid) - half[1]
+        cpu = cpu_of(pid) - cpu_before
+        growth = peak - rss_before
+        sent = client.sent
+        print(f"\npipelining: {sent} requests written in {PIPELINE_SECONDS}s without reading;"
+              f" gateway answered {answered(h) - 1}, {late_answers} of them in the last"
+              f" {PIPELINE_SECONDS / 2}s; RSS {rss_before / 2**20:.1f} ->"
+              f" {peak / 2**20:.1f} MB (+{growth / 2**20:.1f} MB); CPU {cpu:.2f}s"
+              f" ({late_cpu:.2f}s in the last {PIPELINE_SECONDS / 2}s)")
+        self.assertIsNone(client.lost)
+        self.assertLess(growth, RSS_BOUND)
+        # The gateway has stopped: it takes no more requests and is idle.
+        self.assertLess(late_answers, 2000)
+        self.assertLess(late_cpu, 0.2 * PIPELINE_SECONDS / 2)
+
+        # Now read: every answer the gateway wrote arrives, in order, all 200.
+        client.read()
+
+        last = b"p%d" % (sent - 1)
+
+        def all_in() -> bool:
+            tail = bytes(client.data[-4096:])
+            return last in tail.lower() and tail.endswith(b"}")
+
+        await wait_for(all_in, f"{sent} answers", timeout=30, step=0.1)
+        await tick(0.2)
+        got = [int(m) for m in _ID.findall(bytes(client.data))]
+        self.assertEqual(got, list(range(sent)))
+        statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", bytes(client.data))
+        self.assertEqual(set(statuses), {b"200"})
+        self.assertEqual(len(statuses), sent)
