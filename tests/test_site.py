@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from typing import Any
 
@@ -13,7 +14,15 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from clawproxy.web.site import GatewayRequest, GatewaySite, _Discarding
+from clawproxy.web.site import (
+    FD_RESERVE,
+    GatewayRequest,
+    GatewaySite,
+    _Discarding,
+    default_max_connections,
+    fd_limit,
+    per_address_cap,
+)
 
 
 class Recorder(Resource):
@@ -48,9 +57,10 @@ class Holding(Resource):
 class Connection:
     """One client connection to a L{GatewaySite}, over a L{StringTransport}."""
 
-    def __init__(self, site: GatewaySite) -> None:
-        self.transport = StringTransport()
-        self.protocol = site.buildProtocol(IPv4Address("TCP", "10.0.0.7", 50000))
+    def __init__(self, site: GatewaySite, host: str = "10.0.0.7") -> None:
+        peer = IPv4Address("TCP", host, 50000)
+        self.transport = StringTransport(peerAddress=peer)
+        self.protocol = site.buildProtocol(peer)
         self.protocol.makeConnection(self.transport)
 
     def send(self, data: bytes) -> None:
@@ -299,3 +309,71 @@ class BackpressureTests(SynchronousTestCase):
         self.assertEqual(self.conn.transport.producerState, "paused")
         channel.resumeProducing()
         self.assertEqual(self.conn.transport.producerState, "producing")
+
+
+class ConnectionCapTests(SynchronousTestCase):
+    """The global and per-address connection caps of a L{GatewaySite}."""
+
+    def site(self, **kw: Any) -> GatewaySite:
+        return GatewaySite(Recorder(), max_body_size=100, max_header_size=1024, timeout=60,
+                           reactor=MemoryReactorClock(), **kw)
+
+    def connect(self, site: GatewaySite, host: str) -> Connection:
+        conn = Connection(site, host)
+        self.addCleanup(lambda: conn.transport.disconnected or conn.close())
+        return conn
+
+    def assertRefused(self, conn: Connection, message: str) -> None:
+        status, headers, body = conn.response()
+        self.assertEqual(status, 503)
+        self.assertEqual(headers[b"retry-after"], b"1")
+        self.assertEqual(json.loads(body)["error"],
+                         {"message": message, "type": "server_error",
+                          "code": "too_many_connections"})
+        self.assertTrue(conn.transport.disconnecting)
+
+    def test_default_from_fd_limit(self) -> None:
+        """Unset, C{max_connections} is half the open-file limit less L{FD_RESERVE}."""
+        site = self.site()
+        self.assertEqual(site.max_connections, (fd_limit() - FD_RESERVE) // 2)
+        self.assertEqual(default_max_connections(20000), 9968)
+        self.assertEqual(default_max_connections(1024), 480)
+        self.assertEqual(default_max_connections(10), 1)
+
+    def test_per_address_cap(self) -> None:
+        """Three quarters of the global cap; all of it under 4."""
+        self.assertEqual([per_address_cap(n) for n in (1, 2, 3, 4, 8, 9968)],
+                         [1, 2, 3, 3, 6, 7476])
+
+    def test_one_address_does_not_lock_out_another(self) -> None:
+        """
+        With C{max_connections: 8}, one address gets 6 connections and a 503
+        for the 7th; another address is still served, until the global cap.
+        """
+        site = self.site(max_connections=8)
+        hog = [self.connect(site, "10.0.0.1") for _ in range(7)]
+        for conn in hog[:6]:
+            self.assertEqual(conn.transport.value(), b"")
+        self.assertRefused(hog[6], "too many open connections from this address")
+        self.assertEqual(site.per_address, {"10.0.0.1": 6})
+        other = [self.connect(site, "10.0.0.2") for _ in range(3)]
+        other[0].send(b"GET /v1/x HTTP/1.1\r\nHost: gw\r\n\r\n")
+        self.assertEqual(other[0].response()[0], 200)
+        self.assertEqual(other[1].transport.value(), b"")
+        self.assertRefused(other[2], "too many open connections")
+        # A closed connection frees its address's share.
+        hog[0].close()
+        self.assertEqual(site.per_address, {"10.0.0.1": 5, "10.0.0.2": 2})
+        self.assertEqual(self.connect(site, "10.0.0.1").transport.value(), b"")
+        for conn in hog[1:6] + other[:2]:
+            conn.close()
+        self.assertEqual(site.per_address, {"10.0.0.1": 1})
+
+    def test_trusted_proxy_exempt(self) -> None:
+        """An address in C{trusted_proxies} may use the whole global cap."""
+        site = self.site(max_connections=4,
+                         trusted_proxies=[ipaddress.ip_network("10.1.0.0/16")])
+        conns = [self.connect(site, "10.1.2.3") for _ in range(5)]
+        for conn in conns[:4]:
+            self.assertEqual(conn.transport.value(), b"")
+        self.assertRefused(conns[4], "too many open connections")

@@ -5,7 +5,9 @@ gateway's limits before any resource runs.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import ipaddress
+import resource
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet.protocol import Protocol
@@ -372,12 +374,25 @@ class _CountedProtocol(compat.GenericHTTPChannelProtocol):
             site.reactor, site.max_concurrent_streams, site.max_stream_resets
         )
 
+    #: The client's address, as counted in the site's C{per_address}.
+    client_host: str | None = None
+
     def makeConnection(self, transport: Any) -> None:
-        self.site.open_connections += 1
+        site = self.site
+        site.open_connections += 1
+        host = self.client_host = getattr(transport.getPeer(), "host", None)
+        site.per_address[host] = site.per_address.get(host, 0) + 1
         super().makeConnection(transport)
 
     def connectionLost(self, reason: Any) -> None:
-        self.site.open_connections -= 1
+        site = self.site
+        site.open_connections -= 1
+        host = self.client_host
+        left = site.per_address.get(host, 1) - 1
+        if left > 0:
+            site.per_address[host] = left
+        else:
+            site.per_address.pop(host, None)
         super().connectionLost(reason)
 
 
@@ -395,19 +410,59 @@ def raw_error_response(rej: Rejected, request_id: str | None = None) -> bytes:
 
 
 class _RefuseConnection(Protocol):
-    """Answer 503 to a connection over C{max_connections} and close it."""
+    """Answer 503 to a connection over a connection cap and close it."""
+
+    def __init__(self, message: str = "too many open connections") -> None:
+        self.message = message
 
     def connectionMade(self) -> None:
-        rej = Rejected(503, "too many open connections", "server_error", "too_many_connections",
+        rej = Rejected(503, self.message, "server_error", "too_many_connections",
                        (("Retry-After", "1"),))
         self.transport.write(raw_error_response(rej))
         self.transport.loseConnection()
+
+
+#: File descriptors the default C{max_connections} leaves for everything but
+#: client and upstream connections: listeners, log files, admin connections,
+#: Redis, health probes, DNS.
+FD_RESERVE = 64
+
+
+def fd_limit() -> int:
+    """The process's soft limit on open files (C{RLIMIT_NOFILE})."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft != resource.RLIM_INFINITY else 2**20
+
+
+def default_max_connections(limit: int) -> int:
+    """
+    C{server.max_connections} when not set: C{(limit - FD_RESERVE) // 2} for
+    an open-file limit C{limit}, so that each client connection can have an
+    upstream connection of its own and L{FD_RESERVE} descriptors stay free.
+    Over it a connection is accepted, answered 503 and closed at once, so the
+    process never runs out of descriptors (C{EMFILE} on accept).
+    """
+    return max(1, (limit - FD_RESERVE) // 2)
+
+
+def per_address_cap(max_connections: int) -> int:
+    """
+    Open connections one client address may hold: three quarters of
+    C{max_connections} (all of it for a cap under 4), so one address filling
+    its share leaves the last quarter to everyone else.
+    """
+    return max_connections - max_connections // 4
 
 
 class GatewaySite(server.Site):
     """
     The data-plane Site: our request and channel types, the limits they
     read, and no access log of Twisted's (the gateway writes its own).
+
+    Connections over C{max_connections} (by default
+    L{default_max_connections} of the open-file limit), or over
+    L{per_address_cap} from one client address (other than a trusted
+    proxy), are answered 503 and closed.
     """
 
     requestFactory = GatewayRequest
@@ -424,7 +479,7 @@ class GatewaySite(server.Site):
                  timeout: float, head_timeout: float = 10.0, reactor: Any = None,
                  max_connections: int | None = None, underscores_in_headers: bool = False,
                  min_body_rate: int = 1024, max_concurrent_streams: int = 100,
-                 max_stream_resets: int = 200) -> None:
+                 max_stream_resets: int = 200, trusted_proxies: Sequence[Any] = ()) -> None:
         # The gateway reads JSON bodies itself and never looks at request.args:
         # Twisted's form parsing of POST bodies (an email-package Content-Type
         # parse on every POST, multipart decoding into memory) is only cost.
@@ -433,7 +488,12 @@ class GatewaySite(server.Site):
         self.max_body_size = max_body_size
         self.max_header_size = max_header_size
         self.head_timeout = head_timeout
+        if max_connections is None:
+            max_connections = default_max_connections(fd_limit())
         self.max_connections = max_connections
+        self.max_per_address = per_address_cap(max_connections)
+        #: Networks exempt from the per-address cap (a load balancer in front).
+        self.trusted_proxies = tuple(trusted_proxies)
         self.underscores_in_headers = underscores_in_headers
         self.min_body_rate = min_body_rate
         self.max_concurrent_streams = max_concurrent_streams
@@ -445,11 +505,26 @@ class GatewaySite(server.Site):
         #: returns the request id used in the answer.
         self.on_refused: Callable[[Any, bytes, bytes, Rejected], str] | None = None
         self.open_connections = 0
+        #: Open connections per client address (C{None} for addresses without a host).
+        self.per_address: dict[str | None, int] = {}
 
     def buildProtocol(self, addr: Any) -> Any:
-        if self.max_connections is not None and self.open_connections >= self.max_connections:
+        if self.open_connections >= self.max_connections:
             return _RefuseConnection()
+        host = getattr(addr, "host", None)
+        if self.per_address.get(host, 0) >= self.max_per_address and not self._trusted(host):
+            return _RefuseConnection("too many open connections from this address")
         return super().buildProtocol(addr)
+
+    def _trusted(self, host: str | None) -> bool:
+        """Whether C{host} is in C{trusted_proxies} (read only at the per-address cap)."""
+        if host is None or not self.trusted_proxies:
+            return False
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(ip in net for net in self.trusted_proxies)
 
     def refused(self, channel: Any, method: bytes, path: bytes, rej: Rejected) -> str:
         if self.on_refused is None:

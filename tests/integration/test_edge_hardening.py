@@ -23,7 +23,11 @@ from zope.interface import implementer
 from tests.integration.edge import Recorder
 from tests.integration.helpers import (
     Harness,
+    RawClient,
     bounded,
+    error_of,
+    parse_response,
+    response_complete,
     tick,
     wait_for,
 )
@@ -204,3 +208,80 @@ class PipeliningTests(TestCase):
         statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", bytes(client.data))
         self.assertEqual(set(statuses), {b"200"})
         self.assertEqual(len(statuses), sent)
+
+
+#: twistd with a soft open-file limit of 200 and a hard one of 300.
+TWISTD_300_FDS = ("-c", "import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (200, 300));"
+                  " from twisted.scripts.twistd import run; run()")
+HEALTH = b"GET /health HTTP/1.1\r\nHost: gw\r\n\r\n"
+
+
+async def connect_from(port: int, source: str) -> RawClient:
+    """A L{RawClient} connected to C{port} from the loopback address C{source}."""
+    proto = RawClient()
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5,
+                                  bindAddress=(source, 0))
+    await bounded(connectProtocol(endpoint, proto))
+    return proto
+
+
+class FdLimitTests(TestCase):
+    timeout = 60
+
+    async def test_connection_caps_keep_fds_and_other_addresses(self) -> None:
+        """
+        A gateway started with a soft open-file limit of 200 and a hard one of
+        300 raises the soft one to 300 and, with no C{max_connections} set,
+        caps client connections at (300 - 64) / 2 = 118, 118 - 118 // 4 = 89
+        of them per address. One address holding 89 connections gets the
+        503 C{too_many_connections} JSON for its 90th while another address
+        is still served; once the global cap is full a third address gets the
+        503 too; no accept ever fails for lack of descriptors (no C{EMFILE}).
+        """
+        h = Harness(self)
+        backend = h.serve(Recorder(), "recorder")
+        with open(h.path("gateway.yaml"), "w") as f:
+            f.write(GATEWAY.format(backend=backend.url))
+        proc = h.spawn(*TWISTD_300_FDS, "-n", "--pidfile=", "clawproxy", "-c", "gateway.yaml")
+        port = await listening(proc, "clawproxy data plane")
+        self.assertIn("open-file limit raised from 200 to 300", proc.output)
+        clients: list[RawClient] = []
+
+        def close_all() -> None:
+            for c in clients:
+                c.transport.abortConnection()
+
+        self.addCleanup(close_all)
+
+        async def served(source: str) -> RawClient:
+            proto = await connect_from(port, source)
+            clients.append(proto)
+            proto.transport.write(HEALTH)
+            raw = await proto.when(response_complete)
+            self.assertEqual(parse_response(raw).status, 200, raw[:300])
+            return proto
+
+        async def refused(source: str, message: str) -> None:
+            proto = await connect_from(port, source)
+            raw = await bounded(proto.closed)
+            response = parse_response(raw)
+            self.assertEqual(response.status, 503)
+            self.assertEqual(response.header(b"retry-after"), b"1")
+            self.assertEqual(error_of(response.body),
+                             {"message": message, "type": "server_error",
+                              "code": "too_many_connections"})
+
+        for _ in range(89):
+            await served("127.0.0.1")
+        await refused("127.0.0.1", "too many open connections from this address")
+        # Another address is served, up to the global cap.
+        for _ in range(118 - 89):
+            await served("127.0.0.2")
+        await refused("127.0.0.3", "too many open connections")
+        await refused("127.0.0.2", "too many open connections")
+        # A freed connection is available again.
+        clients.pop().transport.loseConnection()
+        await tick(0.2)
+        await served("127.0.0.3")
+        self.assertNotIn("EMFILE", proc.output)
+        self.assertNotIn("Too many open files", proc.output)
