@@ -72,7 +72,11 @@ class HTTPChannel(http.HTTPChannel):
       - calls C{_respondToBadRequestAndDisconnect()} whenever its parser
         refuses a request (malformed request line, header or framing);
       - keeps the transport's push producer in C{_networkProducer}
-        (used by L{GenericHTTPChannelProtocol}'s switch to HTTP/2).
+        (used by L{GenericHTTPChannelProtocol}'s switch to HTTP/2);
+      - decodes a chunked request body with the C{_transferDecoder} it
+        keeps, whose C{state} is C{"BODY"} while a chunk's data is read and
+        whose C{length} then counts the chunk's bytes still due (set from
+        the chunk-size line as soon as that line is in).
     """
 
     #: Truthy while the next line read is a request line.
@@ -81,6 +85,8 @@ class HTTPChannel(http.HTTPChannel):
     head_size = property(attrgetter("_receivedHeaderSize"))
     #: The current request line's version (e.g. C{b"HTTP/1.1"}).
     request_version = property(attrgetter("_version"))
+    #: The transport as a push producer (pausing it stops reading the connection).
+    network_producer = property(attrgetter("_networkProducer"))
 
     @property
     def request_method(self) -> bytes | None:
@@ -95,6 +101,14 @@ class HTTPChannel(http.HTTPChannel):
     @request_target.setter
     def request_target(self, value: bytes) -> None:
         self._path = value
+
+    @property
+    def chunk_remaining(self) -> int | None:
+        """Bytes still due of the chunk being read of a chunked body, or None."""
+        decoder = self._transferDecoder
+        if decoder is None or getattr(decoder, "state", None) != "BODY":
+            return None
+        return decoder.length
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         self.parser_refused()

@@ -104,6 +104,7 @@ class Gateway(MultiService):
             min_body_rate=config.server.min_body_rate,
             max_concurrent_streams=config.server.max_concurrent_streams,
             max_stream_resets=config.server.max_stream_resets,
+            trusted_proxies=config.server.trusted_proxies,
         )
         self.site.on_refused = self.refused
         self.metrics.watch_connections(lambda: self.site.open_connections,

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import gc
+import resource
 from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.logger import (
     FilteringLogObserver,
+    Logger,
     LogLevel,
     LogLevelFilterPredicate,
     LogPublisher,
@@ -39,6 +41,7 @@ def makeService(options: Options) -> Any:
     from clawproxy.service import build_service
 
     config = options["loaded"]
+    raise_fd_limit()  # before the site derives its default max_connections from it
     gateway = build_service(config, reactor)
     _install_sighup(reactor, gateway)
     tune_gc()
@@ -96,6 +99,44 @@ class LogLevelFilter(Service):
             self._publisher.removeObserver(original)
             self._publisher.addObserver(wrapper)
             self._wrapped.append((original, wrapper))
+
+
+log = Logger()
+
+
+def raise_fd_limit(rlimit: Any = resource) -> int:
+    """
+    Raise the process's soft limit on open files (C{RLIMIT_NOFILE}) to its
+    hard limit, as nginx's C{worker_rlimit_nofile} or a systemd unit's
+    C{LimitNOFILE} would: the soft default (often 1024) is far below what a
+    gateway holding thousands of idle connections needs. An unlimited hard
+    limit is read as C{/proc/sys/fs/nr_open} (or 2**20). Failing to raise it
+    is logged and left at that.
+
+    @param rlimit: the C{resource} module (tests pass a fake).
+    @return: the soft limit now in force.
+    """
+    soft, hard = rlimit.getrlimit(rlimit.RLIMIT_NOFILE)
+    target = hard if hard != rlimit.RLIM_INFINITY else _nr_open()
+    if soft != rlimit.RLIM_INFINITY and soft >= target:
+        return soft
+    try:
+        rlimit.setrlimit(rlimit.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as e:
+        log.warn("could not raise the open-file limit from {soft} to {target}: {error}",
+                 soft=soft, target=target, error=e)
+        return soft
+    log.info("open-file limit raised from {soft} to {target}", soft=soft, target=target)
+    return target
+
+
+def _nr_open() -> int:
+    """The kernel's ceiling on a process's open files (Linux), or 2**20."""
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 2**20
 
 
 #: Full collections after this many second-generation ones (CPython's default is 10).

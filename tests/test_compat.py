@@ -147,6 +147,27 @@ class HTTPChannelTests(SynchronousTestCase):
         channel.dataReceived(b"GET /a/../canonical HTTP/1.1\r\nHost: gw\r\n\r\n")
         self.assertEqual(held.requests[0].uri, b"/canonical")
 
+    def test_network_producer(self) -> None:
+        """C{_networkProducer}: the transport, registered as its streaming producer."""
+        channel, transport = self.channel()
+        self.assertIs(channel.network_producer, transport)
+        self.assertIs(transport.producer, channel)
+        self.assertTrue(transport.streaming)
+
+    def test_chunk_remaining(self) -> None:
+        """
+        C{_transferDecoder}: None outside a chunked body; while a chunk's data
+        is read, C{state == "BODY"} and C{length} is what the chunk-size line
+        declared, less what has arrived.
+        """
+        channel, _ = self.channel()
+        self.assertIsNone(channel.chunk_remaining)
+        channel.dataReceived(b"POST /x HTTP/1.1\r\nHost: gw\r\n"
+                             b"Transfer-Encoding: chunked\r\n\r\n")
+        self.assertIsNone(channel.chunk_remaining)
+        channel.dataReceived(b"ffffffffffffffff1\r\nab")
+        self.assertEqual(channel.chunk_remaining, 0xFFFFFFFFFFFFFFFF1 - 2)
+
     def test_parser_refusal_hook(self) -> None:
         """C{_respondToBadRequestAndDisconnect} is called for a refused request; default is 400."""
         channel, transport = self.channel()

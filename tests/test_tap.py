@@ -200,3 +200,52 @@ class BuildServiceTests(SynchronousTestCase):
         errors = self.successResultOf(self.gateway.reload())
         self.assertTrue(any(e.startswith("pools.main.instances[0].weight:") for e in errors))
         self.assertIs(self.gateway.registry, registry)
+
+
+class FakeRlimit:
+    """The part of the C{resource} module L{tap.raise_fd_limit} uses."""
+
+    RLIMIT_NOFILE = 7
+    RLIM_INFINITY = -1
+
+    def __init__(self, soft: int, hard: int, refuse: bool = False) -> None:
+        self.limits = (soft, hard)
+        self.refuse = refuse
+
+    def getrlimit(self, which: int) -> tuple[int, int]:
+        assert which == self.RLIMIT_NOFILE
+        return self.limits
+
+    def setrlimit(self, which: int, limits: tuple[int, int]) -> None:
+        assert which == self.RLIMIT_NOFILE
+        if self.refuse:
+            raise ValueError("not allowed")
+        self.limits = limits
+
+
+class FdLimitTests(SynchronousTestCase):
+    """L{tap.raise_fd_limit}: the soft open-file limit goes up to the hard one."""
+
+    def test_raised_to_hard(self) -> None:
+        """A soft limit under the hard one is raised to it."""
+        fake = FakeRlimit(1024, 20000)
+        self.assertEqual(tap.raise_fd_limit(fake), 20000)
+        self.assertEqual(fake.limits, (20000, 20000))
+
+    def test_already_at_hard(self) -> None:
+        """A soft limit at the hard one is left alone."""
+        fake = FakeRlimit(20000, 20000, refuse=True)
+        self.assertEqual(tap.raise_fd_limit(fake), 20000)
+
+    def test_unlimited_hard(self) -> None:
+        """An unlimited hard limit: the soft one goes to the kernel's ceiling."""
+        fake = FakeRlimit(1024, FakeRlimit.RLIM_INFINITY)
+        raised = tap.raise_fd_limit(fake)
+        self.assertGreater(raised, 1024)
+        self.assertEqual(fake.limits, (raised, FakeRlimit.RLIM_INFINITY))
+
+    def test_refused(self) -> None:
+        """When the system refuses, the old soft limit stays in force (and is returned)."""
+        fake = FakeRlimit(1024, 4096, refuse=True)
+        self.assertEqual(tap.raise_fd_limit(fake), 1024)
+        self.assertEqual(fake.limits, (1024, 4096))

@@ -104,7 +104,12 @@ class ServerConfig:
     trusted_proxies: tuple[IPNetwork, ...] = f.setting(
         f.list_of(f.network), (), "Addresses whose ``X-Forwarded-For`` is believed.")
     max_connections: int | None = f.setting(
-        f.integer(low=1), None, "Open client connections beyond which new ones get 503.")
+        f.integer(low=1), None, "Open client connections beyond which new ones get 503."
+        " By default ``(open-file limit - 64) / 2``: the process raises its soft open-file"
+        " limit to the hard one at start, and half of what is left after 64 descriptors"
+        " (listeners, logs, admin, Redis, probes) goes to client connections, half to"
+        " upstream ones. One client address may hold three quarters of it (503 beyond),"
+        " except addresses in ``trusted_proxies``.", shown="by the open-file limit")
     underscores_in_headers: bool = f.setting(
         f.boolean, False, "Accept header names containing ``_`` (refused by default).")
     min_body_rate: int = f.setting(

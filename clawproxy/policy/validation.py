@@ -111,8 +111,56 @@ def check_transfer_encoding(values: list[bytes] | None) -> None:
 REFUSED_METHODS = frozenset((b"TRACE", b"CONNECT"))
 
 
+#: The longest method accepted (the longest registered one, C{UPDATEREDIRECTREF},
+#: has 17 characters).
+MAX_METHOD_LENGTH = 32
+
+#: What nginx accepts in a method: upper-case letters, C{_} and C{-}.
+_METHOD = re.compile(rb"[A-Z_-]+")
+
+
 def check_method(method: bytes) -> None:
-    """Refuse TRACE and CONNECT (405), as nginx does for TRACE."""
-    if method.upper() in REFUSED_METHODS:
+    """
+    Refuse TRACE and CONNECT (405), as nginx does for TRACE; refuse (400) a
+    method longer than L{MAX_METHOD_LENGTH} or with characters other than
+    C{A-Z}, C{_} and C{-} (nginx refuses C{get}, C{Get} and C{FOO1} with 400
+    too). A well-formed method no route knows (C{FOO}) is left to routing,
+    as nginx relays it.
+    """
+    if len(method) > MAX_METHOD_LENGTH or _METHOD.fullmatch(method) is None:
+        raise bad_request("malformed request method", "invalid_method")
+    if method in REFUSED_METHODS:
         raise Rejected(405, f"{method.decode('latin-1')} is not allowed",
                        "invalid_request_error", "method_not_allowed")
+
+
+#: A byte a request target may not carry: anything outside visible ASCII
+#: (RFC 9112 3.2: no controls, spaces, DEL or bytes over 0x7e).
+_BAD_TARGET_BYTE = re.compile(rb"[^\x21-\x7e]")
+#: A control character other than HTAB (RFC 9110 5.5: not in a field value).
+#: Bytes over 0x7f (obs-text) stay allowed.
+_BAD_VALUE_BYTE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def check_fields(target: bytes, headers: Iterable[tuple[bytes, Iterable[bytes]]]) -> None:
+    """
+    Refuse (400) a request target with bytes outside C{0x21-0x7e}, and a
+    header value with a control character other than HTAB: the upstream
+    client refuses the first (a 500 once routed) and a backend may choke
+    on the second. Refuse (417) an C{Expect} other than C{100-continue},
+    the only expectation the gateway understands.
+
+    @param headers: C{(name, values)} pairs, as C{Headers.getAllRawHeaders()}
+        gives them.
+    """
+    if _BAD_TARGET_BYTE.search(target) is not None:
+        raise bad_request("request target has bytes outside visible ASCII", "invalid_target")
+    for name, values in headers:
+        for value in values:
+            if _BAD_VALUE_BYTE.search(value) is not None:
+                raise bad_request("control character in a header value", "invalid_header")
+        if name.lower() == b"expect":
+            for value in values:
+                if value.strip().lower() != b"100-continue":
+                    raise Rejected(417, "only 'Expect: 100-continue' is understood",
+                                   "invalid_request_error", "expectation_failed")

@@ -5,7 +5,9 @@ gateway's limits before any resource runs.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import ipaddress
+import resource
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet.protocol import Protocol
@@ -14,6 +16,7 @@ from twisted.web import http, server
 from clawproxy import compat
 from clawproxy.errors import Rejected, bad_request
 from clawproxy.policy.validation import (
+    check_fields,
     check_header_names,
     check_host,
     check_method,
@@ -99,6 +102,7 @@ class GatewayRequest(server.Request):
             # a disagreeing pair itself): one Host.
             hosts = hosts[:1]
         check_host(hosts, b"HTTP/2")
+        check_fields(self.channel.path, headers.getAllRawHeaders())
         if not site.underscores_in_headers:
             check_header_names((n for n, _ in headers.getAllRawHeaders()), False)
         for check in site.early_checks:
@@ -142,6 +146,10 @@ class GatewayRequest(server.Request):
         self.content.write(data)
 
 
+#: The largest chunk size accepted (nginx's: a signed 64-bit size).
+MAX_CHUNK_SIZE = 2**63 - 1
+
+
 class GatewayChannel(compat.HTTPChannel):
     """
     An HTTP/1.1 channel that checks each request head before any body is
@@ -152,11 +160,18 @@ class GatewayChannel(compat.HTTPChannel):
       - a head not complete C{head_timeout} after its first byte → 408 (the
         idle timeout alone resets on every byte, so a trickle never ends);
       - obs-fold lines, a missing/duplicate/malformed C{Host}, foreign
-        absolute-form targets, header names with C{_} → 400;
-        C{Transfer-Encoding} other than chunked → 501;
+        absolute-form targets, header names with C{_}, a target with bytes
+        outside C{0x21-0x7e}, a header value with control characters, a
+        malformed method → 400; C{Transfer-Encoding} other than chunked →
+        501; an C{Expect} other than C{100-continue} → 417;
       - a declared body over C{max_body_size} → 413, and the site's
         C{early_checks} (e.g. an invalid API key → 401);
+      - a chunk size over 63 bits → 400, a chunk that would take the body
+        over C{max_body_size} → 413, both at the chunk-size line;
       - a body arriving slower than C{min_body_rate} → 408.
+
+    While the transport's write buffer is full (a client pipelining
+    requests without reading the answers), the connection is not read.
     """
 
     _awaiting_head = True
@@ -213,6 +228,7 @@ class GatewayChannel(compat.HTTPChannel):
         version = self.request_version
         check_method(method)
         host = check_host(headers.getRawHeaders(b"host"), version)
+        check_fields(self.request_target, headers.getAllRawHeaders())
         path = self.request_target = check_target(self.request_target, method, host)
         te = headers.getRawHeaders(b"transfer-encoding")
         if te and version == b"HTTP/1.0":
@@ -232,6 +248,38 @@ class GatewayChannel(compat.HTTPChannel):
             return
         self._body_received += len(data)
         super().rawDataReceived(data)
+        due = self.chunk_remaining
+        if due is not None and not self._refused:
+            self._check_chunk_size(due)
+
+    def _check_chunk_size(self, due: int) -> None:
+        """
+        Refuse a chunked body at its chunk-size line, not when its data fails
+        to come: a size past what nginx takes (over 63 bits) → 400, a chunk
+        that would take the body over C{max_body_size} → 413.
+        """
+        if due > MAX_CHUNK_SIZE:
+            self.refuse(bad_request("chunk size out of range", "malformed_request"))
+            return
+        req = self.requests[-1] if self.requests else None
+        received = getattr(req, "_received", 0)
+        if received + due > self.site.max_body_size:
+            self.refuse(Rejected(413, "request body exceeds max_body_size",
+                                 "invalid_request_error", "request_too_large"))
+
+    def pauseProducing(self) -> None:
+        """
+        The transport's write buffer is full: stop reading the connection
+        until it drains, also while a request is being handled.
+
+        Twisted pauses reading here only between requests; pipelined
+        requests answered at once then kept being read, and their answers
+        piled up in the write buffer without bound. Twisted resumes reading
+        in C{resumeProducing} (between requests) or in C{requestDone} (once
+        the transport is no longer full).
+        """
+        super().pauseProducing()
+        self.network_producer.pauseProducing()
 
     def allContentReceived(self) -> None:
         self._cancel_body_timer()
@@ -326,12 +374,25 @@ class _CountedProtocol(compat.GenericHTTPChannelProtocol):
             site.reactor, site.max_concurrent_streams, site.max_stream_resets
         )
 
+    #: The client's address, as counted in the site's C{per_address}.
+    client_host: str | None = None
+
     def makeConnection(self, transport: Any) -> None:
-        self.site.open_connections += 1
+        site = self.site
+        site.open_connections += 1
+        host = self.client_host = getattr(transport.getPeer(), "host", None)
+        site.per_address[host] = site.per_address.get(host, 0) + 1
         super().makeConnection(transport)
 
     def connectionLost(self, reason: Any) -> None:
-        self.site.open_connections -= 1
+        site = self.site
+        site.open_connections -= 1
+        host = self.client_host
+        left = site.per_address.get(host, 1) - 1
+        if left > 0:
+            site.per_address[host] = left
+        else:
+            site.per_address.pop(host, None)
         super().connectionLost(reason)
 
 
@@ -349,19 +410,59 @@ def raw_error_response(rej: Rejected, request_id: str | None = None) -> bytes:
 
 
 class _RefuseConnection(Protocol):
-    """Answer 503 to a connection over C{max_connections} and close it."""
+    """Answer 503 to a connection over a connection cap and close it."""
+
+    def __init__(self, message: str = "too many open connections") -> None:
+        self.message = message
 
     def connectionMade(self) -> None:
-        rej = Rejected(503, "too many open connections", "server_error", "too_many_connections",
+        rej = Rejected(503, self.message, "server_error", "too_many_connections",
                        (("Retry-After", "1"),))
         self.transport.write(raw_error_response(rej))
         self.transport.loseConnection()
+
+
+#: File descriptors the default C{max_connections} leaves for everything but
+#: client and upstream connections: listeners, log files, admin connections,
+#: Redis, health probes, DNS.
+FD_RESERVE = 64
+
+
+def fd_limit() -> int:
+    """The process's soft limit on open files (C{RLIMIT_NOFILE})."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft != resource.RLIM_INFINITY else 2**20
+
+
+def default_max_connections(limit: int) -> int:
+    """
+    C{server.max_connections} when not set: C{(limit - FD_RESERVE) // 2} for
+    an open-file limit C{limit}, so that each client connection can have an
+    upstream connection of its own and L{FD_RESERVE} descriptors stay free.
+    Over it a connection is accepted, answered 503 and closed at once, so the
+    process never runs out of descriptors (C{EMFILE} on accept).
+    """
+    return max(1, (limit - FD_RESERVE) // 2)
+
+
+def per_address_cap(max_connections: int) -> int:
+    """
+    Open connections one client address may hold: three quarters of
+    C{max_connections} (all of it for a cap under 4), so one address filling
+    its share leaves the last quarter to everyone else.
+    """
+    return max_connections - max_connections // 4
 
 
 class GatewaySite(server.Site):
     """
     The data-plane Site: our request and channel types, the limits they
     read, and no access log of Twisted's (the gateway writes its own).
+
+    Connections over C{max_connections} (by default
+    L{default_max_connections} of the open-file limit), or over
+    L{per_address_cap} from one client address (other than a trusted
+    proxy), are answered 503 and closed.
     """
 
     requestFactory = GatewayRequest
@@ -378,7 +479,7 @@ class GatewaySite(server.Site):
                  timeout: float, head_timeout: float = 10.0, reactor: Any = None,
                  max_connections: int | None = None, underscores_in_headers: bool = False,
                  min_body_rate: int = 1024, max_concurrent_streams: int = 100,
-                 max_stream_resets: int = 200) -> None:
+                 max_stream_resets: int = 200, trusted_proxies: Sequence[Any] = ()) -> None:
         # The gateway reads JSON bodies itself and never looks at request.args:
         # Twisted's form parsing of POST bodies (an email-package Content-Type
         # parse on every POST, multipart decoding into memory) is only cost.
@@ -387,7 +488,12 @@ class GatewaySite(server.Site):
         self.max_body_size = max_body_size
         self.max_header_size = max_header_size
         self.head_timeout = head_timeout
+        if max_connections is None:
+            max_connections = default_max_connections(fd_limit())
         self.max_connections = max_connections
+        self.max_per_address = per_address_cap(max_connections)
+        #: Networks exempt from the per-address cap (a load balancer in front).
+        self.trusted_proxies = tuple(trusted_proxies)
         self.underscores_in_headers = underscores_in_headers
         self.min_body_rate = min_body_rate
         self.max_concurrent_streams = max_concurrent_streams
@@ -399,11 +505,26 @@ class GatewaySite(server.Site):
         #: returns the request id used in the answer.
         self.on_refused: Callable[[Any, bytes, bytes, Rejected], str] | None = None
         self.open_connections = 0
+        #: Open connections per client address (C{None} for addresses without a host).
+        self.per_address: dict[str | None, int] = {}
 
     def buildProtocol(self, addr: Any) -> Any:
-        if self.max_connections is not None and self.open_connections >= self.max_connections:
+        if self.open_connections >= self.max_connections:
             return _RefuseConnection()
+        host = getattr(addr, "host", None)
+        if self.per_address.get(host, 0) >= self.max_per_address and not self._trusted(host):
+            return _RefuseConnection("too many open connections from this address")
         return super().buildProtocol(addr)
+
+    def _trusted(self, host: str | None) -> bool:
+        """Whether C{host} is in C{trusted_proxies} (read only at the per-address cap)."""
+        if host is None or not self.trusted_proxies:
+            return False
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(ip in net for net in self.trusted_proxies)
 
     def refused(self, channel: Any, method: bytes, path: bytes, rej: Rejected) -> str:
         if self.on_refused is None:
