@@ -25,6 +25,8 @@ from operator import attrgetter
 from typing import Any
 
 import h2.connection
+import h2.exceptions
+import h2.frame_buffer
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web._http2 import H2Connection as _TwistedH2Connection
@@ -195,6 +197,14 @@ def is_h2_stream(channel: Any) -> bool:
     return isinstance(channel, H2Stream)
 
 
+def h2_connection_of(stream: Any) -> Any:
+    """
+    The HTTP/2 connection an C{H2Stream} belongs to. Assumes C{H2Stream}
+    keeps it in C{_conn}.
+    """
+    return stream._conn
+
+
 class H2Connection(_TwistedH2Connection):
     """
     Twisted's HTTP/2 server connection with public names for the stream
@@ -241,15 +251,90 @@ class H2Connection(_TwistedH2Connection):
         """Tell the streams the connection is lost, leaving the idle timers armed."""
         self.connectionLost(reason, _cancelTimeouts=False)
 
+    # The data-sending loop, its stream queues and the events it dispatches.
+    #
+    # Assumes C{twisted.web._http2.H2Connection}:
+    #   - keeps a C{priority.PriorityTree} in C{priority} (created in
+    #     C{__init__}, so it may be replaced before any stream opens); its
+    #     sending loop C{_sendPrioritisedData} draws the next stream with
+    #     C{next(self.priority)} and, on C{priority.DeadlockError}, waits on
+    #     the Deferred C{_sendingDeferred} (None while the loop runs), which
+    #     only new data (C{writeDataToStream}, C{endRequest}) fires;
+    #   - queues each stream's outbound chunks in the deque
+    #     C{_outboundStreamQueues[streamID]}, the end of the response being
+    #     the object C{_END_STREAM_SENTINEL} (anything but bytes);
+    #   - dispatches h2's C{DataReceived}, C{StreamEnded} and
+    #     C{WindowUpdated} events to C{_requestDataReceived(event)},
+    #     C{_requestEnded(event)} and C{_handleWindowUpdate(event)}, each
+    #     expecting the stream to be in C{streams} (KeyError otherwise) except
+    #     the last.
+
+    def _requestDataReceived(self, event: Any) -> None:
+        self.stream_data(event)
+
+    def stream_data(self, event: Any) -> None:
+        """Request body bytes arrived (an h2 C{DataReceived}). Twisted's handling."""
+        _TwistedH2Connection._requestDataReceived(self, event)
+
+    def _requestEnded(self, event: Any) -> None:
+        self.stream_ended(event)
+
+    def stream_ended(self, event: Any) -> None:
+        """The client ended a stream (an h2 C{StreamEnded}). Twisted's handling."""
+        _TwistedH2Connection._requestEnded(self, event)
+
+    def _handleWindowUpdate(self, event: Any) -> None:
+        self.window_updated(event)
+
+    def window_updated(self, event: Any) -> None:
+        """The client opened a flow-control window (h2 C{WindowUpdated}). Twisted's handling."""
+        _TwistedH2Connection._handleWindowUpdate(self, event)
+
+    def next_outbound(self, stream_id: int) -> bytes | None:
+        """
+        The chunk the sending loop would send next on C{stream_id}: None when
+        nothing is queued or the end of the response is next.
+        """
+        queue = self._outboundStreamQueues.get(stream_id)
+        if not queue:
+            return None
+        head = queue[0]
+        return head if isinstance(head, bytes) else None
+
+    def wake_sender(self) -> None:
+        """Restart the sending loop if it waits for a stream to become sendable."""
+        d, self._sendingDeferred = self._sendingDeferred, None
+        if d is not None:
+            d.callback(None)
+
 
 class H2StateMachine(h2.connection.H2Connection):
     """
-    h2's connection state machine with a public hook for incoming HEADERS.
+    h2's connection state machine with public hooks for incoming frames and
+    for the header block being assembled.
 
-    Assumes h2's C{H2Connection} handles each HEADERS frame in
-    C{_receive_headers_frame(frame)}, returning C{(frames, events)}.
+    Assumes h2's C{H2Connection}:
+      - handles each HEADERS frame in C{_receive_headers_frame(frame)} and
+        every frame in C{_receive_frame(frame)} (returning events; a
+        C{ProtocolError} raised there makes C{receive_data} queue a GOAWAY
+        with its C{error_code} and re-raise);
+      - reads frames through C{incoming_buffer}, an C{h2.frame_buffer.FrameBuffer}
+        (created in C{__init__}) that keeps the received bytes not yet parsed
+        in the bytearray C{_data} and the HEADERS and CONTINUATION frames of
+        an unfinished header block in the list C{_headers_buffer}, and passes
+        each parsed frame through C{_update_header_buffer(frame)};
+      - keeps its HPACK decoder in C{decoder}, whose C{max_header_list_size}
+        bounds a decoded header list.
     (h2 is Twisted's HTTP/2 engine, pulled in by C{twisted[http2]}.)
     """
+
+    #: Most bytes of header block fragments one unfinished block may hold
+    #: (None: h2's own bound, 64 CONTINUATION frames).
+    max_header_block: int | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.incoming_buffer = _CappedFrameBuffer(self)
 
     def _receive_headers_frame(self, frame: Any) -> Any:
         return self.headers_frame_received(frame)
@@ -257,6 +342,49 @@ class H2StateMachine(h2.connection.H2Connection):
     def headers_frame_received(self, frame: Any) -> Any:
         """A HEADERS frame arrived; returns C{(frames to send, events)}."""
         return h2.connection.H2Connection._receive_headers_frame(self, frame)
+
+    def _receive_frame(self, frame: Any) -> Any:
+        return self.frame_received(frame)
+
+    def frame_received(self, frame: Any) -> Any:
+        """Any frame arrived (header blocks whole); returns its events."""
+        return h2.connection.H2Connection._receive_frame(self, frame)
+
+    @property
+    def header_block_pending(self) -> bool:
+        """
+        Whether a header block has begun and not ended: HEADERS or
+        CONTINUATION frames without END_HEADERS are held, or the bytes not
+        yet parsed begin a HEADERS or CONTINUATION frame.
+        """
+        buffer = self.incoming_buffer
+        if buffer._headers_buffer:
+            return True
+        data = buffer._data
+        return len(data) > 3 and data[3] in (0x1, 0x9)
+
+    def drop_buffers(self) -> None:
+        """Let go of every received byte not yet handled (the connection is over)."""
+        buffer = self.incoming_buffer
+        buffer._headers_buffer = []
+        buffer._data = bytearray()
+
+
+class _CappedFrameBuffer(h2.frame_buffer.FrameBuffer):
+    """h2's frame buffer, refusing a header block over C{owner.max_header_block} bytes."""
+
+    def __init__(self, owner: H2StateMachine) -> None:
+        super().__init__(server=not owner.config.client_side)
+        self._owner = owner
+
+    def _update_header_buffer(self, f: Any) -> Any:
+        out = super()._update_header_buffer(f)
+        held = self._headers_buffer
+        cap = self._owner.max_header_block
+        if held and cap is not None and sum(len(x.data) for x in held) > cap:
+            self._headers_buffer = []
+            raise h2.exceptions.DenialOfServiceError("header block over max_header_size")
+        return out
 
 
 # -- client: protocol and parser ----------------------------------------------------------
@@ -392,6 +520,7 @@ __all__ = [
     "client_gone",
     "connection_header",
     "drop_response_connection",
+    "h2_connection_of",
     "http_channel_of",
     "is_h2_stream",
     "log_observers",

@@ -12,7 +12,9 @@ from typing import Any
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
+import h2.exceptions
 from twisted.application import app
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import succeed
@@ -445,6 +447,194 @@ class H2Tests(SynchronousTestCase):
         conn.lost_keeping_timers(Failure(ConnectionLost()))
         self.assertEqual(len(lost), 1)
         self.assertTrue([c for c in clock.getDelayedCalls() if c.getTime() == 60])
+
+
+class H2SendingLoopTests(SynchronousTestCase):
+    """What compat assumes of Twisted's HTTP/2 sending loop, queues and event dispatch."""
+
+    def test_event_hooks(self) -> None:
+        """
+        h2's C{DataReceived}, C{StreamEnded} and C{WindowUpdated} go through
+        C{_requestDataReceived}, C{_requestEnded} and C{_handleWindowUpdate}.
+        """
+        seen: list[str] = []
+
+        class Recording(compat.H2Connection):
+            def stream_data(self, event: Any) -> None:
+                seen.append("data")
+                super().stream_data(event)
+
+            def stream_ended(self, event: Any) -> None:
+                seen.append("ended")
+                super().stream_ended(event)
+
+            def window_updated(self, event: Any) -> None:
+                seen.append("window")
+                super().window_updated(event)
+
+        conn, client, _, held, _ = h2_server(Recording)
+        client.send_headers(1, [(":method", "POST"), (":path", "/x"), (":scheme", "https"),
+                                (":authority", "gw")])
+        client.send_data(1, b"body", end_stream=True)
+        client.increment_flow_control_window(100)
+        conn.dataReceived(client.data_to_send())
+        self.assertEqual(seen, ["data", "ended", "window"])
+        held.requests[0].content.seek(0)
+        self.assertEqual(held.requests[0].content.read(), b"body")
+
+    def test_queue_and_tree(self) -> None:
+        """
+        C{priority} may be replaced before streams open and is what the loop
+        draws from; queued chunks are in C{_outboundStreamQueues}, the end of
+        the response is not bytes; with every stream blocked the loop waits
+        on C{_sendingDeferred}, which C{wake_sender()} fires.
+        """
+        import priority as priority_package
+
+        drawn: list[int] = []
+
+        class Tree(priority_package.PriorityTree):
+            def __next__(self) -> int:
+                stream_id = super().__next__()
+                drawn.append(stream_id)
+                return stream_id
+
+        class Replacing(compat.H2Connection):
+            def __init__(self, reactor: Any) -> None:
+                super().__init__(reactor)
+                self.priority = Tree()
+
+        conn, client, transport, held, clock = h2_server(Replacing)
+        clock.advance(0)  # the loop starts and waits: no stream yet
+        self.assertIsNotNone(conn._sendingDeferred)
+        send_request(conn, client)
+        request = held.requests[0]
+        request.write(b"hello")
+        self.assertEqual(conn.next_outbound(1), None)  # sent at once by the woken loop
+        self.assertEqual(drawn, [1])
+        clock.advance(0)  # the loop's next pass: nothing to send, it waits again
+        self.assertIsNotNone(conn._sendingDeferred)
+        conn._outboundStreamQueues[1].append(b"queued")
+        self.assertEqual(conn.next_outbound(1), b"queued")
+        conn.priority.unblock(1)
+        conn.wake_sender()
+        self.assertEqual(conn.next_outbound(1), None)
+        self.assertEqual(drawn, [1, 1])
+        request.finish()
+        self.assertEqual(conn.next_outbound(1), None)  # the end is not data
+        clock.advance(0)
+        clock.advance(0)
+        events = client.receive_data(transport.value())
+        self.assertIn(1, [e.stream_id for e in events if isinstance(e, h2.events.StreamEnded)])
+        conn.wake_sender()  # nothing waits: harmless
+
+    def test_idle_timeout_abort(self) -> None:
+        """
+        C{timeoutConnection} sends GOAWAY, closes, and aborts the transport
+        C{abortTimeout} seconds later if it is still open.
+        """
+
+        class Quick(compat.H2Connection):
+            abortTimeout = 2
+
+        _conn, client, transport, _, clock = h2_server(Quick, timeout=10)
+        transport.abortConnection = lambda: setattr(transport, "aborted", True)
+        clock.advance(10)
+        self.assertTrue(transport.disconnecting)
+        events = client.receive_data(transport.value())
+        self.assertTrue([e for e in events if isinstance(e, h2.events.ConnectionTerminated)])
+        clock.advance(2)
+        self.assertTrue(getattr(transport, "aborted", False))
+
+    def test_h2_connection_of(self) -> None:
+        """An C{H2Stream} keeps its connection in C{_conn}."""
+        conn, client, _, held, _ = h2_server()
+        send_request(conn, client)
+        self.assertIs(compat.h2_connection_of(held.requests[0].channel), conn)
+
+
+class H2StateMachineTests(SynchronousTestCase):
+    """What compat assumes of h2's state machine and frame buffer."""
+
+    def machine(self) -> compat.H2StateMachine:
+        server_conn = compat.H2StateMachine(h2.config.H2Configuration(client_side=False))
+        server_conn.initiate_connection()
+        return server_conn
+
+    def preamble(self) -> bytes:
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        client.initiate_connection()
+        return client.data_to_send()
+
+    def test_frame_hook(self) -> None:
+        """Every frame goes through C{_receive_frame}, a header block once whole."""
+        from hyperframe.frame import ContinuationFrame, HeadersFrame
+
+        seen: list[str] = []
+
+        class Recording(compat.H2StateMachine):
+            def frame_received(self, frame: Any) -> Any:
+                seen.append(type(frame).__name__)
+                return super().frame_received(frame)
+
+        machine = Recording(h2.config.H2Configuration(client_side=False))
+        machine.initiate_connection()
+        machine.receive_data(self.preamble())
+        self.assertEqual(seen, ["SettingsFrame"])
+        encoder = __import__("hpack").Encoder()
+        block = encoder.encode([(":method", "GET"), (":path", "/"), (":scheme", "https"),
+                                (":authority", "gw")])
+        first = HeadersFrame(1, data=block[:3])
+        first.flags.add("END_STREAM")
+        rest = ContinuationFrame(1, data=block[3:])
+        machine.receive_data(first.serialize())
+        self.assertTrue(machine.header_block_pending)
+        self.assertEqual(seen, ["SettingsFrame"])
+        rest.flags.add("END_HEADERS")
+        events = machine.receive_data(rest.serialize())
+        self.assertFalse(machine.header_block_pending)
+        self.assertEqual(seen, ["SettingsFrame", "HeadersFrame"])
+        self.assertTrue([e for e in events if isinstance(e, h2.events.RequestReceived)])
+
+    def test_pending_partial_frame(self) -> None:
+        """Unparsed bytes starting a HEADERS frame count as a pending header block."""
+        from hyperframe.frame import HeadersFrame
+
+        machine = self.machine()
+        machine.receive_data(self.preamble())
+        frame = HeadersFrame(1, data=b"\x82" * 100)
+        frame.flags.add("END_HEADERS")
+        machine.receive_data(frame.serialize()[:20])
+        self.assertTrue(machine.header_block_pending)
+        machine.drop_buffers()
+        self.assertFalse(machine.header_block_pending)
+
+    def test_header_block_cap(self) -> None:
+        """
+        A block over C{max_header_block} bytes raises a C{ProtocolError} and
+        queues GOAWAY ENHANCE_YOUR_CALM; the held frames are let go.
+        """
+        from hyperframe.frame import ContinuationFrame, HeadersFrame
+
+        machine = self.machine()
+        machine.max_header_block = 1000
+        machine.receive_data(self.preamble())
+        machine.data_to_send()
+        machine.receive_data(HeadersFrame(1, data=b"\0" * 600).serialize())
+        with self.assertRaises(h2.exceptions.ProtocolError):
+            machine.receive_data(ContinuationFrame(1, data=b"\0" * 600).serialize())
+        self.assertFalse(machine.header_block_pending)
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        client.initiate_connection()
+        events = client.receive_data(machine.data_to_send())
+        (goaway,) = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+        self.assertEqual(goaway.error_code, h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+
+    def test_decoder_limit(self) -> None:
+        """The HPACK decoder's C{max_header_list_size} bounds a decoded header list."""
+        machine = self.machine()
+        self.assertEqual(machine.decoder.max_header_list_size,
+                         h2.connection.H2Connection.DEFAULT_MAX_HEADER_LIST_SIZE)
 
 
 # -- client -------------------------------------------------------------------------------

@@ -74,6 +74,7 @@ class GatewayRequest(server.Request):
         if isinstance(self.channel, compat.H2Stream) and not self._h2_checked:
             self._h2_checked = True
             try:
+                self._check_h2_size()
                 self._check_h2_head()
             except Rejected as rej:
                 self._h2_rejection = rej
@@ -91,6 +92,45 @@ class GatewayRequest(server.Request):
         if self._h2_rejection is not None:
             return
         self._handle_content_chunk(data)
+        if self.too_large and isinstance(self.channel, compat.H2Stream):
+            # Answer now, not once the client has sent (and we discarded) it all.
+            self._refuse_h2_early(Rejected(413, "request body exceeds max_body_size",
+                                           "invalid_request_error", "request_too_large"))
+
+    def _check_h2_size(self) -> None:
+        """
+        Refuse (431) an HTTP/2 head larger than C{max_header_size}, counted
+        as its HTTP/1.1 form would be (request line, then a line per header).
+        """
+        channel = self.channel
+        size = len(channel.command or b"") + len(channel.path or b"") + 12
+        for name, values in self.requestHeaders.getAllRawHeaders():
+            for value in values:
+                size += len(name) + len(value) + 4
+        if size > channel.site.max_header_size:
+            raise Rejected(431, "request headers too large", "invalid_request_error",
+                           "headers_too_large")
+
+    def _refuse_h2_early(self, rej: Rejected) -> None:
+        """
+        Answer an HTTP/2 request with the SPEC's JSON error while its body
+        is still arriving, and stop the stream: it is never processed.
+        """
+        self._h2_rejection = rej
+        stream = self.channel
+        request_id = stream.site.refused(_StreamPeer(stream), stream.command or b"-",
+                                         stream.path or b"-", rej)
+        body = rej.body()
+        headers = [(b"content-type", b"application/json"),
+                   (b"x-request-id", request_id.encode())]
+        headers.extend((k.lower().encode(), v.encode()) for k, v in rej.headers)
+        headers.append((b"content-length", b"%d" % len(body)))
+        conn = compat.h2_connection_of(stream)
+        refuse = getattr(conn, "refuse_stream", None)
+        if refuse is not None:
+            refuse(stream.streamID, rej.status, headers, body)
+        else:
+            stream.abortConnection()
 
     def _check_h2_head(self) -> None:
         site = self.channel.site
@@ -371,7 +411,9 @@ class _CountedProtocol(compat.GenericHTTPChannelProtocol):
         self.channel._cancel_head_timer()
         site = self.site
         return GatewayH2Connection(
-            site.reactor, site.max_concurrent_streams, site.max_stream_resets
+            site.reactor, site.max_concurrent_streams, site.max_stream_resets,
+            max_header_size=site.max_header_size, head_timeout=site.head_timeout,
+            reset_budget=site.h2_reset_budget(),
         )
 
     #: The client's address, as counted in the site's C{per_address}.
@@ -507,6 +549,16 @@ class GatewaySite(server.Site):
         self.open_connections = 0
         #: Open connections per client address (C{None} for addresses without a host).
         self.per_address: dict[str | None, int] = {}
+
+    _reset_budget: Any = None
+
+    def h2_reset_budget(self) -> Any:
+        """The HTTP/2 stream resets each client address may still cause (one per site)."""
+        if self._reset_budget is None:
+            from clawproxy.web.h2 import ResetBudget
+
+            self._reset_budget = ResetBudget(self.reactor, self.max_stream_resets)
+        return self._reset_budget
 
     def buildProtocol(self, addr: Any) -> Any:
         if self.open_connections >= self.max_connections:
