@@ -359,7 +359,7 @@ class ValuesTests(ConfigTestCase):
                 slow_start: 1m
                 session_affinity: {method: header, header_name: X-Conversation}
                 circuit_breaker: {enabled: false, open_timeout: 1m}
-                retry: {max_retries: 0, retry_on: [5xx, timeout], backoff: constant,
+                retry: {max_retries: 0, retry_on: [5xx, refused], backoff: constant,
                         base_delay: 500ms, max_delay: 2s, budget: 0}
                 timeout: 1m
                 first_token_timeout: 10s
@@ -377,7 +377,7 @@ class ValuesTests(ConfigTestCase):
         self.assertEqual(pool.session_affinity.ttl, 3600.0)
         self.assertFalse(pool.circuit_breaker.enabled)
         self.assertEqual(pool.circuit_breaker.open_timeout, 60.0)
-        self.assertEqual(pool.retry, RetryConfig(0, frozenset({"5xx", "timeout"}), "constant",
+        self.assertEqual(pool.retry, RetryConfig(0, frozenset({"5xx", "refused"}), "constant",
                                                  0.5, 2.0, 0.0))
         self.assertEqual((pool.timeout, pool.first_token_timeout, pool.stall_timeout),
                          (60.0, 10.0, 30.0))
@@ -1230,6 +1230,21 @@ class ErrorTests(ConfigTestCase):
                 "simulators[1].id: duplicate simulator id 's'",
             ],
         )
+
+    def test_timeout_never_retried(self) -> None:
+        """C{retry_on: [timeout]} is refused, not accepted and ignored (never retried)."""
+        errors = self.errors(
+            """
+            pools:
+              p:
+                instances: ["http://h:1"]
+                retry: {retry_on: [connect_failure, timeout]}
+            routes: [{path: /}]
+            """
+        )
+        self.assertEqual(len(errors), 1)
+        self.assertTrue(errors[0].startswith("pools.p.retry.retry_on: timeout is never retried"),
+                        errors)
 
     def test_no_cascade(self) -> None:
         """A section of the wrong type is one error, not one per missing key inside it."""

@@ -412,7 +412,8 @@ class RetryConfig:
     max_retries: int = f.setting(f.integer(low=0), 2, "Retries after the first attempt.")
     retry_on: frozenset[str] = f.setting(f.set_of(f.choice(*RETRY_ON)),
                                          frozenset({"connect_failure", "refused"}),
-                                         "Failures that are retried.",
+                                         "Failures that are retried (``timeout`` is"
+                                         " refused: timeouts are never retried).",
                                          shown="[connect_failure, refused]")
     backoff: str = f.setting(f.choice(*BACKOFFS), "exponential", "Delay growth.")
     base_delay: float = f.setting(f.duration(), 0.025, "First delay.", shown="25ms")
@@ -424,6 +425,10 @@ class RetryConfig:
     def _check(self, present: set[str], error: Error) -> RetryConfig:
         if self.max_delay < self.base_delay:
             error("max_delay", "must be >= base_delay")
+        if "timeout" in self.retry_on:
+            error("retry_on", "timeout is never retried: a request that timed out may"
+                  " have reached the backend (a pool's first_token_timeout is the retried"
+                  " kind)")
         return self
 
 
