@@ -254,6 +254,8 @@ class BadBackendTests(TestCase):
         is dropped, and the gateway logs one warning naming the instance.
         """
         raw, elapsed, growth, (backend,) = await self.bombed(GET)
+        print(f"\n    header bomb: 502 after {elapsed * 1000:.1f} ms, peak RSS growth "
+              f"{growth / 2**20:.1f} MB", end="")
         response = self.assert_bad_gateway(raw)
         self.assertEqual(error_of(response.body)["code"], "bad_gateway")
         self.assertLess(elapsed, POOL_TIMEOUT / 3)
