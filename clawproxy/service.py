@@ -30,7 +30,7 @@ from clawproxy.web.accesslog import AccessLog
 from clawproxy.web.admin import AdminResource
 from clawproxy.web.context import RequestContext
 from clawproxy.web.dataplane import build_data_plane
-from clawproxy.web.gateway import method_label, new_request_id
+from clawproxy.web.gateway import GatewayResource, method_label, new_request_id
 from clawproxy.web.site import GatewaySite, QuietSite
 
 
@@ -73,8 +73,9 @@ class Gateway(MultiService):
     """
     The root service of one gateway process.
 
-    Its attributes give tests and the admin API the live parts: C{registry},
-    C{metrics}, C{resource} (data plane), C{admin}, C{site}.
+    Its attributes give tests and the admin API the live parts: C{plane} (the
+    L{DataPlane<clawproxy.web.dataplane.DataPlane>} in force) with its
+    C{registry} and C{resource}, C{metrics}, C{store}, C{admin}, C{site}.
     """
 
     log = Logger()
@@ -122,16 +123,22 @@ class Gateway(MultiService):
 
     def _build(self, config: Config, previous: Registry | None = None) -> None:
         """(Re)build the parts that follow the config: the data plane and its prober."""
-        plane = build_data_plane(
+        self.plane = build_data_plane(
             config, self.reactor, self.agent, self.metrics, self.access_log,
             retry_policy=self.retry_policy, breakers=self.breakers, store=self.store,
             started=self.started, previous=previous,
         )
-        self.plane = plane
-        self.registry = plane.registry
-        self.relay = plane.relay
-        self.resource = plane.resource
         self.prober = HealthProber(self.registry, self.agent, self.reactor)
+
+    @property
+    def registry(self) -> Registry:
+        """The instance registry of the data plane in force."""
+        return self.plane.registry
+
+    @property
+    def resource(self) -> GatewayResource:
+        """The data-plane resource in force."""
+        return self.plane.resource
 
     def _add_children(self, config: Config) -> None:
         from clawproxy.simulator import simulator_service
@@ -211,8 +218,6 @@ class Gateway(MultiService):
         self.prober.setServiceParent(self)
         self.log.info("configuration reloaded from {path}", path=config.source)
         return succeed([])
-
-
 
 
 def build_service(config: Config, reactor: Any) -> Gateway:

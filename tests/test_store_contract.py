@@ -440,6 +440,10 @@ class RedisHarness:
                     raise
             await deferLater(reactor, 0.05, lambda: None)
 
+    async def advance(self, seconds: float) -> None:
+        """Let C{seconds} of real time pass."""
+        await deferLater(reactor, seconds, lambda: None)
+
 
 class RedisStoreTests(RedisHarness, StoreContract, TestCase):
     """The contract, held by L{RedisStore} against a real redis-server."""
@@ -458,9 +462,6 @@ class RedisStoreTests(RedisHarness, StoreContract, TestCase):
     def drive(self, coroutine: Coroutine[Any, Any, None]) -> Deferred[None]:
         return Deferred.fromCoroutine(coroutine).addTimeout(WAIT, reactor)
 
-    async def advance(self, seconds: float) -> None:
-        await deferLater(reactor, seconds, lambda: None)
-
     def wall(self) -> float:
         return time.time()
 
@@ -476,12 +477,8 @@ class RedisOnlyTests(RedisHarness, TestCase):
         server = await self.start_redis()
         redis = self.redis_store(server.url)
         memory = MemoryStore(reactor)
-
-        async def advance(seconds: float) -> None:
-            await deferLater(reactor, seconds, lambda: None)
-
-        on_memory = await bucket_sequence(memory, advance)
-        on_redis = await bucket_sequence(redis, advance)
+        on_memory = await bucket_sequence(memory, self.advance)
+        on_redis = await bucket_sequence(redis, self.advance)
         self.assertEqual(on_redis, on_memory)
         self.assertEqual(on_redis, BUCKET_RESULTS)
 

@@ -274,10 +274,10 @@ class RedisStore:
         """
         factory, clock = self._factory, self._reactor
         if factory is None:
-            self.stats.failed(op, reachable=False)
+            self._unreachable(op)
             return fail(StoreUnavailable(f"store {op}: the Redis store is not started"))
         if self._down and not factory.size:
-            self.stats.failed(op, reachable=False)
+            self._unreachable(op)
             return fail(StoreUnavailable(f"store {op}: no connection to Redis at {self.target}"))
         started = clock.seconds()
         used: list[Any] = []
@@ -306,7 +306,7 @@ class RedisStore:
             # answering (a burst of calls) is kept.
             for conn in used:
                 if (conn.transport is not None and conn.connected
-                        and getattr(conn, "last_received", started) < started):
+                        and conn.last_received < started):
                     conn.transport.abortConnection()
             self._unreachable(op)
             return Failure(StoreUnavailable(

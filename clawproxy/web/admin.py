@@ -31,7 +31,7 @@ from twisted.web.server import NOT_DONE_YET
 from clawproxy import __version__
 from clawproxy.backends.registry import Instance, Registry
 from clawproxy.compat import client_gone
-from clawproxy.errors import Rejected, error_body
+from clawproxy.errors import Rejected
 from clawproxy.metrics import CONTENT_TYPE, Metrics
 from clawproxy.web.gateway import format_uptime
 
@@ -229,7 +229,7 @@ class AdminResource(Resource):
         request.setHeader(b"content-type", b"application/json")
         for k, v in rej.headers:
             request.setHeader(k.encode(), v.encode())
-        return error_body(rej.message, rej.type, rej.code)
+        return rej.body()
 
 
 _SAFE_METHODS = frozenset((b"GET", b"HEAD"))
