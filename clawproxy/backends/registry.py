@@ -222,8 +222,8 @@ class Pool:
         @param exclude: ids not to choose (already tried).
         @param sticky_key: the session-affinity key, if the pool has affinity.
         @return: the instance, L{None} if none may take the request, or (only
-            when a policy answers with a Deferred or refuses) a Deferred
-            firing with one of those.
+            when a policy answers with a Deferred) a Deferred firing with one
+            of those.
         """
         skipped = exclude
         while True:
@@ -264,7 +264,7 @@ class Pool:
     async def _take_slowly(self, key: str | None, exclude: frozenset[str] | set[str],
                            sticky_key: str | None, inst: Instance, pin: bool, index: int,
                            answer: Any) -> Instance | None:
-        """L{take} once a policy refused or answered with a Deferred."""
+        """L{take} once a policy answered with a Deferred."""
         skipped = set(exclude)
         while True:
             if await self._admission(inst, index, answer):
