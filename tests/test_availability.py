@@ -108,9 +108,12 @@ class TrialBreakers:
         return self.states.get(name, "CLOSED")
 
 
-@implementer(IAvailabilityPolicy)
+@implementer(IBreakerBoard)
 class Recorder:
-    """A policy that excludes nothing, admits everything and remembers what it is told."""
+    """
+    A policy (or breaker board, every breaker closed) that excludes nothing,
+    admits everything and remembers what it is told.
+    """
 
     def __init__(self) -> None:
         self.outcomes: list[tuple[str, str]] = []
@@ -126,6 +129,9 @@ class Recorder:
 
     def probed(self, instance: Instance, ok: bool) -> None:
         pass
+
+    def state(self, name: str) -> str:
+        return "CLOSED"
 
 
 def config(instances: int = 3, **pool: Any) -> Any:

@@ -10,6 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from clawproxy.backends.registry import Instance, Registry, reported_models
 from clawproxy.config import parse_config
 from clawproxy.interfaces import OK
+from tests.test_availability import Recorder
 
 
 def fail(inst: Instance, outcome: str = "5xx") -> None:
@@ -306,7 +307,7 @@ class ClientBoundTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.clock = Clock()
-        self.breakers = _RecordingBreakers()
+        self.breakers = Recorder()
         self.reg = Registry(self.reg_config(), self.clock, self.breakers)
         self.i1 = self.reg.instance("i1")
 
@@ -383,28 +384,6 @@ class ClientBoundTests(SynchronousTestCase):
         for _ in range(3):
             fail(self.i1)
         self.assertEqual(self.i1.state, "ejected")
-
-
-class _RecordingBreakers:
-    """An availability policy that only records what it is told."""
-
-    def __init__(self) -> None:
-        self.outcomes: list[tuple[str, str]] = []
-
-    def excludes(self, instance: Any) -> bool:
-        return False
-
-    def admit(self, instance: Any) -> bool:
-        return True
-
-    def record(self, instance: Any, outcome: str, reached: bool) -> None:
-        self.outcomes.append((instance.id, outcome))
-
-    def probed(self, instance: Any, ok: bool) -> None:
-        pass
-
-    def state(self, name: str) -> str:
-        return "CLOSED"
 
 
 class SlowStartTests(SynchronousTestCase):

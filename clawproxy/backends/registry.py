@@ -117,11 +117,11 @@ class Instance:
             return "ejected"
         return "healthy"
 
-    def usable(self) -> bool:
+    def available(self) -> bool:
         """
-        May this instance take a new request, a refused connection aside?
-        (Healthy, not drained, weight > 0, under C{max_connections}, and no
-        policy excludes it.)
+        May this instance take a new request now, admission aside? (Healthy,
+        not drained, weight > 0, under C{max_connections}, excluded by no
+        policy, and not out for a refused connection.)
         """
         if not (
             self.probe.healthy
@@ -133,11 +133,7 @@ class Instance:
         for excludes in self.pool.excluders:
             if excludes(self):
                 return False
-        return True
-
-    def available(self) -> bool:
-        """May this instance take a new request now (admission aside)?"""
-        return self.usable() and not self.down
+        return not self.down
 
     def mark_up(self) -> None:
         """Start slow start (if configured) from now."""
@@ -188,7 +184,8 @@ class Pool:
         spare = None
         excluders = self.excluders
         for i in self.instances:
-            # Instance.usable(), inlined: this runs for every instance of every request.
+            # Instance.available(), inlined: this runs for every instance of
+            # every request (and a refused instance is kept as a spare).
             if (
                 i.id in exclude
                 or not i.probe.healthy
@@ -197,19 +194,16 @@ class Pool:
                 or (i.max_connections is not None and i.active >= i.max_connections)
             ):
                 continue
-            excluded = False
             for excludes in excluders:
                 if excludes(i):
-                    excluded = True
                     break
-            if excluded:
-                continue
-            if i.down_until is not None and i.down:
-                if spare is None:
-                    spare = []
-                spare.append(i)
-                continue
-            out.append(i)
+            else:
+                if i.down_until is not None and i.down:
+                    if spare is None:
+                        spare = []
+                    spare.append(i)
+                else:
+                    out.append(i)
         return out if out or spare is None else spare
 
     def take(self, key: str | None = None, exclude: frozenset[str] | set[str] = frozenset(),
@@ -228,8 +222,8 @@ class Pool:
         @param exclude: ids not to choose (already tried).
         @param sticky_key: the session-affinity key, if the pool has affinity.
         @return: the instance, L{None} if none may take the request, or (only
-            when a policy answers with a Deferred or refuses) a Deferred
-            firing with one of those.
+            when a policy answers with a Deferred) a Deferred firing with one
+            of those.
         """
         skipped = exclude
         while True:
@@ -270,7 +264,7 @@ class Pool:
     async def _take_slowly(self, key: str | None, exclude: frozenset[str] | set[str],
                            sticky_key: str | None, inst: Instance, pin: bool, index: int,
                            answer: Any) -> Instance | None:
-        """L{take} once a policy refused or answered with a Deferred."""
+        """L{take} once a policy answered with a Deferred."""
         skipped = set(exclude)
         while True:
             if await self._admission(inst, index, answer):

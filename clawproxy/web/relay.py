@@ -54,11 +54,10 @@ class NoInstance(Exception):
 
 
 class _GiveUp(Exception):
-    """A connect failure that is not retried (the caller names the instances tried)."""
-
-    def __init__(self, outcome: str) -> None:
-        super().__init__(outcome)
-        self.outcome = outcome
+    """
+    A connect failure (C{ctx.error}) that is not retried: the caller, which
+    knows the instances tried, answers.
+    """
 
 
 def classify(failure: Failure) -> str:
@@ -137,8 +136,8 @@ class Relay:
             started = self.clock.seconds()
             try:
                 delay = await self._attempt(ctx, pool, inst, timeout, upstream_path, started, tried)
-            except _GiveUp as e:
-                raise _failure_rejection(e.outcome, names) from None
+            except _GiveUp:
+                raise _failure_rejection(ctx.error, names) from None
             finally:
                 inst.active -= 1
                 active_gauge.dec()
@@ -216,22 +215,23 @@ class Relay:
                 raise gateway_timeout(
                     f"upstream {inst.id} did not answer within {timeout:g}s"
                 ) from None
-            raise _GiveUp(outcome) from None
+            raise _GiveUp() from None
         now = self.clock.seconds()
         metrics.upstream_ttfb.labels(pool.name).observe(now - started)
         code = response.code
+        label = str(code)  # the status label of upstream_requests_total
         first = pool.config.first_token_timeout
         # A stream watched for its first chunk succeeds only once that chunk
         # comes: until then the attempt's outcome is open (one record each).
         watch_first = bool(first) and code < 500 and _is_stream(response)
         if code >= 500:
-            delay = self._record(ctx, pool, inst, "5xx", _status_class(code), tried)
+            delay = self._record(ctx, pool, inst, "5xx", label, tried)
             if delay is not None:
                 ctx.error = "5xx"
                 response.deliverBody(Discard())
                 return delay
         elif not watch_first:
-            self._record(ctx, pool, inst, OK, _status_class(code), tried)
+            self._record(ctx, pool, inst, OK, label, tried)
         try:
             if code < 100 or code > 599:
                 raise bad_gateway(f"upstream {inst.id} sent status {code}")
@@ -267,23 +267,19 @@ class Relay:
             rh.setRawHeaders(b"content-length", [b"%d" % response.length])
         if ctx.method == b"HEAD" or code in (204, 304):
             if watch_first:
-                self._record(ctx, pool, inst, OK, _status_class(code), tried)
+                self._record(ctx, pool, inst, OK, label, tried)
             response.deliverBody(Discard())
             return None
         pipe = StreamPipe(request, ctx, self.clock, pool.config.stall_timeout, chain)
         if watch_first:
             pipe.first_chunk_timeout = first
-            pipe.first_chunk = lambda: self._record(ctx, pool, inst, OK, _status_class(code),
-                                                    tried)
+            pipe.first_chunk = lambda: self._record(ctx, pool, inst, OK, label, tried)
         response.deliverBody(pipe)
         try:
             await pipe.done
         except NoFirstChunk:
             # Nothing reached the client: undo this answer and try elsewhere.
-            request.responseHeaders = saved_headers
-            request.setResponseCode(200)
-            ctx.status = 0
-            ctx.error = "first_token_timeout"
+            _take_back(ctx, saved_headers, "first_token_timeout")
             delay = self._record(ctx, pool, inst, ctx.error, ctx.error, tried)
             if delay is None:
                 raise gateway_timeout(
@@ -309,10 +305,7 @@ class Relay:
                 self.log.failure("relaying body from {instance}", failure, instance=inst.id)
             if not request.startedWriting and not client_gone(request):
                 # No byte reached the client yet: it can still get a 502.
-                request.responseHeaders = saved_headers
-                request.setResponseCode(200)
-                ctx.status = 0
-                ctx.error = "bad_upstream_response"
+                _take_back(ctx, saved_headers, "bad_upstream_response")
                 raise bad_gateway(
                     f"upstream {inst.id} broke off its response") from None
             ctx.error = "truncated"
@@ -350,14 +343,24 @@ def _is_stream(response: Any) -> bool:
     return bool(ctype) and ctype[0].lower().startswith(_STREAM_TYPES)
 
 
-def _status_class(code: int) -> str:
-    return str(code)
+def _take_back(ctx: RequestContext, saved_headers: Any, error: str) -> None:
+    """
+    Undo the answer an attempt began (status and headers) before any byte
+    of it reached the client, and note why it failed.
+    """
+    request = ctx.request
+    request.responseHeaders = saved_headers
+    request.setResponseCode(200)
+    ctx.status = 0
+    ctx.error = error
 
 
-def _failure_rejection(outcome: str, tried: Sequence[str] = ()) -> Rejected:
-    """The gateway's answer when the last attempt failed with C{outcome}."""
-    if outcome == "timeout":
-        return gateway_timeout()
+def _failure_rejection(outcome: str | None, tried: Sequence[str]) -> Rejected:
+    """
+    The gateway's answer when the last attempt failed with C{outcome} and
+    no other attempt follows. (A timeout is never retried: L{Relay._attempt}
+    answers it itself.)
+    """
     if outcome == "5xx":
         return bad_gateway("every instance tried answered with an error")
     if outcome in ("connect_failure", "refused"):
