@@ -383,12 +383,13 @@ class FirstChunkOutcomeTests(SynchronousTestCase):
     comes, failure (only) when none comes in time.
     """
 
-    def start_stream(self) -> tuple[Harness, TrialBreakers, Any]:
+    def start_stream(self, code: int = 200) -> tuple[Harness, TrialBreakers, Any]:
         breakers = TrialBreakers()
         gw = Harness(self, routed(first_token_timeout="5s"), breakers=breakers)
         gw.backend.hang.update({"a", "b"})
         d = gw.start("POST", "/v1/chat/completions", {"model": "m", "stream": True})
         upstream = gw.backend.hanging[0]
+        upstream.setResponseCode(code)
         upstream.setHeader(b"content-type", b"text/event-stream")
         upstream.write(b"")  # the head goes out, no body chunk yet
         gw.flush()
@@ -428,6 +429,12 @@ class FirstChunkOutcomeTests(SynchronousTestCase):
         gw.flush()
         self.failureResultOf(d)
         self.assertEqual(breakers.outcomes, [("a", CANCELLED)])
+
+    def test_bad_head_recorded_once(self) -> None:
+        """A watched stream whose head is refused (502) is still recorded, once."""
+        gw, breakers, d = self.start_stream(code=99)  # a status below 100: refused
+        self.assertEqual(gw.finish(d).code, 502)
+        self.assertEqual(breakers.outcomes, [("a", OK)])
 
     def test_broken_before_first_chunk_recorded_once_as_failure(self) -> None:
         """A watched stream whose body breaks before its first chunk: one failure, a 502."""

@@ -241,6 +241,8 @@ class Relay:
             self.log.warn("bad response head from {instance}: {why}", instance=inst.id,
                           why=e.message)
             ctx.error = "bad_upstream_response"
+            if watch_first:  # no body will be read: settle the attempt as unwatched ones are
+                self._record(ctx, pool, inst, OK, label, tried)
             response.deliverBody(Discard())
             drop_response_connection(response)
             raise
