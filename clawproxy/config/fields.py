@@ -103,6 +103,11 @@ class NotYet:
     values: str = ""
 
 
+def _required(required: str | bool) -> str | bool:
+    """C{True} means the plain message C{required}; a string is the message itself."""
+    return "required" if required is True else required
+
+
 @attrs.frozen
 class Spec:
     """
@@ -112,7 +117,8 @@ class Spec:
         entry, from its key) or C{internal} (not read from the file).
     @ivar conv: for values, the converter; for entries, the converter of names.
     @ivar cls: for sections, entries and items, the class of each.
-    @ivar required: C{False}, or the message for an absent key.
+    @ivar required: C{False}, or the message for an absent key (C{True} is made
+        C{"required"}).
     @ivar empty: for entries and items, the message for an empty mapping or list.
     @ivar placeholder: the value used to build the object when the key is absent or
         invalid and the field has no default (an error has been reported).
@@ -131,7 +137,7 @@ class Spec:
     key: str | None = None
     conv: Converter | None = None
     cls: type | None = None
-    required: str | bool = False
+    required: str | bool = attrs.field(default=False, converter=_required)
     empty: str | None = None
     placeholder: Any = None
     resolve: Callable[[Any, Any], Any] | None = None
@@ -157,7 +163,7 @@ def setting(conv: Converter, default: Any = attrs.NOTHING, doc: str = "", *,
             placeholder: Any = None, resolve: Any = None, not_yet: NotYet | None = None,
             shown: str | None = None) -> Any:
     """A scalar, list or plain mapping, converted by C{conv}."""
-    spec = Spec("value", doc, key, conv, required="required" if required else False,
+    spec = Spec("value", doc, key, conv, required=required,
                 placeholder=placeholder, resolve=resolve, not_yet=not_yet, shown=shown)
     return _field(spec, default, factory)
 

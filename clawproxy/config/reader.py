@@ -196,23 +196,19 @@ class Reader:
 
     def _field(self, spec: Spec, path: str, raw: Any, written: bool,
                parent: dict[str, Any]) -> Any:
-        if spec.kind == "value":
-            return self._scalar(spec, path, raw)
         if spec.kind == "section":
             return self._section(spec, path, raw, written, parent)
         if raw is None:
             if spec.required:
-                self.error(path, spec.required if isinstance(spec.required, str) else "required")
+                self.error(path, spec.required)
             return _ABSENT
+        if spec.kind == "value":
+            return self._scalar(spec, path, raw)
         if spec.kind == "entries":
             return self._entries(spec, path, raw)
         return self._items(spec, path, raw, parent)
 
     def _scalar(self, spec: Spec, path: str, raw: Any) -> Any:
-        if raw is None:
-            if spec.required:
-                self.error(path, "required")
-            return _ABSENT
         try:
             value = spec.conv(raw)
             if spec.resolve is not None and value is not None:
