@@ -143,6 +143,17 @@ class DefaultsTests(ConfigTestCase):
         self.assertEqual(config.logging.redact, ("Authorization", "X-API-Key"))
         self.assertEqual(config.cache.max_bytes, 256 * 1024 * 1024)
 
+    def test_algorithms_are_balancers(self) -> None:
+        """
+        The C{algorithm} names the config accepts are the ones L{make_balancer} builds.
+        The config keeps its own ordered list (error messages and the reference name them
+        in that order, and C{clawproxy.config} does not import C{clawproxy.policy}).
+        """
+        from clawproxy.config.model import ALGORITHMS
+        from clawproxy.policy import balancers
+
+        self.assertEqual(frozenset(ALGORITHMS), balancers.ALGORITHMS)
+
     def test_pool_defaults(self) -> None:
         """A pool gets round_robin, openai, nginx-like passive checks, retries and a breaker."""
         pool = parse(MINIMAL).pools["main"]

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from clawproxy.units import Rate, parse_duration, parse_rate, parse_size
+from clawproxy.units import parse_duration, parse_rate, parse_size
 
 T = TypeVar("T")
 Converter = Callable[[Any], Any]
@@ -34,8 +34,6 @@ METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE")
 MATCH_PREFIXES = ("header.", "body.", "agent.")
 ENDPOINT_TYPES = ("tcp", "tcp6", "ssl", "unix", "systemd")
 
-_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:@-]*")
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _STORED_KEY = re.compile(r"sha256:[0-9a-fA-F]{64}")
 
 
@@ -103,6 +101,11 @@ class NotYet:
     values: str = ""
 
 
+def _required(required: str | bool) -> str | bool:
+    """C{True} means the plain message C{required}; a string is the message itself."""
+    return "required" if required is True else required
+
+
 @attrs.frozen
 class Spec:
     """
@@ -112,7 +115,8 @@ class Spec:
         entry, from its key) or C{internal} (not read from the file).
     @ivar conv: for values, the converter; for entries, the converter of names.
     @ivar cls: for sections, entries and items, the class of each.
-    @ivar required: C{False}, or the message for an absent key.
+    @ivar required: C{False}, or the message for an absent key (C{True} is made
+        C{"required"}).
     @ivar empty: for entries and items, the message for an empty mapping or list.
     @ivar placeholder: the value used to build the object when the key is absent or
         invalid and the field has no default (an error has been reported).
@@ -131,7 +135,7 @@ class Spec:
     key: str | None = None
     conv: Converter | None = None
     cls: type | None = None
-    required: str | bool = False
+    required: str | bool = attrs.field(default=False, converter=_required)
     empty: str | None = None
     placeholder: Any = None
     resolve: Callable[[Any, Any], Any] | None = None
@@ -157,7 +161,7 @@ def setting(conv: Converter, default: Any = attrs.NOTHING, doc: str = "", *,
             placeholder: Any = None, resolve: Any = None, not_yet: NotYet | None = None,
             shown: str | None = None) -> Any:
     """A scalar, list or plain mapping, converted by C{conv}."""
-    spec = Spec("value", doc, key, conv, required="required" if required else False,
+    spec = Spec("value", doc, key, conv, required=required,
                 placeholder=placeholder, resolve=resolve, not_yet=not_yet, shown=shown)
     return _field(spec, default, factory)
 
@@ -321,35 +325,33 @@ def choice(*choices: str) -> Converter:
     return conv
 
 
+def _unit(parse: Callable[[object], T]) -> Callable[[object], T]:
+    """A converter from a parser of L{clawproxy.units}: its C{ValueError} becomes L{Bad}."""
+
+    def conv(value: object) -> T:
+        try:
+            return parse(value)
+        except ValueError as e:
+            raise bad(str(e)) from None
+
+    return conv
+
+
+_seconds = _unit(parse_duration)
+rate = typed("rate (``100/minute``, ``10/s``, ``1000/hour``)")(_unit(parse_rate))
+size = typed("size (``10MB``, ``512KB``, ``1GB`` or bytes)")(_unit(parse_size))
+
+
 def duration(above: float | None = None) -> Converter:
     @typed("duration (``500ms``, ``10s``, ``5m``, ``2h``, ``1d`` or seconds)"
            + (f", > {above:g}" if above is not None else ""))
     def conv(value: object) -> float:
-        try:
-            seconds = parse_duration(value)
-        except ValueError as e:
-            raise bad(str(e)) from None
+        seconds = _seconds(value)
         if above is not None and not seconds > above:
             raise bad(f"must be > {above:g}")
         return seconds
 
     return conv
-
-
-@typed("rate (``100/minute``, ``10/s``, ``1000/hour``)")
-def rate(value: object) -> Rate:
-    try:
-        return parse_rate(value)
-    except ValueError as e:
-        raise bad(str(e)) from None
-
-
-@typed("size (``10MB``, ``512KB``, ``1GB`` or bytes)")
-def size(value: object) -> int:
-    try:
-        return parse_size(value)
-    except ValueError as e:
-        raise bad(str(e)) from None
 
 
 def at_least_size(low: int, message: str) -> Converter:
@@ -440,12 +442,21 @@ def scalar_text(value: object) -> str:
     return text(value)
 
 
-@typed("header name")
-def header_name(value: object) -> str:
-    name = text(value)
-    if not _HEADER_NAME.fullmatch(name):
-        raise bad("invalid header name")
-    return name
+def _matching(pattern: str, message: str) -> Callable[[object], str]:
+    """A converter for a string that must match C{pattern} (else C{message})."""
+    regex = re.compile(pattern)
+
+    def conv(value: object) -> str:
+        result = text(value)
+        if not regex.fullmatch(result):
+            raise bad(message)
+        return result
+
+    return conv
+
+
+header_name = typed("header name")(
+    _matching(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", "invalid header name"))
 
 
 @typed("header value")
@@ -564,12 +575,9 @@ def match_key(value: object) -> str:
     return key
 
 
-@typed("name (letters, digits and ``_ . : @ -``)")
-def name_text(value: object) -> str:
-    result = text(value)
-    if not _NAME.fullmatch(result):
-        raise bad("invalid name (letters, digits and _ . : @ - only)")
-    return result
+name_text = typed("name (letters, digits and ``_ . : @ -``)")(
+    _matching(r"[A-Za-z0-9_][A-Za-z0-9_.:@-]*",
+              "invalid name (letters, digits and _ . : @ - only)"))
 
 
 @typed("string, or a mapping or list (written out as JSON)")

@@ -16,6 +16,7 @@ of these would be a custom hook in cattrs, around exception groups to re-format.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -118,6 +119,17 @@ def _at(path: str, key: object) -> str:
     return f"{path}.{key}" if path else str(key)
 
 
+@functools.cache
+def _declared(cls: type) -> tuple[tuple[tuple[attrs.Attribute, Spec, str], ...], frozenset[str]]:
+    """
+    The fields of C{cls} the reader fills, each with its spec and YAML key, in the order
+    of the declaration; and the keys a mapping for C{cls} may hold. Once per class.
+    """
+    fields = tuple((field, spec, spec.key or field.name) for field in attrs.fields(cls)
+                   if (spec := spec_of(field)) is not None and spec.kind != "internal")
+    return fields, frozenset(key for _, spec, key in fields if spec.kind != "key")
+
+
 class Reader:
     """
     Reads mappings into the attrs classes of the declaration, collecting errors.
@@ -150,16 +162,11 @@ class Reader:
         """
         values: dict[str, Any] = {}
         present: set[str] = set()
-        seen: set[object] = set()
-        for field in attrs.fields(cls):
-            spec = spec_of(field)
-            if spec is None or spec.kind == "internal":
-                continue
+        fields, keys = _declared(cls)
+        for field, spec, key in fields:
             if spec.kind == "key":
                 values[field.name] = given[field.name]
                 continue
-            key = spec.key or field.name
-            seen.add(key)
             raw = _value(data.get(key))
             written = raw is not None or (spec.null_enables and key in data)
             if written:
@@ -179,7 +186,7 @@ class Reader:
                 self.error(where, not_yet.message)
             values[field.name] = value
         for key in data:
-            if key not in seen:
+            if key not in keys:
                 self.error(_at(path, key), "unknown key")
         result = cls(**values)
         check = getattr(result, "_check", None)
@@ -189,23 +196,19 @@ class Reader:
 
     def _field(self, spec: Spec, path: str, raw: Any, written: bool,
                parent: dict[str, Any]) -> Any:
-        if spec.kind == "value":
-            return self._scalar(spec, path, raw)
         if spec.kind == "section":
             return self._section(spec, path, raw, written, parent)
         if raw is None:
             if spec.required:
-                self.error(path, spec.required if isinstance(spec.required, str) else "required")
+                self.error(path, spec.required)
             return _ABSENT
+        if spec.kind == "value":
+            return self._scalar(spec, path, raw)
         if spec.kind == "entries":
             return self._entries(spec, path, raw)
         return self._items(spec, path, raw, parent)
 
     def _scalar(self, spec: Spec, path: str, raw: Any) -> Any:
-        if raw is None:
-            if spec.required:
-                self.error(path, "required")
-            return _ABSENT
         try:
             value = spec.conv(raw)
             if spec.resolve is not None and value is not None:
@@ -232,8 +235,6 @@ class Reader:
             return _ABSENT
         if not raw and spec.empty:
             self.error(path, spec.empty)
-        named = any(spec_of(f) is not None and spec_of(f).kind == "key"
-                    for f in attrs.fields(spec.cls))
         result = {}
         for raw_name, value in raw.items():
             try:
@@ -246,7 +247,8 @@ class Reader:
             if value is not None and not isinstance(value, dict):
                 self.error(where, "must be a mapping")
                 continue
-            result[name] = self.read(spec.cls, where, value or {}, {"name": name} if named else {})
+            # The name fills the class's entry_name field, if it has one.
+            result[name] = self.read(spec.cls, where, value or {}, {"name": name})
         return result
 
     def _items(self, spec: Spec, path: str, raw: Any, parent: dict[str, Any]) -> Any:
