@@ -99,6 +99,40 @@ def error_of(body: bytes) -> dict[str, Any]:
     return err
 
 
+# -- process figures (Linux /proc) --------------------------------------------------------
+
+
+def _status_bytes(field: str, pid: int | str) -> int:
+    """A C{kB} field of C{/proc/PID/status} (C{VmRSS}, C{VmHWM}), in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def rss(pid: int | str = "self") -> int:
+    """The resident set size of process C{pid} (this one by default), in bytes."""
+    return _status_bytes("VmRSS", pid)
+
+
+def peak_rss(pid: int | str = "self") -> int:
+    """The peak resident set size of process C{pid} (this one by default), in bytes."""
+    return _status_bytes("VmHWM", pid)
+
+
+def cpu_seconds(pid: int | str = "self") -> float:
+    """CPU time (user + system) process C{pid} (this one by default) has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def open_fds(pid: int | str = "self") -> int:
+    """File descriptors process C{pid} (this one by default) has open now."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
 # -- connection tracking -----------------------------------------------------------------
 
 

@@ -9,7 +9,6 @@ alone; every wait is bounded.
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 
@@ -26,9 +25,11 @@ from tests.integration.helpers import (
     Harness,
     RawClient,
     bounded,
+    cpu_seconds,
     error_of,
     parse_response,
     response_complete,
+    rss,
     tick,
     wait_for,
 )
@@ -42,22 +43,6 @@ QUIET = 1.0
 RSS_BOUND = 50 * 1024 * 1024
 
 _ID = re.compile(rb"\r\nX-Request-Id: p(\d+)\r\n", re.IGNORECASE)
-
-
-def rss_of(pid: int) -> int:
-    """Resident set size of process C{pid}, in bytes (from C{/proc})."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for {pid}")
-
-
-def cpu_of(pid: int) -> float:
-    """CPU seconds (user + system) process C{pid} has used (from C{/proc})."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @implementer(IPushProducer)
@@ -169,8 +154,8 @@ class PipeliningTests(TestCase):
         warm = await h.exchange(port, b"GET /health HTTP/1.1\r\nHost: gw\r\n\r\n")
         self.assertEqual(warm.status, 200)
         await tick(0.2)
-        rss_before = rss_of(pid)
-        cpu_before = cpu_of(pid)
+        rss_before = rss(pid)
+        cpu_before = cpu_seconds(pid)
 
         client = Pipeliner()
         await bounded(connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client))
@@ -183,7 +168,7 @@ class PipeliningTests(TestCase):
         while True:
             await tick(0.25)
             now = reactor.seconds()
-            peak = max(peak, rss_of(pid))
+            peak = max(peak, rss(pid))
             n = answered(h)
             if n != last:
                 last, last_change = n, now
@@ -194,12 +179,12 @@ class PipeliningTests(TestCase):
                           f" ({n - 1} answers, RSS +{(peak - rss_before) / 2**20:.1f} MB)")
         stopped_after = last_change - started
         # Then it stays idle: no answer, (almost) no CPU.
-        cpu_quiet, n_quiet = cpu_of(pid), answered(h)
+        cpu_quiet, n_quiet = cpu_seconds(pid), answered(h)
         await tick(QUIET)
-        peak = max(peak, rss_of(pid))
-        quiet_cpu = cpu_of(pid) - cpu_quiet
+        peak = max(peak, rss(pid))
+        quiet_cpu = cpu_seconds(pid) - cpu_quiet
         self.assertEqual(answered(h), n_quiet)
-        cpu = cpu_of(pid) - cpu_before
+        cpu = cpu_seconds(pid) - cpu_before
         growth = peak - rss_before
         sent = client.sent
         print(f"\npipelining: {sent} requests written without reading; the gateway"

@@ -82,7 +82,9 @@ from tests.integration.helpers import (
     _transport_of,
     bounded,
     error_of,
+    open_fds,
     pool,
+    rss,
     tick,
 )
 
@@ -108,20 +110,6 @@ ALLOWED_5XX = frozenset((501, 503, 504, 505))
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     return int(value) if value else default
-
-
-def open_fds() -> int:
-    """File descriptors this process has open now."""
-    return len(os.listdir("/proc/self/fd"))
-
-
-def rss() -> int:
-    """This process's resident set size, in bytes (from C{/proc/self/status})."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS in /proc/self/status")
 
 
 async def settle_fds(limit: int, timeout: float = 5.0) -> int:
