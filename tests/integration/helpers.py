@@ -596,15 +596,17 @@ class Harness:
         self.pools.append(p)
         return HTTPClient(Agent(reactor, pool=p, **agent_args))
 
-    async def raw(self, port: int, request: bytes | None = None, tls: Any = None
-                  ) -> RawClient:
+    async def raw(self, port: int, request: bytes | None = None, tls: Any = None,
+                  source: str | None = None) -> RawClient:
         """
         Connect a L{RawClient} to C{port} and send C{request}.
 
         @param tls: an C{IOpenSSLClientConnectionCreator} to speak TLS with.
+        @param source: the loopback address to connect from (C{127.0.0.2}, ...).
         """
         proto = RawClient()
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5,
+                                      bindAddress=(source, 0) if source else None)
         if tls is not None:
             endpoint = wrapClientTLS(tls, endpoint)
         await bounded(connectProtocol(endpoint, proto))

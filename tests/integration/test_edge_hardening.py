@@ -23,6 +23,7 @@ from zope.interface import implementer
 from tests.integration.edge import Recorder
 from tests.integration.helpers import (
     Harness,
+    Process,
     RawClient,
     bounded,
     cpu_seconds,
@@ -121,6 +122,18 @@ logging:
 """
 
 
+async def twistd_gateway(h: Harness, *python: str) -> tuple[Process, int]:
+    """
+    A C{twistd clawproxy} subprocess (C{sys.executable PYTHON...}) in front of
+    a L{Recorder}, with the L{GATEWAY} config; the process and its data port.
+    """
+    backend = h.serve(Recorder(), "recorder")
+    with open(h.path("gateway.yaml"), "w") as f:
+        f.write(GATEWAY.format(backend=backend.url))
+    proc = h.spawn(*python, "-n", "--pidfile=", "clawproxy", "-c", "gateway.yaml")
+    return proc, await listening(proc, "clawproxy data plane")
+
+
 def answered(h: Harness) -> int:
     """Lines in the subprocess gateway's access log so far (one per answered request)."""
     try:
@@ -143,11 +156,7 @@ class PipeliningTests(TestCase):
         it gets a 200 for every request it wrote, in order.
         """
         h = Harness(self)
-        backend = h.serve(Recorder(), "recorder")
-        with open(h.path("gateway.yaml"), "w") as f:
-            f.write(GATEWAY.format(backend=backend.url))
-        proc = h.spawn(*TWISTD, "-n", "--pidfile=", "clawproxy", "-c", "gateway.yaml")
-        port = await listening(proc, "clawproxy data plane")
+        proc, port = await twistd_gateway(h, *TWISTD)
         pid = proc.pid
         assert pid is not None
         # Warm up (first request's imports and allocations), then the baseline.
@@ -220,15 +229,6 @@ TWISTD_300_FDS = ("-c", "import resource; resource.setrlimit(resource.RLIMIT_NOF
 HEALTH = b"GET /health HTTP/1.1\r\nHost: gw\r\n\r\n"
 
 
-async def connect_from(port: int, source: str) -> RawClient:
-    """A L{RawClient} connected to C{port} from the loopback address C{source}."""
-    proto = RawClient()
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5,
-                                  bindAddress=(source, 0))
-    await bounded(connectProtocol(endpoint, proto))
-    return proto
-
-
 class FdLimitTests(TestCase):
     timeout = 60
 
@@ -243,30 +243,19 @@ class FdLimitTests(TestCase):
         503 too; no accept ever fails for lack of descriptors (no C{EMFILE}).
         """
         h = Harness(self)
-        backend = h.serve(Recorder(), "recorder")
-        with open(h.path("gateway.yaml"), "w") as f:
-            f.write(GATEWAY.format(backend=backend.url))
-        proc = h.spawn(*TWISTD_300_FDS, "-n", "--pidfile=", "clawproxy", "-c", "gateway.yaml")
-        port = await listening(proc, "clawproxy data plane")
+        proc, port = await twistd_gateway(h, *TWISTD_300_FDS)
         self.assertIn("open-file limit raised from 200 to 300", proc.output)
         clients: list[RawClient] = []
 
-        def close_all() -> None:
-            for c in clients:
-                c.transport.abortConnection()
-
-        self.addCleanup(close_all)
-
         async def served(source: str) -> RawClient:
-            proto = await connect_from(port, source)
+            proto = await h.raw(port, HEALTH, source=source)
             clients.append(proto)
-            proto.transport.write(HEALTH)
             raw = await proto.when(response_complete)
             self.assertEqual(parse_response(raw).status, 200, raw[:300])
             return proto
 
         async def refused(source: str, message: str) -> None:
-            proto = await connect_from(port, source)
+            proto = await h.raw(port, source=source)
             raw = await bounded(proto.closed)
             response = parse_response(raw)
             self.assertEqual(response.status, 503)
