@@ -146,6 +146,12 @@ def _transport_of(proto: Any) -> Any:
     return t
 
 
+def open_transport(proto: Any) -> Any:
+    """The reactor transport under C{proto} if it is still connected, else None."""
+    t = _transport_of(proto)
+    return t if t is not None and not getattr(t, "disconnected", True) else None
+
+
 def buffered(transport: Any) -> int:
     """Bytes a reactor transport holds in memory, written but not yet sent."""
     data = getattr(transport, "dataBuffer", b"")
@@ -178,12 +184,7 @@ class ConnectionTracker:
 
     def open(self) -> list[Any]:
         """Transports of watched protocols that are still connected."""
-        out = []
-        for proto in self.protocols:
-            t = _transport_of(proto)
-            if t is not None and not getattr(t, "disconnected", True):
-                out.append(t)
-        return out
+        return [t for t in map(open_transport, self.protocols) if t is not None]
 
 
 # -- backends ----------------------------------------------------------------------------
@@ -216,12 +217,7 @@ class Backend:
         return {"id": self.id, "url": self.url, **extra}
 
     def open_transports(self) -> list[Any]:
-        out = []
-        for proto in self.connections:
-            t = _transport_of(proto)
-            if t is not None and not getattr(t, "disconnected", True):
-                out.append(t)
-        return out
+        return [t for t in map(open_transport, self.connections) if t is not None]
 
     async def kill(self) -> None:
         """

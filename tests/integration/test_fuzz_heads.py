@@ -79,10 +79,10 @@ from tests.integration.helpers import (
     HELLO,
     Harness,
     RunningGateway,
-    _transport_of,
     bounded,
     error_of,
     open_fds,
+    open_transport,
     pool,
     rss,
     tick,
@@ -126,14 +126,9 @@ def forget_closed(h: Harness) -> None:
     every protocol (to reset what is left open at cleanup), which over
     thousands of connections would look like a leak of the gateway's.
     """
-    h.tracker.protocols[:] = [p for p in h.tracker.protocols if _open(p)]
+    h.tracker.protocols[:] = [p for p in h.tracker.protocols if open_transport(p) is not None]
     for backend in h.backends:
-        backend.connections[:] = [p for p in backend.connections if _open(p)]
-
-
-def _open(proto: Any) -> bool:
-    t = _transport_of(proto)
-    return t is not None and not getattr(t, "disconnected", True)
+        backend.connections[:] = [p for p in backend.connections if open_transport(p) is not None]
 
 
 _CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
