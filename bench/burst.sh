@@ -47,6 +47,8 @@ done
 HERE="$(cd "$(dirname "$0")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
 OUT="${BURST_OUT:-$HERE/out/burst}"
+SERVER_TIMEOUT=290
+source "$HERE/lib.sh"
 PY="${PYTHON:-python3}"
 PCPU="${BENCH_PROXY_CPU:-1}"
 LCPU="${BENCH_LOAD_CPU:-0}"
@@ -55,43 +57,12 @@ EVENTS=${BURST_EVENTS:-50}
 INTERVAL=${BURST_INTERVAL:-0.02}
 P_SSE=$BASE; P_BARE=$((BASE + 1)); P_CLAW=$((BASE + 2)); P_BEFORE=$((BASE + 3))
 A_CLAW=$((BASE + 6)); A_BEFORE=$((BASE + 7))
-for p in $P_SSE $P_BARE $P_CLAW $P_BEFORE $A_CLAW $A_BEFORE; do
-    if ss -Hltn "sport = :$p" | grep -q .; then
-        echo "port $p is in use; set BENCH_PORT_BASE" >&2
-        exit 1
-    fi
-done
+check_ports $P_SSE $P_BARE $P_CLAW $P_BEFORE $A_CLAW $A_BEFORE
 ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 rm -rf "$OUT"
 mkdir -p "$OUT"
-PIDS=()
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    sleep 0.3
-    for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-}
-trap cleanup EXIT
+trap stop_servers EXIT
 trap 'exit 130' INT TERM
-log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-start() {  # start NAME CPU CMD...: under `timeout`, stopped by PID
-    local name=$1 cpu=$2
-    shift 2
-    timeout 290 taskset -c "$cpu" "$@" >"$OUT/$name.log" 2>&1 &
-    PIDS+=($!)
-    eval "PID_${name//-/_}=$!"
-}
-wait_port() {
-    local i
-    for i in $(seq 1 100); do
-        ss -Hltn "sport = :$1" | grep -q . && return 0
-        sleep 0.1
-    done
-    echo "$2 did not listen on $1; see $OUT/$2.log" >&2
-    exit 1
-}
-child_of() { pgrep -P "$1" | head -1; }
 
 tree_rev() { git -C "$1" rev-parse --short HEAD 2>/dev/null || echo '?'; }
 {
@@ -121,7 +92,6 @@ fi
 for t in "${TARGETS[@]}"; do wait_port "${t#*:}" "${t%%:*}"; done
 sleep 1
 
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }  # utime + stime of PID
 declare -A SERVER
 SERVER[direct]=$(child_of "$PID_sse")
 SERVER[bare]=$(child_of "$PID_bare")

@@ -45,6 +45,8 @@ if [[ -n "$BEFORE" && ! -d "$BEFORE/clawproxy" ]]; then
     exit 2
 fi
 OUT="$HERE/out"
+SERVER_TIMEOUT=700
+source "$HERE/lib.sh"
 PY="${PYTHON:-python}"
 PCPU="${BENCH_PROXY_CPU:-1}"
 LCPU="${BENCH_LOAD_CPU:-0}"
@@ -74,13 +76,8 @@ P_BARE_NOFP=$((BASE + 7)); P_BEF=$((BASE + 8)); P_BEF_SSE=$((BASE + 9))
 A_CLAW=$((BASE + 14)); A_CLAW_NOLOG=$((BASE + 15)); A_CLAW_SSE=$((BASE + 16))
 A_BEF=$((BASE + 17)); A_BEF_SSE=$((BASE + 18))
 
-for p in $P_NGINX $P_SSE $P_BARE $P_BARE_SSE $P_CLAW $P_CLAW_NOLOG $P_CLAW_SSE $P_BARE_NOFP \
-         $P_BEF $P_BEF_SSE $A_CLAW $A_CLAW_NOLOG $A_CLAW_SSE $A_BEF $A_BEF_SSE; do
-    if ss -Hltn "sport = :$p" | grep -q .; then
-        echo "port $p is in use; set BENCH_PORT_BASE" >&2
-        exit 1
-    fi
-done
+check_ports $P_NGINX $P_SSE $P_BARE $P_BARE_SSE $P_CLAW $P_CLAW_NOLOG $P_CLAW_SSE $P_BARE_NOFP \
+            $P_BEF $P_BEF_SSE $A_CLAW $A_CLAW_NOLOG $A_CLAW_SSE $A_BEF $A_BEF_SSE
 
 for tool in wrk nginx taskset ss; do
     command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install $tool)" >&2; exit 1; }
@@ -90,41 +87,12 @@ ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 rm -rf "$OUT"
 mkdir -p "$OUT"
 TMP="$(mktemp -d /tmp/clawbench.XXXXXX)"
-PIDS=()
-
 cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    sleep 0.5
-    for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
+    stop_servers
     rm -rf "$TMP"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-
-wait_port() {  # wait_port PORT NAME: up to 10 s
-    local i
-    for i in $(seq 1 100); do
-        ss -Hltn "sport = :$1" | grep -q . && return 0
-        sleep 0.1
-    done
-    echo "$2 did not listen on $1; see $OUT/$2.log" >&2
-    exit 1
-}
-
-# Each server runs under `timeout` (a hard ceiling) and is stopped by its PID.
-start() {  # start NAME CPU CMD...
-    local name=$1 cpu=$2
-    shift 2
-    timeout 700 taskset -c "$cpu" "$@" >"$OUT/$name.log" 2>&1 &
-    PIDS+=($!)
-    eval "PID_${name//-/_}=$!"
-}
-
-child_of() { pgrep -P "$1" | head -1; }  # the real server under `timeout`
 
 # -- machine ------------------------------------------------------------------
 
@@ -202,7 +170,6 @@ LOAD=(timeout 120 taskset -c "$LCPU")
 
 # -- 1. throughput at 50 connections (wrk) -------------------------------------
 
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }  # utime + stime of PID
 wrk_run() {  # wrk_run LABEL PORT ROUND SERVER_PID
     "${LOAD[@]}" wrk -t1 -c"$CONNS" -d"${WRK_WARM}s" -s "$HERE/chat.lua" "http://127.0.0.1:$2" >/dev/null
     local before after

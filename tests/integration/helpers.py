@@ -99,6 +99,40 @@ def error_of(body: bytes) -> dict[str, Any]:
     return err
 
 
+# -- process figures (Linux /proc) --------------------------------------------------------
+
+
+def _status_bytes(field: str, pid: int | str) -> int:
+    """A C{kB} field of C{/proc/PID/status} (C{VmRSS}, C{VmHWM}), in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def rss(pid: int | str = "self") -> int:
+    """The resident set size of process C{pid} (this one by default), in bytes."""
+    return _status_bytes("VmRSS", pid)
+
+
+def peak_rss(pid: int | str = "self") -> int:
+    """The peak resident set size of process C{pid} (this one by default), in bytes."""
+    return _status_bytes("VmHWM", pid)
+
+
+def cpu_seconds(pid: int | str = "self") -> float:
+    """CPU time (user + system) process C{pid} (this one by default) has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def open_fds(pid: int | str = "self") -> int:
+    """File descriptors process C{pid} (this one by default) has open now."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
 # -- connection tracking -----------------------------------------------------------------
 
 
@@ -110,6 +144,12 @@ def _transport_of(proto: Any) -> Any:
     while t is not None and not hasattr(t, "disconnected") and hasattr(t, "transport"):
         t = t.transport
     return t
+
+
+def open_transport(proto: Any) -> Any:
+    """The reactor transport under C{proto} if it is still connected, else None."""
+    t = _transport_of(proto)
+    return t if t is not None and not getattr(t, "disconnected", True) else None
 
 
 def buffered(transport: Any) -> int:
@@ -144,12 +184,7 @@ class ConnectionTracker:
 
     def open(self) -> list[Any]:
         """Transports of watched protocols that are still connected."""
-        out = []
-        for proto in self.protocols:
-            t = _transport_of(proto)
-            if t is not None and not getattr(t, "disconnected", True):
-                out.append(t)
-        return out
+        return [t for t in map(open_transport, self.protocols) if t is not None]
 
 
 # -- backends ----------------------------------------------------------------------------
@@ -182,12 +217,7 @@ class Backend:
         return {"id": self.id, "url": self.url, **extra}
 
     def open_transports(self) -> list[Any]:
-        out = []
-        for proto in self.connections:
-            t = _transport_of(proto)
-            if t is not None and not getattr(t, "disconnected", True):
-                out.append(t)
-        return out
+        return [t for t in map(open_transport, self.connections) if t is not None]
 
     async def kill(self) -> None:
         """
@@ -562,15 +592,17 @@ class Harness:
         self.pools.append(p)
         return HTTPClient(Agent(reactor, pool=p, **agent_args))
 
-    async def raw(self, port: int, request: bytes | None = None, tls: Any = None
-                  ) -> RawClient:
+    async def raw(self, port: int, request: bytes | None = None, tls: Any = None,
+                  source: str | None = None) -> RawClient:
         """
         Connect a L{RawClient} to C{port} and send C{request}.
 
         @param tls: an C{IOpenSSLClientConnectionCreator} to speak TLS with.
+        @param source: the loopback address to connect from (C{127.0.0.2}, ...).
         """
         proto = RawClient()
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5,
+                                      bindAddress=(source, 0) if source else None)
         if tls is not None:
             endpoint = wrapClientTLS(tls, endpoint)
         await bounded(connectProtocol(endpoint, proto))

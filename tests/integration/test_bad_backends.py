@@ -30,7 +30,9 @@ from tests.integration.helpers import (
     bounded,
     error_of,
     parse_response,
+    peak_rss,
     response_complete,
+    rss,
     wait_for,
 )
 
@@ -40,21 +42,6 @@ POOL_TIMEOUT = 3.0
 GET = b"GET /v1/x HTTP/1.1\r\nHost: gateway.test\r\n\r\n"
 POST = (b"POST /v1/x HTTP/1.1\r\nHost: gateway.test\r\nContent-Type: application/json\r\n"
         b"Content-Length: 11\r\n\r\n{\"ok\":true}")
-
-
-def rss_bytes() -> int:
-    """This process's resident set size now (the gateway runs in the test process)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * _PAGE
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size since L{reset_peak_rss}."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM in /proc/self/status")
 
 
 def reset_peak_rss() -> bool:
@@ -68,9 +55,6 @@ def reset_peak_rss() -> bool:
     except OSError:
         return False
     return True
-
-
-_PAGE = 4096
 
 
 @implementer(IPullProducer)
@@ -226,10 +210,10 @@ class BadBackendTests(TestCase):
         process's peak RSS growth, and the backends.
         """
         h, gw, backends = await self.start(self.header_bomb, instances, **pool)
-        baseline = rss_bytes()
+        baseline = rss()
         peak_kept = reset_peak_rss()
         samples = [baseline]
-        sampler = LoopingCall(lambda: samples.append(rss_bytes()))
+        sampler = LoopingCall(lambda: samples.append(rss()))
         sampler.start(0.005)
         started = time.monotonic()
         try:
@@ -238,7 +222,7 @@ class BadBackendTests(TestCase):
             elapsed = time.monotonic() - started
         finally:
             sampler.stop()
-        peak = max(max(samples), peak_rss_bytes() if peak_kept else 0)
+        peak = max(max(samples), peak_rss() if peak_kept else 0)
         growth = peak - baseline
         # The bombing connections were dropped by the gateway.
         await wait_for(lambda: all(b.lost == b.connections for b in backends),

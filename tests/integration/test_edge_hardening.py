@@ -9,7 +9,6 @@ alone; every wait is bounded.
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 
@@ -24,11 +23,14 @@ from zope.interface import implementer
 from tests.integration.edge import Recorder
 from tests.integration.helpers import (
     Harness,
+    Process,
     RawClient,
     bounded,
+    cpu_seconds,
     error_of,
     parse_response,
     response_complete,
+    rss,
     tick,
     wait_for,
 )
@@ -42,22 +44,6 @@ QUIET = 1.0
 RSS_BOUND = 50 * 1024 * 1024
 
 _ID = re.compile(rb"\r\nX-Request-Id: p(\d+)\r\n", re.IGNORECASE)
-
-
-def rss_of(pid: int) -> int:
-    """Resident set size of process C{pid}, in bytes (from C{/proc})."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for {pid}")
-
-
-def cpu_of(pid: int) -> float:
-    """CPU seconds (user + system) process C{pid} has used (from C{/proc})."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @implementer(IPushProducer)
@@ -136,6 +122,18 @@ logging:
 """
 
 
+async def twistd_gateway(h: Harness, *python: str) -> tuple[Process, int]:
+    """
+    A C{twistd clawproxy} subprocess (C{sys.executable PYTHON...}) in front of
+    a L{Recorder}, with the L{GATEWAY} config; the process and its data port.
+    """
+    backend = h.serve(Recorder(), "recorder")
+    with open(h.path("gateway.yaml"), "w") as f:
+        f.write(GATEWAY.format(backend=backend.url))
+    proc = h.spawn(*python, "-n", "--pidfile=", "clawproxy", "-c", "gateway.yaml")
+    return proc, await listening(proc, "clawproxy data plane")
+
+
 def answered(h: Harness) -> int:
     """Lines in the subprocess gateway's access log so far (one per answered request)."""
     try:
@@ -158,19 +156,15 @@ class PipeliningTests(TestCase):
         it gets a 200 for every request it wrote, in order.
         """
         h = Harness(self)
-        backend = h.serve(Recorder(), "recorder")
-        with open(h.path("gateway.yaml"), "w") as f:
-            f.write(GATEWAY.format(backend=backend.url))
-        proc = h.spawn(*TWISTD, "-n", "--pidfile=", "clawproxy", "-c", "gateway.yaml")
-        port = await listening(proc, "clawproxy data plane")
+        proc, port = await twistd_gateway(h, *TWISTD)
         pid = proc.pid
         assert pid is not None
         # Warm up (first request's imports and allocations), then the baseline.
         warm = await h.exchange(port, b"GET /health HTTP/1.1\r\nHost: gw\r\n\r\n")
         self.assertEqual(warm.status, 200)
         await tick(0.2)
-        rss_before = rss_of(pid)
-        cpu_before = cpu_of(pid)
+        rss_before = rss(pid)
+        cpu_before = cpu_seconds(pid)
 
         client = Pipeliner()
         await bounded(connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client))
@@ -183,7 +177,7 @@ class PipeliningTests(TestCase):
         while True:
             await tick(0.25)
             now = reactor.seconds()
-            peak = max(peak, rss_of(pid))
+            peak = max(peak, rss(pid))
             n = answered(h)
             if n != last:
                 last, last_change = n, now
@@ -194,12 +188,12 @@ class PipeliningTests(TestCase):
                           f" ({n - 1} answers, RSS +{(peak - rss_before) / 2**20:.1f} MB)")
         stopped_after = last_change - started
         # Then it stays idle: no answer, (almost) no CPU.
-        cpu_quiet, n_quiet = cpu_of(pid), answered(h)
+        cpu_quiet, n_quiet = cpu_seconds(pid), answered(h)
         await tick(QUIET)
-        peak = max(peak, rss_of(pid))
-        quiet_cpu = cpu_of(pid) - cpu_quiet
+        peak = max(peak, rss(pid))
+        quiet_cpu = cpu_seconds(pid) - cpu_quiet
         self.assertEqual(answered(h), n_quiet)
-        cpu = cpu_of(pid) - cpu_before
+        cpu = cpu_seconds(pid) - cpu_before
         growth = peak - rss_before
         sent = client.sent
         print(f"\npipelining: {sent} requests written without reading; the gateway"
@@ -235,15 +229,6 @@ TWISTD_300_FDS = ("-c", "import resource; resource.setrlimit(resource.RLIMIT_NOF
 HEALTH = b"GET /health HTTP/1.1\r\nHost: gw\r\n\r\n"
 
 
-async def connect_from(port: int, source: str) -> RawClient:
-    """A L{RawClient} connected to C{port} from the loopback address C{source}."""
-    proto = RawClient()
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5,
-                                  bindAddress=(source, 0))
-    await bounded(connectProtocol(endpoint, proto))
-    return proto
-
-
 class FdLimitTests(TestCase):
     timeout = 60
 
@@ -258,30 +243,19 @@ class FdLimitTests(TestCase):
         503 too; no accept ever fails for lack of descriptors (no C{EMFILE}).
         """
         h = Harness(self)
-        backend = h.serve(Recorder(), "recorder")
-        with open(h.path("gateway.yaml"), "w") as f:
-            f.write(GATEWAY.format(backend=backend.url))
-        proc = h.spawn(*TWISTD_300_FDS, "-n", "--pidfile=", "clawproxy", "-c", "gateway.yaml")
-        port = await listening(proc, "clawproxy data plane")
+        proc, port = await twistd_gateway(h, *TWISTD_300_FDS)
         self.assertIn("open-file limit raised from 200 to 300", proc.output)
         clients: list[RawClient] = []
 
-        def close_all() -> None:
-            for c in clients:
-                c.transport.abortConnection()
-
-        self.addCleanup(close_all)
-
         async def served(source: str) -> RawClient:
-            proto = await connect_from(port, source)
+            proto = await h.raw(port, HEALTH, source=source)
             clients.append(proto)
-            proto.transport.write(HEALTH)
             raw = await proto.when(response_complete)
             self.assertEqual(parse_response(raw).status, 200, raw[:300])
             return proto
 
         async def refused(source: str, message: str) -> None:
-            proto = await connect_from(port, source)
+            proto = await h.raw(port, source=source)
             raw = await bounded(proto.closed)
             response = parse_response(raw)
             self.assertEqual(response.status, 503)

@@ -79,10 +79,12 @@ from tests.integration.helpers import (
     HELLO,
     Harness,
     RunningGateway,
-    _transport_of,
     bounded,
     error_of,
+    open_fds,
+    open_transport,
     pool,
+    rss,
     tick,
 )
 
@@ -110,20 +112,6 @@ def _env_int(name: str, default: int) -> int:
     return int(value) if value else default
 
 
-def open_fds() -> int:
-    """File descriptors this process has open now."""
-    return len(os.listdir("/proc/self/fd"))
-
-
-def rss() -> int:
-    """This process's resident set size, in bytes (from C{/proc/self/status})."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS in /proc/self/status")
-
-
 async def settle_fds(limit: int, timeout: float = 5.0) -> int:
     """Open fds once they are down to C{limit}, or after C{timeout} seconds, whichever first."""
     deadline = reactor.seconds() + timeout
@@ -138,14 +126,9 @@ def forget_closed(h: Harness) -> None:
     every protocol (to reset what is left open at cleanup), which over
     thousands of connections would look like a leak of the gateway's.
     """
-    h.tracker.protocols[:] = [p for p in h.tracker.protocols if _open(p)]
+    h.tracker.protocols[:] = [p for p in h.tracker.protocols if open_transport(p) is not None]
     for backend in h.backends:
-        backend.connections[:] = [p for p in backend.connections if _open(p)]
-
-
-def _open(proto: Any) -> bool:
-    t = _transport_of(proto)
-    return t is not None and not getattr(t, "disconnected", True)
+        backend.connections[:] = [p for p in backend.connections if open_transport(p) is not None]
 
 
 _CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")

@@ -9,7 +9,6 @@ and memory are read from C{/proc/self}.
 from __future__ import annotations
 
 import gc
-import os
 from typing import Any
 
 import h2.errors
@@ -29,7 +28,16 @@ from tests.integration.edge import (
     tls_section,
     write_cert,
 )
-from tests.integration.helpers import Harness, RunningGateway, bounded, pool, tick, wait_for
+from tests.integration.helpers import (
+    Harness,
+    RunningGateway,
+    bounded,
+    cpu_seconds,
+    pool,
+    rss,
+    tick,
+    wait_for,
+)
 
 #: The large response body a stalled client is sent.
 BIG = b"x" * (4 * 1024 * 1024)
@@ -43,20 +51,6 @@ class Big(Resource):
     def render(self, request: Any) -> bytes:
         request.setHeader(b"content-type", b"application/octet-stream")
         return BIG
-
-
-def cpu_seconds() -> float:
-    """CPU time (user + system) this process has used so far."""
-    with open("/proc/self/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_mb() -> float:
-    """This process's resident set size, in MB."""
-    with open("/proc/self/statm") as f:
-        pages = int(f.read().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def unfinished_header_block(continuations: int, size: int) -> bytes:
@@ -130,7 +124,7 @@ class H2HardeningTests(TestCase):
         block = unfinished_header_block(63, 16384)
         piece = len(block) // 16  # four frames at a time, as fast as the server reads them
         gc.collect()
-        baseline = rss_mb()
+        baseline = rss() / 2**20
         start = reactor.seconds()
         peak = baseline
         clients: list[H2Client] = []
@@ -142,10 +136,10 @@ class H2HardeningTests(TestCase):
                     if not client.lost:
                         client.transport.write(block[offset:offset + piece])
                 await tick(0.001)
-                peak = max(peak, rss_mb())
+                peak = max(peak, rss() / 2**20)
             clients.extend(batch)
             await wait_for(lambda b=batch: all(c.lost for c in b), "the batch to be closed", 10.0)
-            peak = max(peak, rss_mb())
+            peak = max(peak, rss() / 2**20)
         elapsed = reactor.seconds() - start
         gc.collect()
         print(f"\n    300 unfinished header blocks: RSS {baseline:.0f} -> peak {peak:.0f} MB "

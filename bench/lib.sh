@@ -1,0 +1,48 @@
+# Shell helpers shared by bench/run.sh and bench/burst.sh (sourced, not run).
+# Before calling start/wait_port, set OUT (each server's log goes to $OUT/NAME.log)
+# and SERVER_TIMEOUT (each server's hard ceiling, in seconds).
+
+PIDS=()
+
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+
+check_ports() {  # check_ports PORT...: exit 1 if any of them is listened on
+    local p
+    for p in "$@"; do
+        if ss -Hltn "sport = :$p" | grep -q .; then
+            echo "port $p is in use; set BENCH_PORT_BASE" >&2
+            exit 1
+        fi
+    done
+}
+
+# Each server runs under `timeout` (a hard ceiling) and is stopped by its PID.
+start() {  # start NAME CPU CMD...: its `timeout` PID in PIDS and in PID_NAME
+    local name=$1 cpu=$2
+    shift 2
+    timeout "$SERVER_TIMEOUT" taskset -c "$cpu" "$@" >"$OUT/$name.log" 2>&1 &
+    PIDS+=($!)
+    eval "PID_${name//-/_}=$!"
+}
+
+stop_servers() {  # TERM every server started, then KILL what is left
+    local pid
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    sleep 0.5
+    for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+}
+
+wait_port() {  # wait_port PORT NAME: up to 10 s
+    local i
+    for i in $(seq 1 100); do
+        ss -Hltn "sport = :$1" | grep -q . && return 0
+        sleep 0.1
+    done
+    echo "$2 did not listen on $1; see $OUT/$2.log" >&2
+    exit 1
+}
+
+child_of() { pgrep -P "$1" | head -1; }  # the real server under `timeout`
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }  # utime + stime of PID
