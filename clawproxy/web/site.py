@@ -118,19 +118,19 @@ class GatewayRequest(server.Request):
         """
         self._h2_rejection = rej
         stream = self.channel
-        request_id = stream.site.refused(_StreamPeer(stream), stream.command or b"-",
-                                         stream.path or b"-", rej)
-        body = rej.body()
-        headers = [(b"content-type", b"application/json"),
-                   (b"x-request-id", request_id.encode())]
-        headers.extend((k.lower().encode(), v.encode()) for k, v in rej.headers)
-        headers.append((b"content-length", b"%d" % len(body)))
+        fields, body = self._h2_error(rej, stream.command or b"-", stream.path or b"-")
         conn = compat.h2_connection_of(stream)
         refuse = getattr(conn, "refuse_stream", None)
         if refuse is not None:
-            refuse(stream.streamID, rej.status, headers, body)
+            refuse(stream.streamID, rej.status, [(k.lower(), v) for k, v in fields], body)
         else:
             stream.abortConnection()
+
+    def _h2_error(self, rej: Rejected, method: bytes,
+                  path: bytes) -> tuple[list[tuple[bytes, bytes]], bytes]:
+        """Log a refused HTTP/2 request; the fields and body of its answer."""
+        stream = self.channel
+        return error_fields(rej, stream.site.refused(_StreamPeer(stream), method, path, rej))
 
     def _check_h2_head(self) -> None:
         site = self.channel.site
@@ -150,15 +150,10 @@ class GatewayRequest(server.Request):
 
     def _refuse_h2(self, rej: Rejected) -> None:
         """Answer a refused HTTP/2 request with the SPEC's JSON error (the stream ends)."""
-        request_id = self.channel.site.refused(_StreamPeer(self.channel), self.method,
-                                               self.uri, rej)
-        body = rej.body()
+        fields, body = self._h2_error(rej, self.method, self.uri)
         self.setResponseCode(rej.status)
-        self.setHeader(b"content-type", b"application/json")
-        self.setHeader(b"x-request-id", request_id.encode())
-        for name, value in rej.headers:
-            self.setHeader(name.encode(), value.encode())
-        self.setHeader(b"content-length", b"%d" % len(body))
+        for name, value in fields:
+            self.setHeader(name, value)
         self.write(body)
         self.finish()
 
@@ -438,15 +433,27 @@ class _CountedProtocol(compat.GenericHTTPChannelProtocol):
         super().connectionLost(reason)
 
 
+def error_fields(rej: Rejected,
+                 request_id: str | None = None) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """
+    The header fields and the body of the SPEC's JSON error for C{rej}:
+    C{Content-Type}, C{X-Request-ID} (when known), C{rej}'s own headers,
+    C{Content-Length}. Shared by the HTTP/1.1 and HTTP/2 refusals.
+    """
+    body = rej.body()
+    fields = [(b"Content-Type", b"application/json")]
+    if request_id is not None:
+        fields.append((b"X-Request-ID", request_id.encode()))
+    fields.extend((k.encode(), v.encode()) for k, v in rej.headers)
+    fields.append((b"Content-Length", b"%d" % len(body)))
+    return fields, body
+
+
 def raw_error_response(rej: Rejected, request_id: str | None = None) -> bytes:
     """A whole HTTP/1.1 error response, closing the connection, for C{rej}."""
-    body = rej.body()
-    headers = [(b"Content-Type", b"application/json"), (b"Connection", b"close")]
-    if request_id is not None:
-        headers.append((b"X-Request-ID", request_id.encode()))
-    headers.extend((k.encode(), v.encode()) for k, v in rej.headers)
-    headers.append((b"Content-Length", b"%d" % len(body)))
-    head = b"".join(b"%s: %s\r\n" % h for h in headers)
+    fields, body = error_fields(rej, request_id)
+    fields.insert(1, (b"Connection", b"close"))
+    head = b"".join(b"%s: %s\r\n" % h for h in fields)
     phrase = http.RESPONSES.get(rej.status, b"Error")
     return b"HTTP/1.1 %d %s\r\n%s\r\n%s" % (rej.status, phrase, head, body)
 
