@@ -14,7 +14,7 @@ from twisted.internet.protocol import Protocol
 from twisted.web import http, server
 
 from clawproxy import compat
-from clawproxy.errors import Rejected, bad_request
+from clawproxy.errors import Rejected, bad_request, headers_too_large, too_large
 from clawproxy.policy.validation import (
     check_fields,
     check_header_names,
@@ -94,8 +94,7 @@ class GatewayRequest(server.Request):
         self._handle_content_chunk(data)
         if self.too_large and isinstance(self.channel, compat.H2Stream):
             # Answer now, not once the client has sent (and we discarded) it all.
-            self._refuse_h2_early(Rejected(413, "request body exceeds max_body_size",
-                                           "invalid_request_error", "request_too_large"))
+            self._refuse_h2_early(too_large("request body exceeds max_body_size"))
 
     def _check_h2_size(self) -> None:
         """
@@ -108,8 +107,7 @@ class GatewayRequest(server.Request):
             for value in values:
                 size += len(name) + len(value) + 4
         if size > channel.site.max_header_size:
-            raise Rejected(431, "request headers too large", "invalid_request_error",
-                           "headers_too_large")
+            raise headers_too_large()
 
     def _refuse_h2_early(self, rej: Rejected) -> None:
         """
@@ -175,8 +173,7 @@ class GatewayRequest(server.Request):
             self.content = _Discarding()
             refuse = getattr(self.channel, "refuse", None)
             if refuse is not None:
-                refuse(Rejected(413, "request body exceeds max_body_size",
-                                "invalid_request_error", "request_too_large"))
+                refuse(too_large("request body exceeds max_body_size"))
             return
         self.content.write(data)
 
@@ -273,8 +270,7 @@ class GatewayChannel(compat.HTTPChannel):
         if not site.underscores_in_headers:
             check_header_names((n for n, _ in headers.getAllRawHeaders()), False)
         if self.length is not None and self.length > site.max_body_size:
-            raise Rejected(413, "request body exceeds max_body_size", "invalid_request_error",
-                           "request_too_large")
+            raise too_large("request body exceeds max_body_size")
         for check in site.early_checks:
             check(method, path, headers)
 
@@ -299,8 +295,7 @@ class GatewayChannel(compat.HTTPChannel):
         req = self.requests[-1] if self.requests else None
         received = getattr(req, "_received", 0)
         if received + due > self.site.max_body_size:
-            self.refuse(Rejected(413, "request body exceeds max_body_size",
-                                 "invalid_request_error", "request_too_large"))
+            self.refuse(too_large("request body exceeds max_body_size"))
 
     def pauseProducing(self) -> None:
         """
@@ -371,8 +366,7 @@ class GatewayChannel(compat.HTTPChannel):
         self.refuse(bad_request("malformed request", "malformed_request"))
 
     def _refuse_head(self) -> None:
-        self.refuse(Rejected(431, "request headers too large", "invalid_request_error",
-                             "headers_too_large"))
+        self.refuse(headers_too_large())
 
     def refuse(self, rej: Rejected) -> None:
         """
