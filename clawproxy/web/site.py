@@ -224,12 +224,13 @@ class GatewayChannel(compat.HTTPChannel):
         super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:
-        if self.head_size + len(line) > self.totalHeadersSize:
-            self._refuse_head()
-            return
+        # The head's size is Twisted's own check, answered in parser_refused.
         starting = self.reading_request_line
         if line[:1] in (b" ", b"\t") and not starting:
-            self.refuse(bad_request("obsolete line folding in headers", "invalid_header"))
+            if self.head_size + len(line) > self.totalHeadersSize:
+                self._refuse_head()  # as Twisted's size check, which runs first
+            else:
+                self.refuse(bad_request("obsolete line folding in headers", "invalid_header"))
             return
         super().lineReceived(line)
         if starting and not self.reading_request_line and not self._refused:
@@ -362,8 +363,15 @@ class GatewayChannel(compat.HTTPChannel):
                              "request_timeout"))
 
     def parser_refused(self) -> None:
-        """Twisted's parser refused the request: answer in our shape, and log it."""
-        self.refuse(bad_request("malformed request", "malformed_request"))
+        """
+        Twisted's parser refused the request: answer in our shape, and log
+        it. Over C{totalHeadersSize} (Twisted counts each head line before
+        anything else) it is a 431.
+        """
+        if self.head_size > self.totalHeadersSize:
+            self._refuse_head()
+        else:
+            self.refuse(bad_request("malformed request", "malformed_request"))
 
     def _refuse_head(self) -> None:
         self.refuse(headers_too_large())
