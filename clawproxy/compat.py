@@ -196,15 +196,6 @@ class GenericHTTPChannelProtocol(http._GenericHTTPChannelProtocol):  # type: ign
         self._negotiatedProtocol = negotiated
 
 
-def http_channel_of(protocol: Any) -> Any:
-    """
-    The channel inside a protocol built by a L{twisted.web.server.Site}
-    (Twisted wraps each in C{_GenericHTTPChannelProtocol}, keeping it in
-    C{_channel}); any other protocol is returned as is.
-    """
-    return getattr(protocol, "_channel", protocol)
-
-
 # -- server: HTTP/2 -----------------------------------------------------------------------
 
 # H2Stream (imported above) is Twisted's per-stream channel: C{request.channel}
@@ -480,6 +471,32 @@ def use_client_protocol(pool: HTTPConnectionPool,
     pool._factory = _Factory
 
 
+# -- logging ------------------------------------------------------------------------------
+
+
+def log_observers(publisher: Any) -> list[Any]:
+    """
+    The observers of a C{twisted.logger.LogPublisher}, in the order they were
+    added (twistd offers no public way to wrap the ones it made). Assumes the
+    publisher keeps them in the list C{_observers}.
+    """
+    return list(publisher._observers)
+
+
+# -- tests only ---------------------------------------------------------------------------
+#
+# Not used by clawproxy itself: seams only its tests reach through.
+
+
+def http_channel_of(protocol: Any) -> Any:
+    """
+    The channel inside a protocol built by a L{twisted.web.server.Site}
+    (Twisted wraps each in C{_GenericHTTPChannelProtocol}, keeping it in
+    C{_channel}); any other protocol is returned as is.
+    """
+    return getattr(protocol, "_channel", protocol)
+
+
 def observe_client_protocols(pool: HTTPConnectionPool, seen: Callable[[Any], None]) -> None:
     """
     Call C{seen(protocol)} for every connection C{pool} opens from now on
@@ -496,9 +513,6 @@ def observe_client_protocols(pool: HTTPConnectionPool, seen: Callable[[Any], Non
     pool._factory = _Observed
 
 
-# -- tests only ---------------------------------------------------------------------------
-
-
 def use_cooperator(producer: Any, cooperator: Any) -> None:
     """
     Make a C{FileBodyProducer} built elsewhere run on C{cooperator} (for
@@ -506,15 +520,6 @@ def use_cooperator(producer: Any, cooperator: Any) -> None:
     C{_cooperate}.
     """
     producer._cooperate = cooperator.cooperate
-
-
-def log_observers(publisher: Any) -> list[Any]:
-    """
-    The observers of a C{twisted.logger.LogPublisher}, in the order they were
-    added (twistd offers no public way to wrap the ones it made). Assumes the
-    publisher keeps them in the list C{_observers}.
-    """
-    return list(publisher._observers)
 
 
 __all__ = [
