@@ -16,6 +16,9 @@ these assumptions were tested against.
 
 Names used per request are plain attribute reads (C{property(attrgetter(...))}
 or a one-line function), so the seam costs the hot path nothing measurable.
+A private hook Twisted or h2 calls (C{_requestAborted}, C{_receive_frame},
+...) is an alias of its public name (L{_Hooks}), so the call lands on a
+subclass's override with no forwarding call in between.
 """
 
 from __future__ import annotations
@@ -38,6 +41,24 @@ from twisted.web._newclient import HTTPClientParser as HTTPClientParser
 from twisted.web._newclient import Request as ClientRequest
 from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 
+
+class _Hooks:
+    """
+    Private hooks a library calls, routed to public methods: for each
+    C{private: public} in C{HOOKS}, this class and every subclass get
+    C{private} as an alias of their own C{public}, so the library's call of
+    C{private} runs a subclass's override of C{public} directly. (Each
+    default C{public} calls the library's C{private} by class.)
+    """
+
+    HOOKS: dict[str, str] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for private, public in cls.HOOKS.items():
+            setattr(cls, private, getattr(cls, public))
+
+
 # -- server: requests ---------------------------------------------------------------------
 
 
@@ -57,7 +78,7 @@ def client_gone(request: Any) -> bool:
 # -- server: HTTP/1.1 channel -------------------------------------------------------------
 
 
-class HTTPChannel(http.HTTPChannel):
+class HTTPChannel(_Hooks, http.HTTPChannel):
     """
     L{twisted.web.http.HTTPChannel} with public names for the parser state
     clawproxy's channel reads and for the parser's refusal.
@@ -112,8 +133,7 @@ class HTTPChannel(http.HTTPChannel):
             return None
         return decoder.length
 
-    def _respondToBadRequestAndDisconnect(self) -> None:
-        self.parser_refused()
+    HOOKS = {"_respondToBadRequestAndDisconnect": "parser_refused"}
 
     def parser_refused(self) -> None:
         """
@@ -176,15 +196,6 @@ class GenericHTTPChannelProtocol(http._GenericHTTPChannelProtocol):  # type: ign
         self._negotiatedProtocol = negotiated
 
 
-def http_channel_of(protocol: Any) -> Any:
-    """
-    The channel inside a protocol built by a L{twisted.web.server.Site}
-    (Twisted wraps each in C{_GenericHTTPChannelProtocol}, keeping it in
-    C{_channel}); any other protocol is returned as is.
-    """
-    return getattr(protocol, "_channel", protocol)
-
-
 # -- server: HTTP/2 -----------------------------------------------------------------------
 
 # H2Stream (imported above) is Twisted's per-stream channel: C{request.channel}
@@ -205,7 +216,7 @@ def h2_connection_of(stream: Any) -> Any:
     return stream._conn
 
 
-class H2Connection(_TwistedH2Connection):
+class H2Connection(_Hooks, _TwistedH2Connection):
     """
     Twisted's HTTP/2 server connection with public names for the stream
     bookkeeping clawproxy's subclass uses and overrides.
@@ -225,8 +236,14 @@ class H2Connection(_TwistedH2Connection):
       - C{H2Stream.abortConnection()} calls C{abortRequest(streamID)}.
     """
 
-    def _requestAborted(self, event: Any) -> None:
-        self.stream_reset(event)
+    HOOKS = {
+        "_requestAborted": "stream_reset",
+        "_terminate": "terminate",
+        # The events, see below.
+        "_requestDataReceived": "stream_data",
+        "_requestEnded": "stream_ended",
+        "_handleWindowUpdate": "window_updated",
+    }
 
     def stream_reset(self, event: Any) -> None:
         """The client reset a stream (an h2 C{StreamReset} event). Twisted's handling."""
@@ -239,9 +256,6 @@ class H2Connection(_TwistedH2Connection):
     def flush_control_data(self) -> bool:
         """Send pending control frames; False when the connection is gone."""
         return self._tryToWriteControlData()
-
-    def _terminate(self, reason: Failure) -> None:
-        self.terminate(reason)
 
     def terminate(self, reason: Failure) -> None:
         """Flush control frames and close the connection. Twisted's version."""
@@ -269,22 +283,13 @@ class H2Connection(_TwistedH2Connection):
     #     expecting the stream to be in C{streams} (KeyError otherwise) except
     #     the last.
 
-    def _requestDataReceived(self, event: Any) -> None:
-        self.stream_data(event)
-
     def stream_data(self, event: Any) -> None:
         """Request body bytes arrived (an h2 C{DataReceived}). Twisted's handling."""
         _TwistedH2Connection._requestDataReceived(self, event)
 
-    def _requestEnded(self, event: Any) -> None:
-        self.stream_ended(event)
-
     def stream_ended(self, event: Any) -> None:
         """The client ended a stream (an h2 C{StreamEnded}). Twisted's handling."""
         _TwistedH2Connection._requestEnded(self, event)
-
-    def _handleWindowUpdate(self, event: Any) -> None:
-        self.window_updated(event)
 
     def window_updated(self, event: Any) -> None:
         """The client opened a flow-control window (h2 C{WindowUpdated}). Twisted's handling."""
@@ -308,7 +313,7 @@ class H2Connection(_TwistedH2Connection):
             d.callback(None)
 
 
-class H2StateMachine(h2.connection.H2Connection):
+class H2StateMachine(_Hooks, h2.connection.H2Connection):
     """
     h2's connection state machine with public hooks for incoming frames and
     for the header block being assembled.
@@ -336,15 +341,12 @@ class H2StateMachine(h2.connection.H2Connection):
         super().__init__(*args, **kwargs)
         self.incoming_buffer = _CappedFrameBuffer(self)
 
-    def _receive_headers_frame(self, frame: Any) -> Any:
-        return self.headers_frame_received(frame)
+    HOOKS = {"_receive_headers_frame": "headers_frame_received",
+             "_receive_frame": "frame_received"}
 
     def headers_frame_received(self, frame: Any) -> Any:
         """A HEADERS frame arrived; returns C{(frames to send, events)}."""
         return h2.connection.H2Connection._receive_headers_frame(self, frame)
-
-    def _receive_frame(self, frame: Any) -> Any:
-        return self.frame_received(frame)
 
     def frame_received(self, frame: Any) -> Any:
         """Any frame arrived (header blocks whole); returns its events."""
@@ -469,6 +471,32 @@ def use_client_protocol(pool: HTTPConnectionPool,
     pool._factory = _Factory
 
 
+# -- logging ------------------------------------------------------------------------------
+
+
+def log_observers(publisher: Any) -> list[Any]:
+    """
+    The observers of a C{twisted.logger.LogPublisher}, in the order they were
+    added (twistd offers no public way to wrap the ones it made). Assumes the
+    publisher keeps them in the list C{_observers}.
+    """
+    return list(publisher._observers)
+
+
+# -- tests only ---------------------------------------------------------------------------
+#
+# Not used by clawproxy itself: seams only its tests reach through.
+
+
+def http_channel_of(protocol: Any) -> Any:
+    """
+    The channel inside a protocol built by a L{twisted.web.server.Site}
+    (Twisted wraps each in C{_GenericHTTPChannelProtocol}, keeping it in
+    C{_channel}); any other protocol is returned as is.
+    """
+    return getattr(protocol, "_channel", protocol)
+
+
 def observe_client_protocols(pool: HTTPConnectionPool, seen: Callable[[Any], None]) -> None:
     """
     Call C{seen(protocol)} for every connection C{pool} opens from now on
@@ -485,9 +513,6 @@ def observe_client_protocols(pool: HTTPConnectionPool, seen: Callable[[Any], Non
     pool._factory = _Observed
 
 
-# -- tests only ---------------------------------------------------------------------------
-
-
 def use_cooperator(producer: Any, cooperator: Any) -> None:
     """
     Make a C{FileBodyProducer} built elsewhere run on C{cooperator} (for
@@ -495,15 +520,6 @@ def use_cooperator(producer: Any, cooperator: Any) -> None:
     C{_cooperate}.
     """
     producer._cooperate = cooperator.cooperate
-
-
-def log_observers(publisher: Any) -> list[Any]:
-    """
-    The observers of a C{twisted.logger.LogPublisher}, in the order they were
-    added (twistd offers no public way to wrap the ones it made). Assumes the
-    publisher keeps them in the list C{_observers}.
-    """
-    return list(publisher._observers)
 
 
 __all__ = [

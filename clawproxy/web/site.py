@@ -14,7 +14,7 @@ from twisted.internet.protocol import Protocol
 from twisted.web import http, server
 
 from clawproxy import compat
-from clawproxy.errors import Rejected, bad_request
+from clawproxy.errors import Rejected, bad_request, headers_too_large, too_large
 from clawproxy.policy.validation import (
     check_fields,
     check_header_names,
@@ -94,8 +94,7 @@ class GatewayRequest(server.Request):
         self._handle_content_chunk(data)
         if self.too_large and isinstance(self.channel, compat.H2Stream):
             # Answer now, not once the client has sent (and we discarded) it all.
-            self._refuse_h2_early(Rejected(413, "request body exceeds max_body_size",
-                                           "invalid_request_error", "request_too_large"))
+            self._refuse_h2_early(too_large("request body exceeds max_body_size"))
 
     def _check_h2_size(self) -> None:
         """
@@ -108,8 +107,7 @@ class GatewayRequest(server.Request):
             for value in values:
                 size += len(name) + len(value) + 4
         if size > channel.site.max_header_size:
-            raise Rejected(431, "request headers too large", "invalid_request_error",
-                           "headers_too_large")
+            raise headers_too_large()
 
     def _refuse_h2_early(self, rej: Rejected) -> None:
         """
@@ -118,19 +116,19 @@ class GatewayRequest(server.Request):
         """
         self._h2_rejection = rej
         stream = self.channel
-        request_id = stream.site.refused(_StreamPeer(stream), stream.command or b"-",
-                                         stream.path or b"-", rej)
-        body = rej.body()
-        headers = [(b"content-type", b"application/json"),
-                   (b"x-request-id", request_id.encode())]
-        headers.extend((k.lower().encode(), v.encode()) for k, v in rej.headers)
-        headers.append((b"content-length", b"%d" % len(body)))
+        fields, body = self._h2_error(rej, stream.command or b"-", stream.path or b"-")
         conn = compat.h2_connection_of(stream)
         refuse = getattr(conn, "refuse_stream", None)
         if refuse is not None:
-            refuse(stream.streamID, rej.status, headers, body)
+            refuse(stream.streamID, rej.status, [(k.lower(), v) for k, v in fields], body)
         else:
             stream.abortConnection()
+
+    def _h2_error(self, rej: Rejected, method: bytes,
+                  path: bytes) -> tuple[list[tuple[bytes, bytes]], bytes]:
+        """Log a refused HTTP/2 request; the fields and body of its answer."""
+        stream = self.channel
+        return error_fields(rej, stream.site.refused(_StreamPeer(stream), method, path, rej))
 
     def _check_h2_head(self) -> None:
         site = self.channel.site
@@ -150,15 +148,10 @@ class GatewayRequest(server.Request):
 
     def _refuse_h2(self, rej: Rejected) -> None:
         """Answer a refused HTTP/2 request with the SPEC's JSON error (the stream ends)."""
-        request_id = self.channel.site.refused(_StreamPeer(self.channel), self.method,
-                                               self.uri, rej)
-        body = rej.body()
+        fields, body = self._h2_error(rej, self.method, self.uri)
         self.setResponseCode(rej.status)
-        self.setHeader(b"content-type", b"application/json")
-        self.setHeader(b"x-request-id", request_id.encode())
-        for name, value in rej.headers:
-            self.setHeader(name.encode(), value.encode())
-        self.setHeader(b"content-length", b"%d" % len(body))
+        for name, value in fields:
+            self.setHeader(name, value)
         self.write(body)
         self.finish()
 
@@ -180,8 +173,7 @@ class GatewayRequest(server.Request):
             self.content = _Discarding()
             refuse = getattr(self.channel, "refuse", None)
             if refuse is not None:
-                refuse(Rejected(413, "request body exceeds max_body_size",
-                                "invalid_request_error", "request_too_large"))
+                refuse(too_large("request body exceeds max_body_size"))
             return
         self.content.write(data)
 
@@ -232,12 +224,13 @@ class GatewayChannel(compat.HTTPChannel):
         super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:
-        if self.head_size + len(line) > self.totalHeadersSize:
-            self._refuse_head()
-            return
+        # The head's size is Twisted's own check, answered in parser_refused.
         starting = self.reading_request_line
         if line[:1] in (b" ", b"\t") and not starting:
-            self.refuse(bad_request("obsolete line folding in headers", "invalid_header"))
+            if self.head_size + len(line) > self.totalHeadersSize:
+                self._refuse_head()  # as Twisted's size check, which runs first
+            else:
+                self.refuse(bad_request("obsolete line folding in headers", "invalid_header"))
             return
         super().lineReceived(line)
         if starting and not self.reading_request_line and not self._refused:
@@ -278,8 +271,7 @@ class GatewayChannel(compat.HTTPChannel):
         if not site.underscores_in_headers:
             check_header_names((n for n, _ in headers.getAllRawHeaders()), False)
         if self.length is not None and self.length > site.max_body_size:
-            raise Rejected(413, "request body exceeds max_body_size", "invalid_request_error",
-                           "request_too_large")
+            raise too_large("request body exceeds max_body_size")
         for check in site.early_checks:
             check(method, path, headers)
 
@@ -304,8 +296,7 @@ class GatewayChannel(compat.HTTPChannel):
         req = self.requests[-1] if self.requests else None
         received = getattr(req, "_received", 0)
         if received + due > self.site.max_body_size:
-            self.refuse(Rejected(413, "request body exceeds max_body_size",
-                                 "invalid_request_error", "request_too_large"))
+            self.refuse(too_large("request body exceeds max_body_size"))
 
     def pauseProducing(self) -> None:
         """
@@ -372,12 +363,18 @@ class GatewayChannel(compat.HTTPChannel):
                              "request_timeout"))
 
     def parser_refused(self) -> None:
-        """Twisted's parser refused the request: answer in our shape, and log it."""
-        self.refuse(bad_request("malformed request", "malformed_request"))
+        """
+        Twisted's parser refused the request: answer in our shape, and log
+        it. Over C{totalHeadersSize} (Twisted counts each head line before
+        anything else) it is a 431.
+        """
+        if self.head_size > self.totalHeadersSize:
+            self._refuse_head()
+        else:
+            self.refuse(bad_request("malformed request", "malformed_request"))
 
     def _refuse_head(self) -> None:
-        self.refuse(Rejected(431, "request headers too large", "invalid_request_error",
-                             "headers_too_large"))
+        self.refuse(headers_too_large())
 
     def refuse(self, rej: Rejected) -> None:
         """
@@ -438,15 +435,27 @@ class _CountedProtocol(compat.GenericHTTPChannelProtocol):
         super().connectionLost(reason)
 
 
+def error_fields(rej: Rejected,
+                 request_id: str | None = None) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """
+    The header fields and the body of the SPEC's JSON error for C{rej}:
+    C{Content-Type}, C{X-Request-ID} (when known), C{rej}'s own headers,
+    C{Content-Length}. Shared by the HTTP/1.1 and HTTP/2 refusals.
+    """
+    body = rej.body()
+    fields = [(b"Content-Type", b"application/json")]
+    if request_id is not None:
+        fields.append((b"X-Request-ID", request_id.encode()))
+    fields.extend((k.encode(), v.encode()) for k, v in rej.headers)
+    fields.append((b"Content-Length", b"%d" % len(body)))
+    return fields, body
+
+
 def raw_error_response(rej: Rejected, request_id: str | None = None) -> bytes:
     """A whole HTTP/1.1 error response, closing the connection, for C{rej}."""
-    body = rej.body()
-    headers = [(b"Content-Type", b"application/json"), (b"Connection", b"close")]
-    if request_id is not None:
-        headers.append((b"X-Request-ID", request_id.encode()))
-    headers.extend((k.encode(), v.encode()) for k, v in rej.headers)
-    headers.append((b"Content-Length", b"%d" % len(body)))
-    head = b"".join(b"%s: %s\r\n" % h for h in headers)
+    fields, body = error_fields(rej, request_id)
+    fields.insert(1, (b"Connection", b"close"))
+    head = b"".join(b"%s: %s\r\n" % h for h in fields)
     phrase = http.RESPONSES.get(rej.status, b"Error")
     return b"HTTP/1.1 %d %s\r\n%s\r\n%s" % (rej.status, phrase, head, body)
 
