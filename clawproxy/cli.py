@@ -8,7 +8,7 @@ import os
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from clawproxy.config import ConfigError, hash_key, load_config
@@ -65,7 +65,26 @@ def format_status(status: dict[str, Any]) -> str:
     ]
     for r in rows:
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    for name, section in status.items():
+        if name not in _CORE_KEYS:
+            lines.append("")
+            lines.extend(SECTION_FORMATS.get(name, _format_section)(name, section))
     return "\n".join(lines)
+
+
+#: Keys of C{/admin/status} the table above shows.
+_CORE_KEYS = frozenset(("version", "uptime", "workers", "pools"))
+
+#: How C{clawproxy status} prints a feature's section of C{/admin/status}
+#: (its L{IAdminSection<clawproxy.interfaces.IAdminSection>}): name and
+#: section in, lines out. Sections without an entry print as C{key: value}.
+SECTION_FORMATS: dict[str, Callable[[str, Any], list[str]]] = {}
+
+
+def _format_section(name: str, section: Any) -> list[str]:
+    if not isinstance(section, dict):
+        return [f"{name}: {json.dumps(section)}"]
+    return [f"{name}:"] + [f"  {k}: {json.dumps(v)}" for k, v in section.items()]
 
 
 def _admin_args(p: argparse.ArgumentParser) -> None:

@@ -15,6 +15,8 @@ A request meets them in this order (README, "How a request flows"):
   4. L{IResponseFilter}s over the relayed response head, body and end;
   5. every L{IResponseObserver}, once the request is answered.
 
+Features also show themselves to operators through L{IAdminSection}s.
+
 Stages refuse a request by raising L{clawproxy.errors.Rejected}, or answer it
 themselves by returning a L{clawproxy.web.context.LocalResponse}.
 """
@@ -130,6 +132,32 @@ class IResponseObserver(Interface):
         """
         C{ctx} has been answered; C{ctx.status}, C{ctx.instance} and
         C{ctx.bytes_sent} are final. Must not raise.
+        """
+
+
+class IAdminSection(Interface):
+    """
+    A feature's part of the admin API: a section of C{/admin/status} (and so
+    of C{clawproxy status}) and, optionally, endpoints of its own
+    (C{GET /admin/limits}, C{DELETE /admin/cache}...). Sections follow the
+    data plane: a reload replaces them.
+    """
+
+    name = Attribute("Key of the section in C{/admin/status}, e.g. C{'limits'}.")
+
+    def status():
+        """
+        @return: the section's JSON-able summary (synchronous and cheap: the
+            admin status call asks every section).
+        """
+
+    def endpoints():
+        """
+        @return: a mapping of C{(method, path)} (bytes, path without query or
+            trailing slash, e.g. C{(b"GET", b"/admin/limits")}) to a callable
+            taking the C{twisted.web} request and returning a JSON-able result
+            or a Deferred firing with one; it may raise (or fail with)
+            L{clawproxy.errors.Rejected}.
         """
 
 

@@ -116,6 +116,7 @@ class Gateway(MultiService):
             metrics_path=config.metrics.path if config.metrics.enabled else None,
             reload=self.reload if config.source else None,
             workers=config.server.workers, started=self.started, store=self.store,
+            sections=self.plane.parts.admin_sections,
         )
         self.admin_site = QuietSite(self.admin, reactor=reactor)
         self.listeners: list[Listener] = []
@@ -215,6 +216,7 @@ class Gateway(MultiService):
         self.config = config
         self.site.resource = self.resource
         self.admin.registry = self.registry
+        self.admin.sections = self.plane.parts.admin_sections
         self.prober.setServiceParent(self)
         self.log.info("configuration reloaded from {path}", path=config.source)
         return succeed([])

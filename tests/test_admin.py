@@ -13,10 +13,13 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
+from zope.interface import implementer
 
 from clawproxy import __version__
 from clawproxy.backends.registry import Registry
 from clawproxy.config import ConfigError, StoreConfig, load_config, parse_config
+from clawproxy.errors import Rejected
+from clawproxy.interfaces import IAdminSection
 from clawproxy.metrics import Metrics
 from clawproxy.policy.breakers import NoBreakers
 from clawproxy.service import build_service
@@ -57,7 +60,7 @@ class AdminHarness:
     """An L{AdminResource} over a registry, behind L{StubTreq}."""
 
     def __init__(self, testcase: SynchronousTestCase, token: str | None = None,
-                 reload: Any = None) -> None:
+                 reload: Any = None, sections: Any = ()) -> None:
         self.testcase = testcase
         self.clock = Clock()
         self.clock.advance(1000)
@@ -66,7 +69,7 @@ class AdminHarness:
         self.metrics = Metrics()
         self.registry.subscribe(self.metrics.instance_changed)
         self.resource = AdminResource(self.registry, self.metrics, NoBreakers(), self.clock,
-                                      token, reload=reload, workers=1)
+                                      token, reload=reload, workers=1, sections=sections)
         self.client = StubTreq(self.resource)
 
     def request(self, method: str, path: str, body: Any = None,
@@ -131,6 +134,72 @@ class StatusTests(SynchronousTestCase):
         self.assertEqual((main[1]["state"], main[1]["healthy"]), ("unhealthy", False))
         cpu = status["pools"]["small"]["instances"][0]
         self.assertEqual((cpu["state"], cpu["drained"]), ("draining", True))
+
+
+@implementer(IAdminSection)
+class CountingSection:
+    """A feature's admin section: a counter in the status, endpoints to read and reset it."""
+
+    name = "counting"
+
+    def __init__(self) -> None:
+        self.count = 7
+
+    def status(self) -> dict[str, Any]:
+        return {"count": self.count}
+
+    def endpoints(self) -> dict[tuple[bytes, bytes], Any]:
+        return {(b"GET", b"/admin/counting"): self._get,
+                (b"DELETE", b"/admin/counting"): self._reset}
+
+    def _get(self, request: Any) -> Any:
+        if request.args.get(b"fail"):
+            raise Rejected(400, "asked to fail", "invalid_request_error", "bad_counting")
+        return succeed({"count": self.count})
+
+    def _reset(self, request: Any) -> dict[str, Any]:
+        self.count = 0
+        return {"reset": True}
+
+
+class SectionTests(SynchronousTestCase):
+    """Features show a section in C{/admin/status} and serve endpoints of their own."""
+
+    def test_status_section(self) -> None:
+        """A section's status is under its name, next to the core keys."""
+        admin = AdminHarness(self, sections=[CountingSection()])
+        status = admin.request("GET", "/admin/status").json()
+        self.assertEqual(status["counting"], {"count": 7})
+        self.assertIn("pools", status)
+
+    def test_endpoints(self) -> None:
+        """A section's endpoints answer JSON (sync or Deferred) and refuse in the error shape."""
+        section = CountingSection()
+        admin = AdminHarness(self, sections=[section])
+        self.assertEqual(admin.request("GET", "/admin/counting").json(), {"count": 7})
+        answer = admin.request("DELETE", "/admin/counting/")
+        self.assertEqual((answer.code, answer.json()), (200, {"reset": True}))
+        self.assertEqual(section.count, 0)
+        refused = admin.request("GET", "/admin/counting?fail=1")
+        self.assertEqual(refused.code, 400)
+        self.assertEqual(refused.json()["error"]["code"], "bad_counting")
+        self.assertEqual(admin.request("POST", "/admin/counting").code, 404)
+
+    def test_data_plane_files_sections(self) -> None:
+        """The data plane files a feature's section under admin_sections, once per name."""
+        from clawproxy.web.dataplane import Parts
+
+        parts = Parts()
+        section = CountingSection()
+        parts.add(section)
+        self.assertEqual(parts.admin_sections, [section])
+        self.assertRaises(TypeError, parts.add, CountingSection())
+
+    def test_endpoints_need_the_token(self) -> None:
+        """A section's endpoints are behind the admin token like the core's."""
+        admin = AdminHarness(self, token="s3cret", sections=[CountingSection()])
+        self.assertEqual(admin.request("GET", "/admin/counting").code, 401)
+        self.assertEqual(admin.request("GET", "/admin/counting", token="s3cret").code, 200)
 
 
 class StoreStatusTests(SynchronousTestCase):

@@ -168,6 +168,18 @@ class FormatStatusTests(SynchronousTestCase):
         self.assertEqual(lines[2][column:column + 7], "healthy")
         self.assertEqual(lines[3][column:column + 8], "draining")
 
+    def test_sections(self) -> None:
+        """Features' sections print after the table, by their formatter or as key: value."""
+        status = dict(STATUS, store={"backend": "memory", "healthy": True}, queue=[1])
+        self.patch(cli, "SECTION_FORMATS",
+                   {"store": lambda name, s: [f"store {s['backend']}"]})
+        lines = cli.format_status(status).splitlines()
+        self.assertEqual(lines[4:], ["", "store memory", "", "queue: [1]"])
+        self.patch(cli, "SECTION_FORMATS", {})
+        lines = cli.format_status(status).splitlines()
+        self.assertEqual(lines[4:], ["", "store:", '  backend: "memory"', "  healthy: true",
+                                     "", "queue: [1]"])
+
     def test_no_pools(self) -> None:
         """With no pools only the summary and header are shown."""
         lines = cli.format_status({"version": "x", "uptime": "1s", "pools": {}}).splitlines()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import unquote
 
@@ -62,6 +62,8 @@ class AdminResource(Resource):
         reload is not available.
     @param store: the gateway's L{clawproxy.interfaces.IStateStore}, whose
         health C{/admin/status} shows under C{"store"}.
+    @param sections: the data plane's L{clawproxy.interfaces.IAdminSection}s
+        (replaced on reload): their status under their name, their endpoints.
     """
 
     isLeaf = True
@@ -71,7 +73,8 @@ class AdminResource(Resource):
                  clock: IReactorTime, token: str | None,
                  metrics_path: str | None = "/metrics",
                  reload: Callable[[], Deferred] | None = None, workers: int = 1,
-                 started: float | None = None, store: Any = None) -> None:
+                 started: float | None = None, store: Any = None,
+                 sections: Sequence[Any] = ()) -> None:
         super().__init__()
         self.registry = registry
         self.metrics = metrics
@@ -83,6 +86,7 @@ class AdminResource(Resource):
         self.workers = workers
         self.started = clock.seconds() if started is None else started
         self.store = store
+        self.sections = sections
 
     def render(self, request: Any) -> Any:
         try:
@@ -144,6 +148,10 @@ class AdminResource(Resource):
                 raise Rejected(501, "reload is not available", "invalid_request_error",
                                "not_supported")
             return ensureDeferred(self._do_reload())
+        for section in self.sections:
+            handler = section.endpoints().get((method, path))
+            if handler is not None:
+                return handler(request)
         raise Rejected(404, "no such admin endpoint", "invalid_request_error", "not_found")
 
     async def _do_reload(self) -> Any:
@@ -169,6 +177,8 @@ class AdminResource(Resource):
         }
         if self.store is not None:
             status["store"] = self.store.health()
+        for section in self.sections:
+            status[section.name] = section.status()
         return status
 
     def _instance_action(self, request: Any, instance_id: str, action: bytes) -> Any:

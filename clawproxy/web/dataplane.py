@@ -4,8 +4,8 @@ The data plane of one configuration, built in one place.
 The service builds it at start and again on every reload; the tests build it
 the same way over a fake backend and a fake clock. Features plug in here: each
 entry of L{FEATURES} turns a configuration into the parts it adds (request
-stages, head checks, response filters, observers), sorted by the interfaces
-they provide. A new feature is its module, its config class, and one line in
+stages, head checks, response filters, observers, admin sections), sorted by
+the interfaces they provide. A new feature is its module, its config class, and one line in
 L{FEATURES}.
 """
 
@@ -21,6 +21,7 @@ from clawproxy.backends.registry import Registry
 from clawproxy.config import Config
 from clawproxy.interfaces import (
     PHASES,
+    IAdminSection,
     IHeadCheck,
     IRequestStage,
     IResponseFilter,
@@ -46,7 +47,7 @@ FEATURES: tuple[Feature, ...] = (
     auth_parts,
 )
 
-_SEAMS = (IRequestStage, IHeadCheck, IResponseFilter, IResponseObserver)
+_SEAMS = (IRequestStage, IHeadCheck, IResponseFilter, IResponseObserver, IAdminSection)
 
 
 @attrs.define(eq=False)
@@ -57,6 +58,7 @@ class Parts:
     head_checks: list[Any] = attrs.Factory(list)
     filters: list[Any] = attrs.Factory(list)
     observers: list[Any] = attrs.Factory(list)
+    admin_sections: list[Any] = attrs.Factory(list)
 
     def add(self, part: Any) -> None:
         """
@@ -81,6 +83,10 @@ class Parts:
             self.filters.append(part)
         if IResponseObserver.providedBy(part):
             self.observers.append(part)
+        if IAdminSection.providedBy(part):
+            if any(s.name == part.name for s in self.admin_sections):
+                raise TypeError(f"{part!r}: a second admin section named {part.name!r}")
+            self.admin_sections.append(part)
 
 
 @attrs.define(eq=False)
