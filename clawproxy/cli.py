@@ -81,6 +81,19 @@ _CORE_KEYS = frozenset(("version", "uptime", "workers", "pools"))
 SECTION_FORMATS: dict[str, Callable[[str, Any], list[str]]] = {}
 
 
+def _format_store(name: str, store: dict[str, Any]) -> list[str]:
+    latency = store.get("latency_ms")
+    return [
+        f"store {store.get('backend', '?')}  "
+        f"{'healthy' if store.get('healthy') else 'UNREACHABLE'}  "
+        f"latency {'-' if latency is None else f'{latency:g} ms'}  "
+        f"errors {store.get('errors', 0)}"
+    ]
+
+
+SECTION_FORMATS["store"] = _format_store
+
+
 def _format_section(name: str, section: Any) -> list[str]:
     if not isinstance(section, dict):
         return [f"{name}: {json.dumps(section)}"]

@@ -256,8 +256,10 @@ class AdminCliTests(TestCase):
         lines = out.splitlines()
         self.assertIn("POOL", lines[1])
         self.assertIn("STATE", lines[1])
-        rows = {line.split()[1]: line.split() for line in lines[2:]}
+        table = lines[2:lines.index("")]
+        rows = {line.split()[1]: line.split() for line in table}
         self.assertEqual(set(rows), {"sim-1", "sim-2"})
+        self.assertEqual(lines[lines.index("") + 1].split()[:3], ["store", "memory", "healthy"])
         self.assertEqual(rows["sim-1"][:3], ["sim", "sim-1", "healthy"])
 
         code, out, err = await self.cli("set-weight", "sim-1", "0.25", "--admin", gw.admin_url)
