@@ -1387,15 +1387,14 @@ class RefusalTests(ConfigTestCase):
 
     def test_refused_values(self) -> None:
         """Some keys are refused only for the values not built yet."""
-        errors = self.errors(with_minimal("server: {workers: 2}\ntracing: {enabled: true}"))
-        self.assertEqual(
-            errors,
-            [
-                "server.workers: more than one worker is not supported by this version yet;"
-                " run several gateways with store: redis to scale out",
-                "tracing.enabled: tracing is not supported by this version yet",
-            ],
-        )
+        errors = self.errors(with_minimal("tracing: {enabled: true}"))
+        self.assertEqual(errors, ["tracing.enabled: tracing is not supported by this version yet"])
+
+    def test_workers(self) -> None:
+        """C{server.workers} is a count of at least 1, or C{auto} for the number of cores."""
+        self.assertEqual(parse(with_minimal("server: {workers: 2}")).server.workers, 2)
+        self.assertEqual(parse(with_minimal("server: {workers: auto}")).server.workers,
+                         os.cpu_count())
 
     def test_honoured_values_accepted(self) -> None:
         """The values that match what the gateway does are accepted."""
@@ -1430,7 +1429,7 @@ class ReferenceTests(SynchronousTestCase):
         refused = dict(refused_keys())
         self.assertEqual(refused["rate_limits"].issue, 8)
         self.assertEqual(refused["pools.NAME.max_qps"].issue, 8)
-        self.assertEqual(refused["server.workers"].issue, 11)
+        self.assertEqual(refused["tracing.enabled"].issue, 11)
         self.assertTrue(all(flag.issue in (8, 9, 10, 11) for flag in refused.values()))
 
     def test_up_to_date(self) -> None:
@@ -1458,7 +1457,7 @@ class ReferenceTests(SynchronousTestCase):
         for expected in ("``server.tls.cert``", "``pools.NAME.tls.ca_file``",
                          "``pools.NAME.health_check.headers``",
                          "**Refused** by this version: issue 8 (protection) builds it.",
-                         "**Refused** when more than 1 by this version"):
+                         "**Refused** when ``true`` by this version"):
             self.assertIn(expected, text)
 
 

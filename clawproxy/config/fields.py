@@ -14,6 +14,7 @@ import hashlib
 import ipaddress
 import json
 import math
+import os
 import re
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -297,6 +298,13 @@ def integer(low: int | None = None, high: int | None = None) -> Converter:
         return value
 
     return conv
+
+
+@typed("integer >= 1, or ``auto`` (the number of cores)")
+def process_count(value: object) -> int:
+    if value == "auto":
+        return os.cpu_count() or 1
+    return integer(low=1)(value)
 
 
 def number(low: float | None = None, high: float | None = None,

@@ -89,10 +89,9 @@ class ServerConfig:
     base_path: str = f.setting(f.base_path, "", "Prefix stripped before route matching"
                                " (``/api/v1``); ``/`` means none.")
     workers: int = f.setting(
-        f.integer(low=1), 1, "Gateway processes.",
-        not_yet=NotYet(OPERATIONS, lambda n: n > 1, "more than one worker is not supported by"
-                       " this version yet; run several gateways with store: redis to scale"
-                       " out", "more than 1"))
+        f.process_count, 1, "Gateway processes sharing the listening sockets: the parent"
+        " binds them, runs the admin listener, health checks and simulators, and serves a"
+        " memory store to the workers; ``auto`` is the number of cores.")
     max_body_size: int = f.setting(f.size, 10 * 1024 * 1024, "Largest request body (413"
                                    " beyond).", shown="10MB")
     max_header_size: int = f.setting(f.at_least_size(1024, "must be at least 1KB"), 16 * 1024,

@@ -156,6 +156,34 @@ class StoreResponder(amp.CommandLocator):
         return d.addCallback(lambda r: {"reply": json.dumps(encode_reply(r)).encode()})
 
 
+def within(call: Deferred[Any], seconds: float, clock: IReactorTime) -> Deferred[Any]:
+    """
+    The result of the AMP call C{call}, or a C{TimeoutError} after C{seconds}.
+
+    Unlike C{addTimeout}, the call itself is left to finish: AMP cannot
+    cancel a call, and an answer arriving for a Deferred already failed by
+    a timeout would make it drop the whole connection.
+    """
+    out: Deferred[Any] = Deferred(lambda _: timer.cancel() if timer.active() else None)
+
+    def expire() -> None:
+        if not out.called:
+            out.errback(TimeoutError(seconds, "AMP call"))
+
+    def done(result: Any) -> None:
+        if timer.active():
+            timer.cancel()
+        if not out.called:
+            if isinstance(result, Failure):
+                out.errback(result)
+            else:
+                out.callback(result)
+
+    timer = clock.callLater(seconds, expire)
+    call.addBoth(done)
+    return out
+
+
 @implementer(IStateStore)
 class AmpStore:
     """
@@ -225,8 +253,7 @@ class AmpStore:
             self.stats.failed(op, reachable=False)
             return fail(StoreUnavailable(f"store {op}: not connected to the parent process"))
         started = self._clock.seconds()
-        d = protocol.callRemote(command, **kw)
-        d.addTimeout(self.timeout, self._clock)
+        d = within(protocol.callRemote(command, **kw), self.timeout, self._clock)
         d.addCallbacks(self._answered, self._failed, (started,), None, (op, started))
         return d
 
