@@ -161,6 +161,42 @@ class IAdminSection(Interface):
         """
 
 
+class IRelayWrapper(Interface):
+    """
+    Wraps the relay step: the call that sends a request upstream once its
+    pool, transforms and rewrite are settled. A wrapper may serve a request
+    some other way than its own upstream call (request coalescing serves
+    identical concurrent requests from one call).
+    """
+
+    def wrap(forward):
+        """
+        @param forward: the step it wraps, called as C{forward(ctx, pool,
+            key, sticky_key, timeout, upstream_path)} and returning an
+            awaitable that completes once C{ctx.request} has been answered
+            (see L{clawproxy.web.relay.Relay.forward}, its errors included).
+        @return: a callable with the same signature and contract.
+        """
+
+
+class IFallbackProvider(Interface):
+    """
+    Serves the C{fallbacks} of one C{type} other than C{static} (C{cache}:
+    the last good answer). The gateway asks it when a pool has no instance
+    to take a request, or when the upstream attempts failed with nothing
+    sent to the client (a 502/503/504 of the gateway's own).
+    """
+
+    type = Attribute("The C{fallbacks[].type} it serves, e.g. C{'cache'}.")
+
+    def answer(ctx, fallback):
+        """
+        @param fallback: the L{clawproxy.config.FallbackConfig}.
+        @return: a C{LocalResponse}, L{None} when it has nothing to serve
+            (the gateway answers its error), or a Deferred firing with either.
+        """
+
+
 class IRetryPolicy(Interface):
     """Decides whether a failed upstream attempt is tried again elsewhere."""
 
