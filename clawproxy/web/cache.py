@@ -354,7 +354,7 @@ class CacheFill:
         note = notes.get("cache") if notes else None
         if note is None or code != 200 or ctx.method == b"HEAD":
             return None
-        kept = tuple((k, v) for k, v in headers if k in KEPT_HEADERS)
+        kept = tuple((k.lower(), v) for k, v in headers if k.lower() in KEPT_HEADERS and v)
         ctype = next((v for k, v in kept if k == b"content-type"), b"")
         stream = ctype.lower().startswith(b"text/event-stream")
         return _Assembler(self.cache, note, code, kept, stream, self.cache.backend.max_bytes)
