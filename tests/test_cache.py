@@ -10,12 +10,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from twisted.internet.defer import fail
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from clawproxy.cache.store import SharedCache
 from clawproxy.config import hash_key
 from clawproxy.policy.breakers import NoBreakers
+from clawproxy.stores import StoreUnavailable
 from clawproxy.web.admin import AdminResource
 from tests.test_gateway import Harness, RefusingAgent
 
@@ -428,3 +431,24 @@ class CoalescingTests(SynchronousTestCase):
         answers = [gw.finish(self.start(gw, chat())) for _ in range(3)]
         self.assertEqual({a.code for a in answers}, {502})
 
+
+
+class FailingStore:
+    """A shared store that cannot be reached."""
+
+    backend = "redis"
+
+    def run(self, script: Any, keys: Any, args: Any) -> Any:
+        return fail(StoreUnavailable("store cache: Redis did not answer within 0.2s"))
+
+
+class StoreDownTests(SynchronousTestCase):
+    def test_store_down_is_a_miss(self) -> None:
+        """With the shared store down, requests are relayed (MISS) and nothing fails."""
+        gw = CacheHarness(self, config())
+        cache = gw.plane.parts.stages[-1].cache
+        cache.backend = SharedCache(FailingStore(), gw.clock, 10, 10_000, 60)
+        for _ in range(2):
+            answer = gw.ask()
+            self.assertEqual((answer.code, answer.header("X-Cache")), (200, "MISS"))
+        self.assertEqual(gw.llm.calls, 2)
