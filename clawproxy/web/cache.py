@@ -61,6 +61,9 @@ class CacheNote:
     stream: bool
     model: str | None
     semantic: bool = False
+    threshold: float = 0.85
+    #: The semantic index's fingerprint of the request (semantic routes only).
+    fingerprint: Any = None
 
 
 def _bypass(headers: Any) -> bool:
@@ -98,9 +101,12 @@ class ResponseCache:
 
     @ivar stale: how long entries are kept past their C{ttl} (the longest
         C{max_stale} of the C{cache} fallbacks).
-    @ivar semantic: where semantic lookup plugs in: an object with
-        C{lookup(note, ctx) -> key or None} and C{add(note, ctx)}, asked
-        after the exact key missed on a C{semantic} route (L{None}: none).
+    @ivar semantic: where semantic lookup plugs in (L{None}: none): an
+        object with C{lookup(note, ctx) -> exact key or None} (asked after
+        the exact key missed, on a C{semantic} route), C{add(note, entry)}
+        (an answer was stored under C{note.key}), C{forget(key)} (that
+        key's entry is gone) and C{drop(route, scope)} (an admin drop; each
+        L{None} for any). L{clawproxy.web.semantic_cache.SemanticLookup}.
     """
 
     def __init__(self, config: Config, store: Any, clock: IReactorTime,
@@ -172,7 +178,8 @@ class ResponseCache:
                         stream, scope, parts)
         model = body.get("model") if isinstance(body, dict) else None
         note = CacheNote(key, route, scope, cfg.ttl, stream,
-                         model if isinstance(model, str) else None, cfg.semantic)
+                         model if isinstance(model, str) else None, cfg.semantic,
+                         cfg.threshold)
         if ctx.notes is None:
             ctx.notes = {}
         ctx.notes["cache"] = note
@@ -223,6 +230,8 @@ class ResponseCache:
 
         async def fetch(key: str | None) -> Any:
             entry = await self.backend.get(key) if key else None
+            if key and entry is None:
+                self.semantic.forget(key)
             if entry is not None and self._current(note, entry):
                 age = self.clock.seconds() - entry.stored
                 if age <= note.ttl:
@@ -270,7 +279,7 @@ class ResponseCache:
     def drop(self, route: str | None, agent: str | None) -> Deferred[int]:
         scope = None if agent is None else "agent:" + agent
         d = self.backend.drop(route, scope)
-        if self.semantic is not None and hasattr(self.semantic, "drop"):
+        if self.semantic is not None:
             d.addCallback(lambda n: (self.semantic.drop(route, scope), n)[1])
         return d
 
@@ -430,6 +439,10 @@ def cache_parts(*, config: Config, store: Any, clock: IReactorTime, metrics: Met
     if not any(r.cache is not None and r.cache.enabled for r in config.routes):
         return []
     cache = ResponseCache(config, store, clock, metrics)
+    if any(r.cache is not None and r.cache.enabled and r.cache.semantic for r in config.routes):
+        from clawproxy.web.semantic_cache import SemanticLookup
+
+        cache.semantic = SemanticLookup(config.cache.max_entries)
     coalescer = Coalescer(metrics)
     return [CacheLookup(cache), CacheFill(cache), CacheFallback(cache), coalescer,
             CacheAdmin(cache, coalescer)]
