@@ -452,3 +452,22 @@ class StoreDownTests(SynchronousTestCase):
             answer = gw.ask()
             self.assertEqual((answer.code, answer.header("X-Cache")), (200, "MISS"))
         self.assertEqual(gw.llm.calls, 2)
+
+
+class SeamTests(SynchronousTestCase):
+    def test_parts_filed(self) -> None:
+        """The cache's parts are filed under their seams; without a cached route, none."""
+        gw = CacheHarness(self, config())
+        parts = gw.plane.parts
+        self.assertEqual([type(w).__name__ for w in parts.wrappers], ["Coalescer"])
+        self.assertEqual(list(parts.fallbacks), ["cache"])
+        self.assertEqual([s.name for s in parts.admin_sections], ["cache"])
+        plain = CacheHarness(self, config({"enabled": False}))
+        self.assertEqual((plain.plane.parts.wrappers, plain.plane.parts.fallbacks), ([], {}))
+        self.assertEqual(plain.resource.forward, plain.relay.forward)
+
+    def test_one_provider_per_type(self) -> None:
+        """A second provider of the same fallback type is refused when the plane is built."""
+        gw = CacheHarness(self, config())
+        provider = gw.plane.parts.fallbacks["cache"]
+        self.assertRaises(TypeError, gw.plane.parts.add, provider)
