@@ -16,7 +16,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from clawproxy.cache.store import SharedCache
-from clawproxy.config import hash_key
+from clawproxy.config import ConfigError, hash_key, parse_config
 from clawproxy.policy.breakers import NoBreakers
 from clawproxy.stores import StoreUnavailable
 from clawproxy.web.admin import AdminResource
@@ -471,3 +471,25 @@ class SeamTests(SynchronousTestCase):
         gw = CacheHarness(self, config())
         provider = gw.plane.parts.fallbacks["cache"]
         self.assertRaises(TypeError, gw.plane.parts.add, provider)
+
+
+class ConfigTests(SynchronousTestCase):
+    def errors(self, cfg: dict[str, Any]) -> list[str]:
+        try:
+            parse_config(cfg, environ={})
+        except ConfigError as e:
+            return list(e.errors)
+        return []
+
+    def test_checked(self) -> None:
+        """Cache keys, cache fallbacks and the cache store are checked, naming the key."""
+        cfg = config({"ttl": "1m", "key": ["body.model", "model"]},
+                     fallbacks={"stale": {"type": "cache"}}, cache={"store": "redis"})
+        self.assertEqual(self.errors(cfg), [
+            "routes[0].cache.key[1]: cache key fields look like body, body.NAME, header.NAME"
+            " or query.NAME",
+            "fallbacks.stale.max_stale: required for type cache",
+            "cache.store: redis needs store.backend: redis",
+        ])
+        self.assertEqual(self.errors(config(cache={"store": "redis"},
+                                            store={"backend": "redis"})), [])

@@ -606,9 +606,9 @@ class FallbackConfig:
     content_type: str = f.setting(f.nonempty, "application/json", "Its content type.")
     body: str = f.setting(f.fallback_body, "", "Its body.")
     headers: dict[str, str] = f.setting(f.headers, factory=dict, doc="Extra headers.")
-    max_stale: float | None = f.setting(f.duration(above=0), None, "``cache``: oldest answer"
-                                        " served (required); cached entries are kept this"
-                                        " long past their ``ttl``.")
+    max_stale: float | None = f.setting(f.duration(above=0), None, "``cache``: how long past"
+                                        " its route's ``ttl`` an answer may still be served"
+                                        " (required); entries are kept that long.")
 
     def _check(self, present: set[str], error: Error) -> FallbackConfig:
         if self.type == "cache" and self.max_stale is None:
