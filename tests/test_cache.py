@@ -424,6 +424,22 @@ class CoalescingTests(SynchronousTestCase):
         self.assertEqual(gw.clock.getDelayedCalls(), [])
         del second, third
 
+    def test_broken_mid_body(self) -> None:
+        """A shared call that breaks after bytes were sent aborts every waiter; nothing stored."""
+        gw = CacheHarness(self, config())
+        gw.llm.hold = True
+        ds = [self.start(gw, chat(stream=True)) for _ in range(3)]
+        gw.answer_held(upto=2)
+        request, _ = gw.llm.held.pop()
+        request.channel.transport.loseConnection()
+        gw.flush()
+        lines = gw.log_lines()
+        self.assertEqual(len(lines), 3)
+        self.assertEqual({line["error"] for line in lines}, {"truncated"})
+        gw.llm.hold = False
+        self.assertEqual(gw.ask(chat(stream=True)).header("X-Cache"), "MISS")
+        del ds
+
     def test_failure_fans_out(self) -> None:
         """A call that fails before any byte fails every waiter the same way."""
         gw = CacheHarness(self, config(), wrap_agent=RefusingAgent)

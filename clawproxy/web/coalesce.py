@@ -25,7 +25,7 @@ import io
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, fail
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
@@ -115,7 +115,10 @@ class Flight:
         self.fctx = attrs.evolve(ctx, request=fake,
                                  response_headers=list(ctx.response_headers),
                                  notes=dict(ctx.notes or {}))
-        self.call = ensureDeferred(forward(self.fctx, *args))
+        try:
+            self.call = ensureDeferred(forward(self.fctx, *args))
+        except Exception:
+            self.call = fail()
         self.call.addBoth(self._ended)
 
     def join(self, ctx: RequestContext) -> Deferred[None]:
@@ -195,9 +198,7 @@ class Flight:
             else:
                 self._send_head(waiter)
                 waiter.done.callback(None)
-        if isinstance(result, Failure) and not waiters:
-            return None  # nobody left to tell (the last waiter cancelled it)
-        return None
+        return None  # told every waiter (none left: the last one cancelled it)
 
 
 @implementer(IRelayWrapper)
