@@ -20,6 +20,7 @@ from clawproxy.config import ConfigError, hash_key, parse_config
 from clawproxy.policy.breakers import NoBreakers
 from clawproxy.stores import StoreUnavailable
 from clawproxy.web.admin import AdminResource
+from clawproxy.web.dataplane import build_data_plane
 from tests.test_gateway import Harness, RefusingAgent
 
 KEY_A, KEY_B = "key-of-agent-a", "key-of-agent-b"
@@ -509,3 +510,19 @@ class ConfigTests(SynchronousTestCase):
         ])
         self.assertEqual(self.errors(config(cache={"store": "redis"},
                                             store={"backend": "redis"})), [])
+
+
+class ReloadTests(SynchronousTestCase):
+    def test_memory_cache_survives_reload(self) -> None:
+        """A reload (a new data plane on the same store) keeps the entries, with its new bounds."""
+        gw = CacheHarness(self, config())
+        gw.ask(chat("one"))
+        gw.ask(chat("two"))
+        new = build_data_plane(parse_config(config(cache={"max_entries": 1}), environ={}),
+                               gw.clock, gw.agent, gw.metrics, gw.access_log,
+                               store=gw.plane.store, previous=gw.registry)
+        gw.plane, gw.resource, gw.root = new, new.resource, new.resource
+        self.assertEqual(gw.ask(chat("two")).header("X-Cache"), "HIT")
+        self.assertEqual(gw.ask(chat("one")).header("X-Cache"), "MISS")  # over the new bound
+        other = CacheHarness(self, config())  # another gateway: its own cache
+        self.assertEqual(other.ask(chat("two")).header("X-Cache"), "MISS")

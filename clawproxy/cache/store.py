@@ -114,9 +114,14 @@ class MemoryCache:
         if size <= self.max_bytes:
             self._data[key] = (entry, size, self._clock.seconds() + life)
             self.bytes += size
-            while len(self._data) > self.max_entries or self.bytes > self.max_bytes:
-                self._remove(next(iter(self._data)))
+            self.resize(self.max_entries, self.max_bytes)
         return succeed(None)
+
+    def resize(self, max_entries: int, max_bytes: int) -> None:
+        """New bounds (a reload): the least recently used go until it fits them."""
+        self.max_entries, self.max_bytes = max_entries, max_bytes
+        while len(self._data) > max_entries or self.bytes > max_bytes:
+            self._remove(next(iter(self._data)))
 
     def drop(self, route: str | None = None, scope: str | None = None) -> Deferred[int]:
         doomed = [k for k, (e, _, _) in self._data.items()

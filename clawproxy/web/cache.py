@@ -20,6 +20,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 from urllib.parse import parse_qs
+from weakref import WeakKeyDictionary
 
 import attrs
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -48,6 +49,9 @@ log = Logger()
 #: Response headers kept with an entry (the rest are the backend's own business).
 KEPT_HEADERS = frozenset((b"content-type", b"content-encoding", b"content-language"))
 _DONE = b"data: [DONE]"
+
+#: Each gateway's memory cache, by its state store (kept across reloads).
+_MEMORY_CACHES: WeakKeyDictionary[Any, MemoryCache] = WeakKeyDictionary()
 
 
 @attrs.define(slots=True, eq=False)
@@ -122,7 +126,14 @@ class ResponseCache:
             self.backend: Any = SharedCache(store, clock, cc.max_entries, cc.max_bytes,
                                             longest)
         else:
-            self.backend = MemoryCache(clock, cc.max_entries, cc.max_bytes)
+            # The memory cache outlives a reload: it is kept per gateway (per
+            # state store, which a reload keeps), with the new bounds.
+            kept = _MEMORY_CACHES.get(store)
+            if kept is None:
+                kept = _MEMORY_CACHES[store] = MemoryCache(clock, cc.max_entries, cc.max_bytes)
+            else:
+                kept.resize(cc.max_entries, cc.max_bytes)
+            self.backend = kept
         self.check_versions = cc.check_model_version
         #: requested model -> the model the backends last reported answering as.
         self.versions: dict[str, str] = {}
