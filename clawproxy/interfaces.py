@@ -8,10 +8,12 @@ A request meets them in this order (README, "How a request flows"):
   2. the L{IRequestStage}s of phase C{identify} (before routing), then of
      phase C{route} (after routing), then of phase C{pool} (once the pool
      and model are resolved);
-  3. the registry's one availability decision (health, drain, weight,
+  3. the relay step, wrapped by any L{IRelayWrapper} (request coalescing):
+     the registry's one availability decision (health, drain, weight,
      C{max_connections}, and every L{IAvailabilityPolicy}: passive ejection,
      the L{IBreakerBoard}), the balancer, the chosen instance's admission,
-     and upstream attempts governed by an L{IRetryPolicy};
+     and upstream attempts governed by an L{IRetryPolicy}; when it cannot
+     answer, the route's fallback (static, or an L{IFallbackProvider}'s);
   4. L{IResponseFilter}s over the relayed response head, body and end;
   5. every L{IResponseObserver}, once the request is answered.
 
