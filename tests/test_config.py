@@ -1288,7 +1288,6 @@ class ErrorTests(ConfigTestCase):
                 "models.prices: not supported by this version yet",
                 "models.prices.m.prompt: must be >= 0",
                 "models.prices.m.extra: unknown key",
-                "cache: not supported by this version yet",
                 "cache.store: must be one of memory, redis",
                 "cache.max_entries: must be >= 1",
                 "cache.check_model_version: must be a boolean (true or false)",
@@ -1356,7 +1355,7 @@ class RefusalTests(ConfigTestCase):
                 max_qps: 5
                 circuit_breaker: {{failure_threshold: 3}}
                 tls: {{verify: false}}
-            routes: [{{path: /, pool: p, rate_limit: 5/s, cache: {{ttl: 1m}}}}]
+            routes: [{{path: /, pool: p, rate_limit: 5/s, cache: {{ttl: 1m, semantic: true}}}}]
             fallbacks: {{stale: {{type: cache, max_stale: 10m}}}}
             cache: {{max_entries: 10}}
             """
@@ -1378,10 +1377,8 @@ class RefusalTests(ConfigTestCase):
                 f"pools.p.max_qps: {self.NOT_YET}",
                 f"pools.p.tls: {self.NOT_YET}",
                 f"routes[0].rate_limit: {self.NOT_YET}",
-                f"routes[0].cache: {self.NOT_YET}",
-                "fallbacks.stale.type: type cache is not supported by this version yet",
-                f"fallbacks.stale.max_stale: {self.NOT_YET}",
-                f"cache: {self.NOT_YET}",
+                "routes[0].cache.semantic: semantic caching is not supported by this"
+                " version yet",
             ],
         )
 

@@ -507,12 +507,27 @@ class RouteCacheConfig:
 
     enabled: bool = f.setting(f.boolean, True, "Cache this route.")
     ttl: float = f.setting(f.duration(above=0), 300.0, "Entry lifetime.", shown="5m")
-    semantic: bool = f.setting(f.boolean, False, "Match similar prompts.")
-    threshold: float = f.setting(f.number(low=0, high=1), 0.85, "Semantic similarity of a hit.")
-    shared: bool = f.setting(f.boolean, False, "Share entries between agents.")
+    semantic: bool = f.setting(f.boolean, False, "Match similar prompts.",
+                               not_yet=NotYet(RESILIENCE, bool, "semantic caching is not"
+                                              " supported by this version yet", "``true``"))
+    threshold: float = f.setting(f.number(low=0, high=1), 0.85, "Semantic similarity of a hit.",
+                                 not_yet=NotYet(RESILIENCE))
+    shared: bool = f.setting(f.boolean, False, "Share entries between agents (else each"
+                             " agent, or each anonymous client address, has its own).")
     key: tuple[str, ...] = f.setting(f.list_of(f.nonempty), (), "Request parts forming the"
-                                     " key (``body.model``, ``header.X``); empty: method,"
-                                     " path and whole body.")
+                                     " key (``body``, ``body.NAME`` (dotted for nested"
+                                     " members), ``header.NAME``, ``query.NAME``); empty: the"
+                                     " whole body. The route, method, path, whether the"
+                                     " request streams and the agent scope always count.")
+
+    def _check(self, present: set[str], error: Error) -> RouteCacheConfig:
+        from clawproxy.cache.keys import check_key_field
+
+        for i, field in enumerate(self.key):
+            problem = check_key_field(field)
+            if problem is not None:
+                error(f"key[{i}]", problem)
+        return self
 
 
 @attrs.frozen
@@ -559,8 +574,8 @@ class RouteConfig:
     timeout: float | None = f.setting(f.duration(above=0), None,
                                       "Per upstream attempt (default: the pool's).")
     cache: RouteCacheConfig | None = f.section(
-        RouteCacheConfig, "Response caching.", optional=True,
-        not_yet=NotYet(RESILIENCE, lambda c: c.enabled, values="enabled"))
+        RouteCacheConfig, "Response caching (``X-Cache`` on every answer of the route).",
+        optional=True)
     fallback: str | None = f.setting(f.text, None, "A name in ``fallbacks``.")
     transforms: TransformsConfig | None = f.section(TransformsConfig, "Header rewrites.",
                                                     optional=True)
@@ -582,23 +597,32 @@ class FallbackConfig:
 
     name: str = f.entry_name("The fallback's name (its key under ``fallbacks``).")
     type: str = f.setting(
-        f.choice("static", "cache"), "static", "``static`` answers with ``status``/``body``;"
-        " ``cache`` serves the last good cached answer.",
-        not_yet=NotYet(RESILIENCE, lambda t: t == "cache",
-                       "type cache is not supported by this version yet", "``cache``"))
+        f.choice("static", "cache"), "static", "``static`` answers with ``status``/``body``"
+        " when no instance can take a request; ``cache`` serves the last good cached answer"
+        " for the same key (``X-Cache: STALE``) when no instance can take it or the attempts"
+        " failed, and nothing when there is none.")
     status: int = f.setting(f.integer(low=100, high=599), 200, "Status of the answer.")
     content_type: str = f.setting(f.nonempty, "application/json", "Its content type.")
     body: str = f.setting(f.fallback_body, "", "Its body.")
     headers: dict[str, str] = f.setting(f.headers, factory=dict, doc="Extra headers.")
-    max_stale: float | None = f.setting(f.duration(above=0), None, "``cache``: oldest answer"
-                                        " served.", not_yet=NotYet(RESILIENCE))
+    max_stale: float | None = f.setting(f.duration(above=0), None, "``cache``: how long past"
+                                        " its route's ``ttl`` an answer may still be served"
+                                        " (required); entries are kept that long.")
+
+    def _check(self, present: set[str], error: Error) -> FallbackConfig:
+        if self.type == "cache" and self.max_stale is None:
+            error("max_stale", "required for type cache")
+        return self
 
 
 @attrs.frozen
 class CacheConfig:
     """The response cache store shared by routes that enable caching."""
 
-    store: str = f.setting(f.choice("memory", "redis"), "memory", "Where entries live.")
+    store: str = f.setting(f.choice("memory", "redis"), "memory", "Where entries live:"
+                           " ``memory`` (this gateway's) or ``redis`` (the ``store`` section's"
+                           " Redis, shared by every gateway on it; needs ``store.backend:"
+                           " redis``).")
     max_entries: int = f.setting(f.integer(low=1), 10000, "Entries at most.")
     max_bytes: int = f.setting(f.size, 256 * 1024 * 1024, "Stored bytes at most.",
                                shown="256MB")
@@ -694,8 +718,7 @@ class Config:
                                               required="required (at least one route)",
                                               empty="must define at least one route")
     fallbacks: dict[str, FallbackConfig] = f.entries(FallbackConfig, "Canned responses.")
-    cache: CacheConfig = f.section(CacheConfig, "The response cache.",
-                                   not_yet=NotYet(RESILIENCE))
+    cache: CacheConfig = f.section(CacheConfig, "The response cache.")
     metrics: MetricsConfig = f.section(MetricsConfig, "Prometheus metrics.")
     logging: LoggingConfig = f.section(LoggingConfig, "Logging.")
     tracing: TracingConfig = f.section(TracingConfig, "Tracing.")
@@ -705,6 +728,8 @@ class Config:
     source: str | None = f.internal()
 
     def _check(self, present: set[str], error: Error) -> Config:
+        if self.cache.store == "redis" and self.store.backend != "redis":
+            error("cache.store", "redis needs store.backend: redis")
         if self.auth is None and any(agent.keys for agent in self.agents.values()):
             return attrs.evolve(self, auth=AuthConfig(api_key=ApiKeyConfig()))
         return self

@@ -58,6 +58,9 @@ class RequestContext:
     aborted: bool = False
     response_headers: list[tuple[bytes, bytes]] = attrs.Factory(list)
     model: str | None = None
+    #: Per-request state of features, under the feature's name (L{None}
+    #: until one keeps some: most requests carry none).
+    notes: dict[str, Any] | None = None
 
     def json_body(self) -> dict[str, Any]:
         """

@@ -81,6 +81,9 @@ class GatewayResource(Resource):
         (C{identify}, C{route} or C{pool}), in the order given.
     @param observers: L{IResponseObserver}s told about each finished request.
     @param router: the compiled routes (built from C{config} when not given).
+    @param forward: the relay step, C{relay.forward} as wrapped by the
+        L{IRelayWrapper}s (C{relay.forward} itself by default).
+    @param fallbacks: L{IFallbackProvider}s by the fallback C{type} they serve.
     """
 
     isLeaf = True
@@ -100,11 +103,15 @@ class GatewayResource(Resource):
         observers: Sequence[Any] = (),
         started: float | None = None,
         router: Router | None = None,
+        forward: Any = None,
+        fallbacks: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.config = config
         self.registry = registry
         self.relay = relay
+        self.forward = forward if forward is not None else relay.forward
+        self.fallback_providers = dict(fallbacks or {})
         self.metrics = metrics
         self.access_log = access_log
         self.clock = clock
@@ -190,12 +197,27 @@ class GatewayResource(Resource):
         key, sticky = self._keys(ctx, pool)
         timeout = cfg.timeout if cfg.timeout is not None else pool.config.timeout
         try:
-            await self.relay.forward(ctx, pool, key, sticky, timeout, local)
+            await self.forward(ctx, pool, key, sticky, timeout, local)
         except NoInstance:
             answer = self._fallback(ctx, cfg.fallback or pool.config.fallback)
+            if isinstance(answer, Deferred):
+                answer = await answer
             if answer is None:
                 raise unavailable(f"no healthy instance in pool {pool.name!r}",
                                   code="no_healthy_upstream") from None
+            self._write_local(ctx, answer)
+            return
+        except Rejected as e:
+            # The attempts failed and nothing reached the client: a fallback
+            # other than static (a cached answer) may still serve it.
+            if (e.status not in (502, 503, 504) or not self.fallback_providers
+                    or request.startedWriting):
+                raise
+            answer = self._fallback(ctx, cfg.fallback or pool.config.fallback, static=False)
+            if isinstance(answer, Deferred):
+                answer = await answer
+            if answer is None:
+                raise
             self._write_local(ctx, answer)
             return
         if not request.finished and not client_gone(request):
@@ -298,11 +320,22 @@ class GatewayResource(Resource):
         for name, value in t.set.items():
             headers.setRawHeaders(name, [self._expand(value, ctx).encode()])
 
-    def _fallback(self, ctx: RequestContext, name: str | None) -> LocalResponse | None:
+    def _fallback(self, ctx: RequestContext, name: str | None,
+                  static: bool = True) -> LocalResponse | Deferred[Any] | None:
+        """
+        The fallback C{name}'s answer: a static one (unless C{static} is
+        false: those answer only when no instance could take the request),
+        or its L{IFallbackProvider}'s (an answer, L{None}, or a Deferred).
+        """
         if not name:
             return None
         fb = self.config.fallbacks.get(name)
-        if fb is None or fb.type != "static":
+        if fb is None:
+            return None
+        if fb.type != "static":
+            provider = self.fallback_providers.get(fb.type)
+            return None if provider is None else provider.answer(ctx, fb)
+        if not static:
             return None
         self.metrics.fallback_responses_total.labels(name).inc()
         headers = [(k.encode(), v.encode()) for k, v in fb.headers.items()]
