@@ -335,3 +335,21 @@ class QueryRouteTests(SynchronousTestCase):
             gw.request("GET", b"/v1/x" + query)
             self.assertEqual(gw.backend.seen[-1].instance, instance, query)
             self.assertEqual(gw.backend.seen[-1].uri, b"/v1/x" + query)
+
+
+class AdminSectionTests(SynchronousTestCase):
+    """The C{auth} section of C{/admin/status}."""
+
+    def test_status(self) -> None:
+        """Accepted credentials and the JWT keys in force; never a key or token."""
+        gw = Harness(self, config())
+        [section] = [s for s in gw.plane.parts.admin_sections if s.name == "auth"]
+        gw.request("GET", "/api/v1/hr/x", headers={"Authorization": f"Bearer {token('hr-agent')}"})
+        status = section.status()
+        self.assertEqual(status, {
+            "agents": 2, "api_keys": 2,
+            "jwt": {"algorithms": ["HS256"], "kids": [], "default_keys": ["oct"],
+                    "key_changes": 0, "cached_tokens": 1},
+        })
+        self.assertNotIn(SECRET, repr(status))
+        self.assertEqual(section.endpoints(), {})

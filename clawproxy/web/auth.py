@@ -24,7 +24,7 @@ from zope.interface import implementer
 
 from clawproxy.config import ApiKeyConfig, Config
 from clawproxy.errors import Rejected
-from clawproxy.interfaces import IHeadCheck, IRequestStage
+from clawproxy.interfaces import IAdminSection, IHeadCheck, IRequestStage
 from clawproxy.policy.auth import (
     Agent,
     KeyStore,
@@ -43,6 +43,7 @@ from clawproxy.policy.scopes import check_scopes
 from clawproxy.web.context import RequestContext
 
 __all__ = [
+    "AuthSection",
     "Enforce",
     "HeadAuthCheck",
     "HeadKeyCheck",
@@ -316,16 +317,53 @@ def _reachable(routes: list[Any], headers: Any, query: Any = None) -> list[Any]:
     return out
 
 
+@implementer(IAdminSection)
+class AuthSection:
+    """
+    The C{auth} section of C{/admin/status}: which credentials are accepted and, for
+    JWTs, the keys in force (by C{kid}, and default keys by type), how often they
+    changed since the data plane was built, and how many verified tokens are cached.
+    Never a key or a token.
+    """
+
+    name = "auth"
+
+    def __init__(self, identify: Identify) -> None:
+        self.identify = identify
+
+    def status(self) -> dict[str, Any]:
+        stage = self.identify
+        out: dict[str, Any] = {"agents": len(stage.store.agents)}
+        if stage.api_keys:
+            out["api_keys"] = len(stage.store)
+        verifier = stage.jwt
+        if verifier is not None:
+            keys = verifier.source.keys
+            out["jwt"] = {
+                "algorithms": list(verifier.config.algorithms),
+                "kids": sorted(keys.by_kid),
+                "default_keys": sorted(keys.defaults),
+                "key_changes": verifier.source.generation,
+                "cached_tokens": len(verifier.cache),
+            }
+        return out
+
+    def endpoints(self) -> dict[Any, Any]:
+        return {}
+
+
 def auth_parts(config: Config, router: Router, clock: Any = None, **_: Any) -> list[Any]:
     """
     Everything auth plugs into the data plane for C{config}: its stages
-    (L{auth_stages}), the L{HeadAuthCheck} when credentials are checked, and
-    L{InjectHeaders} when some agent has C{inject_headers}.
+    (L{auth_stages}); when credentials are checked, the L{HeadAuthCheck} and the
+    L{AuthSection} of C{/admin/status}; and L{InjectHeaders} when some agent has
+    C{inject_headers}.
     """
     identify, stages = auth_stages(config, clock)
     parts: list[Any] = [*identify, *stages]
     if identify:
         parts.append(HeadAuthCheck(identify[0], router, config.server.base_path.encode()))
+        parts.append(AuthSection(identify[0]))
         if any(agent.inject_headers for agent in identify[0].store.agents.values()):
             parts.append(InjectHeaders(identify[0].header_name))
     return parts
