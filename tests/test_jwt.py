@@ -213,6 +213,13 @@ class AttackMatrixTests(Base):
         self.refused(self.v, sign("RS256", rsa_key(), "rsa-2"), "unknown key")
         self.refused(self.v, sign(kid="nope"), "unknown key")
 
+    def test_kid_ignored_without_named_keys(self) -> None:
+        """With no key named by kid at all, a token's kid is ignored (default key)."""
+        v = self.verifier({"secret": SECRET})
+        self.assertEqual(v.verify(sign(kid="whatever", aud=None, iss=None)), "finance-agent")
+        self.refused(v, sign(key=SECRET[::-1], kid="whatever", aud=None, iss=None),
+                     "signature")
+
     def test_kid_required_for_keyed_algorithms(self) -> None:
         """An RS256 token without kid: RSA keys are only known by kid here."""
         self.refused(self.v, sign("RS256", rsa_key()), "no kid")
@@ -344,6 +351,13 @@ class KeyLoadingTests(SynchronousTestCase):
                         {**ed_jwk, "kid": "ed"}]}
         keys = parse_jwks(json.dumps(doc).encode(), ["RS256", "ES256"])
         self.assertEqual(sorted(k.kid for k in keys), ["e1", "r1"])
+        oct_jwk = {"kty": "oct", "kid": "h1", "k": b64(SECRET.encode())}
+        [key] = parse_jwks(json.dumps({"keys": [oct_jwk]}).encode(), ["HS256", "RS256"])
+        self.assertEqual((key.kind, key.key, key.algorithms),
+                         ("oct", SECRET.encode(), frozenset({"HS256"})))
+        short = {"kty": "oct", "kid": "h2", "k": b64(b"short")}
+        self.assertRaises(ValueError, parse_jwks, json.dumps({"keys": [short]}).encode(),
+                          ["HS256"])
         dup = {"keys": [{**rsa_jwk, "kid": "r1"}, {**rsa_jwk, "kid": "r1"}]}
         self.assertRaises(ValueError, parse_jwks, json.dumps(dup).encode(), ["RS256"])
         for bad in (b"[]", b"{", b'{"keys": [1]}', b'{"keys": [{"kty": "RSA", "n": "x"}]}'):

@@ -318,6 +318,22 @@ class DataPlaneTests(SynchronousTestCase):
         self.assertFalse(any(isinstance(s, InjectHeaders) for s in gw.plane.parts.stages))
 
 
+class BasePathTests(SynchronousTestCase):
+    """Scopes are written as clients see paths: with C{server.base_path}."""
+
+    def test_base_path(self) -> None:
+        cfg = config()
+        cfg["server"] = {"base_path": "/api"}
+        cfg["routes"] = [{"path": "/v1/*", "pool": "main"}]
+        gw = Harness(self, cfg)
+        headers = {"Authorization": f"Bearer {token()}"}
+        self.assertEqual(gw.request("GET", "/api/v1/finance/x", headers=headers).code, 200)
+        self.assertEqual(gw.backend.seen[-1].uri, b"/v1/finance/x")
+        answer = gw.request("GET", b"/api/v1/finance/%2e%2e/hr", headers=headers)
+        self.assertEqual(answer.code, 403)
+        self.assertEqual(len(gw.backend.seen), 1)
+
+
 class QueryRouteTests(SynchronousTestCase):
     """Routes C{match} on C{query.NAME}."""
 
