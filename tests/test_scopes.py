@@ -244,8 +244,9 @@ class DataPlaneTests(SynchronousTestCase):
                               b"/api/v1/finance/%2e%2e/hr/x?a=1", h)
         self.assertEqual((e.status, e.code), (403, "permission_denied"))
         self.gw.plane.check_head(b"POST", b"/api/v1/finance/x?a=1", h)
-        # A malformed path is left for the request to answer 400.
-        self.gw.plane.check_head(b"POST", b"/api/v1/finance%2Fx", h)
+        e = self.assertRaises(Rejected, self.gw.plane.check_head, b"POST",
+                              b"/api/v1/finance%2F..%2Fhr", h)
+        self.assertEqual((e.status, e.code), (400, "invalid_path"))
 
     def test_token_refused_at_head(self) -> None:
         """An invalid token is a 401 at the head; so is no credential where all need one."""

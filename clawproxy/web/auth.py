@@ -259,8 +259,9 @@ class HeadAuthCheck:
     """
     The credential check run when a request's head is in, before its body is read
     or C{100 Continue} sent: a credential that is presented but invalid is refused
-    (401), so is a path outside the agent's scopes (403), and so is a request
-    without a credential when every route its path can reach needs one (401).
+    (401), so is a malformed path (400), a path outside the agent's scopes (403),
+    and a request without a credential when every route its path can reach needs
+    one (401).
     """
 
     def __init__(self, identify: Identify, router: Router, base_path: bytes) -> None:
@@ -272,10 +273,7 @@ class HeadAuthCheck:
         stage = self.identify
         agent = stage.authenticate(headers)
         raw, _, query = path.partition(b"?")
-        try:
-            canonical = canonical_path(raw)
-        except Rejected:
-            return  # the request is answered 400 once its body is in
+        canonical = canonical_path(raw)  # a malformed path: 400 now
         if agent is not None:
             check_scopes(agent.scopes, canonical)
             return
