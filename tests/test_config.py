@@ -1093,6 +1093,19 @@ class ErrorTests(ConfigTestCase):
             ],
         )
 
+    def test_agent_settings_need_auth(self) -> None:
+        """Scopes or injected headers on agents nobody can authenticate as: refused."""
+        errors = self.errors(with_minimal(
+            "agents: {a: {scopes: [/x/*], inject_headers: {X-K: v}}, b: {tier: t}}"))
+        self.assertEqual(errors, [
+            "agents.a.scopes: no authentication is configured (auth, or keys on an"
+            " agent), so no request is this agent",
+            "agents.a.inject_headers: no authentication is configured (auth, or keys on an"
+            " agent), so no request is this agent",
+        ])
+        parse(with_minimal(f"auth: {{jwt: {{secret: {'s' * 32}}}}}\n"
+                           "agents: {a: {scopes: [/x/*]}}"))
+
     def test_header_values(self) -> None:
         """Header values set by transforms may not contain line breaks."""
         self.assertError(

@@ -320,19 +320,29 @@ class DataPlaneTests(SynchronousTestCase):
 
 
 class BasePathTests(SynchronousTestCase):
-    """Scopes are written as clients see paths: with C{server.base_path}."""
+    """
+    Scopes are written like route paths, without C{server.base_path}: they match the
+    path the upstream receives.
+    """
 
     def test_base_path(self) -> None:
         cfg = config()
         cfg["server"] = {"base_path": "/api"}
+        cfg["agents"]["finance-agent"]["scopes"] = ["/v1/finance/*"]
         cfg["routes"] = [{"path": "/v1/*", "pool": "main"}]
         gw = Harness(self, cfg)
         headers = {"Authorization": f"Bearer {token()}"}
         self.assertEqual(gw.request("GET", "/api/v1/finance/x", headers=headers).code, 200)
         self.assertEqual(gw.backend.seen[-1].uri, b"/v1/finance/x")
-        answer = gw.request("GET", b"/api/v1/finance/%2e%2e/hr", headers=headers)
-        self.assertEqual(answer.code, 403)
+        for path in (b"/api/v1/finance/%2e%2e/hr", b"/api/v1/hr/x", b"/api/api/v1/finance/x"):
+            answer = gw.request("GET", path, headers=headers)
+            self.assertEqual(answer.code, 403, path)
         self.assertEqual(len(gw.backend.seen), 1)
+        h = Headers({b"authorization": [f"Bearer {token()}".encode()]})
+        gw.plane.check_head(b"GET", b"/api/v1/finance/x", h)
+        e = self.assertRaises(Rejected, gw.plane.check_head, b"GET", b"/api/v1/hr", h)
+        self.assertEqual(e.status, 403)
+        gw.plane.check_head(b"GET", b"/elsewhere/v1/hr", h)  # 404 later, not 403
 
 
 class QueryRouteTests(SynchronousTestCase):

@@ -294,9 +294,10 @@ class AgentConfig:
                                       "Stored key forms (``clawproxy hash-key KEY``);"
                                       " plain keys are refused.")
     scopes: tuple[str, ...] | None = f.setting(
-        f.list_of(f.url_path), None, "Path globs the agent may call (default: all), matched"
-        " on the canonical path (with ``server.base_path``); ``/x/*`` is ``/x`` and"
-        " everything under it.")
+        f.list_of(f.url_path), None, "Path globs the agent may call (default: all), written"
+        " like route paths and matched on the same canonical path (without"
+        " ``server.base_path``) that routes match and the upstream receives; ``/x/*`` is"
+        " ``/x`` and everything under it.")
     rate_limit: Rate | None = f.setting(f.rate, None, "Requests per period for this agent.",
                                         not_yet=NotYet(PROTECTION))
     token_limit: Rate | None = f.setting(f.rate, None, "Prompt + completion tokens per"
@@ -758,6 +759,13 @@ class Config:
     def _check(self, present: set[str], error: Error) -> Config:
         if self.auth is None and any(agent.keys for agent in self.agents.values()):
             return attrs.evolve(self, auth=AuthConfig(api_key=ApiKeyConfig()))
+        if self.auth is None:
+            # No request can be these agents: their scopes would restrict nobody.
+            for agent in self.agents.values():
+                for key in ("scopes", "inject_headers"):
+                    if getattr(agent, key):
+                        error(f"agents.{agent.name}.{key}", "no authentication is configured"
+                              " (auth, or keys on an agent), so no request is this agent")
         return self
 
     def instance(self, id: str) -> tuple[PoolConfig, InstanceConfig] | None:

@@ -2,9 +2,9 @@
 Agent scopes: the paths an agent may call (SPEC C{agents.NAME.scopes}), pure.
 
 A scope is a path glob matched on the request's canonical path
-(L{clawproxy.policy.routing.canonical_path}): the one the gateway computes once per
-request, routes with, and forwards upstream (with C{server.base_path} removed, a fixed
-prefix). Scopes are written with the base path, as clients see paths. Canonicalisation
+(L{clawproxy.policy.routing.canonical_path}) with C{server.base_path} removed: the one
+path the gateway computes once per request, routes with and forwards upstream
+(C{RequestContext.local_path}). Scopes are written like route paths. Canonicalisation
 has already decoded percent-encoded unreserved characters, merged C{//}, resolved
 C{.} and C{..}, and refused (400) an encoded C{/} or C{\\}, NUL, C{;} and C{#}; so
 C{/api/v1/finance/../hr/x}, C{/api/v1/finance/%2e%2e/hr/x} and C{//api/v1/hr/x} are all

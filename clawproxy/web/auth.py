@@ -150,7 +150,7 @@ class Identify:
         """
         @raise Rejected: 401 C{invalid_api_key} / C{invalid_token} for a credential that
             is presented but invalid; 403 C{permission_denied} for a path (the canonical
-            C{ctx.path}) outside the agent's scopes.
+            C{ctx.local_path}, the one routed and forwarded) outside the agent's scopes.
         """
         headers = ctx.request.requestHeaders
         agent = self.authenticate(headers)
@@ -160,7 +160,9 @@ class Identify:
         ctx.agent_name = agent.name
         if self.strip:
             strip_credentials(headers, self._strip_header)
-        check_scopes(agent.scopes, ctx.path)
+        if agent.scopes is not None:
+            check_scopes(agent.scopes, ctx.local_path if ctx.local_path is not None
+                         else ctx.path)
 
 
 @implementer(IRequestStage)
@@ -274,11 +276,11 @@ class HeadAuthCheck:
         agent = stage.authenticate(headers)
         raw, _, query = path.partition(b"?")
         canonical = canonical_path(raw)  # a malformed path: 400 now
-        if agent is not None:
-            check_scopes(agent.scopes, canonical)
-            return
         local = strip_base(canonical, self.base)
         if local is None:
+            return  # 404 once the body is in
+        if agent is not None:
+            check_scopes(agent.scopes, local)
             return
         routes = _reachable(
             self.router.candidates(local.decode("utf-8", "replace"), method), headers,

@@ -159,7 +159,7 @@ class GatewayResource(Resource):
                            "request_too_large")
         path = canonical_path(ctx.path)
         ctx.path = path
-        local = strip_base(path, self.base)
+        local = ctx.local_path = strip_base(path, self.base)
         if local is None:
             raise not_found("no route for this path", "route_not_found")
         builtin = self._builtin(local, ctx.method)
