@@ -17,7 +17,15 @@ from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 
-from tests.integration.helpers import HELLO, Harness, error_of, pool, tick
+from tests.integration.helpers import (
+    HELLO,
+    Harness,
+    bounded,
+    error_of,
+    parse_response,
+    pool,
+    tick,
+)
 
 SECRET = "integration-secret-0123456789abcdef"
 
@@ -113,6 +121,28 @@ class JwtScopeTests(TestCase):
         response = await h.exchange(gw.port, request("GET", "/v1/chat/x", none))
         self.assertEqual(response.status, 401)
         self.assertEqual(len(recorder.seen), count)
+
+    async def test_refused_before_the_body(self) -> None:
+        """
+        With C{Expect: 100-continue}, an expired token (401) and a valid token on an
+        out-of-scope path (403) are answered from the head alone: no C{100 Continue},
+        the body never sent, the backend never asked.
+        """
+        h, gw, recorder = await self.start()
+        expired = jwt.encode({"sub": "finance-agent", "iss": "idp", "iat": 1, "exp": 2},
+                             SECRET, "HS256")
+        for bearer, path, status in ((expired, "/v1/chat/completions", 401),
+                                     (token("finance-agent"), "/v1/chat/%2e%2e/models", 403)):
+            proto = await h.raw(gw.port, (
+                f"POST {path} HTTP/1.1\r\nHost: gw.test\r\n"
+                f"Authorization: Bearer {bearer}\r\nContent-Length: 20\r\n"
+                "Expect: 100-continue\r\n\r\n").encode())
+            raw = await bounded(proto.closed)
+            self.assertNotIn(b"100 Continue", raw)
+            response = parse_response(raw)
+            self.assertEqual(response.status, status, raw)
+            error_of(response.body)
+        self.assertEqual(recorder.seen, [])
 
     async def test_jwks_rotation_without_restart(self) -> None:
         """
