@@ -31,7 +31,6 @@ from clawproxy.policy.auth import (
     authenticate,
     authorize,
     extract_credential,
-    extract_key,
     invalid_api_key,
     load_key_store,
     missing_credentials,
@@ -131,12 +130,6 @@ class Identify:
         if agent is None:
             raise invalid_api_key()
         return agent
-
-    def presents(self, headers: Any) -> bool:
-        """Whether the request presents a credential (valid or not)."""
-        if self.jwt is None:
-            return extract_key(headers, self.header_name) is not None
-        return extract_credential(headers, self.header_name, self.api_keys) is not None
 
     def check_headers(self, headers: Any) -> Rejected | None:
         """The 401 for an invalid credential in C{headers}, or C{None} to go on."""
