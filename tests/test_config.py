@@ -455,10 +455,11 @@ class ValuesTests(ConfigTestCase):
                 """
                 auth:
                   api_key: {header: X-Key, keys_store: keys.json}
-                  jwt: {secret: s, algorithms: [HS256, HS512], issuer: me, leeway: 10s,
+                  jwt: {secret: SECRET, algorithms: [HS256, HS512], issuer: me, leeway: 10s,
                         max_age: 24h}
                 """
-            ).replace("keys.json", os.path.join(directory, "keys.json"))
+            ).replace("keys.json", os.path.join(directory, "keys.json")).replace(
+                "SECRET", "s" * 64)
         )
         self.assertEqual(config.auth.api_key.header, "X-Key")
         self.assertEqual(config.auth.api_key.keys_store, os.path.abspath(
@@ -1013,8 +1014,8 @@ class ErrorTests(ConfigTestCase):
                 "routes[2].split.b: must be > 0",
                 "routes[3].split: must name at least one pool",
                 "routes[4].path: required",
-                "routes[5].match.tier: match keys must look like header.NAME, body.NAME,"
-                " agent.NAME",
+                "routes[5].match.tier: match keys must look like header.NAME, query.NAME,"
+                " body.NAME, agent.NAME",
             ],
         )
 
@@ -1084,15 +1085,26 @@ class ErrorTests(ConfigTestCase):
         self.assertEqual(
             errors,
             [
-                "agents.a.scopes: not supported by this version yet",
                 "agents.a.scopes[0]: must start with /",
                 "agents.a.spend_limit: not supported by this version yet",
                 "agents.a.spend_limit: must be a rate such as 100/minute, 10/s or 1000/hour",
-                "agents.a.inject_headers: not supported by this version yet",
                 "agents.a.inject_headers.Bad Header: invalid header name",
                 "agents.a.colour: unknown key",
             ],
         )
+
+    def test_agent_settings_need_auth(self) -> None:
+        """Scopes or injected headers on agents nobody can authenticate as: refused."""
+        errors = self.errors(with_minimal(
+            "agents: {a: {scopes: [/x/*], inject_headers: {X-K: v}}, b: {tier: t}}"))
+        self.assertEqual(errors, [
+            "agents.a.scopes: no authentication is configured (auth, or keys on an"
+            " agent), so no request is this agent",
+            "agents.a.inject_headers: no authentication is configured (auth, or keys on an"
+            " agent), so no request is this agent",
+        ])
+        parse(with_minimal(f"auth: {{jwt: {{secret: {'s' * 32}}}}}\n"
+                           "agents: {a: {scopes: [/x/*]}}"))
 
     def test_header_values(self) -> None:
         """Header values set by transforms may not contain line breaks."""
@@ -1171,10 +1183,27 @@ class ErrorTests(ConfigTestCase):
         self.assertEqual(
             errors,
             [
-                "auth.jwt: not supported by this version yet",
-                "auth.jwt.secret: required for HS* algorithms",
-                "auth.jwt.public_key: required for RS*, ES*, PS* and EdDSA algorithms",
+                "auth.jwt.secret: required for HS* algorithms (or keys, or jwks_file)",
+                "auth.jwt.public_key: required for RS*, ES*, PS* and EdDSA algorithms (or"
+                " keys, or jwks_file)",
             ],
+        )
+        self.assertError(
+            with_minimal("auth: {jwt: {secret: short, algorithms: [HS256]}}"),
+            "auth.jwt.secret: must be at least 32 bytes for HS256 (RFC 7518 3.2)",
+        )
+        self.assertError(
+            with_minimal(f"auth: {{jwt: {{secret: {'x' * 32}, algorithms: [HS256, HS512]}}}}"),
+            "auth.jwt.secret: must be at least 64 bytes for HS512 (RFC 7518 3.2)",
+        )
+        self.assertError(
+            with_minimal(f"auth: {{jwt: {{secret: {'x' * 32}, algorithms: [RS256],"
+                         " public_key: /dev/null}}"),
+            "auth.jwt.algorithms: a secret is configured but no HS* algorithm is accepted",
+        )
+        self.assertError(
+            with_minimal("auth: {jwt: {keys: {k1: {}, k2: {secret: x, public_key: y}}}}"),
+            "auth.jwt.keys.k1.secret: give exactly one of secret and public_key",
         )
         self.assertError(
             with_minimal("auth: {jwt: {secret: s, algorithms: [HS256, none]}}"),
@@ -1338,7 +1367,7 @@ class RefusalTests(ConfigTestCase):
         """Each feature not built yet is refused at its path, all in one error."""
         errors = self.errors(
             f"""
-            auth: {{jwt: {{secret: s}}}}
+            auth: {{jwt: {{secret: 0123456789abcdef0123456789abcdef}}}}
             agents:
               a:
                 keys: ["{KEY}"]
@@ -1363,12 +1392,9 @@ class RefusalTests(ConfigTestCase):
         self.assertEqual(
             errors,
             [
-                f"auth.jwt: {self.NOT_YET}",
-                f"agents.a.scopes: {self.NOT_YET}",
                 f"agents.a.rate_limit: {self.NOT_YET}",
                 f"agents.a.token_limit: {self.NOT_YET}",
                 f"agents.a.spend_limit: {self.NOT_YET}",
-                f"agents.a.inject_headers: {self.NOT_YET}",
                 f"rate_limits: {self.NOT_YET}",
                 f"models.fallbacks: {self.NOT_YET}",
                 f"models.prices: {self.NOT_YET}",

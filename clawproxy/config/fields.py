@@ -32,7 +32,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 SPEC = "clawproxy.config"
 
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE")
-MATCH_PREFIXES = ("header.", "body.", "agent.")
+MATCH_PREFIXES = ("header.", "query.", "body.", "agent.")
 ENDPOINT_TYPES = ("tcp", "tcp6", "ssl", "unix", "systemd")
 
 _STORED_KEY = re.compile(r"sha256:[0-9a-fA-F]{64}")
@@ -574,7 +574,7 @@ def method(value: object) -> str:
     return result
 
 
-@typed("``header.NAME``, ``body.NAME`` or ``agent.NAME``")
+@typed("``header.NAME``, ``query.NAME``, ``body.NAME`` or ``agent.NAME``")
 def match_key(value: object) -> str:
     key = text(value)
     prefix = next((p for p in MATCH_PREFIXES if key.startswith(p)), None)

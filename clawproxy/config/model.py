@@ -200,27 +200,76 @@ class ApiKeyConfig:
         " agents it names may also be configured under ``agents``.", resolve=f.existing_file)
 
 
+#: The shortest HMAC secret accepted for each C{HS*} algorithm, in bytes (RFC 7518 3.2:
+#: at least the hash's output size).
+HMAC_MIN_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
+
+
+@attrs.frozen
+class JwtKeyConfig:
+    """One verification key of C{auth.jwt.keys}, chosen by a token's C{kid}."""
+
+    name: str = f.entry_name("The key id (``kid``) tokens signed with this key carry.")
+    secret: str | None = f.setting(f.nonempty, None, "Shared secret for ``HS*`` tokens.")
+    public_key: str | None = f.setting(
+        f.nonempty, None, "PEM text, or a PEM file (re-read when it changes), for ``RS*``,"
+        " ``ES*``, ``PS*`` and ``EdDSA`` tokens.", resolve=f.pem_or_file)
+
+    def _check(self, present: set[str], error: Error) -> JwtKeyConfig:
+        if (self.secret is None) == (self.public_key is None):
+            error("secret", "give exactly one of secret and public_key")
+        return self
+
+
 @attrs.frozen
 class JwtConfig:
-    """JWT bearer authentication; the C{sub} claim names the agent."""
+    """
+    JWT bearer authentication (C{Authorization: Bearer TOKEN}); the C{sub} claim (or
+    C{agent_claim}) names the agent. Only the configured algorithms are accepted, each
+    only with a key of its kind; C{exp} is required.
+    """
 
-    secret: str | None = f.setting(f.nonempty, None, "Shared secret for ``HS*`` algorithms.")
+    secret: str | None = f.setting(f.nonempty, None, "Shared secret for ``HS*`` tokens"
+                                   " without ``kid``.")
     algorithms: tuple[str, ...] = f.setting(f.list_of(f.choice(*JWT_ALGORITHMS), False),
                                             ("HS256",), "Accepted algorithms.")
     issuer: str | None = f.setting(f.text, None, "Required ``iss``.")
-    audience: str | None = f.setting(f.text, None, "Required ``aud``.")
+    audience: str | None = f.setting(f.text, None, "Required ``aud`` (when unset, tokens"
+                                     " that carry an ``aud`` are refused).")
     leeway: float = f.setting(f.duration(), 30.0, "Clock skew allowed.", shown="30s")
     max_age: float | None = f.setting(f.duration(above=0), None,
-                                      "Maximum token age from ``iat``.")
+                                      "Maximum token age from ``iat`` (then ``iat`` is"
+                                      " required).")
     public_key: str | None = f.setting(
-        f.nonempty, None, "PEM text, or a PEM file, for ``RS*``, ``ES*``, ``PS*`` and"
-        " ``EdDSA``.", resolve=f.pem_or_file)
+        f.nonempty, None, "PEM text, or a PEM file (re-read when it changes), for ``RS*``,"
+        " ``ES*``, ``PS*`` and ``EdDSA`` tokens without ``kid``.", resolve=f.pem_or_file)
+    keys: dict[str, JwtKeyConfig] = f.entries(
+        JwtKeyConfig, "Keys by ``kid``: a token with a ``kid`` is verified with that key"
+        " only.", name=f.nonempty)
+    jwks_file: str | None = f.setting(
+        f.nonempty, None, "JSON Web Key Set file (``{\"keys\": [...]}``), re-read when it"
+        " changes; keys are chosen by ``kid``.", resolve=f.existing_file)
+    agent_claim: str = f.setting(f.nonempty, "sub", "The claim that names the agent.")
 
     def _check(self, present: set[str], error: Error) -> JwtConfig:
-        if any(a.startswith("HS") for a in self.algorithms) and not self.secret:
-            error("secret", "required for HS* algorithms")
-        if not all(a.startswith("HS") for a in self.algorithms) and not self.public_key:
-            error("public_key", "required for RS*, ES*, PS* and EdDSA algorithms")
+        hmac = [a for a in self.algorithms if a.startswith("HS")]
+        other = [a for a in self.algorithms if not a.startswith("HS")]
+        secrets = [("secret", self.secret)] if self.secret else []
+        secrets += [(f"keys.{k.name}.secret", k.secret) for k in self.keys.values() if k.secret]
+        publics = bool(self.public_key) or any(k.public_key for k in self.keys.values())
+        if hmac and not secrets and not self.jwks_file:
+            error("secret", "required for HS* algorithms (or keys, or jwks_file)")
+        if other and not publics and not self.jwks_file:
+            error("public_key", "required for RS*, ES*, PS* and EdDSA algorithms (or keys,"
+                  " or jwks_file)")
+        if secrets and not hmac:
+            error("algorithms", "a secret is configured but no HS* algorithm is accepted")
+        for where, secret in secrets:
+            need = max((HMAC_MIN_BYTES[a] for a in hmac), default=0)
+            if len(secret.encode()) < need:
+                error(where, f"must be at least {need} bytes for"
+                      f" {', '.join(a for a in hmac if HMAC_MIN_BYTES[a] == need)}"
+                      " (RFC 7518 3.2)")
         return self
 
 
@@ -232,7 +281,7 @@ class AuthConfig:
         ApiKeyConfig, "API keys; ``api_key:`` with no settings enables them with the"
         " defaults.", optional=True, null_enables=True)
     jwt: JwtConfig | None = f.section(JwtConfig, "JWT bearer tokens.", optional=True,
-                                      null_enables=True, not_yet=NotYet(PROTECTION))
+                                      null_enables=True)
 
 
 @attrs.frozen
@@ -244,8 +293,10 @@ class AgentConfig:
                                       "Stored key forms (``clawproxy hash-key KEY``);"
                                       " plain keys are refused.")
     scopes: tuple[str, ...] | None = f.setting(
-        f.list_of(f.url_path), None, "Path globs the agent may call (default: all).",
-        not_yet=NotYet(PROTECTION))
+        f.list_of(f.url_path), None, "Path globs the agent may call (default: all), written"
+        " like route paths and matched on the same canonical path (without"
+        " ``server.base_path``) that routes match and the upstream receives; ``/x/*`` is"
+        " ``/x`` and everything under it.")
     rate_limit: Rate | None = f.setting(f.rate, None, "Requests per period for this agent.",
                                         not_yet=NotYet(PROTECTION))
     token_limit: Rate | None = f.setting(f.rate, None, "Prompt + completion tokens per"
@@ -255,8 +306,8 @@ class AgentConfig:
     tier: str | None = f.setting(f.scalar_text, None,
                                  "Free attribute for routes' ``match: {agent.tier: ...}``.")
     inject_headers: dict[str, str] = f.setting(
-        f.headers, factory=dict, doc="Headers set on requests sent upstream for this agent.",
-        not_yet=NotYet(PROTECTION))
+        f.headers, factory=dict, doc="Headers set on requests sent upstream for this agent"
+        " (the client's ``Authorization`` and API key header are removed first).")
 
 
 # -- rate limits ---------------------------------------------------------------------------
@@ -732,6 +783,13 @@ class Config:
             error("cache.store", "redis needs store.backend: redis")
         if self.auth is None and any(agent.keys for agent in self.agents.values()):
             return attrs.evolve(self, auth=AuthConfig(api_key=ApiKeyConfig()))
+        if self.auth is None:
+            # No request can be these agents: their scopes would restrict nobody.
+            for agent in self.agents.values():
+                for key in ("scopes", "inject_headers"):
+                    if getattr(agent, key):
+                        error(f"agents.{agent.name}.{key}", "no authentication is configured"
+                              " (auth, or keys on an agent), so no request is this agent")
         return self
 
     def instance(self, id: str) -> tuple[PoolConfig, InstanceConfig] | None:

@@ -30,7 +30,13 @@ from clawproxy.config import Config, expand_request_variables
 from clawproxy.errors import Rejected, bad_request, not_found, unavailable
 from clawproxy.interfaces import PHASES
 from clawproxy.metrics import Metrics
-from clawproxy.policy.routing import Router, canonical_path, sticky_split, strip_base
+from clawproxy.policy.routing import (
+    Router,
+    canonical_path,
+    query_parameters,
+    sticky_split,
+    strip_base,
+)
 from clawproxy.web.accesslog import AccessLog
 from clawproxy.web.context import LocalResponse, RequestContext
 from clawproxy.web.relay import NoInstance, Relay, UpstreamBroken
@@ -160,7 +166,7 @@ class GatewayResource(Resource):
                            "request_too_large")
         path = canonical_path(ctx.path)
         ctx.path = path
-        local = strip_base(path, self.base)
+        local = ctx.local_path = strip_base(path, self.base)
         if local is None:
             raise not_found("no route for this path", "route_not_found")
         builtin = self._builtin(local, ctx.method)
@@ -248,9 +254,10 @@ class GatewayResource(Resource):
             v = headers.getRawHeaders(name.encode("latin-1"))
             return v[-1].decode("latin-1") if v else None
 
+        query = query_parameters(ctx.query)
         for route in self.router.candidates(spath, ctx.method):
             body = ctx.json_body() if route.needs_body else None
-            if route.matches_conditions(header, body, ctx.agent):
+            if route.matches_conditions(header, body, ctx.agent, query):
                 return route
         raise not_found(f"no route for {ctx.method.decode()} {spath}", "route_not_found")
 
