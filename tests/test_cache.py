@@ -478,7 +478,7 @@ class SeamTests(SynchronousTestCase):
         parts = gw.plane.parts
         self.assertEqual([type(w).__name__ for w in parts.wrappers], ["Coalescer"])
         self.assertEqual(list(parts.fallbacks), ["cache"])
-        self.assertEqual([s.name for s in parts.admin_sections], ["cache"])
+        self.assertIn("cache", [s.name for s in parts.admin_sections])
         plain = CacheHarness(self, config({"enabled": False}))
         self.assertEqual((plain.plane.parts.wrappers, plain.plane.parts.fallbacks), ([], {}))
         self.assertEqual(plain.resource.forward, plain.relay.forward)
