@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -92,6 +93,27 @@ def _format_store(name: str, store: dict[str, Any]) -> list[str]:
 
 
 SECTION_FORMATS["store"] = _format_store
+
+
+def _format_breakers(name: str, breakers: dict[str, Any]) -> list[str]:
+    rows = [("BREAKER", "STATE", "FAILURES", "SUCCESSES", "LAST CHANGE", "RETRY IN")]
+    for b in breakers.values():
+        last = b.get("last_transition")
+        retry = b.get("retry_after")
+        rows.append((
+            b["name"], b["state"], str(b["failure_count"]), str(b["success_count"]),
+            "-" if not last else f"{last['to']} at {_clock_time(last['at'])}",
+            "-" if retry is None else f"{retry}s",
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
+SECTION_FORMATS["circuit_breakers"] = _format_breakers
+
+
+def _clock_time(at: float) -> str:
+    return time.strftime("%H:%M:%S", time.gmtime(at))
 
 
 def _format_section(name: str, section: Any) -> list[str]:

@@ -23,7 +23,6 @@ from clawproxy.errors import Rejected
 from clawproxy.listener import Listener
 from clawproxy.metrics import Metrics
 from clawproxy.policy.auth import KeyStoreError, load_key_store
-from clawproxy.policy.breakers import NoBreakers
 from clawproxy.policy.retry import RetryPolicy
 from clawproxy.stores import StoreService, build_store
 from clawproxy.web.accesslog import AccessLog
@@ -90,7 +89,6 @@ class Gateway(MultiService):
                                                        config.logging.format)
         self.upstream_pool = make_pool(reactor)
         self.agent = make_agent(reactor, self.upstream_pool)
-        self.breakers = NoBreakers()
         self.retry_policy = RetryPolicy()
         self.started = reactor.seconds()
         # Built once: a reload keeps the store (like the listeners).
@@ -126,10 +124,15 @@ class Gateway(MultiService):
         """(Re)build the parts that follow the config: the data plane and its prober."""
         self.plane = build_data_plane(
             config, self.reactor, self.agent, self.metrics, self.access_log,
-            retry_policy=self.retry_policy, breakers=self.breakers, store=self.store,
+            retry_policy=self.retry_policy, store=self.store,
             started=self.started, previous=previous,
         )
         self.prober = HealthProber(self.registry, self.agent, self.reactor)
+
+    @property
+    def breakers(self) -> Any:
+        """The circuit breaker board of the data plane in force."""
+        return self.plane.registry.breakers
 
     @property
     def registry(self) -> Registry:
@@ -216,6 +219,7 @@ class Gateway(MultiService):
         self.config = config
         self.site.resource = self.resource
         self.admin.registry = self.registry
+        self.admin.breakers = self.breakers
         self.admin.sections = self.plane.parts.admin_sections
         self.prober.setServiceParent(self)
         self.log.info("configuration reloaded from {path}", path=config.source)
