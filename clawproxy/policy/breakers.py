@@ -241,6 +241,10 @@ class Breaker:
         if self._state is not OPEN:
             self._move(OPEN, now)
 
+    def forget_failures(self) -> None:
+        """Drop the failures counted so far (another gateway saw the pool succeed)."""
+        self._failures.clear()
+
     def close(self) -> None:
         """Close the breaker now (another gateway saw it recover)."""
         if self.state is not CLOSED:
@@ -319,13 +323,14 @@ class BreakerBoard:
     @classmethod
     def from_config(cls, config: Any, clock: IReactorTime, metrics: Any = None,
                     random: Callable[[], float] | None = None,
-                    previous: Any = None) -> BreakerBoard | NoBreakers:
+                    previous: Any = None, **kw: Any) -> BreakerBoard | NoBreakers:
         """
         The board for C{config}'s pools, or L{NoBreakers} when no pool
         configures C{circuit_breaker} (then it costs nothing per request).
 
         @param previous: the board a reload replaces: breakers that keep
             their name keep their state.
+        @param kw: more arguments for C{cls}.
         """
         pools = {name: p for name, p in config.pools.items()
                  if p.circuit_breaker is not None and p.circuit_breaker.enabled}
@@ -333,7 +338,7 @@ class BreakerBoard:
             if isinstance(previous, BreakerBoard):
                 previous.forget(previous.breakers)
             return NoBreakers()
-        board = cls(clock, metrics, random)
+        board = cls(clock, metrics, random, **kw)
         old = previous.breakers if isinstance(previous, BreakerBoard) else {}
         for name, p in pools.items():
             pb = board._add(name, p.circuit_breaker, old, consecutive=True)
