@@ -36,6 +36,7 @@ from clawproxy.web.accesslog import AccessLog
 from clawproxy.web.auth import auth_parts
 from clawproxy.web.gateway import GatewayResource
 from clawproxy.web.relay import Relay
+from clawproxy.web.stream_errors import stream_error_parts
 
 #: A feature: called with keyword arguments C{config}, C{router}, C{store}
 #: (the L{IStateStore}), C{clock} and C{metrics}, it returns the parts it adds
@@ -46,6 +47,7 @@ Feature = Callable[..., Iterable[Any]]
 #: its stages run within a phase.
 FEATURES: tuple[Feature, ...] = (
     auth_parts,
+    stream_error_parts,
 )
 
 _SEAMS = (IRequestStage, IHeadCheck, IResponseFilter, IResponseObserver, IAdminSection)

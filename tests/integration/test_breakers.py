@@ -175,3 +175,75 @@ class SharedBreakerTests(TestCase):
         for gw in (one, two):
             self.assertEqual((await chat(cs[1], gw))[0], 200)
         self.assertLess(reactor.seconds() - started, READ_INTERVAL + 1.0)
+
+
+#: Streams a chat completion with the official openai SDK; prints one JSON
+#: line per chunk, then how the stream ended.
+SDK_CLIENT = r"""
+import json, sys
+import openai
+
+client = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key="test", max_retries=0,
+                       timeout=20)
+prompt = " ".join(f"w{i}" for i in range(60))
+try:
+    stream = client.chat.completions.create(
+        model="sim-small", messages=[{"role": "user", "content": prompt}], stream=True,
+        max_tokens=60)
+    for chunk in stream:
+        content = chunk.choices[0].delta.content if chunk.choices else None
+        print(json.dumps({"chunk": content}), flush=True)
+    print(json.dumps({"end": "complete"}), flush=True)
+except openai.APIError as e:
+    print(json.dumps({"end": "APIError", "class": type(e).__name__, "message": e.message,
+                      "body": e.body}), flush=True)
+except Exception as e:
+    print(json.dumps({"end": "other", "class": type(e).__name__, "message": str(e)}),
+          flush=True)
+"""
+
+
+class MidStreamTests(TestCase):
+    timeout = 60
+
+    async def sdk_stream(self, h: Harness, gw: RunningGateway,
+                         kill: Any = None) -> tuple[list[str | None], dict[str, Any]]:
+        """Run the SDK client; with C{kill}, call it once 5 chunks have arrived."""
+        proc = h.spawn("-c", SDK_CLIENT, gw.url)
+        if kill is not None:
+            await wait_for(lambda: proc.stdout.count("\n") >= 5 or proc.protocol.exited,
+                           "the SDK to get 5 chunks", timeout=15)
+            await kill()
+        self.assertEqual(await proc.wait(), 0, proc.output)
+        lines = [json.loads(line) for line in proc.stdout.splitlines()]
+        return [line["chunk"] for line in lines[:-1]], lines[-1]
+
+    async def test_killed_backend_mid_stream_raises_api_error(self) -> None:
+        """
+        A simulator killed mid-stream: the openai SDK gets the chunks sent so
+        far, in order and once each, then raises APIError from the gateway's
+        SSE error event; the access log and the metric record it.
+        """
+        h = Harness(self)
+        sim = h.simulator("sim-1", tokens_per_second=40.0, max_tokens=60)
+        gw = await h.gateway(h.config({"llm": pool(sim)}))
+        full, end = await self.sdk_stream(h, gw)
+        self.assertEqual(end, {"end": "complete"})
+        text = "".join(c for c in full if c)
+        self.assertTrue(text.startswith("w0 w1 w2"), text)
+
+        chunks, end = await self.sdk_stream(h, gw, kill=sim.kill)
+        self.assertEqual(end["end"], "APIError", end)
+        self.assertEqual(end["body"]["code"], "upstream_disconnected")
+        self.assertIn("failed mid-stream", end["message"])
+        # What came before the error is a prefix of the full answer: nothing
+        # duplicated, reordered or cut in half.
+        self.assertGreaterEqual(len(chunks), 5)
+        self.assertLess(len(chunks), len(full))
+        self.assertEqual(chunks, full[:len(chunks)])
+        with open(gw.access_log) as f:
+            last = json.loads(f.read().splitlines()[-1])
+        self.assertEqual((last["status"], last["error"]), (200, "truncated"))
+        self.assertEqual(gw.gateway.metrics.registry.get_sample_value(
+            "clawproxy_upstream_errors_total",
+            {"pool": "llm", "instance": "sim-1", "error": "truncated"}), 1)
