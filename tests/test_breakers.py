@@ -608,3 +608,44 @@ class AdminTests(SynchronousTestCase):
         self.assertEqual(status["circuit_breakers"]["main"]["state"], OPEN)
         text = format_status(status)
         self.assertRegex(text, r"\nmain +OPEN +0 +0 +OPEN at 00:00:00 +10s")
+
+
+class ReloadTests(SynchronousTestCase):
+    """A gateway reload keeps the breakers that stay."""
+
+    def test_reload_keeps_open_breaker(self) -> None:
+        """
+        An open breaker stays open across a reload that keeps its pool (with
+        new settings); the admin API serves the new board; a reload without
+        breakers drops them.
+        """
+        from twisted.internet.testing import MemoryReactorClock
+
+        from clawproxy.config import load_config
+        from clawproxy.service import build_service
+
+        path = self.mktemp()
+        base = ('pools: {main: {instances: [{id: a, url: "http://127.0.0.1:1"}], '
+                'circuit_breaker: {failure_threshold: %d}}}\n'
+                'routes: [{path: /*}]\nlogging: {output: "off"}\n')
+        with open(path, "w") as f:
+            f.write(base % 1)
+        gateway = build_service(load_config(path, environ={}), MemoryReactorClock())
+        pool = gateway.registry.pools["main"]
+        pool.record(pool.by_id["a"], "5xx")
+        self.assertEqual(gateway.breakers.state("main/a"), OPEN)
+        old = gateway.breakers
+        with open(path, "w") as f:
+            f.write(base % 4)
+        self.assertEqual(self.successResultOf(gateway.reload()), [])
+        self.assertIsNot(gateway.breakers, old)
+        self.assertEqual(gateway.breakers.state("main/a"), OPEN)
+        self.assertEqual(gateway.breakers.breakers["main/a"].failure_threshold, 4)
+        self.assertIs(gateway.admin.breakers, gateway.breakers)
+        self.assertEqual(gateway.admin.status()["pools"]["main"]["breaker"], OPEN)
+        with open(path, "w") as f:
+            f.write((base % 4).replace(", circuit_breaker: {failure_threshold: 4}", ""))
+        self.assertEqual(self.successResultOf(gateway.reload()), [])
+        self.assertIsInstance(gateway.breakers, NoBreakers)
+        self.assertIsNone(gateway.metrics.registry.get_sample_value(
+            "clawproxy_circuit_breaker_state", {"name": "main/a"}))
