@@ -44,9 +44,9 @@ def config(**cb: Any) -> Any:
 class Gateway:
     """One gateway's board and registry on a shared store."""
 
-    def __init__(self, clock: Clock, store: Any, **cb: Any) -> None:
+    def __init__(self, clock: Clock, store: Any, random: Any = None, **cb: Any) -> None:
         cfg = config(**cb)
-        board = SharedBreakerBoard.from_config(cfg, clock, store=store)
+        board = SharedBreakerBoard.from_config(cfg, clock, random=random, store=store)
         assert isinstance(board, SharedBreakerBoard)
         self.board = board
         self.registry = Registry(cfg, clock, breakers=board)
@@ -184,6 +184,15 @@ class SharedTests(SynchronousTestCase):
         self.clock.advance(6)
         self.assertEqual(self.one.state("main/a"), HALF_OPEN)
         self.assertEqual(self.two.state("main/a"), HALF_OPEN)
+
+    def test_adopted_opening_gets_local_jitter(self) -> None:
+        """A gateway adopting an opening adds its own jitter, within its bound."""
+        three = Gateway(self.clock, self.store, random=lambda: 0.5, jitter=0.2)
+        for _ in range(3):
+            self.two.fail("a")
+        self.clock.advance(READ_INTERVAL)
+        three.pool.take()
+        self.assertAlmostEqual(three.board.breakers["main/a"].opened_until, 10.0 + 1.0)
 
     def test_local_opening_is_published(self) -> None:
         """A breaker opened by one gateway's own count is open for the other too."""

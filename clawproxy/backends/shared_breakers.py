@@ -275,11 +275,16 @@ class SharedBreakerBoard(BreakerBoard):
             self._shared_counts.add(b.name)
 
     def _adopt(self, b: Breaker, left_ms: int) -> None:
-        """The store says C{b} is open for C{left_ms} more milliseconds."""
+        """
+        The store says C{b} is open for C{left_ms} more milliseconds: open it
+        here until then, plus this gateway's own jitter (so that gateways do
+        not all send their half-open probes at the same moment).
+        """
         until = self._clock.seconds() + left_ms / 1000
         mine = self._published.get(b.name)
         if mine is not None and abs(until - mine) <= _OWN:
             return  # the open period this gateway published
+        until += b.open_timeout * b.jitter * self._random()
         state = b.state
         if state is OPEN:
             if until > b.opened_until:

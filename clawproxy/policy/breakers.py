@@ -197,6 +197,10 @@ class Breaker:
         The outcome of a request: L{OK}, L{CANCELLED} (frees its probe slot,
         counts neither way) or a failure name.
         """
+        if self._state is CLOSED and outcome == OK:  # the common case, kept short
+            if self.consecutive and self._failures:
+                self._failures.clear()
+            return
         state = self.state
         if outcome == CANCELLED:
             if state is HALF_OPEN and self._probes_out:
@@ -402,6 +406,8 @@ class BreakerBoard:
         if pair is None:
             return False
         ib, pb = pair
+        if ib._state is CLOSED and pb._state is CLOSED:
+            return False
         return not (pb.allows() and ib.allows())
 
     def admit(self, instance: Any) -> bool:
@@ -409,6 +415,8 @@ class BreakerBoard:
         if pair is None:
             return True
         ib, pb = pair
+        if ib._state is CLOSED and pb._state is CLOSED:
+            return True
         if not pb.admit():
             return False
         if not ib.admit():
