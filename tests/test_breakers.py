@@ -649,3 +649,34 @@ class ReloadTests(SynchronousTestCase):
         self.assertIsInstance(gateway.breakers, NoBreakers)
         self.assertIsNone(gateway.metrics.registry.get_sample_value(
             "clawproxy_circuit_breaker_state", {"name": "main/a"}))
+
+
+class ConfigTests(SynchronousTestCase):
+    """The circuit_breaker section is read and checked."""
+
+    def test_bad_values_named(self) -> None:
+        """Impossible values are refused with their path."""
+        from clawproxy.config import ConfigError
+
+        with self.assertRaises(ConfigError) as e:
+            parse_config({"pools": {"p": {"instances": ["http://h:1"], "circuit_breaker": {
+                "failure_threshold": 0, "jitter": 2, "half_open_requests": 0,
+                "open_timeout": "0s"}}}, "routes": [{"path": "/*", "pool": "p"}]}, environ={})
+        self.assertEqual(e.exception.errors, [
+            "pools.p.circuit_breaker.failure_threshold: must be >= 1",
+            "pools.p.circuit_breaker.open_timeout: must be > 0",
+            "pools.p.circuit_breaker.half_open_requests: must be >= 1",
+            "pools.p.circuit_breaker.jitter: must be <= 1",
+        ])
+
+    def test_empty_section_enables_defaults(self) -> None:
+        """`circuit_breaker:` with nothing under it turns breakers on with the defaults."""
+        from clawproxy.config import load_config
+
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write('pools: {p: {instances: ["http://h:1"], circuit_breaker: }}\n'
+                    "routes: [{path: /*}]\n")
+        cb = load_config(path, environ={}).pools["p"].circuit_breaker
+        self.assertEqual((cb.enabled, cb.failure_threshold, cb.open_timeout, cb.jitter),
+                         (True, 5, 30.0, 0.1))
