@@ -133,3 +133,34 @@ class GatewayTests(SynchronousTestCase):
         self.failureResultOf(body, ResponseFailed)
         self.assertEqual(gw.sample("upstream_errors_total", pool="main", instance="a",
                                    error="truncated"), 1)
+
+
+class OllamaTests(SynchronousTestCase):
+    """An Ollama NDJSON stream translated to SSE ends the same way when it breaks."""
+
+    def test_translated_stream_broken_mid_way(self) -> None:
+        """The translated events so far, then the error event; no partial line leaks."""
+
+        class NDJSON(DyingStream):
+            def render(self, request: Any) -> Any:
+                request.setHeader(b"content-type", b"application/x-ndjson")
+                for chunk in self.chunks:
+                    request.write(chunk)
+                request.channel.transport.loseConnection()
+                return NOT_DONE_YET
+
+        line = (b'{"model": "m", "created_at": "2026-01-01T00:00:00Z", '
+                b'"message": {"role": "assistant", "content": "hi"}, "done": false}\n')
+        gw = Harness(self, basic(protocol="ollama"),
+                     backend=NDJSON([line, line, line[:30]]))
+        answer = gw.request("POST", "/v1/chat/completions",
+                            {"model": "m", "stream": True,
+                             "messages": [{"role": "user", "content": "x"}]})
+        self.assertEqual(answer.code, 200)
+        self.assertEqual(answer.header("Content-Type"), "text/event-stream")
+        events = [e for e in answer.body.split(b"\n\n") if e]
+        payloads = [json.loads(e[6:]) for e in events]
+        self.assertEqual([p.get("object") for p in payloads[:-1]],
+                         ["chat.completion.chunk"] * (len(payloads) - 1))
+        self.assertGreaterEqual(len(payloads), 3)
+        self.assertEqual(payloads[-1]["error"]["code"], "upstream_disconnected")
