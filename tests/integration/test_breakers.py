@@ -53,7 +53,7 @@ class BreakerTests(TestCase):
         h = Harness(self)
         sim = h.simulator("sim-1")
         sim.resource.set_failure_rate(1.0)
-        breaker = {"failure_threshold": 3, "success_threshold": 2, "open_timeout": "600ms",
+        breaker = {"failure_threshold": 3, "success_threshold": 2, "open_timeout": "2s",
                    "jitter": 0}
         gw = await h.gateway(h.config(
             {"llm": pool(sim, circuit_breaker=breaker, fallback="busy")}, fallbacks=BUSY))
@@ -65,15 +65,17 @@ class BreakerTests(TestCase):
         self.assertEqual(info["state"], "OPEN")
         self.assertEqual(info["last_transition"]["to"], "OPEN")
         failed = sim.resource.requests_failed
+        opened = info["last_transition"]["at"]
         started = reactor.seconds()
         code, headers, body = await chat(cs[0], gw)
-        self.assertLess(reactor.seconds() - started, 0.3)
+        self.assertLess(reactor.seconds() - started, 1.0)
         self.assertEqual((code, body["is_fallback"]), (200, True))
         self.assertEqual(headers.getRawHeaders("x-clawproxy-fallback"), ["busy"])
         self.assertEqual(sim.resource.requests_failed, failed)  # never reached the backend
 
         sim.resource.set_failure_rate(0.0)
-        await deferLater(reactor, 0.65, lambda: None)
+        await deferLater(reactor, max(0.0, opened + 2.0 - reactor.seconds()) + 0.05,
+                         lambda: None)
         self.assertEqual((await admin_get(admin, gw, "/health/circuit-breaker/llm"))["state"],
                          "HALF_OPEN")
         for c in cs[:2]:
@@ -117,7 +119,7 @@ class BreakerTests(TestCase):
         started = reactor.seconds()
         response = await bounded(cs[0].post(gw.url + "/v1/chat/completions", json=HELLO))
         body = json.loads(await bounded(response.content()))
-        self.assertLess(reactor.seconds() - started, 0.2)
+        self.assertLess(reactor.seconds() - started, 1.0)
         self.assertEqual(response.code, 503)
         self.assertEqual(body["error"]["code"], "circuit_open")
         self.assertIn(response.headers.getRawHeaders("retry-after")[0], ("29", "30"))
@@ -174,7 +176,7 @@ class SharedBreakerTests(TestCase):
         await deferLater(reactor, READ_INTERVAL, lambda: None)
         for gw in (one, two):
             self.assertEqual((await chat(cs[1], gw))[0], 200)
-        self.assertLess(reactor.seconds() - started, READ_INTERVAL + 1.0)
+        self.assertLess(reactor.seconds() - started, READ_INTERVAL + 3.0)
 
 
 #: Streams a chat completion with the official openai SDK; prints one JSON
@@ -185,11 +187,11 @@ import openai
 
 client = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key="test", max_retries=0,
                        timeout=20)
-prompt = " ".join(f"w{i}" for i in range(60))
+prompt = " ".join(f"w{i}" for i in range(int(sys.argv[2])))
 try:
     stream = client.chat.completions.create(
         model="sim-small", messages=[{"role": "user", "content": prompt}], stream=True,
-        max_tokens=60)
+        max_tokens=int(sys.argv[2]))
     for chunk in stream:
         content = chunk.choices[0].delta.content if chunk.choices else None
         print(json.dumps({"chunk": content}), flush=True)
@@ -206,10 +208,14 @@ except Exception as e:
 class MidStreamTests(TestCase):
     timeout = 60
 
-    async def sdk_stream(self, h: Harness, gw: RunningGateway,
+    async def sdk_stream(self, h: Harness, gw: RunningGateway, tokens: int,
                          kill: Any = None) -> tuple[list[str | None], dict[str, Any]]:
-        """Run the SDK client; with C{kill}, call it once 5 chunks have arrived."""
-        proc = h.spawn("-c", SDK_CLIENT, gw.url)
+        """
+        Run the SDK client, asking for C{tokens} tokens (the simulator echoes
+        the prompt C{w0 w1 ...}); with C{kill}, call it once 5 chunks have
+        arrived. Returns the chunks' contents and how the stream ended.
+        """
+        proc = h.spawn("-c", SDK_CLIENT, gw.url, str(tokens))
         if kill is not None:
             await wait_for(lambda: proc.stdout.count("\n") >= 5 or proc.protocol.exited,
                            "the SDK to get 5 chunks", timeout=15)
@@ -225,22 +231,22 @@ class MidStreamTests(TestCase):
         SSE error event; the access log and the metric record it.
         """
         h = Harness(self)
-        sim = h.simulator("sim-1", tokens_per_second=40.0, max_tokens=60)
+        sim = h.simulator("sim-1", tokens_per_second=50.0, max_tokens=400)
         gw = await h.gateway(h.config({"llm": pool(sim)}))
-        full, end = await self.sdk_stream(h, gw)
+        full, end = await self.sdk_stream(h, gw, 8)
         self.assertEqual(end, {"end": "complete"})
-        text = "".join(c for c in full if c)
-        self.assertTrue(text.startswith("w0 w1 w2"), text)
+        self.assertEqual([c for c in full if c], ["w0"] + [f" w{i}" for i in range(1, 8)])
 
-        chunks, end = await self.sdk_stream(h, gw, kill=sim.kill)
+        chunks, end = await self.sdk_stream(h, gw, 400, kill=sim.kill)
         self.assertEqual(end["end"], "APIError", end)
         self.assertEqual(end["body"]["code"], "upstream_disconnected")
         self.assertIn("failed mid-stream", end["message"])
-        # What came before the error is a prefix of the full answer: nothing
+        # What came before the error is the start of the answer: nothing
         # duplicated, reordered or cut in half.
-        self.assertGreaterEqual(len(chunks), 5)
-        self.assertLess(len(chunks), len(full))
-        self.assertEqual(chunks, full[:len(chunks)])
+        tokens = [c for c in chunks if c]
+        self.assertGreaterEqual(len(tokens), 3)
+        self.assertLess(len(tokens), 400)
+        self.assertEqual(tokens, ["w0"] + [f" w{i}" for i in range(1, len(tokens))])
         with open(gw.access_log) as f:
             last = json.loads(f.read().splitlines()[-1])
         self.assertEqual((last["status"], last["error"]), (200, "truncated"))
