@@ -26,7 +26,6 @@ from clawproxy.interfaces import IAdminSection
 from clawproxy.listener import Listener
 from clawproxy.metrics import Metrics
 from clawproxy.policy.auth import KeyStoreError, load_key_store
-from clawproxy.policy.breakers import NoBreakers
 from clawproxy.policy.retry import RetryPolicy
 from clawproxy.stores import StoreService, build_store
 from clawproxy.web.accesslog import AccessLog
@@ -102,7 +101,6 @@ class Gateway(MultiService):
                                                        config.logging.format)
         self.upstream_pool = make_pool(reactor)
         self.agent = make_agent(reactor, self.upstream_pool)
-        self.breakers = NoBreakers()
         self.retry_policy = RetryPolicy()
         self.started = reactor.seconds()
         self.supervisor: Any = None
@@ -145,12 +143,17 @@ class Gateway(MultiService):
         """(Re)build the parts that follow the config: the data plane and its prober."""
         self.plane = build_data_plane(
             config, self.reactor, self.agent, self.metrics, self.access_log,
-            retry_policy=self.retry_policy, breakers=self.breakers, store=self.store,
+            retry_policy=self.retry_policy, store=self.store,
             started=self.started, previous=previous,
         )
         if self.supervisor is not None:
             self.registry.watch(self.supervisor)
         self.prober = HealthProber(self.registry, self.agent, self.reactor)
+
+    @property
+    def breakers(self) -> Any:
+        """The circuit breaker board of the data plane in force."""
+        return self.plane.registry.breakers
 
     @property
     def registry(self) -> Registry:
@@ -261,6 +264,7 @@ class Gateway(MultiService):
         self.config = config
         self.site.resource = self.resource
         self.admin.registry = self.registry
+        self.admin.breakers = self.breakers
         self.admin.sections = self.plane.parts.admin_sections
         if self.worker is None:
             self.prober.setServiceParent(self)

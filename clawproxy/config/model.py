@@ -442,17 +442,31 @@ class AffinityConfig:
 
 @attrs.frozen
 class BreakerConfig:
-    """Circuit breaker settings, shared by the pool's breaker and its instances'."""
+    """
+    Circuit breakers of a pool: the pool's own (named C{POOL}) and one per
+    instance (C{POOL/INSTANCE}), with the same settings.
+    """
 
     enabled: bool = f.setting(f.boolean, True, "Use circuit breakers.")
-    failure_threshold: int = f.setting(f.integer(low=1), 5, "Failures that open a breaker.")
+    failure_threshold: int = f.setting(f.integer(low=1), 5, "Failures (connect errors,"
+                                       " resets, 5xx, timeouts; not 4xx or 429) within"
+                                       " ``failure_window`` that open a breaker. The pool's"
+                                       " breaker counts only failures with no success of the"
+                                       " pool in between.")
     failure_window: float = f.setting(f.duration(above=0), 60.0, "Window of those failures.",
                                       shown="60s")
-    success_threshold: int = f.setting(f.integer(low=1), 3, "Successes that close it.")
+    success_threshold: int = f.setting(f.integer(low=1), 3, "Probe successes within"
+                                       " ``success_window`` that close a half-open breaker.")
     success_window: float = f.setting(f.duration(above=0), 30.0, "Window of those successes.",
                                       shown="30s")
-    open_timeout: float = f.setting(f.duration(above=0), 30.0, "Time before half-open.",
-                                    shown="30s")
+    open_timeout: float = f.setting(f.duration(above=0), 30.0, "Time an open breaker waits"
+                                    " before half-open (plus ``jitter``).", shown="30s")
+    half_open_requests: int = f.setting(f.integer(low=1), 1, "Probe requests a half-open"
+                                        " breaker lets through at a time; the others are"
+                                        " refused as when open.")
+    jitter: float = f.setting(f.number(low=0, high=1), 0.1, "Up to this fraction of"
+                              " ``open_timeout`` is added at random to each open period, so"
+                              " breakers opened together do not probe together.")
 
 
 @attrs.frozen
@@ -523,10 +537,10 @@ class PoolConfig:
     passive: PassiveConfig = f.section(PassiveConfig, "Passive health checks.")
     session_affinity: AffinityConfig | None = f.section(AffinityConfig, "Session affinity.",
                                                         optional=True)
-    circuit_breaker: BreakerConfig = f.section(
-        BreakerConfig, "Circuit breakers.", not_yet=NotYet(
-            RESILIENCE, lambda b: b.enabled, "circuit breakers are not supported by this"
-            " version yet (leave the section out, or set enabled: false)", "enabled"))
+    circuit_breaker: BreakerConfig | None = f.section(
+        BreakerConfig, "Circuit breakers (none unless the section is written;"
+        " ``circuit_breaker:`` alone enables them with these defaults).", optional=True,
+        null_enables=True)
     retry: RetryConfig = f.section(RetryConfig, "Retries.")
     models: tuple[str, ...] = f.setting(f.list_of(f.nonempty), (), "Model name globs the"
                                         " pool serves; routes without a pool pick it by the"

@@ -18,6 +18,7 @@ import attrs
 from zope.interface.verify import verifyObject
 
 from clawproxy.backends.registry import Registry
+from clawproxy.backends.shared_breakers import breaker_board
 from clawproxy.config import Config
 from clawproxy.interfaces import (
     PHASES,
@@ -38,6 +39,7 @@ from clawproxy.web.auth import auth_parts
 from clawproxy.web.cache import cache_parts
 from clawproxy.web.gateway import GatewayResource
 from clawproxy.web.relay import Relay
+from clawproxy.web.stream_errors import stream_error_parts
 
 #: A feature: called with keyword arguments C{config}, C{router}, C{store}
 #: (the L{IStateStore}), C{clock} and C{metrics}, it returns the parts it adds
@@ -49,6 +51,7 @@ Feature = Callable[..., Iterable[Any]]
 FEATURES: tuple[Feature, ...] = (
     auth_parts,
     cache_parts,
+    stream_error_parts,
 )
 
 _SEAMS = (IRequestStage, IHeadCheck, IResponseFilter, IResponseObserver, IAdminSection,
@@ -140,7 +143,9 @@ def build_data_plane(
     @param agent: the upstream L{IAgent} (one persistent connection pool).
     @param retry_policy: an L{IRetryPolicy}; a new L{RetryPolicy} by default.
     @param breakers: an L{IBreakerBoard}, one of the registry's availability
-        policies; L{NoBreakers<clawproxy.policy.breakers.NoBreakers>} by default.
+        policies; by default the one C{config}'s C{circuit_breaker} sections
+        ask for (L{breaker_board}), carrying over the state of the breakers
+        of C{previous} that stay.
     @param previous: the registry of the data plane this one replaces (a
         reload): instances that stay keep their state (L{Registry.adopt}).
     @param store: the gateway's L{IStateStore} (a memory store by default).
@@ -148,14 +153,19 @@ def build_data_plane(
         stages and filters this way).
     @param started: when the gateway started (for C{/health}'s uptime).
     """
+    if store is None:
+        store = MemoryStore(clock)
+    if breakers is None:
+        breakers = breaker_board(config, clock, metrics, store,
+                                 previous.breakers if previous is not None else None)
     registry = Registry(config, clock, breakers=breakers)
     registry.subscribe(metrics.instance_changed)
     if previous is not None:
         registry.adopt(previous)
     router = Router(config)
     parts = Parts()
-    if store is None:
-        store = MemoryStore(clock)
+    if IAdminSection.providedBy(breakers):
+        parts.add(breakers)
     for feature in FEATURES:
         for part in feature(config=config, router=router, store=store, clock=clock,
                             metrics=metrics):

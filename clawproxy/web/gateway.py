@@ -11,6 +11,7 @@ failover, response filters), response transforms, observers, access log.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -205,10 +206,17 @@ class GatewayResource(Resource):
         try:
             await self.forward(ctx, pool, key, sticky, timeout, local)
         except NoInstance:
+            wait = self.registry.breakers.retry_after(pool.name)
+            if wait is not None:
+                ctx.error = "circuit_open"
             answer = self._fallback(ctx, cfg.fallback or pool.config.fallback)
             if isinstance(answer, Deferred):
                 answer = await answer
             if answer is None:
+                if wait is not None:
+                    raise unavailable(f"circuit breaker open for pool {pool.name!r}",
+                                      retry_after=max(1, math.ceil(wait)),
+                                      code="circuit_open") from None
                 raise unavailable(f"no healthy instance in pool {pool.name!r}",
                                   code="no_healthy_upstream") from None
             self._write_local(ctx, answer)

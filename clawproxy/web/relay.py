@@ -293,6 +293,7 @@ class Relay:
             raise
         except StreamStalled:
             pipe.settle_first_chunk()
+            metrics.upstream_errors_total.labels(pool.name, inst.id, "stall_timeout").inc()
             raise
         except Exception:
             if pipe.first_chunk is not None:
@@ -308,11 +309,17 @@ class Relay:
             if not request.startedWriting and not client_gone(request):
                 # No byte reached the client yet: it can still get a 502.
                 _take_back(ctx, saved_headers, "bad_upstream_response")
+                metrics.upstream_errors_total.labels(pool.name, inst.id, "truncated").inc()
                 raise bad_gateway(
                     f"upstream {inst.id} broke off its response") from None
             ctx.error = "truncated"
+            metrics.upstream_errors_total.labels(pool.name, inst.id, "truncated").inc()
             raise UpstreamBroken(inst.id) from None
         pipe.settle_first_chunk()
+        if ctx.error is not None:
+            # Ended in-band after the upstream failed (an SSE error event):
+            # "truncated" or "stall_timeout".
+            metrics.upstream_errors_total.labels(pool.name, inst.id, ctx.error).inc()
         return None
 
     def _record(self, ctx: RequestContext, pool: Any, inst: Any, outcome: str, label: str,
@@ -331,6 +338,8 @@ class Relay:
             says no.
         """
         self.metrics.upstream_requests_total.labels(pool.name, inst.id, label).inc()
+        if outcome != OK:
+            self.metrics.upstream_errors_total.labels(pool.name, inst.id, outcome).inc()
         pool.record(inst, outcome, reached, client=ctx.client_ip)
         if outcome == OK or outcome == "timeout" or not pool.candidates(tried):
             return None
