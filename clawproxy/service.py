@@ -8,7 +8,7 @@ gateways on a C{MemoryReactor} or on the real reactor with port 0.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, succeed
@@ -17,6 +17,7 @@ from twisted.logger import Logger
 
 from clawproxy.backends.prober import HealthProber
 from clawproxy.backends.registry import Registry
+from clawproxy.backends.tls import UpstreamTLS
 from clawproxy.backends.upstream import make_agent, make_pool, open_upstream_connections
 from clawproxy.config import Config, ConfigError, load_config
 from clawproxy.errors import Rejected
@@ -32,6 +33,9 @@ from clawproxy.web.context import RequestContext
 from clawproxy.web.dataplane import build_data_plane
 from clawproxy.web.gateway import GatewayResource, method_label, new_request_id
 from clawproxy.web.site import GatewaySite, QuietSite
+
+if TYPE_CHECKING:
+    from clawproxy.web.tls import ServerTLS
 
 
 class _Shutdown(Service):
@@ -89,7 +93,14 @@ class Gateway(MultiService):
         self.access_log = access_log or AccessLog.open(config.logging.output, reactor,
                                                        config.logging.format)
         self.upstream_pool = make_pool(reactor)
-        self.agent = make_agent(reactor, self.upstream_pool)
+        self.upstream_tls = UpstreamTLS()
+        try:
+            self.upstream_tls.configure(self.upstream_tls.prepare(config.pools))
+        except ValueError as e:
+            raise ConfigError([f"pools: {e}"]) from None
+        self.agent = make_agent(reactor, self.upstream_pool, tls_policy=self.upstream_tls)
+        #: The certificate of the TLS listeners (replaced on reload), if any.
+        self.server_tls: ServerTLS | None = None
         self.breakers = NoBreakers()
         self.retry_policy = RetryPolicy()
         self.started = reactor.seconds()
@@ -155,13 +166,14 @@ class Gateway(MultiService):
             for i, desc in enumerate(config.server.listen)
         ]
         if config.server.tls is not None:
-            from clawproxy.web.tls import tls_endpoints
+            from clawproxy.web.tls import ServerTLS, tls_endpoints
 
+            self.server_tls = ServerTLS(config.server.tls)
             listeners += [
                 (endpoint, self.site, "clawproxy data plane (TLS)",
                  f"server.tls.listen[{i}]: {desc}")
                 for i, (desc, endpoint) in enumerate(
-                    tls_endpoints(config.server.tls, self.reactor))
+                    tls_endpoints(config.server.tls, self.reactor, self.server_tls))
             ]
         if config.admin.listen:
             listeners.append((serverFromString(self.reactor, config.admin.listen),
@@ -206,9 +218,20 @@ class Gateway(MultiService):
         try:
             config = load_config(self.config.source)
             load_key_store(config)
+            server_tls = self._prepare_server_tls(config)
+            try:
+                upstream_tls = self.upstream_tls.prepare(config.pools)
+            except ValueError as e:
+                raise ConfigError([f"pools: {e}"]) from None
         except (ConfigError, KeyStoreError) as e:
             self.log.warn("reload refused: {errors}", errors=e.errors)
             return succeed(list(e.errors))
+        if server_tls is not None:
+            assert self.server_tls is not None and config.server.tls is not None
+            self.server_tls.replace(server_tls, config.server.tls)
+        if self.upstream_tls.configure(upstream_tls):
+            # Idle connections made with the old settings must not serve again.
+            self.upstream_pool.closeCachedConnections()
         self.prober.disownServiceParent()
         self._build(config, previous=self.registry)
         if config.store != self.config.store:
@@ -220,6 +243,25 @@ class Gateway(MultiService):
         self.prober.setServiceParent(self)
         self.log.info("configuration reloaded from {path}", path=config.source)
         return succeed([])
+
+
+    def _prepare_server_tls(self, config: Config) -> Any:
+        """
+        The new certificate of the TLS listeners, loaded but not in force
+        (C{None} when there is none to load). The listeners themselves stay.
+
+        @raise ConfigError: the certificate or key cannot be used.
+        """
+        new, old = config.server.tls, self.config.server.tls
+        if self.server_tls is None or new is None:
+            if new is not None or old is not None:
+                self.log.warn("server.tls added or removed: TLS listeners change when the"
+                              " gateway restarts")
+            return None
+        if new.listen != old.listen:
+            self.log.warn("server.tls.listen changed: it takes effect when the gateway"
+                          " restarts; the new certificate is served now")
+        return self.server_tls.prepare(new)
 
 
 def build_service(config: Config, reactor: Any) -> Gateway:
