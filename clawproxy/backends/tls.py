@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from OpenSSL import SSL
+from service_identity import VerificationError
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.ssl import (
@@ -34,13 +35,14 @@ from twisted.internet.ssl import (
     trustRootFromCertificates,
 )
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.client import URI
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from clawproxy.config import PoolConfig, UpstreamTLSConfig
 
-__all__ = ["UpstreamTLS", "client_creator"]
+__all__ = ["UpstreamTLS", "client_creator", "tls_failure"]
 
 Netloc = tuple[bytes, int]
 
@@ -185,3 +187,26 @@ class UpstreamTLS:
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
         return _Current(self, (hostname, port))
+
+
+def tls_failure(failure: Failure) -> str | None:
+    """
+    Why an upstream request failed in its TLS handshake, in a few words
+    (C{certificate verify failed}, C{certificate does not name localhost},
+    the peer's alert), or C{None} if that is not how it failed.
+    """
+    reasons = [failure, *getattr(failure.value, "reasons", ())]
+    for reason in reasons:
+        value = reason.value
+        if isinstance(value, VerificationError):
+            names = []
+            for error in value.errors:
+                ident = getattr(error, "mismatched_id", None)
+                name = getattr(ident, "hostname", None) or getattr(ident, "ip", None) or ident
+                names.append(name.decode() if isinstance(name, bytes) else str(name))
+            return f"certificate does not name {', '.join(names)}"
+        if isinstance(value, SSL.Error):
+            parts = [part[-1] for part in (value.args[0] if value.args else ())
+                     if isinstance(part, tuple) and part]
+            return ", ".join(parts) or str(value) or "TLS error"
+    return None
