@@ -33,6 +33,7 @@ from clawproxy.web.context import RequestContext
 from clawproxy.web.dataplane import build_data_plane
 from clawproxy.web.gateway import GatewayResource, method_label, new_request_id
 from clawproxy.web.site import GatewaySite, QuietSite
+from clawproxy.web.tunnel import Tunnels
 
 if TYPE_CHECKING:
     from clawproxy.web.tls import ServerTLS
@@ -99,6 +100,7 @@ class Gateway(MultiService):
         except ValueError as e:
             raise ConfigError([f"pools: {e}"]) from None
         self.agent = make_agent(reactor, self.upstream_pool, tls_policy=self.upstream_tls)
+        self.tunnels = Tunnels(self.agent.endpoints, reactor, self.metrics)
         #: The certificate of the TLS listeners (replaced on reload), if any.
         self.server_tls: ServerTLS | None = None
         self.breakers = NoBreakers()
@@ -138,7 +140,7 @@ class Gateway(MultiService):
         self.plane = build_data_plane(
             config, self.reactor, self.agent, self.metrics, self.access_log,
             retry_policy=self.retry_policy, breakers=self.breakers, store=self.store,
-            started=self.started, previous=previous,
+            started=self.started, previous=previous, tunnels=self.tunnels,
         )
         self.prober = HealthProber(self.registry, self.agent, self.reactor)
 

@@ -231,6 +231,10 @@ def make_agent(reactor: Any, pool: HTTPConnectionPool, connect_timeout: float = 
     """
     An C{Agent} on C{pool} that connects through L{_EndpointCache}, with
     C{tls_policy} for C{https} (default: Twisted's C{BrowserLikePolicyForHTTPS}).
+    Its C{endpoints} attribute is that endpoint factory, for connections of
+    their own to the same instances (WebSocket tunnels).
     """
-    return Agent.usingEndpointFactory(
-        reactor, _EndpointCache(reactor, connect_timeout, tls_policy), pool=pool)
+    endpoints = _EndpointCache(reactor, connect_timeout, tls_policy)
+    agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
+    agent.endpoints = endpoints  # type: ignore[attr-defined]
+    return agent

@@ -591,6 +591,19 @@ class TransformsConfig:
 
 
 @attrs.frozen
+class WebSocketConfig:
+    """WebSocket pass-through on a route (HTTP/1.1 ``Upgrade: websocket``)."""
+
+    enabled: bool = f.setting(f.boolean, True, "Join a client's WebSocket to the instance"
+                              " that answers its handshake with 101; off: the request is"
+                              " relayed as a plain request (no upgrade).")
+    idle_timeout: float = f.setting(f.duration(above=0), 300.0, "A tunnel with no byte either"
+                                    " way for this long is closed.", shown="5m")
+    max_tunnels: int = f.setting(f.integer(low=1), 1000, "Tunnels open at once on this route"
+                                 " (beyond: 503).")
+
+
+@attrs.frozen
 class RouteConfig:
     """One route; routes are tried in order and the first match wins."""
 
@@ -619,6 +632,7 @@ class RouteConfig:
     fallback: str | None = f.setting(f.text, None, "A name in ``fallbacks``.")
     transforms: TransformsConfig | None = f.section(TransformsConfig, "Header rewrites.",
                                                     optional=True)
+    websocket: WebSocketConfig = f.section(WebSocketConfig, "WebSocket pass-through.")
 
     def _check(self, present: set[str], error: Error) -> RouteConfig:
         if "pool" in present and "split" in present:

@@ -120,6 +120,7 @@ def build_data_plane(
     previous: Registry | None = None,
     extra: Sequence[Any] = (),
     started: float | None = None,
+    tunnels: Any = None,
 ) -> DataPlane:
     """
     Build the registry, routes, relay and resource for C{config}.
@@ -134,6 +135,8 @@ def build_data_plane(
     @param extra: parts added after the configured features' (tests plug in
         stages and filters this way).
     @param started: when the gateway started (for C{/health}'s uptime).
+    @param tunnels: the gateway's L{Tunnels<clawproxy.web.tunnel.Tunnels>}
+        (kept across reloads, so open WebSocket tunnels stay counted).
     """
     registry = Registry(config, clock, breakers=breakers)
     registry.subscribe(metrics.instance_changed)
@@ -157,5 +160,6 @@ def build_data_plane(
     resource = GatewayResource(
         config, registry, relay, metrics, access_log, clock,
         stages=parts.stages, observers=parts.observers, started=started, router=router,
+        tunnels=tunnels,
     )
     return DataPlane(config, registry, router, relay, resource, parts, store)

@@ -35,6 +35,7 @@ from clawproxy.web.accesslog import AccessLog
 from clawproxy.web.context import LocalResponse, RequestContext
 from clawproxy.web.relay import NoInstance, Relay, UpstreamBroken
 from clawproxy.web.translate import rewrite_for
+from clawproxy.web.tunnel import Tunnels, is_websocket
 
 _JSON = b"application/json"
 _SAFE_ID = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
@@ -100,6 +101,7 @@ class GatewayResource(Resource):
         observers: Sequence[Any] = (),
         started: float | None = None,
         router: Router | None = None,
+        tunnels: Tunnels | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -116,6 +118,8 @@ class GatewayResource(Resource):
             raise ValueError(f"stages with an unknown phase: {unknown!r}")
         self.observers = list(observers)
         self.router = router if router is not None else Router(config)
+        self.tunnels = tunnels if tunnels is not None else Tunnels(
+            getattr(relay.agent, "endpoints", None), clock, metrics)
         self.base = config.server.base_path.encode()
         self.started = clock.seconds() if started is None else started
         self._public_metrics = config.metrics.enabled and config.metrics.public
@@ -190,6 +194,12 @@ class GatewayResource(Resource):
         key, sticky = self._keys(ctx, pool)
         timeout = cfg.timeout if cfg.timeout is not None else pool.config.timeout
         try:
+            if cfg.websocket.enabled and is_websocket(request):
+                # Answered (a normal response) or tunnelled (the request ends
+                # with the connection): either way, not finished here.
+                await self.tunnels.forward(ctx, pool, key, sticky, timeout, local,
+                                           cfg.websocket, self.relay.trusted)
+                return
             await self.relay.forward(ctx, pool, key, sticky, timeout, local)
         except NoInstance:
             answer = self._fallback(ctx, cfg.fallback or pool.config.fallback)
@@ -389,7 +399,7 @@ class GatewayResource(Resource):
 
     def _finished(self, result: Any, ctx: RequestContext, d: Deferred) -> None:
         self.in_flight -= 1
-        if isinstance(result, Failure) and not ctx.aborted:
+        if isinstance(result, Failure) and not (ctx.aborted or ctx.upgraded):
             # The client went away: stop everything done on its behalf, and
             # log it as nginx does (499), whatever was under way.
             ctx.error = "client_disconnected"
