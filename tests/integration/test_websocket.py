@@ -15,10 +15,14 @@ import ssl
 import threading
 from typing import Any
 
-from twisted.internet import threads
+from twisted.internet import reactor, threads
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
 
 from clawproxy.config import hash_key
 from tests.certs import CA
@@ -34,7 +38,9 @@ from tests.integration.helpers import (
     Harness,
     RunningGateway,
     bounded,
+    buffered,
     error_of,
+    open_transport,
     parse_response,
     pool,
     refusing_port,
@@ -339,3 +345,95 @@ class HandshakeAnswerTests(TestCase):
             (b"upgrade", b"websocket"), (b"sec-websocket-version", b"13")])).done)
         self.assertIsNone(result.status)
         self.assertEqual(backend.connections, [])
+
+
+@implementer(IPushProducer)
+class Flood(Protocol):
+    """
+    A backend that accepts any handshake with 101 and then sends C{TOTAL}
+    bytes as fast as its connection takes them (pausing when told to).
+    """
+
+    TOTAL = 64 * MB
+    CHUNK = b"x" * 65536
+
+    def __init__(self) -> None:
+        self.head = b""
+        self.sent = 0
+        self.paused = False
+        self.pauses = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.sent or b"\r\n\r\n" not in self.head + data:
+            self.head += data
+            return
+        self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                             b"Connection: Upgrade\r\n\r\n")
+        self.transport.registerProducer(self, True)
+        self.pump()
+
+    def pump(self) -> None:
+        while not self.paused and self.sent < self.TOTAL:
+            self.sent += len(self.CHUNK)
+            self.transport.write(self.CHUNK)
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        self.pauses += 1
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        reactor.callLater(0, self.pump)
+
+    def stopProducing(self) -> None:
+        self.paused = True
+
+
+class FlowControlTests(TestCase):
+    timeout = 60
+
+    async def test_slow_client_pauses_backend(self) -> None:
+        """
+        A client that stops reading its tunnel: the gateway stops reading the
+        backend (which is paused, having sent far less than it would), its
+        own buffer for the client stays small, and once the client reads
+        again every byte arrives.
+        """
+        h = Harness(self)
+        floods: list[Flood] = []
+
+        def build(addr: Any) -> Flood:
+            floods.append(Flood())
+            return floods[-1]
+
+        factory = Factory()
+        factory.buildProtocol = build  # type: ignore[method-assign]
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        gw = await h.gateway(h.config({"flood": {
+            "instances": [f"http://127.0.0.1:{port.getHost().port}"],
+            "health_check": {"enabled": False}}}))
+        client = await h.raw(gw.port)
+        client.transport.pauseProducing()  # read nothing for now
+        client.transport.write(b"GET /stream HTTP/1.1\r\n" + HANDSHAKE)
+        await wait_for(lambda: floods and floods[0].pauses, "the backend to be paused")
+        flood = floods[0]
+        # The kernel's buffers fill first; then the backend stays paused.
+        for _ in range(40):
+            before = flood.sent
+            await bounded(deferLater(reactor, 0.25, lambda: None))
+            if flood.paused and flood.sent == before:
+                break
+        else:
+            self.fail(f"the backend never stalled (sent {flood.sent})")
+        self.assertLess(flood.sent, Flood.TOTAL // 2)
+        tunnel_side = [t for t in (open_transport(p) for p in h.tracker.protocols)
+                       if t is not None and t.getHost().port == gw.port]
+        self.assertEqual(len(tunnel_side), 1)
+        self.assertLess(buffered(tunnel_side[0]), 4 * MB)
+
+        client.transport.resumeProducing()
+        head = len(b"HTTP/1.1 101 Switching Protocols\r\n")
+        await wait_for(lambda: len(client.data) > Flood.TOTAL + head, "every byte", 30)
+        body = bytes(client.data).partition(b"\r\n\r\n")[2]
+        self.assertEqual(len(body), Flood.TOTAL)
