@@ -22,7 +22,9 @@ from tests.integration.helpers import (
     parse_response,
     pool,
     response_complete,
+    wait_for,
 )
+from tests.integration.test_process import TWISTD, listening
 from tests.integration.tls_helpers import (
     AnyServer,
     capture_log,
@@ -32,6 +34,13 @@ from tests.integration.tls_helpers import (
 )
 
 GET = b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n"
+
+
+async def http11(client: RawClient) -> int:
+    """One keep-alive C{GET /health} on C{client}'s connection; its status."""
+    del client.data[:]
+    client.transport.write(GET)
+    return parse_response(await client.when(response_complete)).status
 
 
 class TlsReloadTests(TestCase):
@@ -55,10 +64,7 @@ class TlsReloadTests(TestCase):
         return response.code, await bounded(response.content())
 
     async def http11(self, client: RawClient) -> int:
-        """One keep-alive C{GET /health} on C{client}'s connection; its status."""
-        del client.data[:]
-        client.transport.write(GET)
-        return parse_response(await client.when(response_complete)).status
+        return await http11(client)
 
     async def h2_get(self, client: Any) -> int | None:
         result = await bounded(client.request(h2_headers(b"GET", b"/health")).done)
@@ -139,3 +145,52 @@ class TlsReloadTests(TestCase):
         write(h, "gateway.key", good_key)
         self.assertEqual((await self.reload(h, gw))[0], 200)
         self.assertEqual(await self.new_connection_cert(h, gw), good_cert)
+
+
+SIGHUP_CONFIG = """\
+server:
+  listen: ["tcp:0:interface=127.0.0.1"]
+  tls: {listen: ["ssl:0:interface=127.0.0.1"], cert: gateway.pem, key: gateway.key}
+admin:
+  listen: "tcp:0:interface=127.0.0.1"
+pools:
+  p:
+    instances: ["http://127.0.0.1:1"]
+    health_check: {enabled: false}
+routes:
+  - path: /v1/*
+logging:
+  output: "-"
+"""
+
+
+class SighupTests(TestCase):
+    timeout = 60
+
+    async def test_sighup_reloads_certificate(self) -> None:
+        """
+        C{twistd -n clawproxy}: after the certificate files are replaced and
+        the process gets SIGHUP, a connection opened before is still served
+        and a new one is served the new certificate.
+        """
+        h = Harness(self)
+        old_cert, old_key = self_signed()
+        write(h, "gateway.pem", old_cert)
+        write(h, "gateway.key", old_key)
+        write(h, "gateway.yaml", SIGHUP_CONFIG.encode())
+        proc = h.spawn(*TWISTD, "-n", "--pidfile=", "clawproxy", "-c", "gateway.yaml")
+        port = await listening(proc, "clawproxy data plane (TLS)")
+        old = await h.raw(port, tls=AnyServer())
+        self.assertEqual(await http11(old), 200)
+        self.assertEqual(served_certificate(old.transport), old_cert)
+
+        new_cert, new_key = self_signed()
+        write(h, "gateway.pem", new_cert)
+        write(h, "gateway.key", new_key)
+        proc.signal("HUP")
+        await wait_for(lambda: "TLS listeners now serve" in proc.output, "the reload log line")
+        self.assertEqual(await http11(old), 200)
+        fresh = await h.raw(port, tls=AnyServer())
+        self.assertEqual(await http11(fresh), 200)
+        self.assertEqual(served_certificate(fresh.transport), new_cert)
+        self.assertNotIn("Traceback", proc.output)
