@@ -57,6 +57,11 @@ class PolicyTests(SynchronousTestCase):
         self.assertIsNot(configured, default)
         self.assertIs(policy.creator((b"127.0.0.1", 8443)), configured)
         self.assertFalse(policy.configure(policy.prepare(config.pools)))
+        # The CA file replaced in place: a change, new creators.
+        with open(os.path.join(self.dir, "ca.pem"), "wb") as f:
+            f.write(CA.make().cert_pem)
+        self.assertTrue(policy.configure(policy.prepare(config.pools)))
+        self.assertIsNot(policy.creator((b"127.0.0.1", 8443)), configured)
         self.assertTrue(policy.configure(policy.prepare(self.config(None).pools)))
         self.assertIs(policy.creator((b"127.0.0.1", 8443)), default)
 

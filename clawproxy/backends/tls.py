@@ -110,6 +110,16 @@ def client_creator(host: str, cfg: UpstreamTLSConfig | None) -> Any:
                                extraCertificateOptions=extra)
 
 
+def _contents(cfg: UpstreamTLSConfig) -> tuple[bytes, ...]:
+    """The bytes of the files C{cfg} names."""
+    out = []
+    for path in (cfg.ca_file, cfg.client_cert, cfg.client_key):
+        if path is not None:
+            with open(path, "rb") as f:
+                out.append(f.read())
+    return tuple(out)
+
+
 @implementer(IOpenSSLClientConnectionCreator)
 class _Current:
     """The creator of one host:port, as L{UpstreamTLS} has it when a connection starts."""
@@ -133,7 +143,7 @@ class UpstreamTLS:
     _MAX_DEFAULTS = 1024  # default creators cached (instance URLs come from the config)
 
     def __init__(self) -> None:
-        self._settings: dict[Netloc, UpstreamTLSConfig] = {}
+        self._settings: dict[Netloc, Any] = {}
         self._creators: dict[Netloc, Any] = {}
         self._defaults: dict[Netloc, Any] = {}
 
@@ -146,19 +156,24 @@ class UpstreamTLS:
         @raise ValueError: a file could not be used (the config reader
             checks them first, so only a file changed since then fails here).
         """
-        settings: dict[Netloc, UpstreamTLSConfig] = {}
-        for pool in pools.values():
-            if pool.tls is None:
-                continue
-            for instance in pool.instances:
-                uri = URI.fromBytes(instance.url.encode("ascii", "replace"))
-                if uri.scheme == b"https":
-                    settings[(uri.host, uri.port)] = pool.tls
-        if settings == self._settings:
-            return settings, self._creators
+        settings: dict[Netloc, Any] = {}
+        configs: dict[Netloc, UpstreamTLSConfig] = {}
         try:
+            for pool in pools.values():
+                if pool.tls is None:
+                    continue
+                # The files' contents count: a CA or client certificate
+                # replaced in place is a change too.
+                fingerprint = (pool.tls, _contents(pool.tls))
+                for instance in pool.instances:
+                    uri = URI.fromBytes(instance.url.encode("ascii", "replace"))
+                    if uri.scheme == b"https":
+                        settings[(uri.host, uri.port)] = fingerprint
+                        configs[(uri.host, uri.port)] = pool.tls
+            if settings == self._settings:
+                return settings, self._creators
             creators = {netloc: client_creator(netloc[0].decode("ascii"), cfg)
-                        for netloc, cfg in settings.items()}
+                        for netloc, cfg in configs.items()}
         except (OSError, ValueError, SSL.Error) as e:
             raise ValueError(str(e)) from None
         return settings, creators
