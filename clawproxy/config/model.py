@@ -453,6 +453,8 @@ class UpstreamTLSConfig:
                                         " URL's host.")
 
     def _check(self, present: set[str], error: Error) -> UpstreamTLSConfig:
+        if "ca_file" in present and not self.verify:
+            error("ca_file", "has no effect with verify: false")
         if self.ca_file is not None:
             try:
                 read_certificates(self.ca_file)

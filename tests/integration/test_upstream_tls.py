@@ -161,8 +161,9 @@ class UpstreamTlsTests(TestCase):
     async def test_bad_files_refused_at_config_time(self) -> None:
         """
         A CA file with no certificate, a client key that is not the client
-        certificate's, and a client_cert without client_key are refused when
-        the config is read, each error naming its key.
+        certificate's, a client_cert without client_key and a CA file with
+        verify: false are refused when the config is read, each error naming
+        its key.
         """
         h = Harness(self)
         ca = CA.make()
@@ -173,7 +174,9 @@ class UpstreamTlsTests(TestCase):
                                "client_cert": write(h, "c.pem", cert),
                                "client_key": write(h, "c.key", other_key)}},
                  "q": {"instances": ["https://127.0.0.1:2"],
-                       "tls": {"client_cert": h.path("c.pem")}}}
+                       "tls": {"client_cert": h.path("c.pem")}},
+                 "r": {"instances": ["https://127.0.0.1:3"],
+                       "tls": {"verify": False, "ca_file": h.path("c.pem")}}}
         with self.assertRaises(ConfigError) as caught:
             config_file(h, pools)
         errors = caught.exception.errors
@@ -182,6 +185,7 @@ class UpstreamTlsTests(TestCase):
         self.assertIn(f"pools.p.tls.client_key: {h.path('c.key')} is not the private key of"
                       f" the certificate in {h.path('c.pem')}", errors)
         self.assertIn("pools.q.tls.client_key: required with client_cert", errors)
+        self.assertIn("pools.r.tls.ca_file: has no effect with verify: false", errors)
 
     async def test_shared_host_needs_same_settings(self) -> None:
         """Two pools giving one https host:port different tls settings are refused."""
