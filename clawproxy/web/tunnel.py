@@ -388,6 +388,7 @@ class Tunnels:
                 b"X-Request-ID: " + ctx.request_id.encode()]
         out += [n + b": " + v.replace(b"${instance}", inst.id.encode())
                 for n, v in ctx.response_headers]
+        out += [b"Set-Cookie: " + cookie for cookie in request.cookies]  # session affinity
         request.channel.transport.write(b"\r\n".join(out) + b"\r\n\r\n")
         ctx.status = 101
         ctx.upgraded = True

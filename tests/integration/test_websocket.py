@@ -171,6 +171,33 @@ class WebSocketTests(TestCase):
         self.assertEqual(line["status"], 101, line)
         self.assertEqual(echo.paths, ["/realtime"])
 
+    async def test_session_affinity(self) -> None:
+        """
+        A pool of two instances with cookie affinity: the 101 sets the cookie,
+        and handshakes that send it back reach the same instance.
+        """
+        h = Harness(self)
+        echoes = [EchoServer(), EchoServer()]
+        for echo in echoes:
+            self.addCleanup(echo.stop)
+        gw = await h.gateway(h.config({"ws": {
+            "instances": [{"id": f"echo-{i}", "url": f"http://127.0.0.1:{e.port}"}
+                          for i, e in enumerate(echoes)],
+            "health_check": {"enabled": False},
+            "session_affinity": {"method": "cookie", "cookie_name": "AFF"}}}))
+        ws = await bounded(self.connect(gw, key=None))
+        cookie = ws.response.headers["Set-Cookie"].split(";")[0]
+        self.assertTrue(cookie.startswith("AFF="), cookie)
+        await bounded(threads.deferToThread(ws.close))
+        first = [e for e in echoes if e.paths]
+        self.assertEqual(len(first), 1)
+        for _ in range(4):
+            ws = await bounded(threads.deferToThread(
+                connect, f"ws://127.0.0.1:{gw.port}/again", additional_headers={
+                    "Cookie": cookie}, proxy=None, open_timeout=5, close_timeout=5))
+            await bounded(threads.deferToThread(ws.close))
+        self.assertEqual(first[0].paths, ["/realtime"] + ["/again"] * 4)
+
     async def test_https_instance(self) -> None:
         """
         An C{https://} instance behind a private CA (the pool's C{tls.ca_file}):
