@@ -35,6 +35,7 @@ from clawproxy.config import (
 )
 from clawproxy.config.reader import read_config
 from clawproxy.units import Rate
+from tests.certs import self_signed
 
 ETC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "etc")
 EXAMPLES = os.path.join(ETC, "examples")
@@ -1385,7 +1386,6 @@ class RefusalTests(ConfigTestCase):
               p:
                 instances: ["http://h:1"]
                 max_qps: 5
-                tls: {{verify: false}}
             routes: [{{path: /, pool: p, rate_limit: 5/s, cache: {{ttl: 1m, semantic: true}}}}]
             fallbacks: {{stale: {{type: cache, max_stale: 10m}}}}
             cache: {{max_entries: 10}}
@@ -1401,7 +1401,6 @@ class RefusalTests(ConfigTestCase):
                 f"models.fallbacks: {self.NOT_YET}",
                 f"models.prices: {self.NOT_YET}",
                 f"pools.p.max_qps: {self.NOT_YET}",
-                f"pools.p.tls: {self.NOT_YET}",
                 f"routes[0].rate_limit: {self.NOT_YET}",
                 "routes[0].cache.semantic: semantic caching is not supported by this"
                 " version yet",
@@ -1497,8 +1496,9 @@ class LoadConfigTests(ConfigTestCase):
     def test_relative_paths(self) -> None:
         """Relative TLS, key store and log paths resolve against the config's directory."""
         directory = os.path.abspath(self.mktemp())
-        self.write("gw.pem", "", os.path.join(directory, "tls"))
-        self.write("gw.key", "", os.path.join(directory, "tls"))
+        cert, key = self_signed()
+        self.write("gw.pem", cert.decode(), os.path.join(directory, "tls"))
+        self.write("gw.key", key.decode(), os.path.join(directory, "tls"))
         self.write("keys.json", "{}", directory)
         path = self.write(
             "gw.yaml",

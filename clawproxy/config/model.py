@@ -16,11 +16,13 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 import attrs
 
 from clawproxy.config import fields as f
 from clawproxy.config.fields import IPNetwork, NotYet
+from clawproxy.pem import PemError, check_pair, read_certificates
 from clawproxy.units import Rate
 
 ALGORITHMS = (
@@ -70,6 +72,10 @@ class TLSConfig:
                                  "Shorthand for ``listen: [ssl:PORT]`` (give one of the two).")
 
     def _check(self, present: set[str], error: Error) -> TLSConfig:
+        if self.cert and self.key:
+            problem = check_pair(self.cert, self.key)
+            if problem is not None:
+                error(*problem)
         if "port" in present:
             if "listen" in present:
                 error("port", "give either listen or port, not both")
@@ -510,6 +516,55 @@ class UpstreamTLSConfig:
     server_name: str | None = f.setting(f.nonempty, None, "SNI and verified name, if not the"
                                         " URL's host.")
 
+    def _check(self, present: set[str], error: Error) -> UpstreamTLSConfig:
+        if "ca_file" in present and not self.verify:
+            error("ca_file", "has no effect with verify: false")
+        if self.ca_file is not None:
+            try:
+                read_certificates(self.ca_file)
+            except PemError as e:
+                error("ca_file", str(e))
+        for one, other in (("client_cert", "client_key"), ("client_key", "client_cert")):
+            if one in present and other not in present:
+                error(other, f"required with {one}")
+        if self.client_cert is not None and self.client_key is not None:
+            problem = check_pair(self.client_cert, self.client_key)
+            if problem is not None:
+                error("client_" + problem[0], problem[1])
+        return self
+
+    def settings(self) -> tuple[object, ...]:
+        """What the connections made with these settings depend on (to compare two pools)."""
+        return (self.verify, self.ca_file, self.client_cert, self.client_key, self.server_name)
+
+
+def _check_shared_tls(pools: dict[str, PoolConfig], error: Error) -> None:
+    """
+    Refuse an C{https} host:port that two pools reach with different C{tls}
+    settings: upstream connections are pooled by host:port, so one
+    connection could otherwise serve a pool with the other's trust or
+    client certificate.
+    """
+    seen: dict[tuple[str, int], tuple[str, tuple[object, ...] | None]] = {}
+    for pool in pools.values():
+        settings = pool.tls.settings() if pool.tls is not None else None
+        for instance in pool.instances:
+            netloc = https_netloc(instance.url)
+            if netloc is None:
+                continue
+            first = seen.setdefault(netloc, (pool.name, settings))
+            if first[1] != settings:
+                error(f"pools.{pool.name}.tls", f"{netloc[0]}:{netloc[1]} is also an instance"
+                      f" of pool {first[0]}, with other tls settings; give both the same")
+
+
+def https_netloc(url: str) -> tuple[str, int] | None:
+    """C{(host, port)} of an C{https://} URL (port 443 by default), else C{None}."""
+    parts = urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname:
+        return None
+    return parts.hostname, parts.port or 443
+
 
 def _health_defaults(pool: dict[str, object], _: object) -> dict[str, object]:
     return {"path": HEALTH_PATHS.get(str(pool.get("protocol", "openai")), "/v1/models")}
@@ -558,9 +613,10 @@ class PoolConfig:
     max_qps: float | None = f.setting(f.number(above=0), None, "Pool-wide request rate cap.",
                                       not_yet=NotYet(PROTECTION))
     fallback: str | None = f.setting(f.text, None, "A name in ``fallbacks``.")
-    tls: UpstreamTLSConfig | None = f.section(UpstreamTLSConfig, "TLS towards ``https://``"
-                                              " instances.", optional=True,
-                                              not_yet=NotYet(PROTECTION))
+    tls: UpstreamTLSConfig | None = f.section(
+        UpstreamTLSConfig, "TLS towards ``https://`` instances (default: verified against the"
+        " system's CAs). Pools sharing an ``https`` host:port must give it the same settings.",
+        optional=True)
 
 
 # -- routes --------------------------------------------------------------------------------
@@ -616,6 +672,19 @@ class TransformsConfig:
 
 
 @attrs.frozen
+class WebSocketConfig:
+    """WebSocket pass-through on a route (HTTP/1.1 ``Upgrade: websocket``)."""
+
+    enabled: bool = f.setting(f.boolean, True, "Join a client's WebSocket to the instance"
+                              " that answers its handshake with 101; off: the request is"
+                              " relayed as a plain request (no upgrade).")
+    idle_timeout: float = f.setting(f.duration(above=0), 300.0, "A tunnel with no byte either"
+                                    " way for this long is closed.", shown="5m")
+    max_tunnels: int = f.setting(f.integer(low=1), 1000, "Tunnels open at once on this route"
+                                 " (beyond: 503).")
+
+
+@attrs.frozen
 class RouteConfig:
     """One route; routes are tried in order and the first match wins."""
 
@@ -644,6 +713,7 @@ class RouteConfig:
     fallback: str | None = f.setting(f.text, None, "A name in ``fallbacks``.")
     transforms: TransformsConfig | None = f.section(TransformsConfig, "Header rewrites.",
                                                     optional=True)
+    websocket: WebSocketConfig = f.section(WebSocketConfig, "WebSocket pass-through.")
 
     def _check(self, present: set[str], error: Error) -> RouteConfig:
         if "pool" in present and "split" in present:
@@ -795,6 +865,7 @@ class Config:
     def _check(self, present: set[str], error: Error) -> Config:
         if self.cache.store == "redis" and self.store.backend != "redis":
             error("cache.store", "redis needs store.backend: redis")
+        _check_shared_tls(self.pools, error)
         if self.auth is None and any(agent.keys for agent in self.agents.values()):
             return attrs.evolve(self, auth=AuthConfig(api_key=ApiKeyConfig()))
         if self.auth is None:

@@ -136,6 +136,7 @@ def build_data_plane(
     previous: Registry | None = None,
     extra: Sequence[Any] = (),
     started: float | None = None,
+    tunnels: Any = None,
 ) -> DataPlane:
     """
     Build the registry, routes, relay and resource for C{config}.
@@ -152,6 +153,8 @@ def build_data_plane(
     @param extra: parts added after the configured features' (tests plug in
         stages and filters this way).
     @param started: when the gateway started (for C{/health}'s uptime).
+    @param tunnels: the gateway's L{Tunnels<clawproxy.web.tunnel.Tunnels>}
+        (kept across reloads, so open WebSocket tunnels stay counted).
     """
     if store is None:
         store = MemoryStore(clock)
@@ -184,5 +187,6 @@ def build_data_plane(
         config, registry, relay, metrics, access_log, clock,
         stages=parts.stages, observers=parts.observers, started=started, router=router,
         forward=forward, fallbacks=parts.fallbacks,
+        tunnels=tunnels,
     )
     return DataPlane(config, registry, router, relay, resource, parts, store)

@@ -42,6 +42,7 @@ from clawproxy.web.accesslog import AccessLog
 from clawproxy.web.context import LocalResponse, RequestContext
 from clawproxy.web.relay import NoInstance, Relay, UpstreamBroken
 from clawproxy.web.translate import rewrite_for
+from clawproxy.web.tunnel import Tunnels, is_websocket
 
 _JSON = b"application/json"
 _SAFE_ID = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
@@ -112,6 +113,7 @@ class GatewayResource(Resource):
         router: Router | None = None,
         forward: Any = None,
         fallbacks: dict[str, Any] | None = None,
+        tunnels: Tunnels | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -130,6 +132,8 @@ class GatewayResource(Resource):
             raise ValueError(f"stages with an unknown phase: {unknown!r}")
         self.observers = list(observers)
         self.router = router if router is not None else Router(config)
+        self.tunnels = tunnels if tunnels is not None else Tunnels(
+            getattr(relay.agent, "endpoints", None), clock, metrics)
         self.base = config.server.base_path.encode()
         self.started = clock.seconds() if started is None else started
         self._public_metrics = config.metrics.enabled and config.metrics.public
@@ -204,6 +208,12 @@ class GatewayResource(Resource):
         key, sticky = self._keys(ctx, pool)
         timeout = cfg.timeout if cfg.timeout is not None else pool.config.timeout
         try:
+            if cfg.websocket.enabled and is_websocket(request):
+                # Answered (a normal response) or tunnelled (the request ends
+                # with the connection): either way, not finished here.
+                await self.tunnels.forward(ctx, pool, key, sticky, timeout, local,
+                                           cfg.websocket, self.relay.trusted)
+                return
             await self.forward(ctx, pool, key, sticky, timeout, local)
         except NoInstance:
             wait = self.registry.breakers.retry_after(pool.name)
@@ -437,7 +447,7 @@ class GatewayResource(Resource):
 
     def _finished(self, result: Any, ctx: RequestContext, d: Deferred) -> None:
         self.in_flight -= 1
-        if isinstance(result, Failure) and not ctx.aborted:
+        if isinstance(result, Failure) and not (ctx.aborted or ctx.upgraded):
             # The client went away: stop everything done on its behalf, and
             # log it as nginx does (499), whatever was under way.
             ctx.error = "client_disconnected"

@@ -30,6 +30,7 @@ from twisted.web.client import (
 )
 from twisted.web.iweb import UNKNOWN_LENGTH
 
+from clawproxy.backends.tls import tls_failure
 from clawproxy.compat import client_gone, drop_response_connection
 from clawproxy.errors import Rejected, bad_gateway, gateway_timeout, unavailable
 from clawproxy.interfaces import CANCELLED, OK
@@ -201,7 +202,11 @@ class Relay:
                                   instance=inst.id, why=_describe(failure))
                 else:
                     self.log.failure("request to {instance} failed", failure, instance=inst.id)
-            if failure.check(ResponseNeverReceived):
+            tls = tls_failure(failure)
+            if tls is not None:
+                # Not transient: the same instance would fail the same way.
+                self.log.warn("TLS with {instance} failed: {why}", instance=inst.id, why=tls)
+            elif failure.check(ResponseNeverReceived):
                 # Most often a keep-alive connection the backend closed as we
                 # sent on it: the instance itself may be fine, so it stays a
                 # candidate for the retry (a dead one then refuses at once).
