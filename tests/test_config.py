@@ -1371,7 +1371,6 @@ class RefusalTests(ConfigTestCase):
                 f"agents.a.spend_limit: {self.NOT_YET}",
                 f"agents.a.inject_headers: {self.NOT_YET}",
                 f"rate_limits: {self.NOT_YET}",
-                f"models.fallbacks: {self.NOT_YET}",
                 f"models.prices: {self.NOT_YET}",
                 "pools.p.circuit_breaker: circuit breakers are not supported by this version"
                 " yet (leave the section out, or set enabled: false)",

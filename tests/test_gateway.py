@@ -401,6 +401,50 @@ class RouteChoiceTests(SynchronousTestCase):
         self.assertEqual(json.loads(gw.backend.seen[0].body), {"model": "qwen3:8b"})
 
 
+class DiscoveredRoutingTests(SynchronousTestCase):
+    """Routes without a pool pick it by model among declared and discovered models."""
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "pools": {
+                "main": two_instance_pool(models=["qwen3:*"]),
+                "litellm": {"instances": [{"id": "c", "url": "http://c.test:8000"}],
+                            "health_check": {"enabled": False}},
+            },
+            "routes": [{"path": "/v1/chat/completions"}],
+        }
+
+    def chat(self, gw: Harness, model: str) -> Answer:
+        return gw.request("POST", "/v1/chat/completions", {"model": model, "messages": []})
+
+    def test_discovered_model(self) -> None:
+        """A model a pool's instance reported goes to that pool."""
+        gw = Harness(self, self.config())
+        gw.registry.models_reported(gw.registry.instance("c"), ["gpt-4"])
+        self.assertEqual(self.chat(gw, "gpt-4").json()["instance"], "c")
+        self.assertEqual(self.chat(gw, "qwen3:8b").json()["instance"], "a")
+
+    def test_unknown_pool_gets_it(self) -> None:
+        """A pool whose models are unknown (nothing declared or reported) gets the request."""
+        gw = Harness(self, self.config())
+        self.assertEqual(self.chat(gw, "gpt-4").json()["instance"], "c")
+
+    def test_not_found(self) -> None:
+        """
+        Once every pool's models are known, a model none serves is 404
+        C{model_not_found} in the SDK's error shape, and nothing is sent upstream.
+        """
+        gw = Harness(self, self.config())
+        gw.registry.models_reported(gw.registry.instance("c"), ["gpt-4"])
+        answer = self.chat(gw, "gpt-5")
+        self.assertEqual(answer.code, 404)
+        error = answer.json()["error"]
+        self.assertEqual((error["type"], error["code"]),
+                         ("invalid_request_error", "model_not_found"))
+        self.assertIn("gpt-5", error["message"])
+        self.assertEqual(gw.backend.seen, [])
+
+
 class BuiltinTests(SynchronousTestCase):
     """C{/health} and C{/v1/models} are answered by the gateway itself."""
 
@@ -459,13 +503,16 @@ class BuiltinTests(SynchronousTestCase):
         gw = Harness(self, self.config())
         gw.registry.probe_result(gw.registry.instance("a"), True,
                                  {"data": [{"id": "qwen3:8b"}, {"id": "sim-small"}]})
+        gw.registry.models_reported(gw.registry.instance("c"), ["llama3", "mistral"])
         answer = gw.request("GET", "/v1/models")
         self.assertEqual(answer.code, 200)
         body = answer.json()
         self.assertEqual(body["object"], "list")
-        self.assertEqual([m["id"] for m in body["data"]],
-                         ["sim-small", "llama3", "fast", "qwen3:8b"])
+        self.assertEqual([(m["id"], m["owned_by"]) for m in body["data"]], [
+            ("sim-small", "main"), ("llama3", "other"), ("fast", "main"),
+            ("qwen3:8b", "main"), ("mistral", "other")])
         self.assertEqual({m["object"] for m in body["data"]}, {"model"})
+        self.assertEqual({m["created"] for m in body["data"]}, {0})
         self.assertEqual(gw.backend.seen, [])
 
     def test_format_uptime(self) -> None:

@@ -169,6 +169,8 @@ class Pool:
         self._clock = clock
         self.instances = [Instance(self, i, clock) for i in cfg.instances]
         self.by_id = {i.id: i for i in self.instances}
+        #: The models the instances reported (discovery), all together.
+        self.discovered: frozenset[str] = frozenset()
         #: How much of the instances' failure counts one client may add.
         self.blame = ClientBound(cfg.passive.fail_timeout, clock)
         aff = cfg.session_affinity
@@ -416,7 +418,8 @@ class Registry:
             inst.probe = prev.probe
             inst.down_until = prev.down_until
             inst.health = prev.health
-            inst.models = prev.models
+            if prev.models:
+                self.models_reported(inst, prev.models)
             if prev.base_weight != prev.config_weight:
                 inst.base_weight = prev.base_weight
             self.changed(inst)  # gauges follow the carried-over state
@@ -451,7 +454,9 @@ class Registry:
         """
         if health is not None:
             inst.health = health
-            inst.models = reported_models(health) or inst.models
+            models = reported_models(health)
+            if models:
+                self.models_reported(inst, models)
         before = inst.state
         if ok:
             inst.down_until = None
@@ -470,6 +475,22 @@ class Registry:
             if inst.pool.affinity is not None:
                 inst.pool.affinity.forget_instance(inst.id)
         self.changed(inst)
+
+    def models_reported(self, inst: Instance, models: Sequence[str]) -> None:
+        """
+        C{inst} reported serving C{models} (model discovery, or a health
+        probe of a model list): its pool's L{Pool.discovered} follows.
+        """
+        models = tuple(models)
+        if models == inst.models:
+            return
+        inst.models = models
+        pool = inst.pool
+        pool.discovered = frozenset(m for i in pool.instances for m in i.models)
+
+    def discovered(self) -> dict[str, frozenset[str]]:
+        """The models each pool's instances reported, by pool name."""
+        return {name: pool.discovered for name, pool in self.pools.items()}
 
     def _require(self, instance_id: str) -> Instance:
         inst = self._instances.get(instance_id)

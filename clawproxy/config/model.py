@@ -322,7 +322,9 @@ class ModelsConfig:
                                         doc="A request for the key is served as the value.")
     fallbacks: dict[str, tuple[str, ...]] = f.setting(
         f.map_of(f.list_of(f.nonempty, allow_empty=False)), factory=dict,
-        doc="Models tried in order when a model's pool fails.", not_yet=NotYet(LLM))
+        doc="Models tried in order when a model's pool fails (open, no instance available,"
+        " retries spent, a 5xx it does not retry, no first chunk in time) before anything"
+        " reached the client; the answer carries ``X-Clawproxy-Fallback-Model``.")
     prices: dict[str, ModelPrice] = f.entries(ModelPrice, "Prices per model, for spend.",
                                               name=f.nonempty, not_yet=NotYet(LLM))
 

@@ -238,7 +238,8 @@ class GatewayResource(Resource):
         elif cfg.split:
             name = sticky_split(cfg.split, self._session_key(ctx))
         else:
-            name = self.router.pool_for_model(ctx.json_body().get("model"))
+            name = self.router.pool_for_model(ctx.json_body().get("model"),
+                                              self.registry.discovered())
         return self.registry.pools[name]
 
     def _session_key(self, ctx: RequestContext) -> str:
@@ -316,15 +317,23 @@ class GatewayResource(Resource):
         if local == b"/health" and method in (b"GET", b"HEAD"):
             return self.health_response()
         if local == b"/v1/models" and method == b"GET":
-            names = dict.fromkeys(self.router.declared_models())
-            for inst in self.registry:
-                names.update(dict.fromkeys(inst.models))
-            data = [{"id": m, "object": "model", "owned_by": "clawproxy"} for m in names]
-            return LocalResponse(200, json.dumps({"object": "list", "data": data}).encode())
+            return self.models_response()
         if self._public_metrics and local == self._metrics_path and method == b"GET":
             from clawproxy.metrics import CONTENT_TYPE
             return LocalResponse(200, self.metrics.render(), CONTENT_TYPE.encode())
         return None
+
+    def models_response(self) -> LocalResponse:
+        """
+        C{GET /v1/models}: every model declared (pools' C{models}, aliases)
+        or reported by an instance, in OpenAI's list shape, C{owned_by} the
+        pool that serves it.
+        """
+        created = int(self.started)
+        owners = self.router.model_owners(self.registry.discovered())
+        data = [{"id": m, "object": "model", "created": created, "owned_by": pool}
+                for m, pool in owners.items()]
+        return LocalResponse(200, json.dumps({"object": "list", "data": data}).encode())
 
     def health_response(self) -> LocalResponse:
         pools = pools_summary(self.registry)
