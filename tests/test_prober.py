@@ -256,15 +256,13 @@ class ProberTests(SynchronousTestCase):
 
     def test_disabled(self) -> None:
         """
-        A pool with C{health_check.enabled: false} is never probed (only
-        asked for its models, at start and every L{DISCOVERY_INTERVAL}).
+        A pool with C{health_check.enabled: false} is never probed, nor asked
+        for its models.
         """
         reg = make_registry(self.clock, enabled=False)
-        prober = self.start(reg)
+        self.start(reg)
         self.advance(DISCOVERY_INTERVAL)
-        self.assertEqual(self.backend.seen,
-                         [(b"i1.test:8000", b"/v1/models", b"clawproxy-discovery")] * 2)
-        prober.stopService()
+        self.assertEqual(self.backend.seen, [])
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_stop_service(self) -> None:
@@ -306,13 +304,13 @@ class ProberTests(SynchronousTestCase):
 
 
 def discovery_registry(clock: Any, protocol: str = "openai", **health: Any) -> Registry:
-    """Pool C{main} (instances i1, i2) of C{protocol}, health checks as given (off by default)."""
+    """Pool C{main} (instances i1, i2) of C{protocol}, health checks as given (at C{/health})."""
     config = parse_config({
         "pools": {"main": {
             "protocol": protocol,
             "instances": [{"id": "i1", "url": "http://i1.test:8000"},
                           {"id": "i2", "url": "http://i2.test:8000"}],
-            "health_check": health or {"enabled": False},
+            "health_check": health or {"path": "/health"},
         }},
         "routes": [{"path": "/*", "pool": "main"}],
     }, environ={})
@@ -336,6 +334,8 @@ class ModelBackend(Resource):
         request.setResponseCode(self.status)
         request.setHeader(b"content-type", b"application/json")
         names = self.models.get(host.split(b".")[0], [])
+        if request.path == b"/health":
+            return b'{"status": "ok"}'
         if request.path == b"/api/tags":
             return json.dumps({"models": [{"name": n, "model": n} for n in names]}).encode()
         return json.dumps({"object": "list",
@@ -364,7 +364,8 @@ class DiscoveryTests(SynchronousTestCase):
         self.start(reg)
         self.assertEqual(reg.instance("i1").models, ("qwen3:8b", "qwen3:32b"))
         self.assertEqual(reg.pools["main"].discovered, {"qwen3:8b", "qwen3:32b", "llama3"})
-        self.assertEqual({p for _, p, _ in self.backend.seen}, {b"/v1/models"})
+        self.assertEqual({(p, ua) for _, p, ua in self.backend.seen if p != b"/health"},
+                         {(b"/v1/models", b"clawproxy-discovery")})
 
     def test_ollama_tags(self) -> None:
         """An ollama pool's instances are asked C{GET /api/tags}."""
@@ -372,13 +373,14 @@ class DiscoveryTests(SynchronousTestCase):
         reg = discovery_registry(self.clock, protocol="ollama")
         self.start(reg)
         self.assertEqual(reg.instance("i1").models, ("qwen3:8b",))
-        self.assertEqual({p for _, p, _ in self.backend.seen}, {b"/api/tags"})
+        self.assertEqual({p for _, p, _ in self.backend.seen}, {b"/api/tags", b"/health"})
 
     def test_http_pool_not_asked(self) -> None:
         """An C{http} pool serves no models: nothing is asked."""
         self.start(discovery_registry(self.clock, protocol="http"))
         self.clock.advance(DISCOVERY_INTERVAL)
-        self.assertEqual(self.backend.seen, [])
+        self.agent.flush()
+        self.assertEqual({p for _, p, _ in self.backend.seen}, {b"/health"})
 
     def test_refreshed_and_failure_keeps_last(self) -> None:
         """
@@ -399,7 +401,7 @@ class DiscoveryTests(SynchronousTestCase):
         self.clock.advance(DISCOVERY_INTERVAL)
         self.agent.flush()
         self.assertEqual(reg.instance("i1").models, ("a", "b"))
-        self.assertEqual(len(self.backend.seen), 6)
+        self.assertEqual(len([s for s in self.backend.seen if s[1] == b"/v1/models"]), 6)
 
     def test_agent_failure_keeps_last(self) -> None:
         """An agent that fails (no backend) leaves the models unknown, without errors logged."""
@@ -410,7 +412,7 @@ class DiscoveryTests(SynchronousTestCase):
     def test_health_probe_on_models_path(self) -> None:
         """A pool whose health check probes C{/v1/models} learns from the probes only."""
         self.backend.models = {b"i1": ["a"]}
-        reg = discovery_registry(self.clock, enabled=True, path="/v1/models")
+        reg = discovery_registry(self.clock, path="/v1/models")
         self.start(reg)
         self.assertEqual(reg.instance("i1").models, ("a",))
         self.assertEqual({ua for _, _, ua in self.backend.seen}, {b"clawproxy-health"})
@@ -418,7 +420,7 @@ class DiscoveryTests(SynchronousTestCase):
     def test_health_probe_elsewhere(self) -> None:
         """A pool probed at C{/health} is still asked for its models."""
         self.backend.models = {b"i1": ["a"]}
-        reg = discovery_registry(self.clock, enabled=True, path="/health")
+        reg = discovery_registry(self.clock)
         self.start(reg)
         self.assertEqual(reg.instance("i1").models, ("a",))
         self.assertEqual({ua for _, _, ua in self.backend.seen},

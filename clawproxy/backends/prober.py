@@ -45,9 +45,10 @@ class HealthProber(Service):
 
     The prober also learns which models each instance of an C{openai} or
     C{ollama} pool serves (L{DISCOVERY_PATHS}), at start and every
-    L{DISCOVERY_INTERVAL} seconds, whether or not health checks are on,
-    with the same timeout and headers. A pool whose health check already
-    probes that path learns its models from the probes instead. A failed
+    L{DISCOVERY_INTERVAL} seconds, with the health check's timeout and
+    headers. A pool whose health check already probes that path learns its
+    models from the probes instead; a pool that is not probed
+    (C{health_check.enabled: false}) is not asked either. A failed
     discovery keeps the last list known.
     """
 
@@ -75,7 +76,7 @@ class HealthProber(Service):
         for pool in self.registry.pools.values():
             path = DISCOVERY_PATHS.get(pool.config.protocol)
             hc = pool.config.health_check
-            if path is None or (hc.enabled and hc.path == path):
+            if path is None or not hc.enabled or hc.path == path:
                 continue
             loop = LoopingCall(self.discover_pool, pool)
             loop.clock = self.clock
