@@ -979,8 +979,8 @@ class AccessLogTests(SynchronousTestCase):
         self.assertEqual({k: line[k] for k in line if k not in ("ts", "duration_ms")}, {
             "request_id": "req-1", "client": "127.0.0.1", "method": "POST",
             "path": "/v1/chat", "route": "/v1/*", "agent": "-", "pool": "main",
-            "instance": "a", "status": 200, "bytes": len(answer.body), "attempts": 1,
-            "error": None,
+            "instance": "a", "model": None, "status": 200, "bytes": len(answer.body),
+            "attempts": 1, "error": None,
         })
         self.assertIsInstance(line["ts"], float)
         self.assertEqual(line["duration_ms"], 0.0)

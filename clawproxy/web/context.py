@@ -58,6 +58,10 @@ class RequestContext:
     aborted: bool = False
     response_headers: list[tuple[bytes, bytes]] = attrs.Factory(list)
     model: str | None = None
+    #: The gateway has another attempt for this request should the pool fail
+    #: (a model fallback): the relay then raises a 5xx it does not retry
+    #: (as a 502) instead of relaying it.
+    alternative: bool = False
 
     def json_body(self) -> dict[str, Any]:
         """

@@ -169,6 +169,8 @@ class GatewayResource(Resource):
         pool = ctx.pool = self._choose_pool(ctx, cfg)
         if pool.config.protocol == "ollama" and local == b"/v1/chat/completions":
             ctx.json_body()
+        elif self.router.fallbacks and ctx.body is None:
+            _try_json_body(ctx)  # a model fallback chain needs the model
         if ctx.body is not None:
             model = ctx.body.get("model")
             if isinstance(model, str):
@@ -187,19 +189,79 @@ class GatewayResource(Resource):
         if ctx.body is not None:
             ctx.rewrite = rewrite_for(pool, local, ctx.method, ctx.body, ctx.model,
                                       ctx.request_id)
-        key, sticky = self._keys(ctx, pool)
-        timeout = cfg.timeout if cfg.timeout is not None else pool.config.timeout
-        try:
-            await self.relay.forward(ctx, pool, key, sticky, timeout, local)
-        except NoInstance:
-            answer = self._fallback(ctx, cfg.fallback or pool.config.fallback)
-            if answer is None:
-                raise unavailable(f"no healthy instance in pool {pool.name!r}",
-                                  code="no_healthy_upstream") from None
-            self._write_local(ctx, answer)
-            return
+        chain = self._fallback_chain(ctx, cfg) if self.router.fallbacks else []
+        primary = pool
+        fell_back = False
+        while True:
+            ctx.alternative = bool(chain)
+            key, sticky = self._keys(ctx, pool)
+            timeout = cfg.timeout if cfg.timeout is not None else pool.config.timeout
+            try:
+                await self.relay.forward(ctx, pool, key, sticky, timeout, local)
+                break
+            except (NoInstance, Rejected) as e:
+                if not chain or not self._pool_failed(ctx, e):
+                    _drop_header(ctx, _FALLBACK_MODEL)
+                    if isinstance(e, Rejected):
+                        raise
+                    answer = self._fallback(ctx, cfg.fallback or primary.config.fallback)
+                    if answer is None:
+                        raise unavailable(f"no healthy instance in pool {pool.name!r}",
+                                          code="no_healthy_upstream") from None
+                    self._write_local(ctx, answer)
+                    return
+            pool = self._next_model(ctx, local, *chain.pop(0))
+            fell_back = True
+        if fell_back:
+            self.metrics.fallback_responses_total.labels("model:" + (ctx.model or "")).inc()
         if not request.finished and not client_gone(request):
             request.finish()
+
+    # -- model fallback chains -------------------------------------------
+
+    def _fallback_chain(self, ctx: RequestContext, cfg: Any) -> list[tuple[str, Pool]]:
+        """
+        The models to try, in order, should the request's model's pool fail,
+        each with the pool that serves it (chosen as a route without C{pool}
+        would, except that a route naming its pool keeps it for a model no
+        pool names). Models no pool serves are left out.
+        """
+        chain = self.router.fallbacks_of(ctx.model)
+        if not chain or ctx.body is None:
+            return []
+        default = ctx.pool.name if (cfg.pool is not None or cfg.split) else None
+        discovered = self.registry.discovered()
+        out = []
+        for model in chain:
+            try:
+                name = self.router.pool_for_model(model, discovered, default)
+            except Rejected:
+                continue
+            out.append((model, self.registry.pools[name]))
+        return out
+
+    def _pool_failed(self, ctx: RequestContext, error: Exception) -> bool:
+        """
+        Did the pool fail this request so that another model may take it?
+        (No instance could take it, its retries are spent, or it answered a
+        5xx or no first chunk that it does not retry; nothing reached the
+        client. A timeout is not: the backend may have the request.)
+        """
+        request = ctx.request
+        if request.startedWriting or client_gone(request):
+            return False
+        return isinstance(error, NoInstance) or ctx.error in _FAILED_POOL
+
+    def _next_model(self, ctx: RequestContext, local: bytes, model: str, pool: Pool) -> Pool:
+        """Move the request to C{model} on C{pool}: the body's model is rewritten."""
+        self.log.info("{pool} failed {model}: trying {next}", pool=ctx.pool_name,
+                      model=ctx.model, next=model)
+        ctx.model = model
+        ctx.pool = pool
+        ctx.rewrite = rewrite_for(pool, local, ctx.method, ctx.body, model, ctx.request_id)
+        _drop_header(ctx, _FALLBACK_MODEL)
+        ctx.response_headers.append((_FALLBACK_MODEL, model.encode()))
+        return pool
 
     async def _run_phase(self, stages: list[Any], ctx: RequestContext) -> bool:
         """Run one phase's stages in order; True when one of them answered."""
@@ -417,6 +479,24 @@ class GatewayResource(Resource):
             except Exception:
                 self.log.failure("response observer {observer} failed", observer=observer)
         self.access_log.record(ctx, now, time.time())
+
+
+#: What a pool's failure leaves in C{ctx.error} when another model may be tried.
+_FAILED_POOL = frozenset(("5xx", "connect_failure", "refused", "first_token_timeout"))
+_FALLBACK_MODEL = b"x-clawproxy-fallback-model"
+
+
+def _try_json_body(ctx: RequestContext) -> None:
+    """Parse the body as JSON if it is some (for its model); leave it be otherwise."""
+    try:
+        ctx.json_body()
+    except Rejected:
+        pass
+
+
+def _drop_header(ctx: RequestContext, name: bytes) -> None:
+    """Forget a response header the gateway meant to add."""
+    ctx.response_headers[:] = [h for h in ctx.response_headers if h[0] != name]
 
 
 def _abort(request: Any) -> None:

@@ -226,9 +226,11 @@ class Relay:
         watch_first = bool(first) and code < 500 and _is_stream(response)
         if code >= 500:
             delay = self._record(ctx, pool, inst, "5xx", label, tried)
-            if delay is not None:
+            if delay is not None or ctx.alternative:
                 ctx.error = "5xx"
                 response.deliverBody(Discard())
+                if delay is None:  # the caller tries elsewhere (another model)
+                    raise bad_gateway(f"upstream {inst.id} answered {code}")
                 return delay
         elif not watch_first:
             self._record(ctx, pool, inst, OK, label, tried)

@@ -1,0 +1,154 @@
+"""
+Model discovery and model fallback chains on real sockets: simulators
+behind a real gateway.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.trial.unittest import TestCase
+from twisted.web.resource import Resource
+
+from tests.integration.helpers import (
+    Harness,
+    RunningGateway,
+    bounded,
+    error_of,
+    refusing_port,
+    wait_for,
+)
+
+BIG = {"model": "qwen3:32b", "messages": [{"role": "user", "content": "tell me more"}]}
+CHAIN = {"fallbacks": {"qwen3:32b": ["qwen3:8b"]}}
+CHAT = [{"path": "/v1/chat/completions", "methods": ["POST"]}]
+
+
+class ModelFallbackTests(TestCase):
+    """The primary model's pool fails: the next model of the chain answers."""
+
+    timeout = 30
+
+    async def start(self, big: dict[str, Any]) -> tuple[Harness, RunningGateway]:
+        h = Harness(self)
+        small = h.simulator("small-1", model="qwen3:8b")
+        pools = {
+            "big": {"models": ["qwen3:32b"], "health_check": {"enabled": False}, **big},
+            "small": {"models": ["qwen3:8b"], "instances": [small.instance()],
+                      "health_check": {"enabled": False}},
+        }
+        gw = await h.gateway(h.config(pools, CHAT, models=CHAIN))
+        return h, gw
+
+    async def post(self, h: Harness, gw: RunningGateway, body: dict[str, Any] = BIG
+                   ) -> tuple[Any, bytes]:
+        client = h.client()
+        response = await bounded(client.post(gw.url + "/v1/chat/completions", json=body))
+        return response, await bounded(response.content())
+
+    def assertFellBack(self, h: Harness, response: Any, content: bytes) -> None:
+        """The qwen3:8b simulator answered, as qwen3:8b, and the client and the log know."""
+        self.assertEqual(response.code, 200, content)
+        self.assertEqual(response.headers.getRawHeaders("x-clawproxy-fallback-model"),
+                         ["qwen3:8b"])
+        self.assertEqual(response.headers.getRawHeaders("x-sim-instance"), ["small-1"])
+        self.assertEqual(json.loads(content)["model"], "qwen3:8b")
+        with open(h.path("access.log")) as f:
+            line = json.loads(f.read().splitlines()[-1])
+        self.assertEqual((line["model"], line["pool"], line["instance"]),
+                         ("qwen3:8b", "small", "small-1"))
+
+    async def test_refusing_pool(self) -> None:
+        """Every instance of the primary model's pool refuses connections."""
+        port = refusing_port(self)
+        h, gw = await self.start(
+            {"instances": [{"id": "big-1", "url": f"http://127.0.0.1:{port}"}]})
+        response, content = await self.post(h, gw)
+        self.assertFellBack(h, response, content)
+
+    async def test_failing_pool(self) -> None:
+        """The primary model's simulator answers every completion with a 500."""
+        h = Harness(self)
+        big = h.simulator("big-1", model="qwen3:32b", failure_rate=1.0)
+        small = h.simulator("small-1", model="qwen3:8b")
+        pools = {
+            "big": {"models": ["qwen3:32b"], "instances": [big.instance()],
+                    "health_check": {"enabled": False}},
+            "small": {"models": ["qwen3:8b"], "instances": [small.instance()],
+                      "health_check": {"enabled": False}},
+        }
+        gw = await h.gateway(h.config(pools, CHAT, models=CHAIN))
+        response, content = await self.post(h, gw)
+        self.assertFellBack(h, response, content)
+        self.assertEqual(big.resource.requests_failed, 1)
+        # A stream falls back the same way, before any byte reached the client.
+        response, content = await self.post(h, gw, {**BIG, "stream": True})
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders("x-clawproxy-fallback-model"),
+                         ["qwen3:8b"])
+        events = [json.loads(line[6:]) for line in content.decode().splitlines()
+                  if line.startswith("data: {")]
+        self.assertTrue(events)
+        self.assertEqual({e["model"] for e in events}, {"qwen3:8b"})
+        self.assertEqual(big.resource.requests_failed, 2)
+
+
+class PlainHealth(Resource):
+    """In front of a simulator: C{/health} names no model (only discovery can tell)."""
+
+    isLeaf = True
+
+    def __init__(self, sim: Resource) -> None:
+        super().__init__()
+        self.sim = sim
+
+    def render(self, request: Any) -> Any:
+        if request.path == b"/health":
+            return b'{"status": "ok"}'
+        return self.sim.render(request)
+
+
+class DiscoveryTests(TestCase):
+    """The gateway learns what the simulators serve."""
+
+    timeout = 30
+
+    async def test_discovered_models(self) -> None:
+        """
+        A pool that declares nothing serves (and C{/v1/models} lists) what its
+        instances report, C{owned_by} the pool; once every pool's models are
+        known, a model none serves is 404 C{model_not_found}.
+        """
+        h = Harness(self)
+        openai_sim = h.simulator("o-1", model="gpt-sim")
+        ollama_sim = h.simulator("l-1", model="llama-sim")
+        for sim in (openai_sim, ollama_sim):
+            sim.site.resource = PlainHealth(sim.site.resource)
+        health = {"path": "/health", "interval": "1s"}
+        pools = {
+            "openai": {"instances": [openai_sim.instance()], "health_check": health},
+            "ollama": {"protocol": "ollama", "instances": [ollama_sim.instance()],
+                       "health_check": health},
+        }
+        gw = await h.gateway(h.config(pools, CHAT))
+        await wait_for(lambda: all(p.discovered for p in gw.registry.pools.values()),
+                       "both pools' models")
+        client = h.client()
+        response = await bounded(client.get(gw.url + "/v1/models"))
+        listed = json.loads(await bounded(response.content()))
+        self.assertEqual(listed["object"], "list")
+        self.assertEqual({(m["id"], m["owned_by"]) for m in listed["data"]},
+                         {("gpt-sim", "openai"), ("llama-sim", "ollama")})
+        for model, sim in (("gpt-sim", "o-1"), ("llama-sim", "l-1")):
+            body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+            response = await bounded(client.post(gw.url + "/v1/chat/completions", json=body))
+            content = await bounded(response.content())
+            self.assertEqual(response.code, 200, content)
+            self.assertEqual(response.headers.getRawHeaders("x-sim-instance"), [sim])
+            self.assertEqual(json.loads(content)["model"], model)
+        body = {"model": "gpt-nope", "messages": []}
+        response = await bounded(client.post(gw.url + "/v1/chat/completions", json=body))
+        self.assertEqual(response.code, 404)
+        self.assertEqual(error_of(await bounded(response.content()))["code"],
+                         "model_not_found")
