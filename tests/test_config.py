@@ -915,7 +915,8 @@ class ErrorTests(ConfigTestCase):
             "pools.main.algorithm: must be one of round_robin, weighted_round_robin,"
             " least_connections, ip_hash, consistent_hash, random",
             "pools.main.protocol: must be one of openai, ollama, http",
-            "pools.main.session_affinity.method: must be one of cookie, ip_hash, header",
+            "pools.main.session_affinity.method: must be one of cookie, ip_hash, header,"
+            " conversation",
             "pools.main.retry.retry_on[1]: must be one of 5xx, connect_failure, refused, timeout",
             "pools.main.retry.backoff: must be one of exponential, linear, constant",
             "routes[0].methods[1]: must be one of GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS,"

@@ -910,6 +910,78 @@ class AffinityTests(SynchronousTestCase):
         self.assertNotEqual(s1[0], s2[0])
 
 
+class ConversationAffinityTests(SynchronousTestCase):
+    """C{session_affinity: {method: conversation}} keeps a conversation on one instance."""
+
+    def harness(self, **aff: Any) -> Harness:
+        pool = two_instance_pool(session_affinity={"method": "conversation", **aff})
+        pool["instances"].append({"id": "c", "url": "http://c.test:8000"})
+        return Harness(self, {"pools": {"main": pool},
+                              "routes": [{"path": "/v1/*", "pool": "main"}]})
+
+    def turn(self, gw: Harness, n: int, turns: int = 1, **headers: str) -> str:
+        messages = [{"role": "system", "content": f"persona {n}"},
+                    {"role": "user", "content": "hello"}]
+        messages += [{"role": "user", "content": f"turn {t}"} for t in range(turns)]
+        answer = gw.request("POST", "/v1/chat/completions",
+                            {"model": "m", "messages": messages}, headers=headers)
+        return answer.json()["instance"]
+
+    def test_fingerprint(self) -> None:
+        """Every turn of a conversation goes where its first went; conversations spread."""
+        gw = self.harness()
+        first = {n: self.turn(gw, n) for n in range(30)}
+        self.assertEqual(set(first.values()), {"a", "b", "c"})
+        for turns in (2, 5):
+            self.assertEqual({n: self.turn(gw, n, turns) for n in range(30)}, first)
+
+    def test_session_header(self) -> None:
+        """With C{X-Session-ID}, the header names the conversation, whatever the body."""
+        gw = self.harness()
+        where = {self.turn(gw, n, **{"X-Session-ID": "s1"}) for n in range(10)}
+        self.assertEqual(len(where), 1)
+
+    def test_instance_down_moves_only_its_conversations(self) -> None:
+        """When an instance is unavailable its conversations move; the others stay."""
+        gw = self.harness()
+        first = {n: self.turn(gw, n) for n in range(30)}
+        gw.registry.set_drained("b", True)
+        after = {n: self.turn(gw, n, 3) for n in range(30)}
+        for n in range(30):
+            if first[n] == "b":
+                self.assertIn(after[n], ("a", "c"))
+            else:
+                self.assertEqual(after[n], first[n])
+        # Moved conversations stay where they went, even once b is back.
+        gw.registry.set_drained("b", False)
+        self.assertEqual({n: self.turn(gw, n, 4) for n in range(30)}, after)
+
+    def test_ttl(self) -> None:
+        """A conversation idle for longer than C{ttl} is forgotten (the balancer decides)."""
+        gw = self.harness(ttl="10s")
+        where = self.turn(gw, 1)
+        pool = gw.registry.pools["main"]
+        self.assertEqual(len(pool.affinity), 1)
+        gw.clock.advance(9)
+        self.assertEqual(self.turn(gw, 1), where)
+        gw.clock.advance(10)
+        self.assertEqual(len(pool.affinity), 0)
+
+    def test_max_entries(self) -> None:
+        """At most C{max_entries} conversations are remembered, the least recent dropped."""
+        gw = self.harness(max_entries=5)
+        for n in range(12):
+            self.turn(gw, n)
+        self.assertEqual(len(gw.registry.pools["main"].affinity), 5)
+
+    def test_not_json(self) -> None:
+        """A body that is not JSON has no conversation: it is relayed, balanced as usual."""
+        gw = self.harness()
+        answer = gw.request("POST", "/v1/upload", b"\x00raw")
+        self.assertEqual(answer.code, 200)
+        self.assertEqual(len(gw.registry.pools["main"].affinity), 0)
+
+
 class TransformTests(SynchronousTestCase):
     """Route C{transforms} change the upstream request and the response."""
 

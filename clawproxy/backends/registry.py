@@ -174,7 +174,8 @@ class Pool:
         #: How much of the instances' failure counts one client may add.
         self.blame = ClientBound(cfg.passive.fail_timeout, clock)
         aff = cfg.session_affinity
-        self.affinity = AffinityTable(clock, aff.ttl) if aff is not None else None
+        self.affinity = (AffinityTable(clock, aff.ttl, aff.max_entries)
+                         if aff is not None else None)
 
     def candidates(self, exclude: frozenset[str] | set[str] = frozenset()) -> list[Instance]:
         """

@@ -33,7 +33,7 @@ ALGORITHMS = (
 )
 PROTOCOLS = ("openai", "ollama", "http")
 HEALTH_PATHS = {"openai": "/v1/models", "ollama": "/api/tags", "http": "/health"}
-AFFINITY_METHODS = ("cookie", "ip_hash", "header")
+AFFINITY_METHODS = ("cookie", "ip_hash", "header", "conversation")
 RETRY_ON = ("5xx", "connect_failure", "refused", "timeout")
 BACKOFFS = ("exponential", "linear", "constant")
 JWT_ALGORITHMS = (
@@ -384,12 +384,18 @@ class PassiveConfig:
 class AffinityConfig:
     """Session affinity."""
 
-    method: str = f.setting(f.choice(*AFFINITY_METHODS), doc="How a session is recognised.",
+    method: str = f.setting(f.choice(*AFFINITY_METHODS), doc="How a session is recognised:"
+                            " ``conversation`` is the header ``header_name`` if sent, else a"
+                            " fingerprint of the system prompt and first user message (an"
+                            " LLM backend's prompt cache stays warm).",
                             required=True, placeholder="cookie")
     cookie_name: str = f.setting(f.header_name, "CLAWPROXY_SESSION", "Cookie for ``cookie``.")
-    header_name: str = f.setting(f.header_name, "X-Session-ID", "Header for ``header``.")
-    ttl: float = f.setting(f.duration(above=0), 3600.0, "How long a session is remembered.",
-                           shown="1h")
+    header_name: str = f.setting(f.header_name, "X-Session-ID", "Header for ``header`` and"
+                                 " ``conversation``.")
+    ttl: float = f.setting(f.duration(above=0), 3600.0, "How long a session is remembered"
+                           " after its last request.", shown="1h")
+    max_entries: int = f.setting(f.integer(low=1), 100_000, "Sessions remembered at most per"
+                                 " pool (the least recently used are forgotten first).")
 
 
 @attrs.frozen

@@ -30,6 +30,7 @@ from clawproxy.config import Config, expand_request_variables
 from clawproxy.errors import Rejected, bad_request, not_found, unavailable
 from clawproxy.interfaces import PHASES
 from clawproxy.metrics import Metrics
+from clawproxy.policy.affinity import conversation_key
 from clawproxy.policy.routing import Router, canonical_path, sticky_split, strip_base
 from clawproxy.web.accesslog import AccessLog
 from clawproxy.web.context import LocalResponse, RequestContext
@@ -329,6 +330,13 @@ class GatewayResource(Resource):
         if aff.method == "header":
             v = ctx.request.requestHeaders.getRawHeaders(aff.header_name.encode("latin-1"))
             return key, (v[-1].decode("latin-1") if v else None)
+        if aff.method == "conversation":
+            v = ctx.request.requestHeaders.getRawHeaders(aff.header_name.encode("latin-1"))
+            if v:
+                return key, conversation_key(v[-1].decode("latin-1"), None)
+            if ctx.body is None:
+                _try_json_body(ctx)
+            return key, conversation_key(None, ctx.body)
         cookie = ctx.request.getCookie(aff.cookie_name.encode())
         if cookie and len(cookie) <= 128:
             return key, cookie.decode("latin-1")

@@ -152,3 +152,47 @@ class DiscoveryTests(TestCase):
         self.assertEqual(response.code, 404)
         self.assertEqual(error_of(await bounded(response.content()))["code"],
                          "model_not_found")
+
+
+class ConversationAffinityTests(TestCase):
+    """C{session_affinity: {method: conversation}} on real sockets."""
+
+    timeout = 60
+
+    async def test_hundred_conversations_over_three_instances(self) -> None:
+        """
+        100 conversations over 3 simulators each stay on one instance, turn
+        after turn; killing one moves only its conversations, and they stay
+        where they moved.
+        """
+        h = Harness(self)
+        sims = [h.simulator(f"sim-{n}") for n in range(3)]
+        pools = {"main": {"instances": [s.instance() for s in sims],
+                          "health_check": {"enabled": False},
+                          "session_affinity": {"method": "conversation", "ttl": "10m"}}}
+        gw = await h.gateway(h.config(pools, CHAT))
+        client = h.client()
+
+        async def turn(n: int, turns: int) -> str:
+            messages = [{"role": "system", "content": f"You are agent {n}."},
+                        {"role": "user", "content": f"task {n}"}]
+            for t in range(turns):
+                messages += [{"role": "assistant", "content": "ok"},
+                             {"role": "user", "content": f"step {t}"}]
+            body = {"model": "sim-small", "messages": messages}
+            response = await bounded(client.post(gw.url + "/v1/chat/completions", json=body))
+            content = await bounded(response.content())
+            self.assertEqual(response.code, 200, content)
+            return response.headers.getRawHeaders("x-sim-instance")[0]
+
+        first = {n: await turn(n, 0) for n in range(100)}
+        self.assertEqual(set(first.values()), {"sim-0", "sim-1", "sim-2"})
+        for turns in (1, 2):
+            self.assertEqual({n: await turn(n, turns) for n in range(100)}, first)
+        await sims[1].kill()
+        after = {n: await turn(n, 3) for n in range(100)}
+        moved = {n for n in first if first[n] != after[n]}
+        self.assertEqual(moved, {n for n in first if first[n] == "sim-1"})
+        self.assertTrue(moved)
+        self.assertNotIn("sim-1", after.values())
+        self.assertEqual({n: await turn(n, 4) for n in range(100)}, after)
