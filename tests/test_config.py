@@ -913,7 +913,7 @@ class ErrorTests(ConfigTestCase):
             "logging.level: must be one of debug, info, warn, warning, error",
             "logging.format: must be one of json, text",
             "pools.main.algorithm: must be one of round_robin, weighted_round_robin,"
-            " least_connections, ip_hash, consistent_hash, random",
+            " least_connections, ip_hash, consistent_hash, random, least_latency",
             "pools.main.protocol: must be one of openai, ollama, http",
             "pools.main.session_affinity.method: must be one of cookie, ip_hash, header,"
             " conversation",
@@ -1321,7 +1321,7 @@ class ErrorTests(ConfigTestCase):
                 " of bytes",
                 "pools.main.instances[0].weight: must be >= 0",
                 "pools.main.algorithm: must be one of round_robin, weighted_round_robin,"
-                " least_connections, ip_hash, consistent_hash, random",
+                " least_connections, ip_hash, consistent_hash, random, least_latency",
                 "extra: unknown key",
                 "routes[0].pool: no pool named 'nope'",
             ],

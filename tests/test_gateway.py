@@ -910,6 +910,37 @@ class AffinityTests(SynchronousTestCase):
         self.assertNotEqual(s1[0], s2[0])
 
 
+class LeastLatencyTests(SynchronousTestCase):
+    """C{algorithm: least_latency} learns each instance's time to first byte from the relay."""
+
+    def test_slow_instance_avoided(self) -> None:
+        """After a slow answer from C{a}, requests go to C{b}, which answers at once."""
+        gw = Harness(self, basic(algorithm="least_latency"))
+        gw.backend.hang.add("a")
+        d = gw.start("GET", "/v1/x")  # a: never judged, tried first
+        gw.clock.advance(2)
+        request = gw.backend.hanging.pop()
+        request.write(b"{}")
+        request.finish()
+        gw.finish(d)
+        gw.backend.hang.clear()
+        for _ in range(5):
+            gw.request("GET", "/v1/x")
+        self.assertEqual(gw.backend.instances(), ["a"] + ["b"] * 5)
+        self.assertEqual(gw.sample("upstream_ttfb_seconds_sum", pool="main", instance="a"),
+                         2.0)
+
+    def test_5xx_counts_as_slow(self) -> None:
+        """A quick 5xx counts as slow as the timeout: the instance is avoided."""
+        gw = Harness(self, basic(algorithm="least_latency"))
+        gw.backend.status["a"] = 500
+        gw.request("GET", "/v1/x")
+        gw.backend.status["a"] = 200
+        for _ in range(3):
+            gw.request("GET", "/v1/x")
+        self.assertEqual(gw.backend.instances(), ["a", "b", "b", "b"])
+
+
 class ConversationAffinityTests(SynchronousTestCase):
     """C{session_affinity: {method: conversation}} keeps a conversation on one instance."""
 
@@ -1119,7 +1150,10 @@ class MetricsTests(SynchronousTestCase):
                                    status="404"), 1.0)
         self.assertEqual(gw.sample("upstream_latency_seconds_count", pool="main",
                                    instance="a"), 2.0)
-        self.assertEqual(gw.sample("upstream_ttfb_seconds_count", pool="main"), 3.0)
+        self.assertEqual(gw.sample("upstream_ttfb_seconds_count", pool="main", instance="a"),
+                         2.0)
+        self.assertEqual(gw.sample("upstream_ttfb_seconds_count", pool="main", instance="b"),
+                         1.0)
 
     def test_active_connections(self) -> None:
         """C{active_connections} counts requests in flight to each instance."""

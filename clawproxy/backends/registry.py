@@ -165,6 +165,7 @@ class Pool:
         self.policies = tuple(policies)
         self.excluders = tuple(p.excludes for p in self.policies)
         self._admitters = tuple(p.admit for p in self.policies)
+        self._observe_ttfb = getattr(balancer, "observe", None)
         self._changed = changed
         self._clock = clock
         self.instances = [Instance(self, i, clock) for i in cfg.instances]
@@ -358,6 +359,14 @@ class Pool:
         if self._changed is not None and inst.state != before:
             self._changed(inst)
 
+    def ttfb(self, inst: Instance, seconds: float) -> None:
+        """
+        C{inst} sent a response head C{seconds} after the request (a
+        balancer that judges latency, C{least_latency}, learns from it).
+        """
+        if self._observe_ttfb is not None:
+            self._observe_ttfb(inst.id, seconds)
+
     def any_healthy(self) -> bool:
         return any(i.healthy for i in self.instances)
 
@@ -382,7 +391,8 @@ class Registry:
         self.breakers = breakers if breakers is not None else NoBreakers()
         self.policies: tuple[IAvailabilityPolicy, ...] = (PassiveEjection(), self.breakers)
         self.pools: dict[str, Pool] = {
-            name: Pool(p, clock, make_balancer(p.algorithm), self.policies, self.changed)
+            name: Pool(p, clock, make_balancer(p.algorithm, clock=clock), self.policies,
+                       self.changed)
             for name, p in config.pools.items()
         }
         self._instances = {i.id: i for p in self.pools.values() for i in p.instances}

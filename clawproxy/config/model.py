@@ -30,6 +30,7 @@ ALGORITHMS = (
     "ip_hash",
     "consistent_hash",
     "random",
+    "least_latency",
 )
 PROTOCOLS = ("openai", "ollama", "http")
 HEALTH_PATHS = {"openai": "/v1/models", "ollama": "/api/tags", "http": "/health"}

@@ -217,8 +217,10 @@ class Relay:
                 ) from None
             raise _GiveUp() from None
         now = self.clock.seconds()
-        metrics.upstream_ttfb.labels(pool.name).observe(now - started)
         code = response.code
+        metrics.upstream_ttfb.labels(pool.name, inst.id).observe(now - started)
+        # A 5xx, however quick, counts as slow as the timeout for least_latency.
+        pool.ttfb(inst, now - started if code < 500 else timeout)
         label = str(code)  # the status label of upstream_requests_total
         first = pool.config.first_token_timeout
         # A stream watched for its first chunk succeeds only once that chunk
