@@ -30,11 +30,11 @@ from clawproxy.config import Config, expand_request_variables
 from clawproxy.errors import Rejected, bad_request, not_found, unavailable
 from clawproxy.interfaces import PHASES
 from clawproxy.metrics import Metrics
-from clawproxy.policy.affinity import conversation_key
 from clawproxy.policy.routing import Router, canonical_path, sticky_split, strip_base
 from clawproxy.web.accesslog import AccessLog
 from clawproxy.web.context import LocalResponse, RequestContext
 from clawproxy.web.relay import NoInstance, Relay, UpstreamBroken
+from clawproxy.web.sessions import session_key
 from clawproxy.web.translate import rewrite_for
 
 _JSON = b"application/json"
@@ -325,27 +325,7 @@ class GatewayResource(Resource):
         aff = pool.config.session_affinity
         if aff is None:
             return key, None
-        if aff.method == "ip_hash":
-            return key, ctx.client_ip
-        if aff.method == "header":
-            v = ctx.request.requestHeaders.getRawHeaders(aff.header_name.encode("latin-1"))
-            return key, (v[-1].decode("latin-1") if v else None)
-        if aff.method == "conversation":
-            v = ctx.request.requestHeaders.getRawHeaders(aff.header_name.encode("latin-1"))
-            if v:
-                return key, conversation_key(v[-1].decode("latin-1"), None)
-            if ctx.body is None:
-                _try_json_body(ctx)
-            return key, conversation_key(None, ctx.body)
-        cookie = ctx.request.getCookie(aff.cookie_name.encode())
-        if cookie and len(cookie) <= 128:
-            return key, cookie.decode("latin-1")
-        token = os.urandom(16).hex()
-        ctx.request.addCookie(
-            aff.cookie_name.encode(), token.encode(), max_age=str(int(aff.ttl)), path=b"/",
-            httpOnly=True, sameSite="lax",
-        )
-        return key, token
+        return key, session_key(ctx, aff, set_cookie=True)
 
     # -- transforms and fallbacks ----------------------------------------
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 
@@ -19,6 +21,7 @@ from tests.integration.helpers import (
     refusing_port,
     wait_for,
 )
+from tests.redis_server import RedisServer, require_redis_server
 
 BIG = {"model": "qwen3:32b", "messages": [{"role": "user", "content": "tell me more"}]}
 CHAIN = {"fallbacks": {"qwen3:32b": ["qwen3:8b"]}}
@@ -196,3 +199,48 @@ class ConversationAffinityTests(TestCase):
         self.assertTrue(moved)
         self.assertNotIn("sim-1", after.values())
         self.assertEqual({n: await turn(n, 4) for n in range(100)}, after)
+
+
+class SharedAffinityTests(TestCase):
+    """With C{store.backend: redis}, gateways on one store share their conversations."""
+
+    timeout = 60
+
+    async def test_two_gateways_one_conversation(self) -> None:
+        """
+        A conversation begun through one gateway goes on, through another
+        gateway on the same Redis, on the instance that served it first.
+        """
+        require_redis_server()
+        server = RedisServer(reactor, self.mktemp())
+        await server.start()
+        self.addCleanup(lambda: Deferred.fromCoroutine(server.stop()))
+        h = Harness(self)
+        sims = [h.simulator(f"sim-{n}") for n in range(3)]
+        pools = {"main": {"instances": [s.instance() for s in sims], "algorithm": "random",
+                          "health_check": {"enabled": False},
+                          "session_affinity": {"method": "conversation", "ttl": "10m"}}}
+        store = {"backend": "redis", "redis": {"url": server.url, "timeout": "1s"}}
+        gw1 = await h.gateway(h.config(pools, CHAT, store=store))
+        gw2 = await h.gateway(h.config(pools, CHAT, store=store))
+        for gw in (gw1, gw2):
+            await wait_for(lambda gw=gw: gw.gateway.store.health()["healthy"],
+                           "the store to answer")
+        client = h.client()
+
+        async def turn(gw: RunningGateway, n: int, turns: int) -> str:
+            messages = [{"role": "system", "content": f"You are agent {n}."},
+                        {"role": "user", "content": f"task {n}"}]
+            messages += [{"role": "user", "content": f"step {t}"} for t in range(turns)]
+            body = {"model": "sim-small", "messages": messages}
+            response = await bounded(client.post(gw.url + "/v1/chat/completions", json=body))
+            await bounded(response.content())
+            self.assertEqual(response.code, 200)
+            return response.headers.getRawHeaders("x-sim-instance")[0]
+
+        first = {n: await turn(gw1, n, 0) for n in range(30)}
+        self.assertEqual(len(set(first.values())), 3)
+        # gw2 never saw these conversations: its own (random) balancer would
+        # spread them anew; the store sends each where it began.
+        self.assertEqual({n: await turn(gw2, n, 1) for n in range(30)}, first)
+        self.assertEqual({n: await turn(gw1, n, 2) for n in range(30)}, first)
