@@ -21,6 +21,7 @@ from tests.integration.helpers import (
     refusing_port,
     wait_for,
 )
+from tests.integration.test_streaming import _Mute
 from tests.redis_server import RedisServer, require_redis_server
 
 BIG = {"model": "qwen3:32b", "messages": [{"role": "user", "content": "tell me more"}]}
@@ -97,6 +98,38 @@ class ModelFallbackTests(TestCase):
         self.assertEqual(big.resource.requests_failed, 2)
 
 
+    async def test_no_first_token_then_ollama_pool(self) -> None:
+        """
+        A stream whose first chunk does not come within C{first_token_timeout}
+        moves on to the next model, here on an C{ollama} pool: the request is
+        translated for it and its answer translated back, as that model.
+        """
+        h = Harness(self)
+        mute = _Mute()  # stream headers, then nothing
+        big = h.serve(mute, id="big-1")
+        small = h.simulator("small-1", model="qwen3:8b")
+        pools = {
+            "big": {"models": ["qwen3:32b"], "instances": [big.instance()],
+                    "health_check": {"enabled": False}, "first_token_timeout": "200ms"},
+            "small": {"models": ["qwen3:8b"], "instances": [small.instance()],
+                      "protocol": "ollama", "health_check": {"enabled": False}},
+        }
+        gw = await h.gateway(h.config(pools, CHAT, models=CHAIN))
+        response, content = await self.post(h, gw, {**BIG, "stream": True})
+        self.assertEqual(response.code, 200, content)
+        self.assertEqual(response.headers.getRawHeaders("x-clawproxy-fallback-model"),
+                         ["qwen3:8b"])
+        self.assertEqual(response.headers.getRawHeaders("x-sim-instance"), ["small-1"])
+        self.assertEqual(response.headers.getRawHeaders("content-type"),
+                         ["text/event-stream"])
+        events = [json.loads(line[6:]) for line in content.decode().splitlines()
+                  if line.startswith("data: {")]
+        self.assertTrue(events)
+        self.assertEqual({e["model"] for e in events}, {"qwen3:8b"})
+        self.assertTrue(content.rstrip().endswith(b"data: [DONE]"))
+        self.assertEqual(mute.requests, 1)
+
+
 class PlainHealth(Resource):
     """In front of a simulator: C{/health} names no model (only discovery can tell)."""
 
@@ -169,7 +202,7 @@ class ConversationAffinityTests(TestCase):
         where they moved.
         """
         h = Harness(self)
-        sims = [h.simulator(f"sim-{n}") for n in range(3)]
+        sims = [h.simulator(f"sim-{n}", ttft=0.0, max_tokens=1) for n in range(3)]
         pools = {"main": {"instances": [s.instance() for s in sims],
                           "health_check": {"enabled": False},
                           "session_affinity": {"method": "conversation", "ttl": "10m"}}}
@@ -188,17 +221,21 @@ class ConversationAffinityTests(TestCase):
             self.assertEqual(response.code, 200, content)
             return response.headers.getRawHeaders("x-sim-instance")[0]
 
-        first = {n: await turn(n, 0) for n in range(100)}
+        async def everyone(turns: int) -> dict[int, str]:
+            """One turn of each of the 100 conversations, one after the other."""
+            return {n: await turn(n, turns) for n in range(100)}
+
+        first = await everyone(0)
         self.assertEqual(set(first.values()), {"sim-0", "sim-1", "sim-2"})
         for turns in (1, 2):
-            self.assertEqual({n: await turn(n, turns) for n in range(100)}, first)
+            self.assertEqual(await everyone(turns), first)
         await sims[1].kill()
-        after = {n: await turn(n, 3) for n in range(100)}
+        after = await everyone(3)
         moved = {n for n in first if first[n] != after[n]}
         self.assertEqual(moved, {n for n in first if first[n] == "sim-1"})
         self.assertTrue(moved)
         self.assertNotIn("sim-1", after.values())
-        self.assertEqual({n: await turn(n, 4) for n in range(100)}, after)
+        self.assertEqual(await everyone(4), after)
 
 
 class SharedAffinityTests(TestCase):
@@ -216,7 +253,7 @@ class SharedAffinityTests(TestCase):
         await server.start()
         self.addCleanup(lambda: Deferred.fromCoroutine(server.stop()))
         h = Harness(self)
-        sims = [h.simulator(f"sim-{n}") for n in range(3)]
+        sims = [h.simulator(f"sim-{n}", ttft=0.0, max_tokens=1) for n in range(3)]
         pools = {"main": {"instances": [s.instance() for s in sims], "algorithm": "random",
                           "health_check": {"enabled": False},
                           "session_affinity": {"method": "conversation", "ttl": "10m"}}}
