@@ -55,7 +55,11 @@ def conversation_key(session_id: str | None, body: Any) -> str | None:
         system, user = body.get("system"), body["prompt"]
     if user is None:
         return None
-    start = json.dumps([system, user], separators=(",", ":"), sort_keys=True)
+    if isinstance(user, str) and (system is None or isinstance(system, str)):
+        # The common case, without a JSON encoding (a prompt may be long).
+        start = ("-" if system is None else f"{len(system)}:{system}") + user
+    else:  # content-part arrays
+        start = json.dumps([system, user], separators=(",", ":"), sort_keys=True)
     return "f:" + blake2b(start.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 

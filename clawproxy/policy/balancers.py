@@ -267,28 +267,52 @@ class LeastLatency:
         n = len(candidates)
         if not n:
             return None
+        now = self._clock.seconds()
+        stats = self._stats
+        decay = self.DECAY
         floor = self.FLOOR
-        averages = [self.ttfb(c.id) for c in candidates]
-        known = [a for a in averages if a is not None]
-        best_known = max(min(known), floor) if known else floor
         start = self._next
         if start >= n:
             start = 0
-        best_index = -1
+        best_index: int | None = None
         best = 0.0
-        for j in range(n):
-            i = (start + j) % n
+        best_known = None  # the lowest average, for instances not judged yet
+        unjudged = None
+        # Negative indices wrap: this visits start .. n-1, then 0 .. start-1.
+        for i in range(start - n, start):
             c = candidates[i]
-            average = averages[i]
-            if average is None:
+            entry = stats.get(c.id)
+            if entry is None:
                 if c.active == 0:
                     best_index = i  # never judged: try it first
                     break
-                average = best_known
-            score = max(average, floor) * (c.active + 1) / c.weight
-            if best_index < 0 or score < best:
+                if unjudged is None:
+                    unjudged = []
+                unjudged.append(i)
+                continue
+            average, when = entry
+            if now > when:
+                average *= exp((when - now) / decay)
+            if best_known is None or average < best_known:
+                best_known = average
+            if average < floor:
+                average = floor
+            score = average * (c.active + 1) / c.weight
+            if best_index is None or score < best:
                 best = score
                 best_index = i
+        else:
+            if unjudged is not None:
+                average = best_known if best_known is not None and best_known > floor else floor
+                for i in unjudged:
+                    c = candidates[i]
+                    score = average * (c.active + 1) / c.weight
+                    if best_index is None or score < best:
+                        best = score
+                        best_index = i
+        assert best_index is not None
+        if best_index < 0:
+            best_index += n
         self._next = best_index + 1
         return candidates[best_index]
 
