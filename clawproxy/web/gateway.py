@@ -178,7 +178,7 @@ class GatewayResource(Resource):
                 ctx.model = self.router.resolve_model(model)
         if self.after_pool and await self._run_phase(self.after_pool, ctx):
             return
-        pool = ctx.pool  # a stage may have moved the request (model fallback)
+        pool = ctx.pool  # a stage may have moved the request
         transforms = cfg.transforms
         if transforms is not None:
             self._transform_request(ctx, transforms.request_headers)

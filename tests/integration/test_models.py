@@ -257,7 +257,7 @@ class SharedAffinityTests(TestCase):
         pools = {"main": {"instances": [s.instance() for s in sims], "algorithm": "random",
                           "health_check": {"enabled": False},
                           "session_affinity": {"method": "conversation", "ttl": "10m"}}}
-        store = {"backend": "redis", "redis": {"url": server.url, "timeout": "1s"}}
+        store = {"backend": "redis", "redis": {"url": server.url, "timeout": "300ms"}}
         gw1 = await h.gateway(h.config(pools, CHAT, store=store))
         gw2 = await h.gateway(h.config(pools, CHAT, store=store))
         for gw in (gw1, gw2):
@@ -281,3 +281,13 @@ class SharedAffinityTests(TestCase):
         # spread them anew; the store sends each where it began.
         self.assertEqual({n: await turn(gw2, n, 1) for n in range(30)}, first)
         self.assertEqual({n: await turn(gw1, n, 2) for n in range(30)}, first)
+        # Redis not answering: the lookup gives up after store.redis.timeout.
+        server.pause()
+        started = reactor.seconds()
+        self.assertEqual(await turn(gw2, 0, 3), first[0])
+        self.assertLess(reactor.seconds() - started, 2.0)
+        # Redis gone: each gateway goes on with the sessions it knows.
+        await server.kill()
+        started = reactor.seconds()
+        self.assertEqual({n: await turn(gw2, n, 3) for n in range(30)}, first)
+        self.assertLess(reactor.seconds() - started, 30 * 0.3)  # within the store timeout
