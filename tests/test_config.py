@@ -1553,14 +1553,18 @@ class ExampleTests(SynchronousTestCase):
         return load_config(os.path.join(EXAMPLES, name), environ)
 
     def test_ollama(self) -> None:
-        """C{ollama.yaml} loads: three Ollama nodes, least connections, header affinity."""
+        """
+        C{ollama.yaml} loads: three Ollama nodes, least connections, conversation
+        affinity, a model fallback chain.
+        """
         config = self.load("ollama.yaml", {})
         pool = config.pools["ollama"]
         self.assertEqual(len(pool.instances), 3)
         self.assertEqual((pool.protocol, pool.algorithm), ("ollama", "least_connections"))
         self.assertEqual(pool.health_check.path, "/api/tags")
-        self.assertEqual(pool.session_affinity.method, "header")
+        self.assertEqual(pool.session_affinity.method, "conversation")
         self.assertEqual(pool.models, ("qwen3:*",))
+        self.assertEqual(config.models.fallbacks, {"qwen3:32b": ("qwen3:14b", "qwen3:8b")})
 
     def test_multi_tenant(self) -> None:
         """
