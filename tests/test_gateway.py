@@ -941,6 +941,38 @@ class LeastLatencyTests(SynchronousTestCase):
         self.assertEqual(gw.backend.instances(), ["a", "b", "b", "b"])
 
 
+class ModelsSectionTests(SynchronousTestCase):
+    """The C{models} section of C{/admin/status}."""
+
+    def test_status(self) -> None:
+        """
+        Per pool: declared and discovered models, sessions remembered, and for
+        C{least_latency} each instance's recent time to first byte.
+        """
+        config = basic(algorithm="least_latency", models=["qwen3:*"],
+                       session_affinity={"method": "conversation"})
+        config["models"] = {"aliases": {"fast": "qwen3:8b"},
+                            "fallbacks": {"qwen3:32b": ["qwen3:8b"]}}
+        gw = Harness(self, config)
+        (section,) = [s for s in gw.plane.parts.admin_sections if s.name == "models"]
+        gw.registry.models_reported(gw.registry.instance("b"), ["qwen3:8b", "llama3"])
+        gw.backend.hang.add("a")
+        d = gw.start("POST", "/v1/chat", {"model": "m", "messages": [
+            {"role": "user", "content": "hi"}]})
+        gw.clock.advance(0.25)
+        request = gw.backend.hanging.pop()
+        request.write(b"{}")
+        request.finish()
+        gw.finish(d)
+        self.assertEqual(section.status(), {
+            "pools": {"main": {"declared": ["qwen3:*"], "discovered": ["llama3", "qwen3:8b"],
+                               "sessions": 1, "ttfb_ms": {"a": 250.0}}},
+            "aliases": {"fast": "qwen3:8b"},
+            "fallbacks": {"qwen3:32b": ["qwen3:8b"]},
+        })
+        self.assertEqual(section.endpoints(), {})
+
+
 class ConversationAffinityTests(SynchronousTestCase):
     """C{session_affinity: {method: conversation}} keeps a conversation on one instance."""
 

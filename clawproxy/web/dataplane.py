@@ -34,12 +34,14 @@ from clawproxy.stores.memory import MemoryStore
 from clawproxy.web.accesslog import AccessLog
 from clawproxy.web.auth import auth_parts
 from clawproxy.web.gateway import GatewayResource
+from clawproxy.web.models import models_parts
 from clawproxy.web.relay import Relay
 from clawproxy.web.sessions import affinity_parts
 
 #: A feature: called with keyword arguments C{config}, C{router}, C{store}
-#: (the L{IStateStore}), C{clock} and C{metrics}, it returns the parts it adds
-#: (taking C{**_} for the ones it does not use).
+#: (the L{IStateStore}), C{clock}, C{metrics} and C{registry} (the pools and
+#: instances, for what a feature shows or reads of them), it returns the parts
+#: it adds (taking C{**_} for the ones it does not use).
 Feature = Callable[..., Iterable[Any]]
 
 #: What each feature adds to the data plane for a configuration, in the order
@@ -47,6 +49,7 @@ Feature = Callable[..., Iterable[Any]]
 FEATURES: tuple[Feature, ...] = (
     auth_parts,
     affinity_parts,
+    models_parts,
 )
 
 _SEAMS = (IRequestStage, IHeadCheck, IResponseFilter, IResponseObserver, IAdminSection)
@@ -147,7 +150,7 @@ def build_data_plane(
         store = MemoryStore(clock)
     for feature in FEATURES:
         for part in feature(config=config, router=router, store=store, clock=clock,
-                            metrics=metrics):
+                            metrics=metrics, registry=registry):
             parts.add(part)
     for part in extra:
         parts.add(part)
