@@ -417,6 +417,15 @@ class DiscoveryTests(SynchronousTestCase):
         self.assertEqual(reg.instance("i1").models, ("a",))
         self.assertEqual({ua for _, _, ua in self.backend.seen}, {b"clawproxy-health"})
 
+    def test_long_list_from_health_probes(self) -> None:
+        """A model list longer than a health body is kept whole when probes ask for it."""
+        names = [f"provider/model-{n:05d}" for n in range(3000)]
+        self.backend.models = {b"i1": names}
+        reg = discovery_registry(self.clock, path="/v1/models")
+        self.start(reg)
+        self.assertEqual(reg.instance("i1").models, tuple(names))
+        self.assertIsNone(reg.instance("i1").health)
+
     def test_health_probe_elsewhere(self) -> None:
         """A pool probed at C{/health} is still asked for its models."""
         self.backend.models = {b"i1": ["a"]}

@@ -182,6 +182,10 @@ class HealthProber(Service):
         if ok and hc.expected_body_contains is not None:
             ok = hc.expected_body_contains.encode() in body[:_MAX_BODY]
         self.registry.probe_result(inst, ok, parse_health_body(body[:_MAX_BODY]))
+        if len(body) > _MAX_BODY and hc.path == DISCOVERY_PATHS.get(inst.pool.config.protocol):
+            # A model list too long to keep as the health body (LiteLLM in
+            # front of many providers): these probes are the pool's discovery.
+            self._learn(result, inst)
 
     def _failed(self, failure: Failure, inst: Instance) -> None:
         if not self.running:
