@@ -33,6 +33,8 @@ class RequestContext:
         with L{json_body}; L{None} before.
     @ivar model: the model the request is served as (after aliases), once the
         pool is resolved; L{None} when the request names none.
+    @ivar path: the path as received, then (once handling starts) its canonical form
+        (L{clawproxy.policy.routing.canonical_path}), computed once.
     """
 
     request: Any
@@ -58,6 +60,12 @@ class RequestContext:
     aborted: bool = False
     response_headers: list[tuple[bytes, bytes]] = attrs.Factory(list)
     model: str | None = None
+    #: Per-request state of features, under the feature's name (L{None}
+    #: until one keeps some: most requests carry none).
+    notes: dict[str, Any] | None = None
+    #: The canonical path with C{server.base_path} removed, once the request is past
+    #: its builtin endpoints: what routes match, scopes check and the upstream is sent.
+    local_path: bytes | None = None
     #: The gateway has another attempt for this request should the pool fail
     #: (a model fallback): the relay then raises a 5xx it does not retry
     #: (as a 502) instead of relaying it.

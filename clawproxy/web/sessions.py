@@ -81,8 +81,6 @@ class SharedAffinity:
 
     def __init__(self, store: Any) -> None:
         self.store = store
-        #: Requests looked up and not yet finished: (pool, key, instance id stored).
-        self._pending: dict[RequestContext, tuple[Any, str, str | None]] = {}
 
     def process(self, ctx: RequestContext) -> Any:
         pool = ctx.pool
@@ -101,18 +99,19 @@ class SharedAffinity:
         pinned = value.decode("utf-8", "replace") if value else None
         if pinned is not None and pinned in pool.by_id and pool.affinity.get(key) != pinned:
             pool.affinity.set(key, pinned)
-        self._pending[ctx] = (pool, key, pinned)
+        _note(ctx, pool, key)
 
     def _unavailable(self, failure: Failure, ctx: RequestContext, pool: Any, key: str) -> None:
         failure.trap(StoreError)  # CancelledError (the client left) goes on
         self.log.debug("affinity lookup failed: {why}", why=failure.getErrorMessage())
-        self._pending[ctx] = (pool, key, None)
+        _note(ctx, pool, key)
 
     def completed(self, ctx: RequestContext) -> None:
-        entry = self._pending.pop(ctx, None)
+        notes = ctx.notes
+        entry = notes.get("affinity") if notes else None
         if entry is None:
             return
-        pool, key, _ = entry
+        pool, key = entry
         inst = ctx.instance
         if inst is None or inst.pool is not pool or not 0 < ctx.status < 500:
             return
@@ -125,6 +124,13 @@ class SharedAffinity:
             self.log.debug("affinity not stored: {why}", why=failure.getErrorMessage())
         else:
             self.log.failure("storing affinity failed", failure)
+
+
+def _note(ctx: RequestContext, pool: Any, key: str) -> None:
+    """Remember, for L{SharedAffinity.completed}, which session C{ctx} belongs to."""
+    if ctx.notes is None:
+        ctx.notes = {}
+    ctx.notes["affinity"] = (pool, key)
 
 
 def affinity_parts(config: Any, store: Any, **_: Any) -> Iterable[Any]:
