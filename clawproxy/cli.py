@@ -141,6 +141,27 @@ def _format_section(name: str, section: Any) -> list[str]:
     return [f"{name}:"] + [f"  {k}: {json.dumps(v)}" for k, v in section.items()]
 
 
+def _format_models(name: str, section: dict[str, Any]) -> list[str]:
+    """Per pool: models declared and discovered, sessions, least_latency's TTFBs."""
+    lines = ["models:"]
+    for pool, p in (section.get("pools") or {}).items():
+        words = [f"  {pool}", f"declared {', '.join(p.get('declared') or []) or '-'}"]
+        found = p.get("discovered") or []
+        shown = ", ".join(found[:8]) + (f" (+{len(found) - 8})" if len(found) > 8 else "")
+        words.append(f"discovered {shown or '-'}")
+        if "sessions" in p:
+            words.append(f"sessions {p['sessions']}")
+        if p.get("ttfb_ms"):
+            words.append("ttfb " + ", ".join(f"{i} {ms:g}ms" for i, ms in p["ttfb_ms"].items()))
+        lines.append("  ".join(words))
+    for model, chain in (section.get("fallbacks") or {}).items():
+        lines.append(f"  fallback {' -> '.join([model, *chain])}")
+    return lines
+
+
+SECTION_FORMATS["models"] = _format_models
+
+
 def _admin_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--admin", default=os.environ.get("CLAWPROXY_ADMIN", DEFAULT_ADMIN),
                    help="admin listener URL (default $CLAWPROXY_ADMIN or %(default)s)")

@@ -85,7 +85,8 @@ class Metrics:
             ["pool", "instance"], buckets=_LATENCY_BUCKETS, registry=r,
         )
         self.upstream_ttfb = Histogram(
-            p + "upstream_ttfb_seconds", "Time to upstream response headers", ["pool"],
+            p + "upstream_ttfb_seconds", "Time to upstream response headers",
+            ["pool", "instance"],
             buckets=_LATENCY_BUCKETS, registry=r,
         )
         self.active_connections = Gauge(

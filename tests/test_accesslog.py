@@ -62,13 +62,14 @@ class RecordTests(SynchronousTestCase):
         """A relayed request's line has every field, in a fixed set."""
         ctx = context(route=Named(name="/v1/*"), pool=Named(name="main"),
                       instance=Named(id="gpu-1"), agent_name="finance-agent", status=201,
-                      bytes_sent=512, attempts=2, error=None)
+                      bytes_sent=512, attempts=2, error=None, model="qwen3:8b")
         self.log.record(ctx, 10.25, 1_700_000_000.12345)
         (line,) = self.lines()
         self.assertEqual(line, {
             "ts": 1_700_000_000.123, "request_id": "rid-1", "client": "192.0.2.7",
             "method": "POST", "path": "/v1/chat/completions", "route": "/v1/*",
-            "agent": "finance-agent", "pool": "main", "instance": "gpu-1", "status": 201,
+            "agent": "finance-agent", "pool": "main", "instance": "gpu-1",
+            "model": "qwen3:8b", "status": 201,
             "duration_ms": 250.0, "bytes": 512, "attempts": 2, "error": None,
         })
 
@@ -168,7 +169,8 @@ class TextTests(SynchronousTestCase):
         self.assertEqual(
             self.out.getvalue(),
             "2023-11-14T22:13:20.123Z 192.0.2.7 POST /v1/chat/completions 201 250.0ms 512B"
-            " route=/v1/* agent=finance-agent pool=main instance=gpu-1 attempts=2 error=-"
+            " route=/v1/* agent=finance-agent pool=main instance=gpu-1 model=- attempts=2"
+            " error=-"
             " request_id=rid-1\n",
         )
 

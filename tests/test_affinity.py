@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from clawproxy.policy.affinity import AffinityTable
+from clawproxy.policy.affinity import AffinityTable, conversation_key
 
 
 class AffinityTableTests(SynchronousTestCase):
@@ -138,3 +138,56 @@ class AffinityTableTests(SynchronousTestCase):
         self.assertRaises(ValueError, AffinityTable, self.clock, 0)
         self.assertRaises(ValueError, AffinityTable, self.clock, -1)
         self.assertRaises(ValueError, AffinityTable, self.clock, 10, 0)
+
+
+def chat(*messages: tuple[str, object], **extra: object) -> dict[str, object]:
+    return {"model": "m", "messages": [{"role": r, "content": c} for r, c in messages],
+            **extra}
+
+
+class ConversationKeyTests(SynchronousTestCase):
+    """L{conversation_key} names a conversation the same way at every turn."""
+
+    def test_session_id(self) -> None:
+        """A session id wins over the body; a long one is hashed to a short key."""
+        self.assertEqual(conversation_key("abc", chat(("user", "hi"))), "s:abc")
+        long = conversation_key("x" * 1000, None)
+        self.assertTrue(long.startswith("s#"))
+        self.assertLess(len(long), 40)
+        self.assertNotEqual(long, conversation_key("x" * 999, None))
+
+    def test_fingerprint_stable_across_turns(self) -> None:
+        """
+        Later turns repeat the system prompt and first user message: same key;
+        the model, sampling settings and later messages do not matter.
+        """
+        first = chat(("system", "You are terse."), ("user", "Plan a trip"))
+        later = chat(("system", "You are terse."), ("user", "Plan a trip"),
+                     ("assistant", "Where to?"), ("user", "Lisbon"), temperature=0.2)
+        self.assertEqual(conversation_key(None, first), conversation_key(None, later))
+        self.assertTrue(conversation_key(None, first).startswith("f:"))
+
+    def test_fingerprint_distinguishes(self) -> None:
+        """Another system prompt or another first question is another conversation."""
+        keys = {
+            conversation_key(None, chat(("system", "A"), ("user", "q"))),
+            conversation_key(None, chat(("system", "B"), ("user", "q"))),
+            conversation_key(None, chat(("system", "A"), ("user", "r"))),
+            conversation_key(None, chat(("user", "q"))),
+            conversation_key(None, chat(("developer", "A"), ("user", [{"type": "text",
+                                                                    "text": "q"}]))),
+        }
+        self.assertEqual(len(keys), 5)
+
+    def test_ollama_generate(self) -> None:
+        """An Ollama C{/api/generate} body: its C{system} and C{prompt}."""
+        a = conversation_key(None, {"model": "m", "system": "S", "prompt": "p"})
+        self.assertEqual(a, conversation_key(None, {"model": "x", "system": "S", "prompt": "p"}))
+        self.assertNotEqual(a, conversation_key(None, {"model": "m", "prompt": "p"}))
+
+    def test_none(self) -> None:
+        """No session id and no user message: no conversation (the balancer decides)."""
+        for body in (None, [], {}, {"messages": "x"}, chat(("system", "only")),
+                     {"messages": [1, None]}):
+            self.assertIsNone(conversation_key(None, body))
+        self.assertIsNone(conversation_key("", None))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from collections.abc import Sequence
 
 import attrs
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from clawproxy.policy.balancers import (
@@ -15,6 +17,7 @@ from clawproxy.policy.balancers import (
     ConsistentHash,
     IPHash,
     LeastConnections,
+    LeastLatency,
     RoundRobin,
     WeightedRandom,
     WeightedRoundRobin,
@@ -91,7 +94,7 @@ class MakeBalancerTests(SynchronousTestCase):
     """L{make_balancer} and the behaviour common to every algorithm."""
 
     def test_algorithms(self) -> None:
-        """ALGORITHMS names exactly the six algorithms of the config contract."""
+        """ALGORITHMS names exactly the seven algorithms of the config contract."""
         self.assertEqual(
             ALGORITHMS,
             {
@@ -101,6 +104,7 @@ class MakeBalancerTests(SynchronousTestCase):
                 "ip_hash",
                 "consistent_hash",
                 "random",
+                "least_latency",
             },
         )
 
@@ -113,6 +117,7 @@ class MakeBalancerTests(SynchronousTestCase):
             "ip_hash": IPHash,
             "consistent_hash": ConsistentHash,
             "random": WeightedRandom,
+            "least_latency": LeastLatency,
         }
         for name, cls in expected.items():
             self.assertIsInstance(make_balancer(name), cls)
@@ -536,3 +541,92 @@ class WeightedRandomTests(SynchronousTestCase, DistributionMixin):
         self.assertEqual(WeightedRandom(Fixed(0.0)).pick(candidates).id, "a")  # type: ignore[union-attr]
         last = WeightedRandom(Fixed(0.9999999999999999)).pick(candidates)
         self.assertEqual(last.id, "c")  # type: ignore[union-attr]
+
+
+class LeastLatencyTests(SynchronousTestCase):
+    """C{least_latency}: lowest decayed time to first byte, weighted by requests in flight."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.balancer = LeastLatency(self.clock)
+
+    def tearDown(self) -> None:
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def observe(self, **ttfb: float) -> None:
+        for name, seconds in ttfb.items():
+            self.balancer.observe(name, seconds)
+
+    def test_new_instances_tried_first(self) -> None:
+        """An instance never judged is tried before the fastest judged one, once each."""
+        a, b, c = candidates = instances(a=1, b=1, c=1)
+        self.observe(a=0.01)
+        self.assertIs(self.balancer.pick(candidates), b)
+        b.active = 1  # its first request is in flight: not yet judged, not swamped
+        self.assertIs(self.balancer.pick(candidates), c)
+        c.active = 1
+        self.assertIs(self.balancer.pick(candidates), a)
+
+    def test_lowest_ttfb(self) -> None:
+        """Idle instances: the lowest average wins, every time."""
+        candidates = instances(a=1, b=1, c=1)
+        self.observe(a=0.5, b=0.1, c=1.0)
+        self.assertEqual(pick_ids(self.balancer, candidates, 5), ["b"] * 5)
+
+    def test_in_flight_weighs(self) -> None:
+        """The average is multiplied by requests in flight + 1 (and divided by weight)."""
+        a, b = candidates = instances(a=1, b=1)
+        self.observe(a=0.1, b=0.5)
+        a.active = 4  # 0.1 * 5 = 0.5: a tie, which goes round
+        self.assertEqual(sorted(pick_ids(self.balancer, candidates, 2)), ["a", "b"])
+        a.active = 5  # 0.6 > 0.5
+        self.assertEqual(pick_ids(self.balancer, candidates, 3), ["b"] * 3)
+        b.weight = 0.5  # 0.5 * 1 / 0.5 = 1.0 > 0.6
+        self.assertEqual(pick_ids(self.balancer, candidates, 3), ["a"] * 3)
+
+    def test_decayed_average(self) -> None:
+        """A sample C{dt} after the last weighs C{1 - exp(-dt / DECAY)}."""
+        self.observe(a=1.0)
+        self.assertEqual(self.balancer.ttfb("a"), 1.0)
+        self.clock.advance(LeastLatency.DECAY)
+        self.observe(a=0.0)
+        self.assertAlmostEqual(self.balancer.ttfb("a"), math.exp(-1))
+        # Samples at the same instant keep the average as it is.
+        self.observe(a=5.0)
+        self.assertAlmostEqual(self.balancer.ttfb("a"), math.exp(-1))
+        self.assertIsNone(self.balancer.ttfb("b"))
+
+    def test_slow_instance_tried_again(self) -> None:
+        """
+        An instance avoided for being slow decays toward 0 while unused, so
+        it is tried again (then judged by its new answers); the busy fast one
+        keeps its average.
+        """
+        candidates = instances(a=1, b=1)
+        self.observe(a=0.1, b=2.0)
+        seen = []
+        for _ in range(40):
+            self.clock.advance(1)
+            chosen = self.balancer.pick(candidates)
+            seen.append(chosen.id)
+            self.observe(**{chosen.id: 0.1 if chosen.id == "a" else 2.0})
+        # 2.0 * exp(-t / 10) < 0.1 once t > 10 * ln 20 (about 30s)
+        self.assertEqual(seen[:29], ["a"] * 29)
+        self.assertIn("b", seen[29:32])
+        self.assertEqual(seen.count("b"), 1)
+
+    def test_idle_pool_is_least_connections(self) -> None:
+        """With every average near 0, requests in flight decide (ties go round)."""
+        a, b, _ = candidates = instances(a=1, b=1, c=1)
+        self.observe(a=0.2, b=0.2, c=0.2)
+        self.clock.advance(1000)
+        self.assertEqual(sorted(pick_ids(self.balancer, candidates, 3)), ["a", "b", "c"])
+        a.active, b.active = 2, 1
+        self.assertEqual(pick_ids(self.balancer, candidates, 2), ["c", "c"])
+
+    def test_make_balancer_clock(self) -> None:
+        """C{make_balancer} passes the clock on."""
+        balancer = make_balancer("least_latency", clock=self.clock)
+        balancer.observe("a", 1.0)
+        self.clock.advance(LeastLatency.DECAY)
+        self.assertAlmostEqual(balancer.ttfb("a"), math.exp(-1))

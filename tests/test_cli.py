@@ -180,6 +180,27 @@ class FormatStatusTests(SynchronousTestCase):
         self.assertEqual(lines[4:], ["", "store:", '  backend: "memory"', "  healthy: true",
                                      "", "queue: [1]"])
 
+    def test_models_section(self) -> None:
+        """The models section: one line per pool, then the fallback chains."""
+        models = {
+            "pools": {
+                "big": {"declared": ["qwen3:*"], "discovered": [f"m{n}" for n in range(10)],
+                        "sessions": 3, "ttfb_ms": {"gpu-1": 12.5, "gpu-2": 40.0}},
+                "litellm": {"declared": [], "discovered": []},
+            },
+            "aliases": {},
+            "fallbacks": {"qwen3:32b": ["qwen3:14b", "qwen3:8b"]},
+        }
+        lines = cli.format_status(dict(STATUS, models=models)).splitlines()
+        self.assertEqual(lines[4:], [
+            "",
+            "models:",
+            "  big  declared qwen3:*  discovered m0, m1, m2, m3, m4, m5, m6, m7 (+2)"
+            "  sessions 3  ttfb gpu-1 12.5ms, gpu-2 40ms",
+            "  litellm  declared -  discovered -",
+            "  fallback qwen3:32b -> qwen3:14b -> qwen3:8b",
+        ])
+
     def test_no_pools(self) -> None:
         """With no pools only the summary and header are shown."""
         lines = cli.format_status({"version": "x", "uptime": "1s", "pools": {}}).splitlines()

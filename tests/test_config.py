@@ -918,9 +918,10 @@ class ErrorTests(ConfigTestCase):
             "logging.level: must be one of debug, info, warn, warning, error",
             "logging.format: must be one of json, text",
             "pools.main.algorithm: must be one of round_robin, weighted_round_robin,"
-            " least_connections, ip_hash, consistent_hash, random",
+            " least_connections, ip_hash, consistent_hash, random, least_latency",
             "pools.main.protocol: must be one of openai, ollama, http",
-            "pools.main.session_affinity.method: must be one of cookie, ip_hash, header",
+            "pools.main.session_affinity.method: must be one of cookie, ip_hash, header,"
+            " conversation",
             "pools.main.retry.retry_on[1]: must be one of 5xx, connect_failure, refused, timeout",
             "pools.main.retry.backoff: must be one of exponential, linear, constant",
             "routes[0].methods[1]: must be one of GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS,"
@@ -1352,7 +1353,7 @@ class ErrorTests(ConfigTestCase):
                 " of bytes",
                 "pools.main.instances[0].weight: must be >= 0",
                 "pools.main.algorithm: must be one of round_robin, weighted_round_robin,"
-                " least_connections, ip_hash, consistent_hash, random",
+                " least_connections, ip_hash, consistent_hash, random, least_latency",
                 "extra: unknown key",
                 "routes[0].pool: no pool named 'nope'",
             ],
@@ -1398,7 +1399,6 @@ class RefusalTests(ConfigTestCase):
                 f"agents.a.token_limit: {self.NOT_YET}",
                 f"agents.a.spend_limit: {self.NOT_YET}",
                 f"rate_limits: {self.NOT_YET}",
-                f"models.fallbacks: {self.NOT_YET}",
                 f"models.prices: {self.NOT_YET}",
                 f"pools.p.max_qps: {self.NOT_YET}",
                 f"routes[0].rate_limit: {self.NOT_YET}",
@@ -1575,14 +1575,18 @@ class ExampleTests(SynchronousTestCase):
         return load_config(os.path.join(EXAMPLES, name), environ)
 
     def test_ollama(self) -> None:
-        """C{ollama.yaml} loads: three Ollama nodes, least connections, header affinity."""
+        """
+        C{ollama.yaml} loads: three Ollama nodes, least connections, conversation
+        affinity, a model fallback chain.
+        """
         config = self.load("ollama.yaml", {})
         pool = config.pools["ollama"]
         self.assertEqual(len(pool.instances), 3)
         self.assertEqual((pool.protocol, pool.algorithm), ("ollama", "least_connections"))
         self.assertEqual(pool.health_check.path, "/api/tags")
-        self.assertEqual(pool.session_affinity.method, "header")
+        self.assertEqual(pool.session_affinity.method, "conversation")
         self.assertEqual(pool.models, ("qwen3:*",))
+        self.assertEqual(config.models.fallbacks, {"qwen3:32b": ("qwen3:14b", "qwen3:8b")})
 
     def test_multi_tenant(self) -> None:
         """

@@ -401,6 +401,50 @@ class RouteChoiceTests(SynchronousTestCase):
         self.assertEqual(json.loads(gw.backend.seen[0].body), {"model": "qwen3:8b"})
 
 
+class DiscoveredRoutingTests(SynchronousTestCase):
+    """Routes without a pool pick it by model among declared and discovered models."""
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "pools": {
+                "main": two_instance_pool(models=["qwen3:*"]),
+                "litellm": {"instances": [{"id": "c", "url": "http://c.test:8000"}],
+                            "health_check": {"enabled": False}},
+            },
+            "routes": [{"path": "/v1/chat/completions"}],
+        }
+
+    def chat(self, gw: Harness, model: str) -> Answer:
+        return gw.request("POST", "/v1/chat/completions", {"model": model, "messages": []})
+
+    def test_discovered_model(self) -> None:
+        """A model a pool's instance reported goes to that pool."""
+        gw = Harness(self, self.config())
+        gw.registry.models_reported(gw.registry.instance("c"), ["gpt-4"])
+        self.assertEqual(self.chat(gw, "gpt-4").json()["instance"], "c")
+        self.assertEqual(self.chat(gw, "qwen3:8b").json()["instance"], "a")
+
+    def test_unknown_pool_gets_it(self) -> None:
+        """A pool whose models are unknown (nothing declared or reported) gets the request."""
+        gw = Harness(self, self.config())
+        self.assertEqual(self.chat(gw, "gpt-4").json()["instance"], "c")
+
+    def test_not_found(self) -> None:
+        """
+        Once every pool's models are known, a model none serves is 404
+        C{model_not_found} in the SDK's error shape, and nothing is sent upstream.
+        """
+        gw = Harness(self, self.config())
+        gw.registry.models_reported(gw.registry.instance("c"), ["gpt-4"])
+        answer = self.chat(gw, "gpt-5")
+        self.assertEqual(answer.code, 404)
+        error = answer.json()["error"]
+        self.assertEqual((error["type"], error["code"]),
+                         ("invalid_request_error", "model_not_found"))
+        self.assertIn("gpt-5", error["message"])
+        self.assertEqual(gw.backend.seen, [])
+
+
 class BuiltinTests(SynchronousTestCase):
     """C{/health} and C{/v1/models} are answered by the gateway itself."""
 
@@ -459,13 +503,16 @@ class BuiltinTests(SynchronousTestCase):
         gw = Harness(self, self.config())
         gw.registry.probe_result(gw.registry.instance("a"), True,
                                  {"data": [{"id": "qwen3:8b"}, {"id": "sim-small"}]})
+        gw.registry.models_reported(gw.registry.instance("c"), ["llama3", "mistral"])
         answer = gw.request("GET", "/v1/models")
         self.assertEqual(answer.code, 200)
         body = answer.json()
         self.assertEqual(body["object"], "list")
-        self.assertEqual([m["id"] for m in body["data"]],
-                         ["sim-small", "llama3", "fast", "qwen3:8b"])
+        self.assertEqual([(m["id"], m["owned_by"]) for m in body["data"]], [
+            ("sim-small", "main"), ("llama3", "other"), ("fast", "main"),
+            ("qwen3:8b", "main"), ("mistral", "other")])
         self.assertEqual({m["object"] for m in body["data"]}, {"model"})
+        self.assertEqual({m["created"] for m in body["data"]}, {0})
         self.assertEqual(gw.backend.seen, [])
 
     def test_format_uptime(self) -> None:
@@ -863,6 +910,141 @@ class AffinityTests(SynchronousTestCase):
         self.assertNotEqual(s1[0], s2[0])
 
 
+class LeastLatencyTests(SynchronousTestCase):
+    """C{algorithm: least_latency} learns each instance's time to first byte from the relay."""
+
+    def test_slow_instance_avoided(self) -> None:
+        """After a slow answer from C{a}, requests go to C{b}, which answers at once."""
+        gw = Harness(self, basic(algorithm="least_latency"))
+        gw.backend.hang.add("a")
+        d = gw.start("GET", "/v1/x")  # a: never judged, tried first
+        gw.clock.advance(2)
+        request = gw.backend.hanging.pop()
+        request.write(b"{}")
+        request.finish()
+        gw.finish(d)
+        gw.backend.hang.clear()
+        for _ in range(5):
+            gw.request("GET", "/v1/x")
+        self.assertEqual(gw.backend.instances(), ["a"] + ["b"] * 5)
+        self.assertEqual(gw.sample("upstream_ttfb_seconds_sum", pool="main", instance="a"),
+                         2.0)
+
+    def test_5xx_counts_as_slow(self) -> None:
+        """A quick 5xx counts as slow as the timeout: the instance is avoided."""
+        gw = Harness(self, basic(algorithm="least_latency"))
+        gw.backend.status["a"] = 500
+        gw.request("GET", "/v1/x")
+        gw.backend.status["a"] = 200
+        for _ in range(3):
+            gw.request("GET", "/v1/x")
+        self.assertEqual(gw.backend.instances(), ["a", "b", "b", "b"])
+
+
+class ModelsSectionTests(SynchronousTestCase):
+    """The C{models} section of C{/admin/status}."""
+
+    def test_status(self) -> None:
+        """
+        Per pool: declared and discovered models, sessions remembered, and for
+        C{least_latency} each instance's recent time to first byte.
+        """
+        config = basic(algorithm="least_latency", models=["qwen3:*"],
+                       session_affinity={"method": "conversation"})
+        config["models"] = {"aliases": {"fast": "qwen3:8b"},
+                            "fallbacks": {"qwen3:32b": ["qwen3:8b"]}}
+        gw = Harness(self, config)
+        (section,) = [s for s in gw.plane.parts.admin_sections if s.name == "models"]
+        gw.registry.models_reported(gw.registry.instance("b"), ["qwen3:8b", "llama3"])
+        gw.backend.hang.add("a")
+        d = gw.start("POST", "/v1/chat", {"model": "m", "messages": [
+            {"role": "user", "content": "hi"}]})
+        gw.clock.advance(0.25)
+        request = gw.backend.hanging.pop()
+        request.write(b"{}")
+        request.finish()
+        gw.finish(d)
+        self.assertEqual(section.status(), {
+            "pools": {"main": {"declared": ["qwen3:*"], "discovered": ["llama3", "qwen3:8b"],
+                               "sessions": 1, "ttfb_ms": {"a": 250.0}}},
+            "aliases": {"fast": "qwen3:8b"},
+            "fallbacks": {"qwen3:32b": ["qwen3:8b"]},
+        })
+        self.assertEqual(section.endpoints(), {})
+
+
+class ConversationAffinityTests(SynchronousTestCase):
+    """C{session_affinity: {method: conversation}} keeps a conversation on one instance."""
+
+    def harness(self, **aff: Any) -> Harness:
+        pool = two_instance_pool(session_affinity={"method": "conversation", **aff})
+        pool["instances"].append({"id": "c", "url": "http://c.test:8000"})
+        return Harness(self, {"pools": {"main": pool},
+                              "routes": [{"path": "/v1/*", "pool": "main"}]})
+
+    def turn(self, gw: Harness, n: int, turns: int = 1, **headers: str) -> str:
+        messages = [{"role": "system", "content": f"persona {n}"},
+                    {"role": "user", "content": "hello"}]
+        messages += [{"role": "user", "content": f"turn {t}"} for t in range(turns)]
+        answer = gw.request("POST", "/v1/chat/completions",
+                            {"model": "m", "messages": messages}, headers=headers)
+        return answer.json()["instance"]
+
+    def test_fingerprint(self) -> None:
+        """Every turn of a conversation goes where its first went; conversations spread."""
+        gw = self.harness()
+        first = {n: self.turn(gw, n) for n in range(30)}
+        self.assertEqual(set(first.values()), {"a", "b", "c"})
+        for turns in (2, 5):
+            self.assertEqual({n: self.turn(gw, n, turns) for n in range(30)}, first)
+
+    def test_session_header(self) -> None:
+        """With C{X-Session-ID}, the header names the conversation, whatever the body."""
+        gw = self.harness()
+        where = {self.turn(gw, n, **{"X-Session-ID": "s1"}) for n in range(10)}
+        self.assertEqual(len(where), 1)
+
+    def test_instance_down_moves_only_its_conversations(self) -> None:
+        """When an instance is unavailable its conversations move; the others stay."""
+        gw = self.harness()
+        first = {n: self.turn(gw, n) for n in range(30)}
+        gw.registry.set_drained("b", True)
+        after = {n: self.turn(gw, n, 3) for n in range(30)}
+        for n in range(30):
+            if first[n] == "b":
+                self.assertIn(after[n], ("a", "c"))
+            else:
+                self.assertEqual(after[n], first[n])
+        # Moved conversations stay where they went, even once b is back.
+        gw.registry.set_drained("b", False)
+        self.assertEqual({n: self.turn(gw, n, 4) for n in range(30)}, after)
+
+    def test_ttl(self) -> None:
+        """A conversation idle for longer than C{ttl} is forgotten (the balancer decides)."""
+        gw = self.harness(ttl="10s")
+        where = self.turn(gw, 1)
+        pool = gw.registry.pools["main"]
+        self.assertEqual(len(pool.affinity), 1)
+        gw.clock.advance(9)
+        self.assertEqual(self.turn(gw, 1), where)
+        gw.clock.advance(10)
+        self.assertEqual(len(pool.affinity), 0)
+
+    def test_max_entries(self) -> None:
+        """At most C{max_entries} conversations are remembered, the least recent dropped."""
+        gw = self.harness(max_entries=5)
+        for n in range(12):
+            self.turn(gw, n)
+        self.assertEqual(len(gw.registry.pools["main"].affinity), 5)
+
+    def test_not_json(self) -> None:
+        """A body that is not JSON has no conversation: it is relayed, balanced as usual."""
+        gw = self.harness()
+        answer = gw.request("POST", "/v1/upload", b"\x00raw")
+        self.assertEqual(answer.code, 200)
+        self.assertEqual(len(gw.registry.pools["main"].affinity), 0)
+
+
 class TransformTests(SynchronousTestCase):
     """Route C{transforms} change the upstream request and the response."""
 
@@ -932,8 +1114,8 @@ class AccessLogTests(SynchronousTestCase):
         self.assertEqual({k: line[k] for k in line if k not in ("ts", "duration_ms")}, {
             "request_id": "req-1", "client": "127.0.0.1", "method": "POST",
             "path": "/v1/chat", "route": "/v1/*", "agent": "-", "pool": "main",
-            "instance": "a", "status": 200, "bytes": len(answer.body), "attempts": 1,
-            "error": None,
+            "instance": "a", "model": None, "status": 200, "bytes": len(answer.body),
+            "attempts": 1, "error": None,
         })
         self.assertIsInstance(line["ts"], float)
         self.assertEqual(line["duration_ms"], 0.0)
@@ -1000,7 +1182,10 @@ class MetricsTests(SynchronousTestCase):
                                    status="404"), 1.0)
         self.assertEqual(gw.sample("upstream_latency_seconds_count", pool="main",
                                    instance="a"), 2.0)
-        self.assertEqual(gw.sample("upstream_ttfb_seconds_count", pool="main"), 3.0)
+        self.assertEqual(gw.sample("upstream_ttfb_seconds_count", pool="main", instance="a"),
+                         2.0)
+        self.assertEqual(gw.sample("upstream_ttfb_seconds_count", pool="main", instance="b"),
+                         1.0)
 
     def test_active_connections(self) -> None:
         """C{active_connections} counts requests in flight to each instance."""

@@ -21,7 +21,7 @@ SPEC = {
     "request_duration_seconds": ("histogram", ("route",)),
     "upstream_requests_total": ("counter", ("pool", "instance", "status")),
     "upstream_latency_seconds": ("histogram", ("pool", "instance")),
-    "upstream_ttfb_seconds": ("histogram", ("pool",)),
+    "upstream_ttfb_seconds": ("histogram", ("pool", "instance")),
     "active_connections": ("gauge", ("pool", "instance")),
     "backend_up": ("gauge", ("pool", "instance")),
     "backend_weight": ("gauge", ("pool", "instance")),

@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import Agent
 from twisted.web.resource import Resource
 
-from clawproxy.backends.prober import HealthProber
+from clawproxy.backends.prober import DISCOVERY_INTERVAL, HealthProber
 from clawproxy.backends.registry import Registry
 from clawproxy.config import parse_config
 
@@ -118,7 +118,8 @@ class ProberTests(SynchronousTestCase):
         """Starting probes every instance at once, at C{url + path}, as clawproxy-health."""
         reg = make_registry(self.clock, instances=2, path="/api/tags")
         self.start(reg)
-        self.assertEqual(sorted(self.backend.seen), [
+        health = [s for s in self.backend.seen if s[2] == b"clawproxy-health"]
+        self.assertEqual(sorted(health), [
             (b"i1.test:8000", b"/api/tags", b"clawproxy-health"),
             (b"i2.test:8000", b"/api/tags", b"clawproxy-health"),
         ])
@@ -254,10 +255,13 @@ class ProberTests(SynchronousTestCase):
         self.assertEqual(agent.calls, 3)
 
     def test_disabled(self) -> None:
-        """A pool with C{health_check.enabled: false} is never probed."""
+        """
+        A pool with C{health_check.enabled: false} is never probed, nor asked
+        for its models.
+        """
         reg = make_registry(self.clock, enabled=False)
         self.start(reg)
-        self.advance(60)
+        self.advance(DISCOVERY_INTERVAL)
         self.assertEqual(self.backend.seen, [])
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
@@ -297,3 +301,136 @@ class ProberTests(SynchronousTestCase):
         prober.stopService()
         self.assertEqual([c for c in reactor.getDelayedCalls() if c.active()], [])
         self.assertTrue(all(i.healthy for i in reg))
+
+
+def discovery_registry(clock: Any, protocol: str = "openai", **health: Any) -> Registry:
+    """Pool C{main} (instances i1, i2) of C{protocol}, health checks as given (at C{/health})."""
+    config = parse_config({
+        "pools": {"main": {
+            "protocol": protocol,
+            "instances": [{"id": "i1", "url": "http://i1.test:8000"},
+                          {"id": "i2", "url": "http://i2.test:8000"}],
+            "health_check": health or {"path": "/health"},
+        }},
+        "routes": [{"path": "/*", "pool": "main"}],
+    }, environ={})
+    return Registry(config, clock)
+
+
+class ModelBackend(Resource):
+    """Answers C{/v1/models} and C{/api/tags} with the models of each host, or C{status}."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.models: dict[bytes, list[str]] = {}
+        self.status = 200
+        self.seen: list[tuple[bytes, bytes, bytes | None]] = []
+
+    def render(self, request: Any) -> bytes:
+        host = request.getHeader(b"host")
+        self.seen.append((host, request.path, request.getHeader(b"user-agent")))
+        request.setResponseCode(self.status)
+        request.setHeader(b"content-type", b"application/json")
+        names = self.models.get(host.split(b".")[0], [])
+        if request.path == b"/health":
+            return b'{"status": "ok"}'
+        if request.path == b"/api/tags":
+            return json.dumps({"models": [{"name": n, "model": n} for n in names]}).encode()
+        return json.dumps({"object": "list",
+                           "data": [{"id": n, "object": "model"} for n in names]}).encode()
+
+
+class DiscoveryTests(SynchronousTestCase):
+    """The prober learns which models each instance serves."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.backend = ModelBackend()
+        self.agent = RequestTraversalAgent(self.backend)
+
+    def start(self, registry: Registry, agent: Any = None) -> HealthProber:
+        prober = HealthProber(registry, agent or self.agent, self.clock)
+        prober.startService()
+        self.addCleanup(lambda: prober.running and prober.stopService())
+        self.agent.flush()
+        return prober
+
+    def test_openai_models(self) -> None:
+        """An openai pool's instances are asked C{GET /v1/models} at start; the pool knows all."""
+        self.backend.models = {b"i1": ["qwen3:8b", "qwen3:32b"], b"i2": ["llama3"]}
+        reg = discovery_registry(self.clock)
+        self.start(reg)
+        self.assertEqual(reg.instance("i1").models, ("qwen3:8b", "qwen3:32b"))
+        self.assertEqual(reg.pools["main"].discovered, {"qwen3:8b", "qwen3:32b", "llama3"})
+        self.assertEqual({(p, ua) for _, p, ua in self.backend.seen if p != b"/health"},
+                         {(b"/v1/models", b"clawproxy-discovery")})
+
+    def test_ollama_tags(self) -> None:
+        """An ollama pool's instances are asked C{GET /api/tags}."""
+        self.backend.models = {b"i1": ["qwen3:8b"]}
+        reg = discovery_registry(self.clock, protocol="ollama")
+        self.start(reg)
+        self.assertEqual(reg.instance("i1").models, ("qwen3:8b",))
+        self.assertEqual({p for _, p, _ in self.backend.seen}, {b"/api/tags", b"/health"})
+
+    def test_http_pool_not_asked(self) -> None:
+        """An C{http} pool serves no models: nothing is asked."""
+        self.start(discovery_registry(self.clock, protocol="http"))
+        self.clock.advance(DISCOVERY_INTERVAL)
+        self.agent.flush()
+        self.assertEqual({p for _, p, _ in self.backend.seen}, {b"/health"})
+
+    def test_refreshed_and_failure_keeps_last(self) -> None:
+        """
+        The list is asked again every L{DISCOVERY_INTERVAL}; a failed answer
+        (5xx, garbage, a refused connection) keeps the last list known.
+        """
+        self.backend.models = {b"i1": ["a"]}
+        reg = discovery_registry(self.clock)
+        self.start(reg)
+        self.backend.models = {b"i1": ["a", "b"]}
+        self.clock.advance(DISCOVERY_INTERVAL - 1)
+        self.agent.flush()
+        self.assertEqual(reg.instance("i1").models, ("a",))
+        self.clock.advance(1)
+        self.agent.flush()
+        self.assertEqual(reg.instance("i1").models, ("a", "b"))
+        self.backend.status = 500
+        self.clock.advance(DISCOVERY_INTERVAL)
+        self.agent.flush()
+        self.assertEqual(reg.instance("i1").models, ("a", "b"))
+        self.assertEqual(len([s for s in self.backend.seen if s[1] == b"/v1/models"]), 6)
+
+    def test_agent_failure_keeps_last(self) -> None:
+        """An agent that fails (no backend) leaves the models unknown, without errors logged."""
+        reg = discovery_registry(self.clock)
+        self.start(reg, RaisingAgent())
+        self.assertEqual(reg.pools["main"].discovered, frozenset())
+
+    def test_health_probe_on_models_path(self) -> None:
+        """A pool whose health check probes C{/v1/models} learns from the probes only."""
+        self.backend.models = {b"i1": ["a"]}
+        reg = discovery_registry(self.clock, path="/v1/models")
+        self.start(reg)
+        self.assertEqual(reg.instance("i1").models, ("a",))
+        self.assertEqual({ua for _, _, ua in self.backend.seen}, {b"clawproxy-health"})
+
+    def test_long_list_from_health_probes(self) -> None:
+        """A model list longer than a health body is kept whole when probes ask for it."""
+        names = [f"provider/model-{n:05d}" for n in range(3000)]
+        self.backend.models = {b"i1": names}
+        reg = discovery_registry(self.clock, path="/v1/models")
+        self.start(reg)
+        self.assertEqual(reg.instance("i1").models, tuple(names))
+        self.assertIsNone(reg.instance("i1").health)
+
+    def test_health_probe_elsewhere(self) -> None:
+        """A pool probed at C{/health} is still asked for its models."""
+        self.backend.models = {b"i1": ["a"]}
+        reg = discovery_registry(self.clock)
+        self.start(reg)
+        self.assertEqual(reg.instance("i1").models, ("a",))
+        self.assertEqual({ua for _, _, ua in self.backend.seen},
+                         {b"clawproxy-health", b"clawproxy-discovery"})

@@ -265,6 +265,61 @@ class PoolForModelTests(SynchronousTestCase):
         """Declared models are the non-glob pool models plus aliases."""
         self.assertEqual(self.router.declared_models(), ["sim-small", "fast"])
 
+    def test_discovered(self) -> None:
+        """
+        A model no pool declares is served by a pool whose instances reported
+        it; a declared match comes first.
+        """
+        found = {"a": frozenset(), "b": frozenset({"gpt-4", "qwen3:8b"})}
+        self.assertEqual(self.router.pool_for_model("gpt-4", found), "b")
+        self.assertEqual(self.router.pool_for_model("qwen3:8b", found), "a")
+        e = self.assertRaises(Rejected, self.router.pool_for_model, "gpt-5", found)
+        self.assertEqual((e.status, e.code), (404, "model_not_found"))
+
+    def test_default(self) -> None:
+        """A C{default} pool serves a model nobody names, before 404."""
+        self.assertEqual(self.router.pool_for_model("gpt-4", {}, default="b"), "b")
+
+    def test_unknown_pool_gets_the_rest(self) -> None:
+        """
+        An openai or ollama pool whose models are unknown (none declared, none
+        reported) serves models no other pool names; an C{http} pool never does,
+        nor one whose instances reported a list.
+        """
+        router = Router(parse_config({
+            "pools": {
+                "a": {"models": ["qwen3:*"], "instances": ["http://a.test:1"]},
+                "tools": {"protocol": "http", "instances": ["http://t.test:1"]},
+                "litellm": {"instances": ["http://l.test:1"]},
+            },
+            "routes": [{"path": "/*"}],
+        }, environ={}))
+        self.assertEqual(router.pool_for_model("qwen3:8b"), "a")
+        self.assertEqual(router.pool_for_model("gpt-4"), "litellm")
+        self.assertEqual(router.pool_for_model("gpt-4", {"litellm": frozenset({"gpt-4"})}),
+                         "litellm")
+        e = self.assertRaises(Rejected, router.pool_for_model, "gpt-5",
+                              {"litellm": frozenset({"gpt-4"})})
+        self.assertEqual(e.code, "model_not_found")
+
+    def test_model_owners(self) -> None:
+        """Every known model with its pool: declared, aliases, then reported."""
+        owners = self.router.model_owners({"a": frozenset({"sim-small"}),
+                                           "b": frozenset({"llama3", "llama3.1"})})
+        self.assertEqual(list(owners.items()), [
+            ("sim-small", "a"), ("fast", "a"), ("llama3", "b"), ("llama3.1", "b")])
+
+    def test_fallbacks_of(self) -> None:
+        """A model's chain, aliases resolved, the model itself and repeats left out."""
+        router = Router(config([{"path": "/*"}], models={
+            "aliases": {"fast": "qwen3:8b", "big": "qwen3:32b"},
+            "fallbacks": {"big": ["qwen3:14b", "fast", "qwen3:32b", "qwen3:8b"],
+                          "llama3": ["fast"]}}))
+        self.assertEqual(router.fallbacks_of("qwen3:32b"), ("qwen3:14b", "qwen3:8b"))
+        self.assertEqual(router.fallbacks_of("llama3"), ("qwen3:8b",))
+        self.assertEqual(router.fallbacks_of("qwen3:8b"), ())
+        self.assertEqual(router.fallbacks_of(None), ())
+
 
 class StickySplitTests(SynchronousTestCase):
     """L{sticky_split} sends a key to the same pool, in the configured proportions."""

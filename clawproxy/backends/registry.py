@@ -165,14 +165,18 @@ class Pool:
         self.policies = tuple(policies)
         self.excluders = tuple(p.excludes for p in self.policies)
         self._admitters = tuple(p.admit for p in self.policies)
+        self._observe_ttfb = getattr(balancer, "observe", None)
         self._changed = changed
         self._clock = clock
         self.instances = [Instance(self, i, clock) for i in cfg.instances]
         self.by_id = {i.id: i for i in self.instances}
+        #: The models the instances reported (discovery), all together.
+        self.discovered: frozenset[str] = frozenset()
         #: How much of the instances' failure counts one client may add.
         self.blame = ClientBound(cfg.passive.fail_timeout, clock)
         aff = cfg.session_affinity
-        self.affinity = AffinityTable(clock, aff.ttl) if aff is not None else None
+        self.affinity = (AffinityTable(clock, aff.ttl, aff.max_entries)
+                         if aff is not None else None)
 
     def candidates(self, exclude: frozenset[str] | set[str] = frozenset()) -> list[Instance]:
         """
@@ -355,6 +359,14 @@ class Pool:
         if self._changed is not None and inst.state != before:
             self._changed(inst)
 
+    def ttfb(self, inst: Instance, seconds: float) -> None:
+        """
+        C{inst} sent a response head C{seconds} after the request (a
+        balancer that judges latency, C{least_latency}, learns from it).
+        """
+        if self._observe_ttfb is not None:
+            self._observe_ttfb(inst.id, seconds)
+
     def any_healthy(self) -> bool:
         return any(i.healthy for i in self.instances)
 
@@ -379,7 +391,8 @@ class Registry:
         self.breakers = breakers if breakers is not None else NoBreakers()
         self.policies: tuple[IAvailabilityPolicy, ...] = (PassiveEjection(), self.breakers)
         self.pools: dict[str, Pool] = {
-            name: Pool(p, clock, make_balancer(p.algorithm), self.policies, self.changed)
+            name: Pool(p, clock, make_balancer(p.algorithm, clock=clock), self.policies,
+                       self.changed)
             for name, p in config.pools.items()
         }
         self._instances = {i.id: i for p in self.pools.values() for i in p.instances}
@@ -425,7 +438,8 @@ class Registry:
             inst.probe = prev.probe
             inst.down_until = prev.down_until
             inst.health = prev.health
-            inst.models = prev.models
+            if prev.models:
+                self.models_reported(inst, prev.models)
             if prev.base_weight != prev.config_weight:
                 inst.base_weight = prev.base_weight
             self.changed(inst)  # gauges follow the carried-over state
@@ -466,7 +480,9 @@ class Registry:
             watcher.probe_result(inst, ok, health)
         if health is not None:
             inst.health = health
-            inst.models = reported_models(health) or inst.models
+            models = reported_models(health)
+            if models:
+                self.models_reported(inst, models)
         before = inst.state
         if ok:
             inst.down_until = None
@@ -485,6 +501,22 @@ class Registry:
             if inst.pool.affinity is not None:
                 inst.pool.affinity.forget_instance(inst.id)
         self.changed(inst)
+
+    def models_reported(self, inst: Instance, models: Sequence[str]) -> None:
+        """
+        C{inst} reported serving C{models} (model discovery, or a health
+        probe of a model list): its pool's L{Pool.discovered} follows.
+        """
+        models = tuple(models)
+        if models == inst.models:
+            return
+        inst.models = models
+        pool = inst.pool
+        pool.discovered = frozenset(m for i in pool.instances for m in i.models)
+
+    def discovered(self) -> dict[str, frozenset[str]]:
+        """The models each pool's instances reported, by pool name."""
+        return {name: pool.discovered for name, pool in self.pools.items()}
 
     def _require(self, instance_id: str) -> Instance:
         inst = self._instances.get(instance_id)

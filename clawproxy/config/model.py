@@ -32,10 +32,11 @@ ALGORITHMS = (
     "ip_hash",
     "consistent_hash",
     "random",
+    "least_latency",
 )
 PROTOCOLS = ("openai", "ollama", "http")
 HEALTH_PATHS = {"openai": "/v1/models", "ollama": "/api/tags", "http": "/health"}
-AFFINITY_METHODS = ("cookie", "ip_hash", "header")
+AFFINITY_METHODS = ("cookie", "ip_hash", "header", "conversation")
 RETRY_ON = ("5xx", "connect_failure", "refused", "timeout")
 BACKOFFS = ("exponential", "linear", "constant")
 JWT_ALGORITHMS = (
@@ -378,7 +379,9 @@ class ModelsConfig:
                                         doc="A request for the key is served as the value.")
     fallbacks: dict[str, tuple[str, ...]] = f.setting(
         f.map_of(f.list_of(f.nonempty, allow_empty=False)), factory=dict,
-        doc="Models tried in order when a model's pool fails.", not_yet=NotYet(LLM))
+        doc="Models tried in order when a model's pool fails (open, no instance available,"
+        " retries spent, a 5xx it does not retry, no first chunk in time) before anything"
+        " reached the client; the answer carries ``X-Clawproxy-Fallback-Model``.")
     prices: dict[str, ModelPrice] = f.entries(ModelPrice, "Prices per model, for spend.",
                                               name=f.nonempty, not_yet=NotYet(LLM))
 
@@ -438,12 +441,18 @@ class PassiveConfig:
 class AffinityConfig:
     """Session affinity."""
 
-    method: str = f.setting(f.choice(*AFFINITY_METHODS), doc="How a session is recognised.",
+    method: str = f.setting(f.choice(*AFFINITY_METHODS), doc="How a session is recognised:"
+                            " ``conversation`` is the header ``header_name`` if sent, else a"
+                            " fingerprint of the system prompt and first user message (an"
+                            " LLM backend's prompt cache stays warm).",
                             required=True, placeholder="cookie")
     cookie_name: str = f.setting(f.header_name, "CLAWPROXY_SESSION", "Cookie for ``cookie``.")
-    header_name: str = f.setting(f.header_name, "X-Session-ID", "Header for ``header``.")
-    ttl: float = f.setting(f.duration(above=0), 3600.0, "How long a session is remembered.",
-                           shown="1h")
+    header_name: str = f.setting(f.header_name, "X-Session-ID", "Header for ``header`` and"
+                                 " ``conversation``.")
+    ttl: float = f.setting(f.duration(above=0), 3600.0, "How long a session is remembered"
+                           " after its last request.", shown="1h")
+    max_entries: int = f.setting(f.integer(low=1), 100_000, "Sessions remembered at most per"
+                                 " pool (the least recently used are forgotten first).")
 
 
 @attrs.frozen

@@ -7,11 +7,60 @@ L{IReactorTime<twisted.internet.interfaces.IReactorTime>}.
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
+from collections.abc import Mapping
+from hashlib import blake2b
+from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 
-__all__ = ["AffinityTable"]
+__all__ = ["AffinityTable", "conversation_key"]
+
+#: Session ids longer than this are hashed (the table's keys stay small).
+_MAX_SESSION_ID = 128
+
+
+def conversation_key(session_id: str | None, body: Any) -> str | None:
+    """
+    The key that identifies a conversation: the client's session id when it
+    sends one, else a fingerprint of the conversation's start (its system
+    prompt and first user message, which every later request of it repeats).
+
+    @param session_id: the session header's value, if any.
+    @param body: the request's parsed JSON body (OpenAI C{messages}, or an
+        Ollama C{/api/generate} C{system} and C{prompt}), or L{None}.
+    @return: the key, or L{None} when the request names no conversation.
+    """
+    if session_id:
+        if len(session_id) > _MAX_SESSION_ID:
+            return "s#" + blake2b(session_id.encode("utf-8", "surrogatepass"),
+                                  digest_size=16).hexdigest()
+        return "s:" + session_id
+    if not isinstance(body, Mapping):
+        return None
+    system = user = None
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        for message in messages:
+            if not isinstance(message, Mapping):
+                continue
+            role = message.get("role")
+            if role in ("system", "developer") and system is None:
+                system = message.get("content")
+            elif role == "user":
+                user = message.get("content")
+                break
+    elif isinstance(body.get("prompt"), str):
+        system, user = body.get("system"), body["prompt"]
+    if user is None:
+        return None
+    if isinstance(user, str) and (system is None or isinstance(system, str)):
+        # The common case, without a JSON encoding (a prompt may be long).
+        start = ("-" if system is None else f"{len(system)}:{system}") + user
+    else:  # content-part arrays
+        start = json.dumps([system, user], separators=(",", ":"), sort_keys=True)
+    return "f:" + blake2b(start.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
 class AffinityTable:

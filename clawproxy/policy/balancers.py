@@ -20,8 +20,8 @@ import random
 from bisect import bisect_right
 from collections.abc import Sequence
 from hashlib import blake2b
-from math import log
-from typing import Protocol, TypeVar
+from math import exp, log
+from typing import Any, Protocol, TypeVar
 
 __all__ = [
     "ALGORITHMS",
@@ -30,6 +30,7 @@ __all__ = [
     "ConsistentHash",
     "IPHash",
     "LeastConnections",
+    "LeastLatency",
     "RoundRobin",
     "WeightedRandom",
     "WeightedRoundRobin",
@@ -194,6 +195,122 @@ class LeastConnections:
             if score < best:
                 best = score
                 best_index = i
+        if best_index < 0:
+            best_index += n
+        self._next = best_index + 1
+        return candidates[best_index]
+
+
+class LeastLatency:
+    """
+    Least latency: minimise C{max(ttfb, FLOOR) * (active + 1) / weight}.
+
+    C{ttfb} is the instance's recent time to first byte, an exponentially
+    decayed average of the samples L{observe} is given (a sample C{dt}
+    seconds after the previous one weighs C{1 - exp(-dt / DECAY)}). Between
+    samples the average decays toward 0 with the same time constant, so an
+    instance avoided for being slow, or back after an outage, is tried
+    again before long and judged by what it does now. An instance with no
+    sample yet (new, or first seen) is tried first while it has no request
+    in flight; with some in flight it is costed at the best average known,
+    so a new instance is not swamped before its first answer. C{FLOOR}
+    keeps the requests in flight counting when every average is near 0
+    (an idle pool balances as least connections). Ties go to the first
+    candidate after the previous pick.
+
+    @ivar DECAY: the time constant of the average, in seconds.
+    """
+
+    __slots__ = ("_clock", "_next", "_stats")
+
+    DECAY = 10.0
+    FLOOR = 0.001
+    _MAX_IDS = 4096
+
+    def __init__(self, clock: Any = None) -> None:
+        """
+        @param clock: an L{IReactorTime} (C{seconds()}); a frozen
+            L{twisted.internet.task.Clock} when not given (tests).
+        """
+        if clock is None:
+            from twisted.internet.task import Clock
+
+            clock = Clock()
+        self._clock = clock
+        self._next = 0
+        self._stats: dict[str, tuple[float, float]] = {}  # id -> (average, when)
+
+    def observe(self, instance_id: str, seconds: float) -> None:
+        """A time to first byte of C{instance_id} (failures count as slow ones)."""
+        now = self._clock.seconds()
+        stats = self._stats
+        prev = stats.get(instance_id)
+        if prev is None:
+            if len(stats) >= self._MAX_IDS:
+                stats.clear()
+            stats[instance_id] = (seconds, now)
+            return
+        average, when = prev
+        keep = exp(-(now - when) / self.DECAY) if now > when else 1.0
+        stats[instance_id] = (average * keep + seconds * (1.0 - keep), now)
+
+    def ttfb(self, instance_id: str) -> float | None:
+        """The decayed average now, or L{None} before the first sample."""
+        prev = self._stats.get(instance_id)
+        if prev is None:
+            return None
+        average, when = prev
+        idle = self._clock.seconds() - when
+        return average * exp(-idle / self.DECAY) if idle > 0 else average
+
+    def pick(self, candidates: Sequence[C], key: str | None = None) -> C | None:
+        n = len(candidates)
+        if not n:
+            return None
+        now = self._clock.seconds()
+        stats = self._stats
+        decay = self.DECAY
+        floor = self.FLOOR
+        start = self._next
+        if start >= n:
+            start = 0
+        best_index: int | None = None
+        best = 0.0
+        best_known = None  # the lowest average, for instances not judged yet
+        unjudged = None
+        # Negative indices wrap: this visits start .. n-1, then 0 .. start-1.
+        for i in range(start - n, start):
+            c = candidates[i]
+            entry = stats.get(c.id)
+            if entry is None:
+                if c.active == 0:
+                    best_index = i  # never judged: try it first
+                    break
+                if unjudged is None:
+                    unjudged = []
+                unjudged.append(i)
+                continue
+            average, when = entry
+            if now > when:
+                average *= exp((when - now) / decay)
+            if best_known is None or average < best_known:
+                best_known = average
+            if average < floor:
+                average = floor
+            score = average * (c.active + 1) / c.weight
+            if best_index is None or score < best:
+                best = score
+                best_index = i
+        else:
+            if unjudged is not None:
+                average = best_known if best_known is not None and best_known > floor else floor
+                for i in unjudged:
+                    c = candidates[i]
+                    score = average * (c.active + 1) / c.weight
+                    if best_index is None or score < best:
+                        best = score
+                        best_index = i
+        assert best_index is not None
         if best_index < 0:
             best_index += n
         self._next = best_index + 1
@@ -366,25 +483,28 @@ class WeightedRandom:
 
 
 _FACTORIES = {
-    "round_robin": lambda rng: RoundRobin(),
-    "weighted_round_robin": lambda rng: WeightedRoundRobin(),
-    "least_connections": lambda rng: LeastConnections(),
-    "ip_hash": lambda rng: IPHash(),
-    "consistent_hash": lambda rng: ConsistentHash(),
-    "random": WeightedRandom,
+    "round_robin": lambda rng, clock: RoundRobin(),
+    "weighted_round_robin": lambda rng, clock: WeightedRoundRobin(),
+    "least_connections": lambda rng, clock: LeastConnections(),
+    "ip_hash": lambda rng, clock: IPHash(),
+    "consistent_hash": lambda rng, clock: ConsistentHash(),
+    "random": lambda rng, clock: WeightedRandom(rng),
+    "least_latency": lambda rng, clock: LeastLatency(clock),
 }
 
 ALGORITHMS: frozenset[str] = frozenset(_FACTORIES)
 """The names accepted by L{make_balancer} (the pool's C{algorithm} key)."""
 
 
-def make_balancer(algorithm: str, rng: random.Random | None = None) -> Balancer:
+def make_balancer(algorithm: str, rng: random.Random | None = None,
+                  clock: Any = None) -> Balancer:
     """
     Build a balancer; each pool gets its own (they keep rotation state).
 
     @param algorithm: one of L{ALGORITHMS}.
     @param rng: the random source for C{random} (default: a fresh
         L{random.Random}); the other algorithms are deterministic.
+    @param clock: the time source of C{least_latency} (an L{IReactorTime}).
     @raise ValueError: for an unknown algorithm.
     """
     factory = _FACTORIES.get(algorithm)
@@ -393,4 +513,4 @@ def make_balancer(algorithm: str, rng: random.Random | None = None) -> Balancer:
             f"unknown balancing algorithm {algorithm!r}; expected one of "
             + ", ".join(sorted(ALGORITHMS))
         )
-    return factory(rng)
+    return factory(rng, clock)

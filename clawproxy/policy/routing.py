@@ -7,7 +7,7 @@ from __future__ import annotations
 import fnmatch
 import re
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -16,6 +16,8 @@ from clawproxy.errors import Rejected, bad_request
 
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _HEX = b"0123456789abcdefABCDEF"
+#: Pools of these protocols serve models (an C{http} pool is a plain proxy).
+_MODEL_PROTOCOLS = frozenset(("openai", "ollama"))
 
 
 def canonical_path(raw: bytes) -> bytes:
@@ -181,6 +183,7 @@ class Router:
     def __init__(self, config: Config) -> None:
         self.routes = [CompiledRoute(r, n) for n, r in enumerate(config.routes)]
         self.aliases = dict(config.models.aliases or {})
+        self.fallbacks = dict(config.models.fallbacks or {})
         self._pool_models = [
             (name, [_value_matcher(m) for m in p.models]) for name, p in config.pools.items()
         ]
@@ -193,10 +196,19 @@ class Router:
     def resolve_model(self, model: str) -> str:
         return self.aliases.get(model, model)
 
-    def pool_for_model(self, model: Any) -> str:
+    def pool_for_model(self, model: Any,
+                       discovered: Mapping[str, Collection[str]] | None = None,
+                       default: str | None = None) -> str:
         """
-        The first pool whose C{models} globs match C{model} (after aliases).
+        The pool that serves C{model} (after aliases): the first pool whose
+        C{models} globs match it, else the first whose instances reported it
+        (C{discovered}), else C{default}, else the first C{openai} or
+        C{ollama} pool whose models are unknown (none declared, none
+        discovered): a backend such as LiteLLM that lists nothing may
+        still serve it.
 
+        @param discovered: the models each pool's instances reported, by pool.
+        @param default: the pool to use when no pool names the model.
         @raise Rejected: 404 C{model_not_found}.
         """
         if not isinstance(model, str) or not model:
@@ -205,18 +217,66 @@ class Router:
         for name, matchers in self._pool_models:
             if any(m(model) for m in matchers):
                 return name
+        discovered = discovered or {}
+        for name, models in discovered.items():
+            if model in models:
+                return name
+        if default is not None:
+            return default
+        for name, matchers in self._pool_models:
+            if (not matchers and not discovered.get(name)
+                    and self.pools[name].protocol in _MODEL_PROTOCOLS):
+                return name
         raise Rejected(404, f"model {model!r} is not served here", "invalid_request_error",
                        "model_not_found")
 
+    def fallbacks_of(self, model: str | None) -> tuple[str, ...]:
+        """The models to try, in order, when C{model}'s pool fails (aliases resolved)."""
+        if model is None or not self.fallbacks:
+            return ()
+        chain = self.fallbacks.get(model)
+        if chain is None:
+            # The chain may be declared under an alias of the model.
+            for alias, target in self.aliases.items():
+                if target == model and alias in self.fallbacks:
+                    chain = self.fallbacks[alias]
+                    break
+            else:
+                return ()
+        out: dict[str, None] = {}
+        for m in chain:
+            m = self.resolve_model(m)
+            if m != model:
+                out[m] = None
+        return tuple(out)
+
     def declared_models(self) -> list[str]:
-        seen: dict[str, None] = {}
-        for p in self.pools.values():
+        return list(self.model_owners())
+
+    def model_owners(self, discovered: Mapping[str, Collection[str]] | None = None
+                     ) -> dict[str, str]:
+        """
+        Every model name the gateway knows, with the pool that serves it:
+        declared (the pools' C{models} that are not globs), aliases (owned by
+        their target's pool, or C{clawproxy} when none is known), then the
+        models the pools' instances reported (C{discovered}). The first
+        owner of a name wins.
+        """
+        seen: dict[str, str] = {}
+        for name, p in self.pools.items():
             for m in p.models:
-                if not any(c in m for c in "*?["):
-                    seen[m] = None
-        for alias in self.aliases:
-            seen[alias] = None
-        return list(seen)
+                if not any(c in m for c in "*?[") and m not in seen:
+                    seen[m] = name
+        for alias, target in self.aliases.items():
+            if alias not in seen:
+                try:
+                    seen[alias] = self.pool_for_model(target, discovered)
+                except Rejected:
+                    seen[alias] = "clawproxy"
+        for name, models in (discovered or {}).items():
+            for m in sorted(models):
+                seen.setdefault(m, name)
+        return seen
 
 
 def sticky_split(split: Mapping[str, float], key: str) -> str:

@@ -33,6 +33,7 @@ def text_line(fields: dict[str, Any]) -> str:
         f" {fields['status']} {fields['duration_ms']}ms {fields['bytes']}B"
         f" route={_safe(fields['route'])} agent={_safe(fields['agent'])}"
         f" pool={_safe(fields['pool'])} instance={_safe(fields['instance'])}"
+        f" model={_safe(fields['model'] or '-')}"
         f" attempts={fields['attempts']} error={_safe(fields['error'] or '-')}"
         f" request_id={_safe(fields['request_id'])}"
     )
@@ -95,6 +96,7 @@ class AccessLog:
                 "agent": ctx.agent_name,
                 "pool": ctx.pool_name,
                 "instance": ctx.instance_id,
+                "model": ctx.model,
                 "status": ctx.status or req.code,
                 "duration_ms": round((finished - ctx.started) * 1000, 2),
                 "bytes": ctx.bytes_sent,

@@ -69,6 +69,10 @@ class RequestContext:
     #: The canonical path with C{server.base_path} removed, once the request is past
     #: its builtin endpoints: what routes match, scopes check and the upstream is sent.
     local_path: bytes | None = None
+    #: The gateway has another attempt for this request should the pool fail
+    #: (a model fallback): the relay then raises a 5xx it does not retry
+    #: (as a 502) instead of relaying it.
+    alternative: bool = False
 
     def json_body(self) -> dict[str, Any]:
         """

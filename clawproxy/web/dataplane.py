@@ -38,12 +38,15 @@ from clawproxy.web.accesslog import AccessLog
 from clawproxy.web.auth import auth_parts
 from clawproxy.web.cache import cache_parts
 from clawproxy.web.gateway import GatewayResource
+from clawproxy.web.models import models_parts
 from clawproxy.web.relay import Relay
+from clawproxy.web.sessions import affinity_parts
 from clawproxy.web.stream_errors import stream_error_parts
 
 #: A feature: called with keyword arguments C{config}, C{router}, C{store}
-#: (the L{IStateStore}), C{clock} and C{metrics}, it returns the parts it adds
-#: (taking C{**_} for the ones it does not use).
+#: (the L{IStateStore}), C{clock}, C{metrics} and C{registry} (the pools and
+#: instances, for what a feature shows or reads of them), it returns the parts
+#: it adds (taking C{**_} for the ones it does not use).
 Feature = Callable[..., Iterable[Any]]
 
 #: What each feature adds to the data plane for a configuration, in the order
@@ -52,6 +55,8 @@ FEATURES: tuple[Feature, ...] = (
     auth_parts,
     cache_parts,
     stream_error_parts,
+    affinity_parts,
+    models_parts,
 )
 
 _SEAMS = (IRequestStage, IHeadCheck, IResponseFilter, IResponseObserver, IAdminSection,
@@ -171,7 +176,7 @@ def build_data_plane(
         parts.add(breakers)
     for feature in FEATURES:
         for part in feature(config=config, router=router, store=store, clock=clock,
-                            metrics=metrics):
+                            metrics=metrics, registry=registry):
             parts.add(part)
     for part in extra:
         parts.add(part)

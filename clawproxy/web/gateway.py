@@ -41,6 +41,7 @@ from clawproxy.policy.routing import (
 from clawproxy.web.accesslog import AccessLog
 from clawproxy.web.context import LocalResponse, RequestContext
 from clawproxy.web.relay import NoInstance, Relay, UpstreamBroken
+from clawproxy.web.sessions import session_key
 from clawproxy.web.translate import rewrite_for
 from clawproxy.web.tunnel import Tunnels, is_websocket
 
@@ -187,13 +188,15 @@ class GatewayResource(Resource):
         pool = ctx.pool = self._choose_pool(ctx, cfg)
         if pool.config.protocol == "ollama" and local == b"/v1/chat/completions":
             ctx.json_body()
+        elif self.router.fallbacks and ctx.body is None:
+            _try_json_body(ctx)  # a model fallback chain needs the model
         if ctx.body is not None:
             model = ctx.body.get("model")
             if isinstance(model, str):
                 ctx.model = self.router.resolve_model(model)
         if self.after_pool and await self._run_phase(self.after_pool, ctx):
             return
-        pool = ctx.pool  # a stage may have moved the request (model fallback)
+        pool = ctx.pool  # a stage may have moved the request
         transforms = cfg.transforms
         if transforms is not None:
             self._transform_request(ctx, transforms.request_headers)
@@ -205,47 +208,107 @@ class GatewayResource(Resource):
         if ctx.body is not None:
             ctx.rewrite = rewrite_for(pool, local, ctx.method, ctx.body, ctx.model,
                                       ctx.request_id)
-        key, sticky = self._keys(ctx, pool)
-        timeout = cfg.timeout if cfg.timeout is not None else pool.config.timeout
-        try:
-            if cfg.websocket.enabled and is_websocket(request):
-                # Answered (a normal response) or tunnelled (the request ends
-                # with the connection): either way, not finished here.
-                await self.tunnels.forward(ctx, pool, key, sticky, timeout, local,
-                                           cfg.websocket, self.relay.trusted)
+        chain = self._fallback_chain(ctx, cfg) if self.router.fallbacks else []
+        primary = pool
+        fell_back = False
+        while True:
+            ctx.alternative = bool(chain)
+            key, sticky = self._keys(ctx, pool)
+            timeout = cfg.timeout if cfg.timeout is not None else pool.config.timeout
+            try:
+                if cfg.websocket.enabled and is_websocket(request):
+                    # Answered (a normal response) or tunnelled (the request ends
+                    # with the connection): either way, not finished here.
+                    await self.tunnels.forward(ctx, pool, key, sticky, timeout, local,
+                                               cfg.websocket, self.relay.trusted)
+                    return
+                await self.forward(ctx, pool, key, sticky, timeout, local)
+                break
+            except (NoInstance, Rejected) as e:
+                if chain and self._pool_failed(ctx, e):
+                    pool = self._next_model(ctx, local, *chain.pop(0))
+                    fell_back = True
+                    continue
+                _drop_header(ctx, _FALLBACK_MODEL)
+                fallback = cfg.fallback or primary.config.fallback
+                if isinstance(e, NoInstance):
+                    wait = self.registry.breakers.retry_after(pool.name)
+                    if wait is not None:
+                        ctx.error = "circuit_open"
+                    answer = self._fallback(ctx, fallback)
+                    if isinstance(answer, Deferred):
+                        answer = await answer
+                    if answer is None:
+                        if wait is not None:
+                            raise unavailable(f"circuit breaker open for pool {pool.name!r}",
+                                              retry_after=max(1, math.ceil(wait)),
+                                              code="circuit_open") from None
+                        raise unavailable(f"no healthy instance in pool {pool.name!r}",
+                                          code="no_healthy_upstream") from None
+                    self._write_local(ctx, answer)
+                    return
+                # The attempts failed and nothing reached the client: a fallback
+                # other than static (a cached answer) may still serve it.
+                if (e.status not in (502, 503, 504) or not self.fallback_providers
+                        or request.startedWriting):
+                    raise
+                answer = self._fallback(ctx, fallback, static=False)
+                if isinstance(answer, Deferred):
+                    answer = await answer
+                if answer is None:
+                    raise
+                self._write_local(ctx, answer)
                 return
-            await self.forward(ctx, pool, key, sticky, timeout, local)
-        except NoInstance:
-            wait = self.registry.breakers.retry_after(pool.name)
-            if wait is not None:
-                ctx.error = "circuit_open"
-            answer = self._fallback(ctx, cfg.fallback or pool.config.fallback)
-            if isinstance(answer, Deferred):
-                answer = await answer
-            if answer is None:
-                if wait is not None:
-                    raise unavailable(f"circuit breaker open for pool {pool.name!r}",
-                                      retry_after=max(1, math.ceil(wait)),
-                                      code="circuit_open") from None
-                raise unavailable(f"no healthy instance in pool {pool.name!r}",
-                                  code="no_healthy_upstream") from None
-            self._write_local(ctx, answer)
-            return
-        except Rejected as e:
-            # The attempts failed and nothing reached the client: a fallback
-            # other than static (a cached answer) may still serve it.
-            if (e.status not in (502, 503, 504) or not self.fallback_providers
-                    or request.startedWriting):
-                raise
-            answer = self._fallback(ctx, cfg.fallback or pool.config.fallback, static=False)
-            if isinstance(answer, Deferred):
-                answer = await answer
-            if answer is None:
-                raise
-            self._write_local(ctx, answer)
-            return
+        if fell_back:
+            self.metrics.fallback_responses_total.labels("model:" + (ctx.model or "")).inc()
         if not request.finished and not client_gone(request):
             request.finish()
+
+    # -- model fallback chains -------------------------------------------
+
+    def _fallback_chain(self, ctx: RequestContext, cfg: Any) -> list[tuple[str, Pool]]:
+        """
+        The models to try, in order, should the request's model's pool fail,
+        each with the pool that serves it (chosen as a route without C{pool}
+        would, except that a route naming its pool keeps it for a model no
+        pool names). Models no pool serves are left out.
+        """
+        chain = self.router.fallbacks_of(ctx.model)
+        if not chain or ctx.body is None:
+            return []
+        default = ctx.pool.name if (cfg.pool is not None or cfg.split) else None
+        discovered = self.registry.discovered()
+        out = []
+        for model in chain:
+            try:
+                name = self.router.pool_for_model(model, discovered, default)
+            except Rejected:
+                continue
+            out.append((model, self.registry.pools[name]))
+        return out
+
+    def _pool_failed(self, ctx: RequestContext, error: Exception) -> bool:
+        """
+        Did the pool fail this request so that another model may take it?
+        (No instance could take it, its retries are spent, or it answered a
+        5xx or no first chunk that it does not retry; nothing reached the
+        client. A timeout is not: the backend may have the request.)
+        """
+        request = ctx.request
+        if request.startedWriting or client_gone(request):
+            return False
+        return isinstance(error, NoInstance) or ctx.error in _FAILED_POOL
+
+    def _next_model(self, ctx: RequestContext, local: bytes, model: str, pool: Pool) -> Pool:
+        """Move the request to C{model} on C{pool}: the body's model is rewritten."""
+        self.log.info("{pool} failed {model}: trying {next}", pool=ctx.pool_name,
+                      model=ctx.model, next=model)
+        ctx.model = model
+        ctx.pool = pool
+        ctx.rewrite = rewrite_for(pool, local, ctx.method, ctx.body, model, ctx.request_id)
+        _drop_header(ctx, _FALLBACK_MODEL)
+        ctx.response_headers.append((_FALLBACK_MODEL, model.encode()))
+        return pool
 
     async def _run_phase(self, stages: list[Any], ctx: RequestContext) -> bool:
         """Run one phase's stages in order; True when one of them answered."""
@@ -285,7 +348,8 @@ class GatewayResource(Resource):
         elif cfg.split:
             name = sticky_split(cfg.split, self._session_key(ctx))
         else:
-            name = self.router.pool_for_model(ctx.json_body().get("model"))
+            name = self.router.pool_for_model(ctx.json_body().get("model"),
+                                              self.registry.discovered())
         return self.registry.pools[name]
 
     def _session_key(self, ctx: RequestContext) -> str:
@@ -308,20 +372,7 @@ class GatewayResource(Resource):
         aff = pool.config.session_affinity
         if aff is None:
             return key, None
-        if aff.method == "ip_hash":
-            return key, ctx.client_ip
-        if aff.method == "header":
-            v = ctx.request.requestHeaders.getRawHeaders(aff.header_name.encode("latin-1"))
-            return key, (v[-1].decode("latin-1") if v else None)
-        cookie = ctx.request.getCookie(aff.cookie_name.encode())
-        if cookie and len(cookie) <= 128:
-            return key, cookie.decode("latin-1")
-        token = os.urandom(16).hex()
-        ctx.request.addCookie(
-            aff.cookie_name.encode(), token.encode(), max_age=str(int(aff.ttl)), path=b"/",
-            httpOnly=True, sameSite="lax",
-        )
-        return key, token
+        return key, session_key(ctx, aff, set_cookie=True)
 
     # -- transforms and fallbacks ----------------------------------------
 
@@ -374,15 +425,23 @@ class GatewayResource(Resource):
         if local == b"/health" and method in (b"GET", b"HEAD"):
             return self.health_response()
         if local == b"/v1/models" and method == b"GET":
-            names = dict.fromkeys(self.router.declared_models())
-            for inst in self.registry:
-                names.update(dict.fromkeys(inst.models))
-            data = [{"id": m, "object": "model", "owned_by": "clawproxy"} for m in names]
-            return LocalResponse(200, json.dumps({"object": "list", "data": data}).encode())
+            return self.models_response()
         if self._public_metrics and local == self._metrics_path and method == b"GET":
             from clawproxy.metrics import CONTENT_TYPE
             return LocalResponse(200, self.metrics.render(), CONTENT_TYPE.encode())
         return None
+
+    def models_response(self) -> LocalResponse:
+        """
+        C{GET /v1/models}: every model declared (pools' C{models}, aliases)
+        or reported by an instance, in OpenAI's list shape, C{owned_by} the
+        pool that serves it.
+        """
+        created = int(self.started)
+        owners = self.router.model_owners(self.registry.discovered())
+        data = [{"id": m, "object": "model", "created": created, "owned_by": pool}
+                for m, pool in owners.items()]
+        return LocalResponse(200, json.dumps({"object": "list", "data": data}).encode())
 
     def health_response(self) -> LocalResponse:
         pools = pools_summary(self.registry)
@@ -466,6 +525,24 @@ class GatewayResource(Resource):
             except Exception:
                 self.log.failure("response observer {observer} failed", observer=observer)
         self.access_log.record(ctx, now, time.time())
+
+
+#: What a pool's failure leaves in C{ctx.error} when another model may be tried.
+_FAILED_POOL = frozenset(("5xx", "connect_failure", "refused", "first_token_timeout"))
+_FALLBACK_MODEL = b"x-clawproxy-fallback-model"
+
+
+def _try_json_body(ctx: RequestContext) -> None:
+    """Parse the body as JSON if it is some (for its model); leave it be otherwise."""
+    try:
+        ctx.json_body()
+    except Rejected:
+        pass
+
+
+def _drop_header(ctx: RequestContext, name: bytes) -> None:
+    """Forget a response header the gateway meant to add."""
+    ctx.response_headers[:] = [h for h in ctx.response_headers if h[0] != name]
 
 
 def _abort(request: Any) -> None:

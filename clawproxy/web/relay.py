@@ -222,8 +222,10 @@ class Relay:
                 ) from None
             raise _GiveUp() from None
         now = self.clock.seconds()
-        metrics.upstream_ttfb.labels(pool.name).observe(now - started)
         code = response.code
+        metrics.upstream_ttfb.labels(pool.name, inst.id).observe(now - started)
+        # A 5xx, however quick, counts as slow as the timeout for least_latency.
+        pool.ttfb(inst, now - started if code < 500 else timeout)
         label = str(code)  # the status label of upstream_requests_total
         first = pool.config.first_token_timeout
         # A stream watched for its first chunk succeeds only once that chunk
@@ -231,9 +233,11 @@ class Relay:
         watch_first = bool(first) and code < 500 and _is_stream(response)
         if code >= 500:
             delay = self._record(ctx, pool, inst, "5xx", label, tried)
-            if delay is not None:
+            if delay is not None or ctx.alternative:
                 ctx.error = "5xx"
                 response.deliverBody(Discard())
+                if delay is None:  # the caller tries elsewhere (another model)
+                    raise bad_gateway(f"upstream {inst.id} answered {code}")
                 return delay
         elif not watch_first:
             self._record(ctx, pool, inst, OK, label, tried)

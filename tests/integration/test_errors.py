@@ -54,6 +54,10 @@ class ErrorShapeTests(TestCase):
                          "fallback": "busy"},
             "hang": {"instances": [hanging.instance()], "health_check": off, "timeout": "300ms"},
         }
+        for name in ("dead", "drained", "fallback", "hang"):
+            # Declared, so that no pool's models are unknown (an unknown
+            # pool would take the requests for models nobody serves).
+            pools[name]["models"] = ["sim-small"]
         chat = "/v1/chat/completions"
         routes = [
             {"path": chat, "match": {"header.X-Pool": name}, "pool": name}
