@@ -353,7 +353,7 @@ class Tunnels:
             raise Rejected(502, f"upstream instance {inst.id} closed the WebSocket handshake",
                            "upstream_error", "upstream_unreachable") from None
         now = self.clock.seconds()
-        self.metrics.upstream_ttfb.labels(pool.name).observe(now - started)
+        self.metrics.upstream_ttfb.labels(pool.name, inst.id).observe(now - started)
         self.metrics.upstream_latency.labels(pool.name, inst.id).observe(now - started)
         self.metrics.upstream_requests_total.labels(pool.name, inst.id, str(head.code)).inc()
         pool.record(inst, "5xx" if head.code >= 500 else OK, client=ctx.client_ip)
