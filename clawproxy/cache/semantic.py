@@ -150,11 +150,19 @@ _KEPT_PUNCTUATION = frozenset("%#@&")
 def normalise(text: str) -> str:
     """
     The comparable form of C{text}: NFKC, case folded, contractions
-    expanded, punctuation dropped, symbols and words separated by one space,
-    CJK runs kept without spaces. Used for display and tests; matching uses
+    expanded, punctuation dropped, words, numbers and symbols separated by
+    one space, CJK without spaces. Used for display and tests; matching uses
     L{analyse}.
     """
-    return " ".join(kind_text[1] for kind_text in _raw_tokens(text))
+    out: list[str] = []
+    previous = ""
+    for kind, value in _raw_tokens(text):
+        if kind == "cjk" and previous == "cjk":
+            out[-1] += value  # "北京 今天" is "北京今天": CJK is written without spaces
+        else:
+            out.append(value)
+        previous = kind
+    return " ".join(out)
 
 
 def _raw_tokens(text: str) -> Iterator[tuple[str, str]]:
