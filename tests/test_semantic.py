@@ -224,6 +224,7 @@ class IndexTests(SynchronousTestCase):
         self.assertFalse(index.remove("e1"))
         self.assertIsNone(index.lookup(query))
         self.assertEqual(index._buckets, {})
+        self.assertEqual(index._signatures, {})
 
     def test_replace(self) -> None:
         """Adding an id again replaces its fingerprint."""
@@ -281,6 +282,31 @@ class IndexTests(SynchronousTestCase):
         self.assertEqual(index.lookup(query, 0.0), ("close", 1 - 7 / 64))
         index.remove("close")
         self.assertIsNone(index.lookup(query, 0.0))
+
+    def test_buckets_read(self) -> None:
+        """
+        A lookup whose signature no entry has reads no bucket; an identical
+        SimHash is found in the bands' own buckets; anything else also reads
+        their 1-bit neighbours.
+        """
+        index = SemanticIndex()
+        index.add("e", Fingerprint(0, 5))
+        read: list[int] = []
+        real = index._read
+
+        def counting(keys):
+            keys = list(keys)
+            read.append(len(keys))
+            return real(keys)
+
+        index._read = counting  # type: ignore[method-assign]
+        self.assertIsNone(index.lookup(Fingerprint(0, 6), 0.0))
+        self.assertEqual(read, [])
+        self.assertEqual(index.lookup(Fingerprint(0, 5)), ("e", 1.0))
+        self.assertEqual(read, [BANDS])
+        del read[:]
+        self.assertEqual(index.lookup(Fingerprint(1, 5)), ("e", 1 - 1 / 64))
+        self.assertEqual(read, [BANDS, len(probe_keys(Fingerprint(1, 5)))])
 
     def test_probe_guarantee(self) -> None:
         """

@@ -64,6 +64,7 @@ import functools
 import hashlib
 import itertools
 import re
+import struct
 import unicodedata
 from collections.abc import Hashable, Iterable, Iterator
 from typing import NamedTuple
@@ -167,8 +168,9 @@ def normalise(text: str) -> str:
 
 def _raw_tokens(text: str) -> Iterator[tuple[str, str]]:
     text = unicodedata.normalize("NFKC", text).translate(_QUOTES).casefold()
-    for pattern, replacement in _CONTRACTIONS:
-        text = pattern.sub(replacement, text)
+    if "'" in text or "cannot" in text:
+        for pattern, replacement in _CONTRACTIONS:
+            text = pattern.sub(replacement, text)
     for match in _TOKEN.finditer(text):
         kind = match.lastgroup
         value = match.group()
@@ -436,19 +438,20 @@ def analyse(text: str) -> Analysis:
 # --- SimHash -------------------------------------------------------------------
 
 # Bit-sliced accumulation: a feature's 64 hash bits are spread into 64 fields
-# of 32 bits of one big int, so adding a feature to every bit's counter is a
-# single big-int addition.
+# of 32 bits of one big int (field i holds bit i), so adding a feature to
+# every bit's counter is one big-int addition, done in C by sum().
 _FIELD = 32
-_BYTE_SPREAD = [sum(((b >> i) & 1) << (_FIELD * i) for i in range(8)) for b in range(256)]
+_BYTE_SPREAD = [
+    b"".join((b >> i & 1).to_bytes(_FIELD // 8, "little") for i in range(8)) for b in range(256)]
 
 
-@functools.lru_cache(maxsize=1 << 16)
+_COUNTS = struct.Struct("<64I")
+
+
+@functools.lru_cache(maxsize=4096)  # about 300 bytes each: the common words
 def _spread(feature: str) -> int:
     digest = hashlib.blake2b(feature.encode("utf-8"), digest_size=8).digest()
-    spread = 0
-    for i, byte in enumerate(digest):
-        spread |= _BYTE_SPREAD[byte] << (_FIELD * 8 * i)
-    return spread
+    return int.from_bytes(b"".join([_BYTE_SPREAD[b] for b in digest]), "little")
 
 
 def shingles(tokens: Iterable[str]) -> Iterator[tuple[str, int]]:
@@ -477,18 +480,18 @@ def simhash(features: Iterable[tuple[str, int]]) -> int:
     features whose hash has bit C{i} set outweigh those where it is clear.
     Stable across processes and machines (BLAKE2b, not C{hash()}).
     """
+    by_weight: dict[int, list[str]] = {}
+    for feature, weight in features:
+        by_weight.setdefault(weight, []).append(feature)
     total = 0
     acc = 0
-    for feature, weight in features:
-        total += weight
-        spread = _spread(feature)
-        acc += spread if weight == 1 else spread * weight
-    result = 0
-    mask = (1 << _FIELD) - 1
-    for i in range(64):
-        if 2 * ((acc >> (_FIELD * i)) & mask) > total:
-            result |= 1 << i
-    return result
+    for weight, names in by_weight.items():
+        total += weight * len(names)
+        acc += weight * sum(map(_spread, names))
+    if not total:
+        return 0
+    counts = _COUNTS.unpack(acc.to_bytes(64 * _FIELD // 8, "little"))
+    return int("".join(["1" if 2 * count > total else "0" for count in reversed(counts)]), 2)
 
 
 def similarity(a: int, b: int) -> float:
@@ -557,7 +560,7 @@ def probe_keys(fp: Fingerprint) -> list[int]:
     for i, shift, mask in _BAND_LAYOUT:
         key = base | (i << 16) | ((h >> shift) & mask)
         keys.append(key)
-        keys.extend(key ^ bit for bit in _BAND_BITS_OF[i])
+        keys += [key ^ bit for bit in _BAND_BITS_OF[i]]
     return keys
 
 
@@ -568,12 +571,15 @@ class SemanticIndex:
     A banded SimHash index in memory (see the module docstring).
 
     A bucket holds a single entry id as it is, or a list of ids once it has
-    several, so a typical entry costs one dict slot per band.
+    several, so a typical entry costs one dict slot per band. A count of the
+    entries of each signature lets a lookup whose content words no entry
+    has (most misses) stop after one dict probe instead of C{BANDS * 14}.
     """
 
     def __init__(self) -> None:
         self._entries: dict[Hashable, Fingerprint] = {}
         self._buckets: dict[int, object] = {}
+        self._signatures: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -593,6 +599,7 @@ class SemanticIndex:
         if not fp.signature:
             return False
         self._entries[entry_id] = fp
+        self._signatures[fp.signature] = self._signatures.get(fp.signature, 0) + 1
         buckets = self._buckets
         for key in band_keys(fp):
             held = buckets.get(key)
@@ -609,6 +616,9 @@ class SemanticIndex:
         fp = self._entries.pop(entry_id, None)
         if fp is None:
             return False
+        left = self._signatures.pop(fp.signature) - 1
+        if left:
+            self._signatures[fp.signature] = left
         buckets = self._buckets
         for key in band_keys(fp):
             held = buckets.get(key)
@@ -624,13 +634,11 @@ class SemanticIndex:
         """Forget every entry."""
         self._entries.clear()
         self._buckets.clear()
+        self._signatures.clear()
 
-    def candidates(self, fp: Fingerprint) -> set[Hashable]:
-        """The ids in the buckets a lookup of C{fp} reads (L{probe_keys})."""
+    def _read(self, keys: Iterable[int]) -> set[Hashable]:
         found: set[Hashable] = set()
-        get = self._buckets.get
-        for key in probe_keys(fp):
-            held = get(key)
+        for held in map(self._buckets.get, keys):
             if held is None:
                 continue
             if type(held) is list:
@@ -639,6 +647,22 @@ class SemanticIndex:
                 found.add(held)
         return found
 
+    def candidates(self, fp: Fingerprint) -> set[Hashable]:
+        """The ids in the buckets a lookup of C{fp} reads (L{probe_keys})."""
+        return self._read(probe_keys(fp))
+
+    def _best(self, fp: Fingerprint, ids: Iterable[Hashable],
+              best: Hashable, best_distance: int) -> tuple[Hashable, int]:
+        entries = self._entries
+        for entry_id in ids:
+            other = entries[entry_id]
+            if other.signature != fp.signature:
+                continue
+            distance = (other.simhash ^ fp.simhash).bit_count()
+            if distance < best_distance:
+                best, best_distance = entry_id, distance
+        return best, best_distance
+
     def lookup(self, fp: Fingerprint,
                threshold: float = DEFAULT_THRESHOLD) -> tuple[Hashable, float] | None:
         """
@@ -646,21 +670,18 @@ class SemanticIndex:
         least C{threshold}, among the candidates (never a scan of every
         entry). Of equally similar entries, any one.
 
+        Reads the C{BANDS} own buckets first: an identical SimHash there
+        cannot be beaten, which spares the 1-bit neighbours (the common hit:
+        a paraphrase that normalises to the same text).
+
         @return: C{(entry_id, similarity)}, or L{None}.
         """
-        if not fp.signature:
-            return None
+        if fp.signature not in self._signatures:
+            return None  # no entry has these content words: nothing can pass the guard
         limit = max_distance(threshold)
-        best = None
-        best_distance = limit + 1
-        entries = self._entries
-        for entry_id in self.candidates(fp):
-            other = entries[entry_id]
-            if other.signature != fp.signature:
-                continue
-            distance = (other.simhash ^ fp.simhash).bit_count()
-            if distance < best_distance:
-                best, best_distance = entry_id, distance
+        best, best_distance = self._best(fp, self._read(band_keys(fp)), None, limit + 1)
+        if best_distance:
+            best, best_distance = self._best(fp, self.candidates(fp), best, best_distance)
         if best is None:
             return None
         return best, 1.0 - best_distance / 64
