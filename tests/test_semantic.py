@@ -68,6 +68,7 @@ class NormaliseTests(SynchronousTestCase):
         """Politeness and framing leave only the content tokens."""
         self.assertEqual(analyse("Could you please tell me the capital of Spain?").tokens,
                          ("capital", "spain"))
+        self.assertEqual(analyse("whats the capital of spain").tokens, ("capital", "spain"))
         self.assertEqual(analyse("请问北京今天的天气如何？").tokens,
                          ("北", "京", "今", "天", "天", "气", "怎么"))
 
@@ -194,6 +195,13 @@ class GuardTests(SynchronousTestCase):
         ]
         for a, b in pairs:
             self.assertFalse(guard(fingerprint(a), fingerprint(b)), (a, b))
+
+    def test_symbols(self) -> None:
+        """Symbols are content: C{C#} and C{C++} are not C{C}."""
+        for a, b in [("How do I learn C#?", "How do I learn C?"), ("learn c++", "learn c"),
+                     ("what is 15% of 80", "what is 15 of 80")]:
+            self.assertFalse(guard(fingerprint(a), fingerprint(b)), (a, b))
+        self.assertTrue(guard(fingerprint("learn C#"), fingerprint("LEARN c# please")))
 
     def test_scope(self) -> None:
         """The same prompt in another scope (agent, model) never passes."""
