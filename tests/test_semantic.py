@@ -79,6 +79,8 @@ class NormaliseTests(SynchronousTestCase):
         self.assertEqual(analyse("三十五个苹果").numbers, ("35",))
         self.assertEqual(analyse("二〇二四年").numbers, ("2024",))
         self.assertEqual(analyse("两千零八年").numbers, ("2008",))
+        self.assertEqual(analyse("三万五千").numbers, ("35000",))
+        self.assertEqual(analyse("一百零五").numbers, ("105",))
         self.assertEqual(analyse("3.50 dollars").numbers, ("3.5",))
         self.assertEqual(analyse("iPhone15").numbers, analyse("iPhone 15").numbers)
         self.assertEqual(analyse("which one is better").numbers, ())
@@ -92,6 +94,7 @@ class NormaliseTests(SynchronousTestCase):
         self.assertEqual(analyse("我没有钱").negations, 1)
         self.assertEqual(analyse("别走").negations, 1)
         self.assertEqual(analyse("非常好").negations, 0)
+        self.assertEqual(analyse("这并非事实").negations, 1)
         self.assertEqual(analyse("非法").negations, 1)
 
     def test_directions(self) -> None:

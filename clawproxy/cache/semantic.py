@@ -334,7 +334,7 @@ CJK_PHRASES = {
     "非常": "非常", "无论": "无论", "千万": "千万", "万一": "万一", "十分": "十分",
     "一些": "一些", "一样": "一样", "一起": "一起", "一直": "一直", "一定": "一定",
     "一般": "一般", "统一": "统一", "唯一": "唯一", "一切": "一切", "一点": "一点",
-    "不过": "不过", "并非": "并非",
+    "不过": "不过",
     # not directions
     "收到": "收到", "看到": "看到", "找到": "找到", "得到": "得到", "遇到": "遇到",
     "达到": "达到", "听到": "听到", "想到": "想到", "感到": "感到", "做到": "做到",
@@ -352,7 +352,7 @@ _CJK_SCALES = {"十": 10, "百": 100, "千": 1000, "万": 10**4, "亿": 10**8}
 _CJK_NUMERAL = "".join(_CJK_DIGITS) + "".join(_CJK_SCALES)
 _CJK_SPLIT = re.compile(
     "(" + "|".join(sorted((re.escape(p) for p in CJK_PHRASES), key=len, reverse=True))
-    + "|没有|[" + _CJK_NUMERAL + "]+|.)")
+    + "|没有|并非|[" + _CJK_NUMERAL + "]+|.)")
 
 
 def _cjk_number(run: str) -> str:
@@ -366,7 +366,7 @@ def _cjk_number(run: str) -> str:
         else:
             scale = _CJK_SCALES[ch]
             if scale >= 10**4:
-                total += (section + digit) * scale
+                total += ((section + digit) or 1) * scale
                 section = 0
             else:
                 section += (digit or 1) * scale
