@@ -24,6 +24,16 @@ timed for comparison, and so is the index without the guard's namespace
 (C{--ablation}: band keys from the SimHash alone, as if every prompt had
 the same content words), which shows what keeps the buckets small.
 
+The last column times one C{dict.get} of an absent key in a dict as big as
+the index's buckets: the cost of the memory a bigger dict touches, which a
+lookup's C{dict} probes pay too (CPU caches), apart from any work that grows
+with the entries.
+
+With C{--store redis} the same prompts go into a
+L{clawproxy.cache.semantic_store.StoredSemanticIndex} on a redis-server the
+script starts (loopback, C{tests/redis_server.py}); lookups are awaited one
+after another (round-trip time), and memory is Redis C{used_memory} growth.
+
 Prints a Markdown table (or JSON with C{--json}).
 """
 
@@ -38,7 +48,10 @@ import sys
 import time
 import tracemalloc
 
+from twisted.internet.defer import Deferred
+
 from clawproxy.cache.semantic import (
+    BANDS,
     DEFAULT_THRESHOLD,
     Fingerprint,
     SemanticIndex,
@@ -167,13 +180,102 @@ def measure(sizes: list[int], lookups: int, ablation: bool, rounds: int = 10) ->
             for kind in kinds:
                 step = len(b[kind]) // rounds
                 sample[kind].append(timed(lookup, b[kind][r * step:(r + 1) * step]))
-    return [{**b["row"], **{f"{k}_us": round(statistics.median(sample[k]), 2) for k in kinds}}
+    for b, sample in zip(built, samples):
+        sample["dict_get"] = []
+        table = {rng_key: None for rng_key in random.Random(5).sample(
+            range(1 << 60), BANDS * b["row"]["entries"])}
+        b["table"] = table
+        probe = random.Random(6).sample(range(1 << 60), 5000)
+    for _ in range(rounds):
+        for b, sample in zip(built, samples):
+            get = b["table"].get
+            sample["dict_get"].append(_gets_ns(get, probe))
+    return [{**b["row"], **{f"{k}_us": round(statistics.median(sample[k]), 2) for k in kinds},
+             "dict_get_ns": round(statistics.median(sample["dict_get"]))}
             for b, sample in zip(built, samples)]
+
+
+def _gets_ns(get, keys: list[int]) -> float:
+    """ns per C{get(key)} over C{keys}, the loop's own cost included."""
+    t0 = time.perf_counter_ns()
+    for key in keys:
+        get(key)
+    return (time.perf_counter_ns() - t0) / len(keys)
 
 
 def _copy(value: int) -> int:
     """A new int object of the same value (so its memory is counted)."""
     return int.from_bytes(value.to_bytes(8, "big"), "big")
+
+
+async def _used_memory(raw) -> int:
+    info = await raw.info("memory")
+    if isinstance(info, dict):
+        return int(info["used_memory"])
+    return int(info.split("used_memory:")[1].split()[0])
+
+
+async def measure_redis(reactor, sizes: list[int], lookups: int) -> list[dict]:
+    """
+    The same prompts in a L{StoredSemanticIndex} on a redis-server of its
+    own (loopback): a lookup is one round trip (one script); µs per lookup
+    awaited one after another, Redis memory growth per entry.
+    """
+    import tempfile
+
+    import txredisapi
+    from twisted.internet.defer import DeferredSemaphore, gatherResults
+
+    from clawproxy.cache.semantic_store import StoredSemanticIndex
+    from clawproxy.config import RedisConfig, StoreConfig
+    from clawproxy.stores import build_store
+    from tests.redis_server import RedisServer
+
+    server = RedisServer(reactor, tempfile.mkdtemp(prefix="semantic-bench-"))
+    await server.start()
+    rows = []
+    try:
+        store = build_store(StoreConfig("redis", RedisConfig(url=server.url, prefix="b:",
+                                                             timeout=5.0)), reactor)
+        store.connect()
+        while True:
+            try:
+                await store.now()
+                break
+            except Exception:
+                from twisted.internet.task import deferLater
+                await deferLater(reactor, 0.05, lambda: None)
+        port = int(server.url.rsplit(":", 1)[1].split("/")[0])
+        raw = await txredisapi.Connection("127.0.0.1", port, reconnect=False)
+        for size in sizes:
+            rng = random.Random(1)
+            words = vocabulary(rng, 20000)
+            chars = [chr(c) for c in range(0x4E00, 0x4E00 + 3000)]
+            texts = prompts(rng, size + lookups // 3, words, chars)
+            stored, fresh = texts[:size], texts[size:]
+            index = StoredSemanticIndex(store, namespace=f"n{size}")
+            await raw.execute_command("FLUSHALL")
+            used = await _used_memory(raw)
+            gate = DeferredSemaphore(64)
+            await gatherResults([gate.run(index.add, f"entry-{n:08d}", fingerprint(t), 3600)
+                                 for n, t in enumerate(stored)])
+            grown = await _used_memory(raw) - used
+            third = lookups // 3
+            queries = {"same": [fingerprint(restyle(rng.choice(stored))) for _ in range(third)],
+                       "near": [fingerprint(reorder(rng.choice(stored))) for _ in range(third)],
+                       "miss": [fingerprint(t) for t in fresh[:third]]}
+            row = {"entries": size, "redis_bytes_per_entry": round(grown / size)}
+            for kind, items in queries.items():
+                t0 = time.perf_counter_ns()
+                for q in items:
+                    await index.lookup(q)
+                row[f"{kind}_us"] = round((time.perf_counter_ns() - t0) / len(items) / 1000, 1)
+            rows.append(row)
+        raw.disconnect()
+        await store.disconnect()
+    finally:
+        await server.stop()
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,7 +285,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ablation", action="store_true",
                         help="band keys from the SimHash alone (no guard namespace)")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--store", choices=["memory", "redis"], default="memory",
+                        help="redis: the stored index on a redis-server started for the run")
     args = parser.parse_args(argv)
+    if args.store == "redis":
+        from twisted.internet import task
+
+        sizes = [int(size) for size in args.sizes.split(",")]
+        out: list[dict] = []
+
+        async def run(reactor) -> None:
+            out.extend(await measure_redis(reactor, sizes, args.lookups))
+
+        try:
+            task.react(lambda reactor: Deferred.fromCoroutine(run(reactor)))
+        except SystemExit as e:
+            if e.code:
+                raise
+        print("| entries | lookup µs (one round trip): same text | reordered | miss "
+              "| Redis bytes/entry |")
+        print("|---:|---:|---:|---:|---:|")
+        for r in out:
+            print(f"| {r['entries']:,} | {r['same_us']} | {r['near_us']} | {r['miss_us']} | "
+                  f"{r['redis_bytes_per_entry']} |")
+        return 0
     rows = measure([int(size) for size in args.sizes.split(",")], args.lookups, args.ablation)
     if args.json:
         print(json.dumps(rows))
@@ -191,12 +316,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"python {sys.version.split()[0]}, threshold {DEFAULT_THRESHOLD}"
           + (", ABLATION: no guard namespace" if args.ablation else ""))
     print("| entries | lookup µs: same text | reordered | miss | reordered found "
-          "| candidates/miss | bytes/entry | linear scan µs | fingerprint µs |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| candidates/miss | bytes/entry | linear scan µs | fingerprint µs "
+          "| one dict.get ns (reference) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['entries']:,} | {r['same_us']} | {r['near_us']} | {r['miss_us']} | "
               f"{r['near_found']} | {r['candidates_per_miss']} | {r['bytes_per_entry']} | "
-              f"{r['scan_us']:,} | {r['fingerprint_us']} |")
+              f"{r['scan_us']:,} | {r['fingerprint_us']} | {r['dict_get_ns']} |")
     return 0
 
 

@@ -581,7 +581,7 @@ def probe_keys(fp: Fingerprint) -> list[int]:
     for i, shift, mask in _BAND_LAYOUT:
         key = base | (i << 16) | ((h >> shift) & mask)
         keys.append(key)
-        keys += [key ^ bit for bit in _BAND_BITS_OF[i]]
+        keys += map(key.__xor__, _BAND_BITS_OF[i])
     return keys
 
 
