@@ -215,7 +215,27 @@ async def _used_memory(raw) -> int:
     return int(info.split("used_memory:")[1].split()[0])
 
 
-async def measure_redis(reactor, sizes: list[int], lookups: int) -> list[dict]:
+def prepare(sizes: list[int], lookups: int) -> list[tuple[int, list, dict]]:
+    """
+    The fingerprints to store and to look up for each size, computed before
+    the reactor runs (minutes of CPU at 100,000 entries would stall it).
+    """
+    prepared = []
+    for size in sizes:
+        rng = random.Random(1)
+        words = vocabulary(rng, 20000)
+        chars = [chr(c) for c in range(0x4E00, 0x4E00 + 3000)]
+        texts = prompts(rng, size + lookups // 3, words, chars)
+        stored, fresh = texts[:size], texts[size:]
+        third = lookups // 3
+        queries = {"same": [fingerprint(restyle(rng.choice(stored))) for _ in range(third)],
+                   "near": [fingerprint(reorder(rng.choice(stored))) for _ in range(third)],
+                   "miss": [fingerprint(t) for t in fresh[:third]]}
+        prepared.append((size, [fingerprint(t) for t in stored], queries))
+    return prepared
+
+
+async def measure_redis(reactor, prepared: list[tuple[int, list, dict]]) -> list[dict]:
     """
     The same prompts in a L{StoredSemanticIndex} on a redis-server of its
     own (loopback): a lookup is one round trip (one script); µs per lookup
@@ -224,7 +244,7 @@ async def measure_redis(reactor, sizes: list[int], lookups: int) -> list[dict]:
     import tempfile
 
     import txredisapi
-    from twisted.internet.defer import DeferredSemaphore, gatherResults
+    from twisted.internet.defer import gatherResults
 
     from clawproxy.cache.semantic_store import StoredSemanticIndex
     from clawproxy.config import RedisConfig, StoreConfig
@@ -247,23 +267,14 @@ async def measure_redis(reactor, sizes: list[int], lookups: int) -> list[dict]:
                 await deferLater(reactor, 0.05, lambda: None)
         port = int(server.url.rsplit(":", 1)[1].split("/")[0])
         raw = await txredisapi.Connection("127.0.0.1", port, reconnect=False)
-        for size in sizes:
-            rng = random.Random(1)
-            words = vocabulary(rng, 20000)
-            chars = [chr(c) for c in range(0x4E00, 0x4E00 + 3000)]
-            texts = prompts(rng, size + lookups // 3, words, chars)
-            stored, fresh = texts[:size], texts[size:]
+        for size, fps, queries in prepared:
             index = StoredSemanticIndex(store, namespace=f"n{size}")
             await raw.execute_command("FLUSHALL")
             used = await _used_memory(raw)
-            gate = DeferredSemaphore(64)
-            await gatherResults([gate.run(index.add, f"entry-{n:08d}", fingerprint(t), 3600)
-                                 for n, t in enumerate(stored)])
+            for start in range(0, len(fps), 64):  # 64 calls in flight at a time
+                await gatherResults([index.add(f"entry-{n:08d}", fps[n], 3600)
+                                     for n in range(start, min(start + 64, len(fps)))])
             grown = await _used_memory(raw) - used
-            third = lookups // 3
-            queries = {"same": [fingerprint(restyle(rng.choice(stored))) for _ in range(third)],
-                       "near": [fingerprint(reorder(rng.choice(stored))) for _ in range(third)],
-                       "miss": [fingerprint(t) for t in fresh[:third]]}
             row = {"entries": size, "redis_bytes_per_entry": round(grown / size)}
             for kind, items in queries.items():
                 t0 = time.perf_counter_ns()
@@ -291,11 +302,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.store == "redis":
         from twisted.internet import task
 
-        sizes = [int(size) for size in args.sizes.split(",")]
+        prepared = prepare([int(size) for size in args.sizes.split(",")], args.lookups)
         out: list[dict] = []
 
         async def run(reactor) -> None:
-            out.extend(await measure_redis(reactor, sizes, args.lookups))
+            out.extend(await measure_redis(reactor, prepared))
 
         try:
             task.react(lambda reactor: Deferred.fromCoroutine(run(reactor)))
