@@ -21,7 +21,6 @@ from clawproxy.cache.semantic import (
     SemanticIndex,
     analyse,
     band_keys,
-    chat_prompt,
     fingerprint,
     guard,
     max_distance,
@@ -219,43 +218,6 @@ class GuardTests(SynchronousTestCase):
         self.assertEqual(fingerprint("Hi!").signature, 0)
         self.assertFalse(guard(fingerprint("Hi!"), fingerprint("thanks")))
         self.assertFalse(guard(fingerprint("你好"), fingerprint("谢谢")))
-
-
-class ChatPromptTests(SynchronousTestCase):
-    """L{chat_prompt} splits a chat body into the compared text and its context."""
-
-    def test_last_user_message(self) -> None:
-        """The last user message is the text; the rest, canonical, is the context."""
-        body = {"model": "m", "messages": [
-            {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": "hi"},
-            {"role": "assistant", "content": "hello"},
-            {"content": "What's the capital of France?", "role": "user"}]}
-        text, context = chat_prompt(body)
-        self.assertEqual(text, "What's the capital of France?")
-        same = {"messages": [{"content": "Be brief.", "role": "system"},
-                             {"content": "hi", "role": "user"},
-                             {"role": "assistant", "content": "hello"},
-                             {"role": "user", "content": "capital of France"}]}
-        self.assertEqual(chat_prompt(same)[1], context)
-        other = {"messages": [{"role": "system", "content": "Be verbose."},
-                              {"role": "user", "content": "capital of France"}]}
-        self.assertNotEqual(chat_prompt(other)[1], context)
-
-    def test_text_parts(self) -> None:
-        """Text parts are joined; an image part makes the request not comparable."""
-        parts = [{"type": "text", "text": "Describe"}, {"type": "text", "text": "Paris"}]
-        self.assertEqual(chat_prompt({"messages": [{"role": "user", "content": parts}]})[0],
-                         "Describe\nParis")
-        image = [*parts, {"type": "image_url", "image_url": {"url": "data:"}}]
-        self.assertIsNone(chat_prompt({"messages": [{"role": "user", "content": image}]}))
-
-    def test_not_a_chat(self) -> None:
-        """No messages, no user message, or not a dict: L{None}."""
-        for body in (None, [], {}, {"messages": "x"},
-                     {"messages": [{"role": "system", "content": "x"}]},
-                     {"messages": [{"role": "user", "content": 3}]}):
-            self.assertIsNone(chat_prompt(body), body)
 
 
 class IndexTests(SynchronousTestCase):

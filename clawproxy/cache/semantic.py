@@ -79,7 +79,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import itertools
-import json
 import re
 import struct
 import unicodedata
@@ -542,50 +541,6 @@ def fingerprint(text: str, scope: str = "") -> Fingerprint:
             scope, " ".join(analysis.content), " ".join(analysis.numbers),
             str(analysis.negations)])) or 1
     return Fingerprint(simhash(shingles(analysis.tokens)), signature)
-
-
-def chat_prompt(body: object) -> tuple[str, str] | None:
-    """
-    Split an OpenAI or Ollama chat body into what is compared by meaning and
-    what must match exactly.
-
-    @return: C{(text, context)}: the text of the last user message, and the
-        canonical JSON of every other message (system prompt, earlier turns,
-        roles, tool calls) to go into the fingerprint's C{scope} beside the
-        model and the agent; L{None} when there is no user message with text
-        (the request is then not semantically cacheable).
-    """
-    if not isinstance(body, dict):
-        return None
-    messages = body.get("messages")
-    if not isinstance(messages, list):
-        return None
-    for at in range(len(messages) - 1, -1, -1):
-        message = messages[at]
-        if isinstance(message, dict) and message.get("role") == "user":
-            text = _message_text(message.get("content"))
-            if text is None:
-                return None
-            rest = messages[:at] + messages[at + 1:]
-            context = json.dumps(rest, sort_keys=True, separators=(",", ":"),
-                                 ensure_ascii=False)
-            return text, context
-    return None
-
-
-def _message_text(content: object) -> str | None:
-    """A message's text: a string, or the text parts of a list (no images)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if not (isinstance(part, dict) and part.get("type") == "text"
-                    and isinstance(part.get("text"), str)):
-                return None  # an image or audio part: not compared by meaning
-            parts.append(part["text"])
-        return "\n".join(parts) if parts else None
-    return None
 
 
 def guard(a: Fingerprint, b: Fingerprint) -> bool:
