@@ -1402,8 +1402,6 @@ class RefusalTests(ConfigTestCase):
                 f"models.prices: {self.NOT_YET}",
                 f"pools.p.max_qps: {self.NOT_YET}",
                 f"routes[0].rate_limit: {self.NOT_YET}",
-                "routes[0].cache.semantic: semantic caching is not supported by this"
-                " version yet",
             ],
         )
 

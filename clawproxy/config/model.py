@@ -637,11 +637,10 @@ class RouteCacheConfig:
 
     enabled: bool = f.setting(f.boolean, True, "Cache this route.")
     ttl: float = f.setting(f.duration(above=0), 300.0, "Entry lifetime.", shown="5m")
-    semantic: bool = f.setting(f.boolean, False, "Match similar prompts.",
-                               not_yet=NotYet(RESILIENCE, bool, "semantic caching is not"
-                                              " supported by this version yet", "``true``"))
-    threshold: float = f.setting(f.number(low=0, high=1), 0.85, "Semantic similarity of a hit.",
-                                 not_yet=NotYet(RESILIENCE))
+    semantic: bool = f.setting(f.boolean, False, "Also match similar prompts (SimHash of the"
+                               " last user message, with a guard on numbers, negations and"
+                               " content words; ``X-Cache: SEMANTIC-HIT``).")
+    threshold: float = f.setting(f.number(low=0, high=1), 0.85, "Semantic similarity of a hit.")
     shared: bool = f.setting(f.boolean, False, "Share entries between agents (else each"
                              " agent, or each anonymous client address, has its own).")
     key: tuple[str, ...] = f.setting(f.list_of(f.nonempty), (), "Request parts forming the"
