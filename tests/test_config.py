@@ -1086,7 +1086,6 @@ class ErrorTests(ConfigTestCase):
             [
                 "agents.a.scopes: not supported by this version yet",
                 "agents.a.scopes[0]: must start with /",
-                "agents.a.spend_limit: not supported by this version yet",
                 "agents.a.spend_limit: must be a rate such as 100/minute, 10/s or 1000/hour",
                 "agents.a.inject_headers: not supported by this version yet",
                 "agents.a.inject_headers.Bad Header: invalid header name",
@@ -1285,7 +1284,6 @@ class ErrorTests(ConfigTestCase):
                 "store.redis.url: must be a redis://, rediss:// or unix:// URL",
                 "store.redis.timeout: must be > 0",
                 "models.aliases.fast: must be a string",
-                "models.prices: not supported by this version yet",
                 "models.prices.m.prompt: must be >= 0",
                 "models.prices.m.extra: unknown key",
                 "cache: not supported by this version yet",
@@ -1367,12 +1365,9 @@ class RefusalTests(ConfigTestCase):
                 f"auth.jwt: {self.NOT_YET}",
                 f"agents.a.scopes: {self.NOT_YET}",
                 f"agents.a.rate_limit: {self.NOT_YET}",
-                f"agents.a.token_limit: {self.NOT_YET}",
-                f"agents.a.spend_limit: {self.NOT_YET}",
                 f"agents.a.inject_headers: {self.NOT_YET}",
                 f"rate_limits: {self.NOT_YET}",
                 f"models.fallbacks: {self.NOT_YET}",
-                f"models.prices: {self.NOT_YET}",
                 "pools.p.circuit_breaker: circuit breakers are not supported by this version"
                 " yet (leave the section out, or set enabled: false)",
                 f"pools.p.max_qps: {self.NOT_YET}",

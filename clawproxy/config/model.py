@@ -249,10 +249,13 @@ class AgentConfig:
         not_yet=NotYet(PROTECTION))
     rate_limit: Rate | None = f.setting(f.rate, None, "Requests per period for this agent.",
                                         not_yet=NotYet(PROTECTION))
-    token_limit: Rate | None = f.setting(f.rate, None, "Prompt + completion tokens per"
-                                         " period.", not_yet=NotYet(LLM))
-    spend_limit: Rate | None = f.setting(f.rate, None, "Budget in the currency of"
-                                         " ``models.prices``.", not_yet=NotYet(LLM))
+    token_limit: Rate | None = f.setting(
+        f.rate, None, "Prompt + completion tokens per period (a fixed window of the store's"
+        " time): each LLM call reserves its prompt estimate + ``max_tokens`` before it is"
+        " sent and settles at what it used; over budget: 429.")
+    spend_limit: Rate | None = f.setting(
+        f.rate, None, "Spend per period in the currency of ``models.prices``, reserved and"
+        " settled like ``token_limit``.")
     tier: str | None = f.setting(f.scalar_text, None,
                                  "Free attribute for routes' ``match: {agent.tier: ...}``.")
     inject_headers: dict[str, str] = f.setting(
@@ -323,8 +326,11 @@ class ModelsConfig:
     fallbacks: dict[str, tuple[str, ...]] = f.setting(
         f.map_of(f.list_of(f.nonempty, allow_empty=False)), factory=dict,
         doc="Models tried in order when a model's pool fails.", not_yet=NotYet(LLM))
-    prices: dict[str, ModelPrice] = f.entries(ModelPrice, "Prices per model, for spend.",
-                                              name=f.nonempty, not_yet=NotYet(LLM))
+    prices: dict[str, ModelPrice] = f.entries(ModelPrice, "Prices per model (after"
+                                              " aliases), for spend.", name=f.nonempty)
+    reserve_completion_tokens: int = f.setting(
+        f.integer(low=1), 1024, "Completion tokens a call that sets no ``max_tokens``"
+        " reserves against ``token_limit`` and ``spend_limit``.")
 
 
 # -- pools ---------------------------------------------------------------------------------

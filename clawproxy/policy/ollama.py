@@ -84,6 +84,8 @@ class StreamTranslator:
         self._buffer = b""
         self._started = False
         self.done = False
+        #: The OpenAI C{usage} of the C{done} line, once it came.
+        self.usage: dict[str, int] | None = None
 
     def feed(self, data: bytes) -> bytes:
         """SSE bytes for the complete NDJSON lines in C{self._buffer + data}."""
@@ -132,7 +134,8 @@ class StreamTranslator:
         if content:
             out += self._chunk({"content": content}, None)
         if obj.get("done"):
-            extra = {"usage": _usage(obj)} if self.include_usage else {}
+            self.usage = _usage(obj)
+            extra = {"usage": self.usage} if self.include_usage else {}
             out += self._chunk({}, _finish_reason(obj), **extra)
             out += b"data: [DONE]\n\n"
             self.done = True
@@ -153,6 +156,8 @@ class CompletionCollector:
         self._parts: list[bytes] = []
         self._size = 0
         self._limit = limit
+        #: The OpenAI C{usage} of the answer, once it is translated.
+        self.usage: dict[str, int] | None = None
 
     def feed(self, data: bytes) -> bytes:
         self._size += len(data)
@@ -180,4 +185,6 @@ class CompletionCollector:
             obj = dict(last, message={"role": "assistant", "content": "".join(content)})
         if not isinstance(obj, dict):
             obj = {}
-        return json.dumps(chat_response(obj, self.model, self.id)).encode()
+        answer = chat_response(obj, self.model, self.id)
+        self.usage = answer["usage"]
+        return json.dumps(answer).encode()

@@ -58,6 +58,11 @@ class RequestContext:
     aborted: bool = False
     response_headers: list[tuple[bytes, bytes]] = attrs.Factory(list)
     model: str | None = None
+    #: A stage changed C{body}: it is sent upstream re-serialised.
+    body_changed: bool = False
+    #: Token accounting's record of an LLM request
+    #: (L{clawproxy.web.tokens.TokenRecord}), L{None} for other requests.
+    tokens: Any = None
 
     def json_body(self) -> dict[str, Any]:
         """

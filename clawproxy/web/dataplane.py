@@ -35,6 +35,7 @@ from clawproxy.web.accesslog import AccessLog
 from clawproxy.web.auth import auth_parts
 from clawproxy.web.gateway import GatewayResource
 from clawproxy.web.relay import Relay
+from clawproxy.web.tokens import token_parts
 
 #: A feature: called with keyword arguments C{config}, C{router}, C{store}
 #: (the L{IStateStore}), C{clock} and C{metrics}, it returns the parts it adds
@@ -45,6 +46,7 @@ Feature = Callable[..., Iterable[Any]]
 #: its stages run within a phase.
 FEATURES: tuple[Feature, ...] = (
     auth_parts,
+    token_parts,
 )
 
 _SEAMS = (IRequestStage, IHeadCheck, IResponseFilter, IResponseObserver, IAdminSection)

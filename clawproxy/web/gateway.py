@@ -186,7 +186,7 @@ class GatewayResource(Resource):
                     (name.encode(), self._expand(value, ctx, instance=False).encode()))
         if ctx.body is not None:
             ctx.rewrite = rewrite_for(pool, local, ctx.method, ctx.body, ctx.model,
-                                      ctx.request_id)
+                                      ctx.request_id, ctx.body_changed)
         key, sticky = self._keys(ctx, pool)
         timeout = cfg.timeout if cfg.timeout is not None else pool.config.timeout
         try:

@@ -45,15 +45,26 @@ class OllamaChat(Rewrite):
         self.include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         self.completion_id = "chatcmpl-" + request_id
 
+    #: The translator of the answer, once L{response} made it (its C{usage}
+    #: holds the counts Ollama reported, for token accounting).
+    translator: BodyTranslator | None = None
+
     def response(self) -> BodyTranslator:
         if self.stream:
-            return ollama.StreamTranslator(self.model, self.completion_id, self.include_usage)
-        return ollama.CompletionCollector(self.model, self.completion_id)
+            self.translator = ollama.StreamTranslator(self.model, self.completion_id,
+                                                      self.include_usage)
+        else:
+            self.translator = ollama.CompletionCollector(self.model, self.completion_id)
+        return self.translator
 
 
 def rewrite_for(pool: Any, local_path: bytes, method: bytes, body: dict[str, Any] | None,
-                model: str | None, request_id: str) -> Rewrite | None:
-    """What (if anything) to change in a request going to C{pool}."""
+                model: str | None, request_id: str, changed: bool = False) -> Rewrite | None:
+    """
+    What (if anything) to change in a request going to C{pool}.
+
+    @param changed: a stage changed C{body}: send it even when the model stays.
+    """
     if body is None:
         return None
     if pool.config.protocol == "ollama" and method == b"POST" and local_path == (
@@ -62,4 +73,6 @@ def rewrite_for(pool: Any, local_path: bytes, method: bytes, body: dict[str, Any
         return OllamaChat(body, model or body.get("model", ""), request_id)
     if model is not None and body.get("model") != model:
         return Rewrite(dict(body, model=model))
+    if changed:
+        return Rewrite(body)
     return None
