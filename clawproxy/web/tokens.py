@@ -352,9 +352,10 @@ class TokenObserver:
         if rec is None:
             return
         ok = 200 <= ctx.status < 300 and rec.watcher is not None
-        usage = rec.usage = final_usage(rec) if ok else Usage(0, 0)
+        usage = final_usage(rec) if ok else Usage(0, 0)  # a failed call used nothing
         model = ctx.model or rec.model
         if ok:
+            rec.usage = usage
             agent = ctx.agent_name
             m = self.metrics
             if usage.prompt:
