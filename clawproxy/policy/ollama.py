@@ -104,13 +104,15 @@ class StreamTranslator:
             self.done = True
         return out
 
-    def _chunk(self, delta: dict[str, Any], finish: str | None, **extra: Any) -> bytes:
+    def _chunk(self, delta: dict[str, Any] | None, finish: str | None, **extra: Any) -> bytes:
+        """One SSE chunk; C{delta=None} for a chunk without choices (the usage chunk)."""
         chunk = {
             "id": self.id,
             "object": "chat.completion.chunk",
             "created": int(time.time()),
             "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            "choices": [] if delta is None else [
+                {"index": 0, "delta": delta, "finish_reason": finish}],
             **extra,
         }
         return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
@@ -135,8 +137,10 @@ class StreamTranslator:
             out += self._chunk({"content": content}, None)
         if obj.get("done"):
             self.usage = _usage(obj)
-            extra = {"usage": self.usage} if self.include_usage else {}
-            out += self._chunk({}, _finish_reason(obj), **extra)
+            out += self._chunk({}, _finish_reason(obj))
+            if self.include_usage:
+                # As OpenAI sends it: a chunk of its own, with no choices.
+                out += self._chunk(None, None, usage=self.usage)
             out += b"data: [DONE]\n\n"
             self.done = True
         return out
