@@ -2,10 +2,10 @@
 Simulated LLM backends (SPEC section 6).
 
 A L{SimulatorResource} answers the OpenAI (C{/v1/chat/completions},
-C{/v1/completions}, C{/v1/models}) and Ollama (C{/api/chat}, C{/api/tags})
-APIs plus C{/health}, with a configurable time to first token, token rate,
-failure rate and hang rate. Every wait goes through the injected clock, so tests
-drive it with L{twisted.internet.task.Clock}.
+C{/v1/completions}, C{/v1/embeddings}, C{/v1/models}) and Ollama (C{/api/chat},
+C{/api/embed}, C{/api/tags}) APIs plus C{/health}, with a configurable time to
+first token, token rate, failure rate and hang rate. Every wait goes through the
+injected clock, so tests drive it with L{twisted.internet.task.Clock}.
 
 Timing: a reply started at C{t} has ticks at C{t + ttft + k / tokens_per_second}
 for C{k = 0..n}. An OpenAI stream sends its role chunk at tick 0 and token C{k}
@@ -16,6 +16,7 @@ line at tick C{n}; a non-streamed reply is sent whole at tick C{n}.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import random
@@ -195,6 +196,12 @@ def _text_of(content: object) -> str:
     return ""
 
 
+def _vector(text: str, dims: int = 8) -> list[float]:
+    """A deterministic unit-ish vector for C{text} (the same text, the same vector)."""
+    digest = hashlib.sha256(text.encode()).digest()
+    return [round(b / 255.0 - 0.5, 4) for b in digest[:dims]]
+
+
 def _answer(words: Sequence[str], n: int) -> tuple[str, ...]:
     """
     C{n} tokens echoing C{words} in a loop, or C{token0 token1 ...} when there
@@ -255,6 +262,8 @@ class SimulatorResource(Resource):
             b"/v1/chat/completions": (b"POST", lambda r: self._complete(r, "chat")),
             b"/v1/completions": (b"POST", lambda r: self._complete(r, "text")),
             b"/api/chat": (b"POST", lambda r: self._complete(r, "ollama")),
+            b"/v1/embeddings": (b"POST", lambda r: self._embed(r, "openai")),
+            b"/api/embed": (b"POST", lambda r: self._embed(r, "ollama")),
             b"/v1/models": (b"GET", self._openai_models),
             b"/api/tags": (b"GET", self._ollama_tags),
             b"/health": (b"GET", self._health),
@@ -338,6 +347,33 @@ class SimulatorResource(Resource):
                 "active": self.active,
             },
         )
+
+    def _embed(self, request: Request, api: str) -> bytes:
+        """
+        Embeddings (OpenAI C{/v1/embeddings}, Ollama C{/api/embed}): one
+        small deterministic vector per input text, at once.
+        """
+        try:
+            body = json.loads(request.content.read() if request.content is not None else b"")
+        except (ValueError, RecursionError):
+            body = None
+        inputs = body.get("input") if isinstance(body, dict) else None
+        texts = [inputs] if isinstance(inputs, str) else inputs
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            return self._error(request, 400, "input must be a string or a list of strings",
+                               "invalid_request_error", "bad_request")
+        model = body.get("model") or self.settings.model
+        vectors = [_vector(t) for t in texts]
+        tokens = sum(len(t.split()) for t in texts)
+        if api == "ollama":
+            return self._json(request, {"model": model, "embeddings": vectors,
+                                        "prompt_eval_count": tokens})
+        return self._json(request, {
+            "object": "list", "model": model,
+            "data": [{"object": "embedding", "index": i, "embedding": v}
+                     for i, v in enumerate(vectors)],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        })
 
     # Completions
 
