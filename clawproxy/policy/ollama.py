@@ -12,6 +12,8 @@ import json
 import time
 from typing import Any
 
+from clawproxy.errors import bad_request
+
 _OPTIONS = {
     "temperature": "temperature",
     "top_p": "top_p",
@@ -22,26 +24,149 @@ _OPTIONS = {
 }
 
 
+def _content(content: Any, images: list[str]) -> str:
+    """
+    The text of an OpenAI message C{content}: a string, or an array of parts
+    whose text parts are joined (by newlines) and whose C{image_url} parts
+    (base64 C{data:} URLs) go to C{images}.
+
+    @raise Rejected: 400 for an image given by a URL Ollama cannot fetch.
+    """
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise bad_request("message content must be a string or an array of parts",
+                          "invalid_content")
+    texts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "image_url":
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            if not isinstance(url, str) or not url.startswith("data:") or "," not in url:
+                raise bad_request("images sent to an Ollama pool must be base64 data: URLs",
+                                  "unsupported_image_url")
+            images.append(url.split(",", 1)[1])
+        else:
+            raise bad_request(f"content part type {kind!r} is not supported by Ollama pools",
+                              "invalid_content")
+    return "\n".join(texts)
+
+
+def _arguments(raw: Any) -> Any:
+    """OpenAI's tool call C{arguments} (a JSON string) as the object Ollama wants."""
+    if isinstance(raw, str):
+        try:
+            return json.loads(raw) if raw.strip() else {}
+        except (ValueError, RecursionError):
+            raise bad_request("tool call arguments must be a JSON object",
+                              "invalid_tool_call") from None
+    return raw if raw is not None else {}
+
+
+def _messages(messages: Any) -> list[dict[str, Any]]:
+    """OpenAI chat messages as Ollama's."""
+    if not isinstance(messages, list):
+        raise bad_request("messages must be an array", "invalid_messages")
+    names: dict[str, str] = {}  # tool call id -> function name
+    out = []
+    for m in messages:
+        if not isinstance(m, dict):
+            raise bad_request("each message must be an object", "invalid_messages")
+        images: list[str] = []
+        msg: dict[str, Any] = {"role": m.get("role", "user"),
+                               "content": _content(m.get("content"), images)}
+        if images:
+            msg["images"] = images
+        calls = m.get("tool_calls")
+        if isinstance(calls, list) and calls:
+            msg["tool_calls"] = []
+            for call in calls:
+                fn = (call.get("function") or {}) if isinstance(call, dict) else {}
+                if isinstance(call, dict) and isinstance(call.get("id"), str):
+                    names[call["id"]] = fn.get("name", "")
+                msg["tool_calls"].append({"function": {
+                    "name": fn.get("name", ""), "arguments": _arguments(fn.get("arguments"))}})
+        if msg["role"] == "tool":
+            name = m.get("name") or names.get(m.get("tool_call_id", ""))
+            if name:
+                msg["tool_name"] = name
+        out.append(msg)
+    return out
+
+
+def _tools(tools: Any, choice: Any) -> list[Any] | None:
+    """
+    The tools offered to Ollama under OpenAI's C{tool_choice}: C{none} offers
+    none, a named function offers only that one (Ollama cannot force a call:
+    C{required} offers them all, as C{auto} does).
+    """
+    if not isinstance(tools, list) or not tools or choice == "none":
+        return None
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        chosen = [t for t in tools if isinstance(t, dict)
+                  and (t.get("function") or {}).get("name") == name]
+        if not chosen:
+            raise bad_request(f"tool_choice names a function not in tools: {name!r}",
+                              "invalid_tool_choice")
+        return chosen
+    return tools
+
+
 def chat_request(body: dict[str, Any], model: str) -> dict[str, Any]:
-    """The Ollama C{/api/chat} body for an OpenAI chat completion request."""
+    """
+    The Ollama C{/api/chat} body for an OpenAI chat completion request.
+
+    @raise Rejected: 400 for what Ollama cannot be asked (an image URL, a
+        content part of another type, arguments that are not JSON).
+    """
     options = {theirs: body[ours] for ours, theirs in _OPTIONS.items() if ours in body}
+    if isinstance(options.get("stop"), str):
+        options["stop"] = [options["stop"]]
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is not None:
         options["num_predict"] = max_tokens
     out: dict[str, Any] = {
         "model": model,
-        "messages": body.get("messages", []),
+        "messages": _messages(body.get("messages", [])),
         "stream": bool(body.get("stream", False)),
     }
+    tools = _tools(body.get("tools"), body.get("tool_choice"))
+    if tools:
+        out["tools"] = tools
     if options:
         out["options"] = options
-    if body.get("response_format", {}).get("type") == "json_object":
-        out["format"] = "json"
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict):
+        if fmt.get("type") == "json_object":
+            out["format"] = "json"
+        elif fmt.get("type") == "json_schema":
+            schema = (fmt.get("json_schema") or {}).get("schema")
+            out["format"] = schema if isinstance(schema, dict) else "json"
     return out
 
 
-def _finish_reason(obj: dict[str, Any]) -> str:
-    return "length" if obj.get("done_reason") == "length" else "stop"
+def _finish_reason(obj: dict[str, Any], tool_calls: bool = False) -> str:
+    if obj.get("done_reason") == "length":
+        return "length"
+    return "tool_calls" if tool_calls else "stop"
+
+
+def _tool_calls(calls: Any, first: int = 0) -> list[dict[str, Any]]:
+    """Ollama's C{tool_calls} in OpenAI's shape (arguments as a JSON string)."""
+    out = []
+    for i, call in enumerate(calls if isinstance(calls, list) else [], first):
+        fn = (call.get("function") or {}) if isinstance(call, dict) else {}
+        args = fn.get("arguments", {})
+        out.append({"id": f"call_{i}", "type": "function", "function": {
+            "name": fn.get("name", ""),
+            "arguments": args if isinstance(args, str) else json.dumps(args)}})
+    return out
 
 
 def _usage(obj: dict[str, Any]) -> dict[str, int]:
@@ -54,17 +179,19 @@ def _usage(obj: dict[str, Any]) -> dict[str, int]:
 def chat_response(obj: dict[str, Any], model: str, completion_id: str) -> dict[str, Any]:
     """An OpenAI C{chat.completion} from Ollama's non-streamed answer."""
     message = obj.get("message") or {}
+    calls = _tool_calls(message.get("tool_calls"))
+    answer: dict[str, Any] = {"role": message.get("role", "assistant"),
+                              "content": message.get("content", "")}
+    if calls:
+        answer["tool_calls"] = calls
+        answer["content"] = answer["content"] or None
     return {
         "id": completion_id,
         "object": "chat.completion",
         "created": int(time.time()),
         "model": obj.get("model", model),
-        "choices": [{
-            "index": 0,
-            "message": {"role": message.get("role", "assistant"),
-                        "content": message.get("content", "")},
-            "finish_reason": _finish_reason(obj),
-        }],
+        "choices": [{"index": 0, "message": answer,
+                     "finish_reason": _finish_reason(obj, bool(calls))}],
         "usage": _usage(obj),
     }
 
@@ -83,6 +210,7 @@ class StreamTranslator:
         self.include_usage = include_usage
         self._buffer = b""
         self._started = False
+        self._calls = 0
         self.done = False
         #: The OpenAI C{usage} of the C{done} line, once it came.
         self.usage: dict[str, int] | None = None
@@ -132,12 +260,19 @@ class StreamTranslator:
         if not self._started:
             self._started = True
             out += self._chunk({"role": "assistant", "content": ""}, None)
-        content = (obj.get("message") or {}).get("content", "")
+        message = obj.get("message") or {}
+        content = message.get("content", "")
         if content:
             out += self._chunk({"content": content}, None)
+        calls = _tool_calls(message.get("tool_calls"), self._calls)
+        if calls:
+            for i, call in enumerate(calls, self._calls):
+                call["index"] = i
+            self._calls += len(calls)
+            out += self._chunk({"tool_calls": calls}, None)
         if obj.get("done"):
             self.usage = _usage(obj)
-            out += self._chunk({}, _finish_reason(obj))
+            out += self._chunk({}, _finish_reason(obj, self._calls > 0))
             if self.include_usage:
                 # As OpenAI sends it: a chunk of its own, with no choices.
                 out += self._chunk(None, None, usage=self.usage)
@@ -192,3 +327,51 @@ class CompletionCollector:
         answer = chat_response(obj, self.model, self.id)
         self.usage = answer["usage"]
         return json.dumps(answer).encode()
+
+
+def error_shape(status: int, message: str) -> dict[str, Any]:
+    """An Ollama error (its status and message) in the SPEC's error shape."""
+    if status == 404:
+        code = "model_not_found" if "model" in message else "not_found"
+        kind = "invalid_request_error"
+    elif status == 429:
+        kind, code = "rate_limit_error", "rate_limited"
+    elif 400 <= status < 500:
+        kind, code = "invalid_request_error", "bad_request"
+    else:
+        kind, code = "upstream_error", "ollama_error"
+    return {"error": {"message": message, "type": kind, "code": code}}
+
+
+class ErrorTranslator:
+    """
+    Turn an Ollama error answer (C{{"error": "..."}} with its status) into
+    the SPEC's error shape, keeping the status.
+    """
+
+    content_type = b"application/json"
+
+    def __init__(self, status: int, limit: int = 64 * 1024) -> None:
+        self.status = status
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._limit = limit
+
+    def feed(self, data: bytes) -> bytes:
+        self._size += len(data)
+        if self._size <= self._limit:
+            self._parts.append(data)
+        return b""
+
+    def finish(self) -> bytes:
+        raw = b"".join(self._parts)
+        try:
+            obj = json.loads(raw)
+        except (ValueError, RecursionError):
+            obj = None
+        error = obj.get("error") if isinstance(obj, dict) else None
+        if isinstance(error, dict):  # already OpenAI-shaped (an OpenAI-compatible server)
+            error = error.get("message")
+        if not isinstance(error, str) or not error:
+            error = raw[:500].decode("utf-8", "replace").strip() or f"Ollama answered {self.status}"
+        return json.dumps(error_shape(self.status, error)).encode()

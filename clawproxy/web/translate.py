@@ -34,6 +34,10 @@ class Rewrite:
     def response(self) -> BodyTranslator | None:
         return None
 
+    def error(self, status: int) -> BodyTranslator | None:
+        """Makes a L{BodyTranslator} for an error answer (4xx/5xx), or None to relay it."""
+        return None
+
 
 class OllamaChat(Rewrite):
     """An OpenAI chat completion sent to Ollama's C{/api/chat} and translated back."""
@@ -56,6 +60,9 @@ class OllamaChat(Rewrite):
         else:
             self.translator = ollama.CompletionCollector(self.model, self.completion_id)
         return self.translator
+
+    def error(self, status: int) -> BodyTranslator:
+        return ollama.ErrorTranslator(status)
 
 
 def rewrite_for(pool: Any, local_path: bytes, method: bytes, body: dict[str, Any] | None,
