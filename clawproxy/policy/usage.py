@@ -24,6 +24,7 @@ NDJSON line of an LLM stream carries about one token).
 from __future__ import annotations
 
 import json
+from collections import deque
 from typing import Any
 
 import attrs
@@ -36,6 +37,26 @@ TOKENS_PER_MESSAGE = 4
 
 #: How much of a body's tail is kept to find its usage.
 _TAIL = 16384
+
+
+class _Tail:
+    """The last chunks of a body (at least L{_TAIL} bytes of them), without copying."""
+
+    __slots__ = ("chunks", "size")
+
+    def __init__(self) -> None:
+        self.chunks: deque[bytes] = deque()
+        self.size = 0
+
+    def add(self, chunk: bytes) -> None:
+        chunks = self.chunks
+        chunks.append(chunk)
+        self.size += len(chunk)
+        while self.size - len(chunks[0]) >= _TAIL:
+            self.size -= len(chunks.popleft())
+
+    def bytes(self) -> bytes:
+        return b"".join(self.chunks)
 
 
 @attrs.define(slots=True)
@@ -142,16 +163,6 @@ def answer_chars(obj: Any) -> int:
 # -- streams ------------------------------------------------------------------------------
 
 
-def _events(data: bytes) -> list[bytes]:
-    """The C{data:} payloads of the complete SSE events in C{data}."""
-    out = []
-    for event in data.replace(b"\r\n", b"\n").split(b"\n\n"):
-        for line in event.split(b"\n"):
-            if line.startswith(b"data:"):
-                out.append(line[5:].strip())
-    return out
-
-
 def _loads(raw: bytes) -> Any:
     try:
         return json.loads(raw)
@@ -187,15 +198,14 @@ class SseUsage:
         self.drop = drop
         self.usage: Usage | None = None
         self.events = 0
-        self._tail = b""
+        self._tail = _Tail()
         self._pending = b""
 
     def feed(self, chunk: bytes) -> bytes:
         """The bytes of C{chunk} to pass on."""
         if not self.drop:
             self.events += chunk.count(b"data:")
-            tail = self._tail + chunk if len(chunk) < _TAIL else chunk
-            self._tail = tail[-_TAIL:]
+            self._tail.add(chunk)
             return chunk
         buf = self._pending + chunk if self._pending else chunk
         cut = _event_end(buf)
@@ -234,14 +244,21 @@ class SseUsage:
         if self.drop:
             rest, self._pending = self._pending, b""
             return self._strip(rest) if b'"usage"' in rest else rest
-        if b'"usage"' in self._tail:
-            for raw in reversed(_events(self._tail)):
-                if b'"usage"' in raw:
-                    usage = usage_of(_loads(raw))
-                    if usage is not None:
-                        self.usage = usage
-                        break
-        return b""
+        tail = self._tail.bytes()
+        end = len(tail)
+        while True:  # the last event with a usage object, parsed alone
+            at = tail.rfind(b'"usage"', 0, end)
+            if at < 0:
+                return b""
+            start = tail.rfind(b"data:", 0, at)
+            stop = tail.find(b"\n", at)
+            usage = usage_of(_loads(tail[start + 5:stop if stop >= 0 else len(tail)]))
+            if usage is not None:
+                self.usage = usage
+                return b""
+            end = max(start, 0)
+            if start < 0:
+                return b""
 
     def result(self) -> Usage | None:
         """The usage reported, else None."""
@@ -254,16 +271,15 @@ class NdjsonUsage:
     def __init__(self) -> None:
         self.usage: Usage | None = None
         self.events = 0
-        self._tail = b""
+        self._tail = _Tail()
 
     def feed(self, chunk: bytes) -> bytes:
         self.events += chunk.count(b"\n")
-        tail = self._tail + chunk if len(chunk) < _TAIL else chunk
-        self._tail = tail[-_TAIL:]
+        self._tail.add(chunk)
         return chunk
 
     def finish(self) -> bytes:
-        for line in reversed(self._tail.split(b"\n")):
+        for line in reversed(self._tail.bytes().split(b"\n")):
             if b"eval_count" in line:
                 usage = usage_of(_loads(line))
                 if usage is not None:
