@@ -94,6 +94,21 @@ def _format_store(name: str, store: dict[str, Any]) -> list[str]:
 SECTION_FORMATS["store"] = _format_store
 
 
+def _format_tokens(name: str, section: dict[str, Any]) -> list[str]:
+    """Token accounting per pool (L{clawproxy.web.tokens.TokenObserver})."""
+    pools = section.get("pools") or {}
+    lines = [f"{'TOKENS POOL':<24} {'TOK/S (1m)':>10} {'PROMPT':>12} {'COMPLETION':>12}"]
+    for pool, p in sorted(pools.items()):
+        lines.append(f"{pool:<24} {p.get('tokens_per_second', 0):>10g} "
+                     f"{p.get('prompt_tokens', 0):>12} {p.get('completion_tokens', 0):>12}")
+    if not pools:
+        lines.append("(no LLM calls yet)")
+    return lines
+
+
+SECTION_FORMATS["tokens"] = _format_tokens
+
+
 def _format_section(name: str, section: Any) -> list[str]:
     if not isinstance(section, dict):
         return [f"{name}: {json.dumps(section)}"]
