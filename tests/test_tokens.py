@@ -293,3 +293,19 @@ class BudgetTests(SynchronousTestCase):
         endpoint = section.endpoints()[(b"GET", b"/admin/budgets")]
         self.assertEqual(self.successResultOf(endpoint(None)), {
             "agents": {"finance": {"token_limit": {"limit": "1000/minute", "used": 7.0}}}})
+
+
+class TextLogTests(SynchronousTestCase):
+    def test_text_line(self) -> None:
+        """The text access log shows C{tokens=PROMPT+COMPLETION}, C{~} when estimated."""
+        from clawproxy.web.accesslog import text_line
+        base = {"ts": 0.0, "client": "c", "method": "POST", "path": "/p", "status": 200,
+                "duration_ms": 1, "bytes": 2, "route": "r", "agent": "a", "pool": "p",
+                "instance": "i", "attempts": 1, "error": None, "request_id": "x"}
+        self.assertNotIn("tokens=", text_line(base))
+        line = text_line(dict(base, prompt_tokens=3, completion_tokens=4,
+                              tokens_estimated=False))
+        self.assertTrue(line.endswith(" tokens=3+4"), line)
+        line = text_line(dict(base, prompt_tokens=3, completion_tokens=4,
+                              tokens_estimated=True))
+        self.assertTrue(line.endswith(" tokens=3+4~"), line)
