@@ -15,9 +15,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from clawproxy.errors import Rejected
 from clawproxy.policy.ollama import (
     CompletionCollector,
+    EmbedCollector,
     ErrorTranslator,
     StreamTranslator,
     chat_request,
+    embed_request,
+    generate_request,
 )
 from tests.test_gateway import Harness
 
@@ -56,20 +59,27 @@ def ndjson(lines: list[Any]) -> bytes:
 
 class PayloadTests(SynchronousTestCase):
     def test_requests(self) -> None:
+        build = {"chat": chat_request, "completion": generate_request,
+                 "embedding": embed_request}
         for name, case in cases(".request.json"):
             body = case["openai"]
-            self.assertEqual(chat_request(body, body["model"]), case["ollama"], name)
+            translate = build[case.get("kind", "chat")]
+            self.assertEqual(translate(body, body["model"]), case["ollama"], name)
 
     def test_answers(self) -> None:
         for name, case in cases(".answer.json"):
-            collector = CompletionCollector(case["ollama"]["model"], "chatcmpl-x")
+            kind = case.get("kind", "chat")
+            model = case["ollama"]["model"]
+            collector: Any = EmbedCollector(model) if kind == "embedding" else (
+                CompletionCollector(model, "chatcmpl-x", text=kind == "completion"))
             raw = json.dumps(case["ollama"]).encode()
             self.assertEqual(collector.feed(raw[:7]) + collector.feed(raw[7:]), b"")
             self.assertEqual(without_ids(json.loads(collector.finish())), case["openai"], name)
 
     def test_streams(self) -> None:
         for name, case in cases(".stream.json"):
-            t = StreamTranslator("llama3.2", "chatcmpl-x", case["include_usage"])
+            t = StreamTranslator("llama3.2", "chatcmpl-x", case["include_usage"],
+                                 text=case.get("kind") == "completion")
             raw = ndjson(case["ollama"])
             # Read in uneven pieces: lines split across reads translate the same.
             out = b"".join(t.feed(raw[i:i + 37]) for i in range(0, len(raw), 37)) + t.finish()
@@ -173,3 +183,35 @@ class ThroughGatewayTests(SynchronousTestCase):
         self.assertEqual(answer.code, 400)
         self.assertEqual(answer.json()["error"]["code"], "unsupported_image_url")
         self.assertEqual(gw.backend.seen, [])
+
+
+class MoreEndpointTests(SynchronousTestCase):
+    def test_embeddings_base64(self) -> None:
+        """C{encoding_format: base64} (the openai SDK's default): little-endian float32."""
+        import base64
+        import struct
+        collector = EmbedCollector("m", base64=True)
+        collector.feed(json.dumps({"embeddings": [[0.5, -1.0]], "prompt_eval_count": 2}).encode())
+        vector = json.loads(collector.finish())["data"][0]["embedding"]
+        self.assertEqual(struct.unpack("<2f", base64.b64decode(vector)), (0.5, -1.0))
+
+    def test_refused(self) -> None:
+        for build, body, code in (
+                (generate_request, {"prompt": ["a", "b"]}, "unsupported_prompt"),
+                (generate_request, {"prompt": [1, 2]}, "unsupported_prompt"),
+                (generate_request, {"prompt": "a", "n": 2}, "unsupported_n"),
+                (embed_request, {"input": [[1, 2, 3]]}, "unsupported_input")):
+            with self.assertRaises(Rejected) as caught:
+                build(body, "m")
+            self.assertEqual(caught.exception.code, code)
+
+    def test_through_gateway(self) -> None:
+        """On an Ollama pool: /v1/completions to /api/generate, /v1/embeddings to /api/embed."""
+        answers = dict(cases(".answer.json"))
+        for path, upstream, answer in (
+                ("/v1/completions", b"/api/generate", answers["completion.answer.json"]),
+                ("/v1/embeddings", b"/api/embed", answers["embedding.answer.json"])):
+            gw = ollama_harness(self, 200, json.dumps(answer["ollama"]).encode())
+            got = gw.request("POST", path, {"model": "m", "prompt": "hi", "input": "hi"})
+            self.assertEqual(gw.backend.seen[0].uri, upstream)
+            self.assertEqual(without_ids(got.json()), answer["openai"])

@@ -1,14 +1,19 @@
 """
 OpenAI <-> Ollama translation for C{protocol: ollama} pools (pure).
 
-An OpenAI chat request becomes an Ollama C{/api/chat} request; Ollama's
+An OpenAI chat request becomes an Ollama C{/api/chat} request (a legacy
+completion C{/api/generate}, an embeddings request C{/api/embed}); Ollama's
 answer (one JSON object, or NDJSON lines when streaming) becomes an OpenAI
-C{chat.completion} or a stream of SSE C{chat.completion.chunk}s.
+C{chat.completion} or a stream of SSE C{chat.completion.chunk}s (a
+C{text_completion}, an embeddings list); Ollama's errors keep their status
+and take the SPEC's error shape.
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import struct
 import time
 from typing import Any
 
@@ -125,12 +130,7 @@ def chat_request(body: dict[str, Any], model: str) -> dict[str, Any]:
     @raise Rejected: 400 for what Ollama cannot be asked (an image URL, a
         content part of another type, arguments that are not JSON).
     """
-    options = {theirs: body[ours] for ours, theirs in _OPTIONS.items() if ours in body}
-    if isinstance(options.get("stop"), str):
-        options["stop"] = [options["stop"]]
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is not None:
-        options["num_predict"] = max_tokens
+    options = _options(body)
     out: dict[str, Any] = {
         "model": model,
         "messages": _messages(body.get("messages", [])),
@@ -148,6 +148,58 @@ def chat_request(body: dict[str, Any], model: str) -> dict[str, Any]:
         elif fmt.get("type") == "json_schema":
             schema = (fmt.get("json_schema") or {}).get("schema")
             out["format"] = schema if isinstance(schema, dict) else "json"
+    return out
+
+
+def _options(body: dict[str, Any]) -> dict[str, Any]:
+    """Ollama C{options} from an OpenAI request's sampling fields."""
+    options = {theirs: body[ours] for ours, theirs in _OPTIONS.items() if ours in body}
+    if isinstance(options.get("stop"), str):
+        options["stop"] = [options["stop"]]
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None:
+        options["num_predict"] = max_tokens
+    return options
+
+
+def generate_request(body: dict[str, Any], model: str) -> dict[str, Any]:
+    """
+    The Ollama C{/api/generate} body for an OpenAI (legacy) completion request.
+
+    @raise Rejected: 400 for several prompts, token-array prompts or C{n} > 1.
+    """
+    prompt = body.get("prompt", "")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise bad_request("an Ollama pool takes one text prompt per completion request",
+                          "unsupported_prompt")
+    if body.get("n", 1) != 1:
+        raise bad_request("n > 1 is not supported by Ollama pools", "unsupported_n")
+    out: dict[str, Any] = {"model": model, "prompt": prompt,
+                           "stream": bool(body.get("stream", False))}
+    if isinstance(body.get("suffix"), str):
+        out["suffix"] = body["suffix"]
+    options = _options(body)
+    if options:
+        out["options"] = options
+    return out
+
+
+def embed_request(body: dict[str, Any], model: str) -> dict[str, Any]:
+    """
+    The Ollama C{/api/embed} body for an OpenAI embeddings request.
+
+    @raise Rejected: 400 for token-array inputs (Ollama embeds text).
+    """
+    text = body.get("input")
+    if not (isinstance(text, str) or (isinstance(text, list) and text
+                                      and all(isinstance(t, str) for t in text))):
+        raise bad_request("input must be a string or an array of strings for Ollama pools",
+                          "unsupported_input")
+    out: dict[str, Any] = {"model": model, "input": text}
+    if isinstance(body.get("dimensions"), int):
+        out["dimensions"] = body["dimensions"]
     return out
 
 
@@ -196,6 +248,19 @@ def chat_response(obj: dict[str, Any], model: str, completion_id: str) -> dict[s
     }
 
 
+def text_response(obj: dict[str, Any], model: str, completion_id: str) -> dict[str, Any]:
+    """An OpenAI C{text_completion} from Ollama's non-streamed C{/api/generate} answer."""
+    return {
+        "id": completion_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": obj.get("model", model),
+        "choices": [{"index": 0, "text": obj.get("response", ""), "logprobs": None,
+                     "finish_reason": _finish_reason(obj)}],
+        "usage": _usage(obj),
+    }
+
+
 class StreamTranslator:
     """
     Turn Ollama's NDJSON stream into OpenAI SSE chunks, line by line as
@@ -204,12 +269,15 @@ class StreamTranslator:
 
     content_type = b"text/event-stream"
 
-    def __init__(self, model: str, completion_id: str, include_usage: bool = False) -> None:
+    def __init__(self, model: str, completion_id: str, include_usage: bool = False,
+                 text: bool = False) -> None:
+        """@param text: translate C{/api/generate} lines into C{text_completion} chunks."""
         self.model = model
         self.id = completion_id
         self.include_usage = include_usage
+        self.text = text
         self._buffer = b""
-        self._started = False
+        self._started = text  # text completions have no role chunk
         self._calls = 0
         self.done = False
         #: The OpenAI C{usage} of the C{done} line, once it came.
@@ -234,13 +302,19 @@ class StreamTranslator:
 
     def _chunk(self, delta: dict[str, Any] | None, finish: str | None, **extra: Any) -> bytes:
         """One SSE chunk; C{delta=None} for a chunk without choices (the usage chunk)."""
+        if delta is None:
+            choices: list[Any] = []
+        elif self.text:
+            choices = [{"index": 0, "text": delta.get("content", ""), "logprobs": None,
+                        "finish_reason": finish}]
+        else:
+            choices = [{"index": 0, "delta": delta, "finish_reason": finish}]
         chunk = {
             "id": self.id,
-            "object": "chat.completion.chunk",
+            "object": "text_completion" if self.text else "chat.completion.chunk",
             "created": int(time.time()),
             "model": self.model,
-            "choices": [] if delta is None else [
-                {"index": 0, "delta": delta, "finish_reason": finish}],
+            "choices": choices,
             **extra,
         }
         return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
@@ -261,7 +335,7 @@ class StreamTranslator:
             self._started = True
             out += self._chunk({"role": "assistant", "content": ""}, None)
         message = obj.get("message") or {}
-        content = message.get("content", "")
+        content = obj.get("response", "") if self.text else message.get("content", "")
         if content:
             out += self._chunk({"content": content}, None)
         calls = _tool_calls(message.get("tool_calls"), self._calls)
@@ -289,9 +363,12 @@ class CompletionCollector:
 
     content_type = b"application/json"
 
-    def __init__(self, model: str, completion_id: str, limit: int = 8 * 1024 * 1024) -> None:
+    def __init__(self, model: str, completion_id: str, limit: int = 8 * 1024 * 1024,
+                 text: bool = False) -> None:
+        """@param text: an C{/api/generate} answer, given as a C{text_completion}."""
         self.model = model
         self.id = completion_id
+        self.text = text
         self._parts: list[bytes] = []
         self._size = 0
         self._limit = limit
@@ -319,14 +396,62 @@ class CompletionCollector:
                 except (ValueError, RecursionError):
                     continue
                 if isinstance(part, dict):
-                    content.append((part.get("message") or {}).get("content", ""))
+                    content.append(part.get("response", "") if self.text else
+                                   (part.get("message") or {}).get("content", ""))
                     last = part
-            obj = dict(last, message={"role": "assistant", "content": "".join(content)})
+            obj = dict(last, response="".join(content),
+                       message={"role": "assistant", "content": "".join(content)})
         if not isinstance(obj, dict):
             obj = {}
-        answer = chat_response(obj, self.model, self.id)
+        answer = (text_response if self.text else chat_response)(obj, self.model, self.id)
         self.usage = answer["usage"]
         return json.dumps(answer).encode()
+
+
+class EmbedCollector:
+    """
+    Ollama's C{/api/embed} answer as an OpenAI embeddings list (floats, or
+    base64 little-endian float32 with C{encoding_format: base64}, which the
+    openai SDK asks for by default).
+    """
+
+    content_type = b"application/json"
+
+    def __init__(self, model: str, base64: bool = False, limit: int = 64 * 1024 * 1024) -> None:
+        self.model = model
+        self.base64 = base64
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._limit = limit
+        self.usage: dict[str, int] | None = None
+
+    def feed(self, data: bytes) -> bytes:
+        self._size += len(data)
+        if self._size > self._limit:
+            raise ValueError("Ollama embeddings too large to translate")
+        self._parts.append(data)
+        return b""
+
+    def finish(self) -> bytes:
+        try:
+            obj = json.loads(b"".join(self._parts))
+        except (ValueError, RecursionError):
+            obj = None
+        if not isinstance(obj, dict):
+            obj = {}
+        vectors = obj.get("embeddings")
+        if not isinstance(vectors, list):
+            vectors = []
+        data = []
+        for i, vector in enumerate(vectors):
+            value: Any = vector
+            if self.base64 and isinstance(vector, list):
+                value = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+            data.append({"object": "embedding", "index": i, "embedding": value})
+        prompt = int(obj.get("prompt_eval_count") or 0)
+        self.usage = {"prompt_tokens": prompt, "completion_tokens": 0, "total_tokens": prompt}
+        return json.dumps({"object": "list", "data": data, "model": obj.get("model", self.model),
+                           "usage": {"prompt_tokens": prompt, "total_tokens": prompt}}).encode()
 
 
 def error_shape(status: int, message: str) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from clawproxy.policy.routing import Router, canonical_path, sticky_split, strip
 from clawproxy.web.accesslog import AccessLog
 from clawproxy.web.context import LocalResponse, RequestContext
 from clawproxy.web.relay import NoInstance, Relay, UpstreamBroken
-from clawproxy.web.translate import rewrite_for
+from clawproxy.web.translate import OLLAMA_TRANSLATIONS, rewrite_for
 
 _JSON = b"application/json"
 _SAFE_ID = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
@@ -167,7 +167,7 @@ class GatewayResource(Resource):
             return
         cfg = route.config
         pool = ctx.pool = self._choose_pool(ctx, cfg)
-        if pool.config.protocol == "ollama" and local == b"/v1/chat/completions":
+        if pool.config.protocol == "ollama" and local in OLLAMA_TRANSLATIONS:
             ctx.json_body()
         if ctx.body is not None:
             model = ctx.body.get("model")

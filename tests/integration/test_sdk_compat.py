@@ -30,6 +30,11 @@ KEY = "sk-sdk-agent-0123456789"
 MESSAGES = [{"role": "user", "content": "hello there"}]
 
 
+def _sim_vector(text: str) -> list[float]:
+    from clawproxy.simulator import _vector
+    return _vector(text)
+
+
 def in_thread(fn: Callable[[], Any], seconds: float = 20.0) -> Any:
     return bounded(deferToThread(fn), seconds)
 
@@ -142,6 +147,32 @@ class SdkTests(TestCase):
         self.assertEqual(chunks[-1].choices, [])
         self.assertEqual(chunks[-1].usage.prompt_tokens, 2)
         self.assertEqual(self.tokens("completion"), 18.0)
+
+    async def test_openai_completions_and_embeddings_translated(self) -> None:
+        """
+        Legacy completions (streamed and not) and embeddings (the SDK asks for
+        base64 by default) from the OpenAI SDK, through an Ollama pool.
+        """
+        await self.start(translate=True)
+
+        def call() -> tuple[Any, list[Any], Any]:
+            client = self.openai_client()
+            whole = client.completions.create(model="sim-small", prompt="hello there",
+                                              max_tokens=4)
+            chunks = list(client.completions.create(model="sim-small", prompt="hello there",
+                                                    stream=True))
+            embedded = client.embeddings.create(model="sim-small", input="hello there")
+            return whole, chunks, embedded
+
+        whole, chunks, embedded = await in_thread(call)
+        self.assertEqual(whole.choices[0].text, "hello there hello there")
+        self.assertEqual(whole.choices[0].finish_reason, "length")
+        self.assertEqual("".join(c.choices[0].text for c in chunks),
+                         "hello there hello there hello there")
+        self.assertEqual(len(embedded.data[0].embedding), 8)
+        self.assertAlmostEqual(embedded.data[0].embedding[0], _sim_vector("hello there")[0],
+                               places=4)
+        self.assertEqual(self.tokens("prompt"), 2.0 + 2.0 + 2.0)
 
     async def test_models_list(self) -> None:
         await self.start()
