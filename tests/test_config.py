@@ -421,6 +421,7 @@ class ValuesTests(ConfigTestCase):
                     spend_limit: 0.5/day
                     tier: vip
                     inject_headers: {{Authorization: "Bearer x"}}
+                models: {{prices: {{m: {{prompt: 1}}}}}}
                 """
             )
         )
@@ -1069,6 +1070,15 @@ class ErrorTests(ConfigTestCase):
             with_minimal(f"agents: {{a: {{keys: ['{KEY}']}}, b: {{keys: ['{KEY}']}}}}"),
             "agents.b.keys[0]: key already belongs to agent 'a'",
         )
+
+    def test_spend_limit_needs_prices(self) -> None:
+        """A spend budget without any price could never be spent: refused."""
+        errors = self.errors(with_minimal("""
+            agents:
+              a: {spend_limit: 5/day}
+            """))
+        self.assertEqual(errors, ["agents.a.spend_limit: needs models.prices (spend is priced"
+                                  " per model)"])
 
     def test_agent_fields(self) -> None:
         """Agent scopes must be paths; limits must be rates; header names must be valid."""

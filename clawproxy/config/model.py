@@ -712,6 +712,11 @@ class Config:
     source: str | None = f.internal()
 
     def _check(self, present: set[str], error: Error) -> Config:
+        if not self.models.prices:
+            for agent in self.agents.values():
+                if agent.spend_limit is not None:
+                    error(f"agents.{agent.name}.spend_limit",
+                          "needs models.prices (spend is priced per model)")
         if self.auth is None and any(agent.keys for agent in self.agents.values()):
             return attrs.evolve(self, auth=AuthConfig(api_key=ApiKeyConfig()))
         return self
