@@ -25,12 +25,12 @@ from collections import deque
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from clawproxy.config import Config
-from clawproxy.errors import Rejected, unavailable
+from clawproxy.errors import Rejected
 from clawproxy.interfaces import (
     IAdminSection,
     IBodyFilter,
@@ -297,7 +297,10 @@ class BudgetStage:
         amounts = self.budgets.amounts(limits, model, worst)
         keys = [Budgets.key(ctx.agent_name, b) for b in limits]
         args = reserve_args([(b.period, b.limit, a) for b, a in zip(limits, amounts)])
-        d = self.store.run(RESERVE, keys, args)
+        try:
+            d = self.store.run(RESERVE, keys, args)
+        except Exception as e:  # a store bug must not become a hung request
+            d = fail(e)
         d.addCallbacks(self._reserved, self._store_failed,
                        callbackArgs=(ctx, rec, keys, amounts, limits), errbackArgs=(ctx,))
         return d
@@ -323,8 +326,9 @@ class BudgetStage:
     def _store_failed(self, failure: Any, ctx: Any) -> None:
         failure.trap(StoreError)
         if self.budgets.fail_closed:
-            raise unavailable("the store holding token budgets is unreachable",
-                              code="store_unavailable")
+            raise Rejected(503, "token budgets cannot be checked: the shared store is"
+                           " unreachable", "server_error", "store_unavailable",
+                           (("Retry-After", "1"),))
         log.warn("budgets not enforced for {agent}: store error {why}",
                  agent=ctx.agent_name, why=str(failure.value))
         return None
