@@ -92,3 +92,49 @@ class BudgetAccuracyTests(TestCase):
         statuses, through = await self._burst(h, [gw1.url, gw2.url])
         self.assertLessEqual(through, BUDGET + RESERVATION)
         self.assertEqual(statuses.count(200), BUDGET // RESERVATION)
+
+
+class StoreDownTests(TestCase):
+    """Redis down: budgets follow C{store.redis.on_error} within the store timeout."""
+
+    timeout = 60
+
+    async def down(self, on_error: str, stop: str) -> Any:
+        require_redis_server()
+        server = RedisServer(reactor, self.mktemp())
+        await server.start()
+        self.addCleanup(lambda: Deferred.fromCoroutine(server.stop()))
+        h = Harness(self)
+        sim = h.simulator("sim")
+        gw = await h.gateway(h.config(
+            {"sim": pool(sim)},
+            agents={"agent": {"keys": [hash_key(KEY)], "token_limit": "1000/minute"}},
+            store={"backend": "redis", "redis": {"url": server.url, "timeout": "300ms",
+                                                 "on_error": on_error}}))
+        client = h.client()
+        headers = {"Authorization": f"Bearer {KEY}"}
+        ok = await bounded(client.post(gw.url + "/v1/chat/completions", json=body(),
+                                       headers=headers))
+        self.assertEqual(ok.code, 200)
+        await bounded(ok.content())
+        if stop == "kill":
+            await server.kill()
+        else:
+            server.pause()  # a hung server: only the store timeout ends the wait
+        started = reactor.seconds()
+        response = await bounded(client.post(gw.url + "/v1/chat/completions", json=body(),
+                                             headers=headers))
+        content = json.loads(await bounded(response.content()))
+        self.assertLess(reactor.seconds() - started, 2.0)
+        self.flushLoggedErrors()
+        return response, content
+
+    async def test_fail_open_killed(self) -> None:
+        response, content = await self.down("fail_open", "kill")
+        self.assertEqual(response.code, 200, content)
+
+    async def test_fail_closed_hung(self) -> None:
+        response, content = await self.down("fail_closed", "pause")
+        self.assertEqual(response.code, 503)
+        self.assertEqual(content["error"]["code"], "store_unavailable")
+        self.assertIsNotNone(response.headers.getRawHeaders("retry-after"))
