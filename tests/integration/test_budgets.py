@@ -77,6 +77,15 @@ class BudgetAccuracyTests(TestCase):
         self.assertLessEqual(through, BUDGET + RESERVATION)
         self.assertEqual(statuses.count(200), BUDGET // RESERVATION)
         self.assertEqual(statuses.count(429), 20 - BUDGET // RESERVATION)
+        # What the admin API shows: the window's use, settled to what was used.
+        response = await bounded(h.client().get(gw.admin_url + "/admin/budgets"))
+        shown = json.loads(await bounded(response.content()))
+        self.assertEqual(shown["agents"]["agent"]["token_limit"],
+                         {"limit": "1000/minute", "used": float(through)})
+        status = json.loads(await bounded((await bounded(
+            h.client().get(gw.admin_url + "/admin/status"))).content()))
+        self.assertEqual(status["tokens"]["pools"]["sim"]["completion_tokens"],
+                         100 * statuses.count(200))
 
     async def test_two_gateways_sharing_redis(self) -> None:
         require_redis_server()
