@@ -108,6 +108,17 @@ class SseDropTests(SynchronousTestCase):
             self.assertEqual(out, want, cut)
             self.assertEqual(w.usage, Usage(12, 3))
 
+    def test_crlf_framing(self) -> None:
+        """Events separated by CRLF CRLF are framed and dropped the same way."""
+        def crlf(b: bytes) -> bytes:
+            return b.replace(b"\n\n", b"\r\n\r\n")
+        body = crlf(chunk("hi") + USAGE + DONE)
+        for cut in range(1, len(body)):
+            w = SseUsage(drop=True)
+            out = w.feed(body[:cut]) + w.feed(body[cut:]) + w.finish()
+            self.assertEqual(out, crlf(chunk("hi") + DONE), cut)
+            self.assertEqual(w.usage, Usage(12, 3))
+
     def test_whole_events_pass_at_once(self) -> None:
         """A read that ends on an event boundary is passed on whole, at once."""
         w = SseUsage(drop=True)

@@ -24,6 +24,7 @@ NDJSON line of an LLM stream carries about one token).
 from __future__ import annotations
 
 import json
+import re
 from collections import deque
 from typing import Any
 
@@ -176,6 +177,9 @@ def _event_end(buf: bytes) -> int:
     return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
 
 
+#: Between two SSE events.
+_SEPARATOR = re.compile(rb"(\r\n\r\n|\n\n)")
+
 #: What a chunk sent with C{include_usage} carries that others do not.
 _USAGE_NULLS = (b',"usage":null', b', "usage": null', b',"usage": null')
 
@@ -223,8 +227,11 @@ class SseUsage:
 
     def _strip(self, buf: bytes) -> bytes:
         """C{buf} (whole events) without the usage chunk and C{"usage":null} fields."""
+        parts = _SEPARATOR.split(buf)  # event, separator, event, separator, ..., rest
         out = []
-        for event in buf.split(b"\n\n"):
+        for i in range(0, len(parts), 2):
+            event = parts[i]
+            sep = parts[i + 1] if i + 1 < len(parts) else b""
             if b'"usage"' in event and b'"usage":null' not in event.replace(b" ", b""):
                 obj = _loads(event.partition(b"data:")[2].strip())
                 usage = usage_of(obj)
@@ -236,8 +243,8 @@ class SseUsage:
             for null in _USAGE_NULLS:
                 if null in event:
                     event = event.replace(null, b"")
-            out.append(event)
-        return b"\n\n".join(out)
+            out.append(event + sep)
+        return b"".join(out)
 
     def finish(self) -> bytes:
         """Bytes left to pass on at the end (an unterminated last event)."""
