@@ -189,6 +189,9 @@ class AccountingTests(SynchronousTestCase):
         status = section.status()["pools"]["main"]
         self.assertEqual(status["completion_tokens"], 15)
         self.assertEqual(status["tokens_per_second"], 0.25)
+        gw.clock.advance(61)
+        status = section.status()["pools"]["main"]
+        self.assertEqual((status["tokens_per_second"], status["completion_tokens"]), (0, 15))
 
 
 class BudgetTests(SynchronousTestCase):

@@ -25,7 +25,7 @@ from collections import deque
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, ensureDeferred, fail
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -49,6 +49,7 @@ from clawproxy.policy.usage import (
     max_completion,
 )
 from clawproxy.stores.errors import StoreError
+from clawproxy.units import Rate
 
 log = Logger()
 
@@ -68,10 +69,14 @@ class TokenRecord:
     """
     What the feature knows of one LLM request (C{ctx.tokens}).
 
+    @ivar body: the request body (as the client sent it).
     @ivar drop_usage: the gateway asked the backend for usage on the
         client's behalf: the usage chunk is not relayed.
-    @ivar usage: the final figures, once known.
-    @ivar reservation: C{(keys, windows, amounts)} reserved in the store.
+    @ivar usage: the final figures, once the request is answered (L{None}
+        for a failed call).
+    @ivar watcher: what reads the answer's usage (a L{clawproxy.policy.usage}
+        watcher, or the Ollama translator).
+    @ivar reservation: C{(keys, windows, amounts, budgets)} reserved in the store.
     """
 
     model: str
@@ -187,28 +192,37 @@ def final_usage(rec: TokenRecord) -> Usage:
 
 @attrs.define
 class _Rates:
-    """Completion tokens per pool over the last L{RATE_WINDOW} seconds."""
+    """
+    Completion tokens per pool over the last L{RATE_WINDOW} seconds, in
+    one-second buckets (at most C{RATE_WINDOW} per pool, whatever the rate).
+    """
 
     clock: Any
-    events: dict[str, deque[tuple[float, int]]] = attrs.Factory(dict)
+    buckets: dict[str, deque[list[int]]] = attrs.Factory(dict)
     totals: dict[str, list[int]] = attrs.Factory(dict)
 
     def add(self, pool: str, usage: Usage) -> None:
-        now = self.clock.seconds()
-        q = self.events.setdefault(pool, deque())
-        q.append((now, usage.completion))
-        while q and q[0][0] < now - RATE_WINDOW:
-            q.popleft()
+        second = int(self.clock.seconds())
+        q = self.buckets.setdefault(pool, deque())
+        if q and q[-1][0] == second:
+            q[-1][1] += usage.completion
+        else:
+            q.append([second, usage.completion])
+            self._expire(q, second)
         t = self.totals.setdefault(pool, [0, 0])
         t[0] += usage.prompt
         t[1] += usage.completion
 
+    @staticmethod
+    def _expire(q: deque[list[int]], second: int) -> None:
+        while q and q[0][0] <= second - RATE_WINDOW:
+            q.popleft()
+
     def status(self) -> dict[str, Any]:
-        now = self.clock.seconds()
+        second = int(self.clock.seconds())
         out = {}
-        for pool, q in self.events.items():
-            while q and q[0][0] < now - RATE_WINDOW:
-                q.popleft()
+        for pool, q in self.buckets.items():
+            self._expire(q, second)
             p, c = self.totals[pool]
             out[pool] = {"tokens_per_second": round(sum(n for _, n in q) / RATE_WINDOW, 2),
                          "prompt_tokens": p, "completion_tokens": c}
@@ -335,7 +349,7 @@ class BudgetStage:
 
 
 def _show(b: _Budget) -> str:
-    from clawproxy.units import Rate
+    """The budget as configured, e.g. C{100000/minute}."""
     return str(Rate(b.count, b.period))
 
 
@@ -401,7 +415,6 @@ class TokenObserver:
                 out.setdefault(agent, {})[b.kind] = {"limit": _show(b), "used": used / scale}
             return {"agents": out}
 
-        from twisted.internet.defer import ensureDeferred
         return ensureDeferred(read())
 
 
