@@ -94,6 +94,22 @@ def _format_store(name: str, store: dict[str, Any]) -> list[str]:
 SECTION_FORMATS["store"] = _format_store
 
 
+def _format_processes(name: str, section: dict[str, Any]) -> list[str]:
+    rows = [("WORKER", "PID", "STATE", "UPTIME", "IN-FLIGHT", "REQUESTS", "RESTARTS")]
+    for w in section.get("workers", []):
+        rows.append((str(w["index"]), str(w["pid"] or "-"), w["state"],
+                     f"{w['uptime_seconds']:g}s", str(w["in_flight"]), str(w["requests"]),
+                     str(w["restarts"])))
+    t = section.get("totals", {})
+    rows.append(("all", "", "", "", str(t.get("in_flight", 0)), str(t.get("requests", 0)),
+                 str(t.get("restarts", 0))))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
+SECTION_FORMATS["processes"] = _format_processes
+
+
 def _format_tokens(name: str, section: dict[str, Any]) -> list[str]:
     """Token accounting per pool (L{clawproxy.web.tokens.TokenObserver})."""
     pools = section.get("pools") or {}

@@ -8,10 +8,12 @@ A request meets them in this order (README, "How a request flows"):
   2. the L{IRequestStage}s of phase C{identify} (before routing), then of
      phase C{route} (after routing), then of phase C{pool} (once the pool
      and model are resolved);
-  3. the registry's one availability decision (health, drain, weight,
+  3. the relay step, wrapped by any L{IRelayWrapper} (request coalescing):
+     the registry's one availability decision (health, drain, weight,
      C{max_connections}, and every L{IAvailabilityPolicy}: passive ejection,
      the L{IBreakerBoard}), the balancer, the chosen instance's admission,
-     and upstream attempts governed by an L{IRetryPolicy};
+     and upstream attempts governed by an L{IRetryPolicy}; when it cannot
+     answer, the route's fallback (static, or an L{IFallbackProvider}'s);
   4. L{IResponseFilter}s over the relayed response head, body and end;
   5. every L{IResponseObserver}, once the request is answered.
 
@@ -158,6 +160,42 @@ class IAdminSection(Interface):
             taking the C{twisted.web} request and returning a JSON-able result
             or a Deferred firing with one; it may raise (or fail with)
             L{clawproxy.errors.Rejected}.
+        """
+
+
+class IRelayWrapper(Interface):
+    """
+    Wraps the relay step: the call that sends a request upstream once its
+    pool, transforms and rewrite are settled. A wrapper may serve a request
+    some other way than its own upstream call (request coalescing serves
+    identical concurrent requests from one call).
+    """
+
+    def wrap(forward):
+        """
+        @param forward: the step it wraps, called as C{forward(ctx, pool,
+            key, sticky_key, timeout, upstream_path)} and returning an
+            awaitable that completes once C{ctx.request} has been answered
+            (see L{clawproxy.web.relay.Relay.forward}, its errors included).
+        @return: a callable with the same signature and contract.
+        """
+
+
+class IFallbackProvider(Interface):
+    """
+    Serves the C{fallbacks} of one C{type} other than C{static} (C{cache}:
+    the last good answer). The gateway asks it when a pool has no instance
+    to take a request, or when the upstream attempts failed with nothing
+    sent to the client (a 502/503/504 of the gateway's own).
+    """
+
+    type = Attribute("The C{fallbacks[].type} it serves, e.g. C{'cache'}.")
+
+    def answer(ctx, fallback):
+        """
+        @param fallback: the L{clawproxy.config.FallbackConfig}.
+        @return: a C{LocalResponse}, L{None} when it has nothing to serve
+            (the gateway answers its error), or a Deferred firing with either.
         """
 
 

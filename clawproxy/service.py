@@ -10,16 +10,19 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import attrs
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from clawproxy.backends.prober import HealthProber
 from clawproxy.backends.registry import Registry
 from clawproxy.backends.upstream import make_agent, make_pool, open_upstream_connections
 from clawproxy.config import Config, ConfigError, load_config
 from clawproxy.errors import Rejected
+from clawproxy.interfaces import IAdminSection
 from clawproxy.listener import Listener
 from clawproxy.metrics import Metrics
 from clawproxy.policy.auth import KeyStoreError, load_key_store
@@ -81,10 +84,19 @@ class Gateway(MultiService):
     log = Logger()
 
     def __init__(self, config: Config, reactor: Any, access_log: AccessLog | None = None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, worker: WorkerSetup | None = None) -> None:
+        """
+        @param worker: set in a worker process of C{server.workers > 1}: the
+            sockets and channel its parent handed over. A gateway with
+            several workers and no C{worker} is their parent.
+        """
         super().__init__()
         self.config = config
         self.reactor = reactor
+        self.worker = worker
+        #: The parent of several workers: it binds the listeners and runs the
+        #: admin listener, prober and simulators; the workers serve the data plane.
+        self.is_parent = worker is None and config.server.workers > 1
         self.metrics = metrics if metrics is not None else Metrics()
         self.access_log = access_log or AccessLog.open(config.logging.output, reactor,
                                                        config.logging.format)
@@ -93,8 +105,15 @@ class Gateway(MultiService):
         self.breakers = NoBreakers()
         self.retry_policy = RetryPolicy()
         self.started = reactor.seconds()
-        # Built once: a reload keeps the store (like the listeners).
-        self.store = build_store(config.store, reactor, self.metrics)
+        self.supervisor: Any = None
+        # Built once: a reload keeps the store (like the listeners). A worker
+        # reaches its parent's memory store over their channel.
+        if worker is not None and config.store.backend == "memory":
+            from clawproxy.stores.amp import AmpStore
+
+            self.store: Any = AmpStore(reactor, self.metrics)
+        else:
+            self.store = build_store(config.store, reactor, self.metrics)
         self._build(config)
         self.site = GatewaySite(
             self.resource, max_body_size=config.server.max_body_size,
@@ -129,6 +148,8 @@ class Gateway(MultiService):
             retry_policy=self.retry_policy, breakers=self.breakers, store=self.store,
             started=self.started, previous=previous,
         )
+        if self.supervisor is not None:
+            self.registry.watch(self.supervisor)
         self.prober = HealthProber(self.registry, self.agent, self.reactor)
 
     @property
@@ -146,33 +167,54 @@ class Gateway(MultiService):
 
         # First child: started before and stopped after everything that may use it.
         StoreService(self.store).setServiceParent(self)
-        for i, sim in enumerate(config.simulators):
-            simulator_service(sim, self.reactor, key=f"simulators[{i}].listen"
-                              ).setServiceParent(self)
-        listeners = [
-            (serverFromString(self.reactor, desc), self.site, "clawproxy data plane",
-             f"server.listen[{i}]: {desc}")
-            for i, desc in enumerate(config.server.listen)
-        ]
-        if config.server.tls is not None:
-            from clawproxy.web.tls import tls_endpoints
+        worker = self.worker
+        if worker is None:
+            for i, sim in enumerate(config.simulators):
+                simulator_service(sim, self.reactor, key=f"simulators[{i}].listen"
+                                  ).setServiceParent(self)
+        data_plane = data_plane_endpoints(config, self.reactor)
+        listeners = []
+        if worker is not None:
+            from clawproxy.workers.child import AdoptedEndpoint
 
-            listeners += [
-                (endpoint, self.site, "clawproxy data plane (TLS)",
-                 f"server.tls.listen[{i}]: {desc}")
-                for i, (desc, endpoint) in enumerate(
-                    tls_endpoints(config.server.tls, self.reactor))
-            ]
-        if config.admin.listen:
+            role = f"clawproxy data plane (worker {worker.index})"
+            for (fd, family, tls), (_, source, _) in zip(worker.listen, data_plane):
+                factory = self.site
+                if tls:
+                    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+                    from clawproxy.web.tls import context_factory
+
+                    factory = TLSMemoryBIOFactory(context_factory(config.server.tls), False,
+                                                  self.site)
+                listeners.append((AdoptedEndpoint(self.reactor, fd, family), factory, role,
+                                  source))
+        elif not self.is_parent:
+            listeners = [(endpoint, self.site, role, source)
+                         for endpoint, source, role in data_plane]
+        if config.admin.listen and worker is None:
             listeners.append((serverFromString(self.reactor, config.admin.listen),
                               self.admin_site, "clawproxy admin",
                               f"admin.listen: {config.admin.listen}"))
+        if self.is_parent:
+            from clawproxy.workers.supervisor import Supervisor, worker_argv
+
+            self.supervisor = Supervisor(
+                self, config.server.workers, worker_argv(config.source or ""),
+                [(endpoint, role, source, "TLS" in role) for endpoint, source, role in data_plane])
+            self.registry.watch(self.supervisor)
+            self.supervisor.setServiceParent(self)
+            self.listeners.extend(self.supervisor.listeners)
+            self.admin.metrics_text = self.supervisor.metrics_text
+            self.admin.sections = [*self.admin.sections, ProcessesSection(self.supervisor)]
         for endpoint, factory, role, source in listeners:
             svc = Listener(endpoint, factory, role, source)
             svc.setServiceParent(self)
             self.listeners.append(svc)
-        self.prober.setServiceParent(self)
-        _Shutdown(self).setServiceParent(self)
+        if worker is None:
+            self.prober.setServiceParent(self)
+        if not self.is_parent:
+            _Shutdown(self).setServiceParent(self)
 
     def _early_checks(self, method: bytes, path: bytes, headers: Any) -> None:
         """Header-time checks of the data plane in force (they follow a reload)."""
@@ -209,19 +251,70 @@ class Gateway(MultiService):
         except (ConfigError, KeyStoreError) as e:
             self.log.warn("reload refused: {errors}", errors=e.errors)
             return succeed(list(e.errors))
-        self.prober.disownServiceParent()
+        if self.worker is None:
+            self.prober.disownServiceParent()
         self._build(config, previous=self.registry)
         if config.store != self.config.store:
             self.log.warn("store settings changed: they take effect when the gateway restarts")
+        if config.server.workers != self.config.server.workers:
+            self.log.warn("server.workers changed: it takes effect when the gateway restarts")
         self.config = config
         self.site.resource = self.resource
         self.admin.registry = self.registry
         self.admin.sections = self.plane.parts.admin_sections
-        self.prober.setServiceParent(self)
+        if self.worker is None:
+            self.prober.setServiceParent(self)
+        if self.supervisor is not None:
+            self.admin.sections = [*self.admin.sections, ProcessesSection(self.supervisor)]
+            self.supervisor.reload()
         self.log.info("configuration reloaded from {path}", path=config.source)
         return succeed([])
 
 
-def build_service(config: Config, reactor: Any) -> Gateway:
-    """The whole gateway for C{config}, not yet started."""
-    return Gateway(config, reactor)
+def build_service(config: Config, reactor: Any, worker: WorkerSetup | None = None) -> Gateway:
+    """The whole gateway for C{config} (or one worker of it), not yet started."""
+    return Gateway(config, reactor, worker=worker)
+
+
+@attrs.frozen
+class WorkerSetup:
+    """
+    What a worker process got from its parent.
+
+    @ivar index: the worker's number, from 1.
+    @ivar listen: the data-plane listening sockets, in config order (plain
+        listeners, then TLS ones): C{(fd, address family, tls)}.
+    @ivar channel: the descriptor of its end of the AMP channel to the parent.
+    """
+
+    index: int
+    listen: tuple[tuple[int, int, bool], ...]
+    channel: int
+
+
+def data_plane_endpoints(config: Config, reactor: Any) -> list[tuple[Any, str, str]]:
+    """C{(endpoint, config key, role)} of each data-plane listener, in config order."""
+    out = [(serverFromString(reactor, desc), f"server.listen[{i}]: {desc}",
+            "clawproxy data plane") for i, desc in enumerate(config.server.listen)]
+    if config.server.tls is not None:
+        from clawproxy.web.tls import tls_endpoints
+
+        out += [(endpoint, f"server.tls.listen[{i}]: {desc}", "clawproxy data plane (TLS)")
+                for i, (desc, endpoint) in enumerate(tls_endpoints(config.server.tls, reactor))]
+    return out
+
+
+@implementer(IAdminSection)
+class ProcessesSection:
+    """The parent's C{processes} section of C{/admin/status}: its workers."""
+
+    name = "processes"
+
+    def __init__(self, supervisor: Any) -> None:
+        self.supervisor = supervisor
+
+    def status(self) -> dict[str, Any]:
+        return self.supervisor.status()
+
+    def endpoints(self) -> dict[Any, Any]:
+        return {}

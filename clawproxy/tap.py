@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import gc
+import os
 import resource
 from typing import Any
 
 from twisted.application.service import MultiService, Service
+from twisted.internet.protocol import Factory
 from twisted.logger import (
     FilteringLogObserver,
     Logger,
@@ -23,7 +25,13 @@ from clawproxy.policy.auth import KeyStoreError, load_key_store
 
 
 class Options(usage.Options):
-    optParameters = [["config", "c", "etc/gateway.yaml", "Path to the gateway's YAML config."]]
+    optParameters = [
+        ["config", "c", "etc/gateway.yaml", "Path to the gateway's YAML config."],
+        # Set by the parent of several workers on each worker's command line.
+        ["worker-index", None, None, "(internal) this process is worker N."],
+        ["worker-listen", None, None, "(internal) inherited sockets: FD:FAMILY:TLS,..."],
+        ["worker-channel", None, None, "(internal) the inherited channel to the parent."],
+    ]
 
     def postOptions(self) -> None:
         try:
@@ -42,7 +50,10 @@ def makeService(options: Options) -> Any:
 
     config = options["loaded"]
     raise_fd_limit()  # before the site derives its default max_connections from it
-    gateway = build_service(config, reactor)
+    if options["worker-index"] is not None:
+        gateway = _worker(options, config, reactor)
+    else:
+        gateway = build_service(config, reactor)
     _install_sighup(reactor, gateway)
     tune_gc()
     # The level filter starts first (before the listeners log), stops last.
@@ -50,6 +61,39 @@ def makeService(options: Options) -> Any:
     LogLevelFilter(config.logging.level).setServiceParent(root)
     gateway.setServiceParent(root)
     return root
+
+
+def _worker(options: Options, config: Any, reactor: Any) -> Any:
+    """A worker process: the data plane on inherited sockets, following its parent."""
+    import socket
+
+    from clawproxy.service import WorkerSetup, build_service
+    from clawproxy.workers.child import WorkerChannel
+
+    listen = []
+    for item in options["worker-listen"].split(","):
+        fd, family, tls = item.split(":")
+        listen.append((int(fd), int(family), tls == "1"))
+    setup = WorkerSetup(int(options["worker-index"]), tuple(listen),
+                        int(options["worker-channel"]))
+    gateway = build_service(config, reactor, worker=setup)
+    stopping: list[bool] = []
+    reactor.addSystemEventTrigger("before", "shutdown", stopping.append, True)
+
+    def parent_gone() -> None:
+        if hasattr(gateway.store, "attach"):
+            gateway.store.attach(None)
+        if not stopping:
+            log.warn("worker {index}: the parent process is gone; stopping", index=setup.index)
+            reactor.stop()
+
+    channel = WorkerChannel(gateway, parent_gone)
+    factory = Factory.forProtocol(lambda: channel)
+    reactor.adoptStreamConnection(setup.channel, socket.AF_UNIX, factory)
+    os.close(setup.channel)
+    if hasattr(gateway.store, "attach"):
+        gateway.store.attach(channel)
+    return gateway
 
 
 #: C{logging.level} names.

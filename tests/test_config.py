@@ -456,10 +456,11 @@ class ValuesTests(ConfigTestCase):
                 """
                 auth:
                   api_key: {header: X-Key, keys_store: keys.json}
-                  jwt: {secret: s, algorithms: [HS256, HS512], issuer: me, leeway: 10s,
+                  jwt: {secret: SECRET, algorithms: [HS256, HS512], issuer: me, leeway: 10s,
                         max_age: 24h}
                 """
-            ).replace("keys.json", os.path.join(directory, "keys.json"))
+            ).replace("keys.json", os.path.join(directory, "keys.json")).replace(
+                "SECRET", "s" * 64)
         )
         self.assertEqual(config.auth.api_key.header, "X-Key")
         self.assertEqual(config.auth.api_key.keys_store, os.path.abspath(
@@ -1014,8 +1015,8 @@ class ErrorTests(ConfigTestCase):
                 "routes[2].split.b: must be > 0",
                 "routes[3].split: must name at least one pool",
                 "routes[4].path: required",
-                "routes[5].match.tier: match keys must look like header.NAME, body.NAME,"
-                " agent.NAME",
+                "routes[5].match.tier: match keys must look like header.NAME, query.NAME,"
+                " body.NAME, agent.NAME",
             ],
         )
 
@@ -1094,14 +1095,25 @@ class ErrorTests(ConfigTestCase):
         self.assertEqual(
             errors,
             [
-                "agents.a.scopes: not supported by this version yet",
                 "agents.a.scopes[0]: must start with /",
                 "agents.a.spend_limit: must be a rate such as 100/minute, 10/s or 1000/hour",
-                "agents.a.inject_headers: not supported by this version yet",
                 "agents.a.inject_headers.Bad Header: invalid header name",
                 "agents.a.colour: unknown key",
             ],
         )
+
+    def test_agent_settings_need_auth(self) -> None:
+        """Scopes or injected headers on agents nobody can authenticate as: refused."""
+        errors = self.errors(with_minimal(
+            "agents: {a: {scopes: [/x/*], inject_headers: {X-K: v}}, b: {tier: t}}"))
+        self.assertEqual(errors, [
+            "agents.a.scopes: no authentication is configured (auth, or keys on an"
+            " agent), so no request is this agent",
+            "agents.a.inject_headers: no authentication is configured (auth, or keys on an"
+            " agent), so no request is this agent",
+        ])
+        parse(with_minimal(f"auth: {{jwt: {{secret: {'s' * 32}}}}}\n"
+                           "agents: {a: {scopes: [/x/*]}}"))
 
     def test_header_values(self) -> None:
         """Header values set by transforms may not contain line breaks."""
@@ -1180,10 +1192,27 @@ class ErrorTests(ConfigTestCase):
         self.assertEqual(
             errors,
             [
-                "auth.jwt: not supported by this version yet",
-                "auth.jwt.secret: required for HS* algorithms",
-                "auth.jwt.public_key: required for RS*, ES*, PS* and EdDSA algorithms",
+                "auth.jwt.secret: required for HS* algorithms (or keys, or jwks_file)",
+                "auth.jwt.public_key: required for RS*, ES*, PS* and EdDSA algorithms (or"
+                " keys, or jwks_file)",
             ],
+        )
+        self.assertError(
+            with_minimal("auth: {jwt: {secret: short, algorithms: [HS256]}}"),
+            "auth.jwt.secret: must be at least 32 bytes for HS256 (RFC 7518 3.2)",
+        )
+        self.assertError(
+            with_minimal(f"auth: {{jwt: {{secret: {'x' * 32}, algorithms: [HS256, HS512]}}}}"),
+            "auth.jwt.secret: must be at least 64 bytes for HS512 (RFC 7518 3.2)",
+        )
+        self.assertError(
+            with_minimal(f"auth: {{jwt: {{secret: {'x' * 32}, algorithms: [RS256],"
+                         " public_key: /dev/null}}"),
+            "auth.jwt.algorithms: a secret is configured but no HS* algorithm is accepted",
+        )
+        self.assertError(
+            with_minimal("auth: {jwt: {keys: {k1: {}, k2: {secret: x, public_key: y}}}}"),
+            "auth.jwt.keys.k1.secret: give exactly one of secret and public_key",
         )
         self.assertError(
             with_minimal("auth: {jwt: {secret: s, algorithms: [HS256, none]}}"),
@@ -1296,7 +1325,6 @@ class ErrorTests(ConfigTestCase):
                 "models.aliases.fast: must be a string",
                 "models.prices.m.prompt: must be >= 0",
                 "models.prices.m.extra: unknown key",
-                "cache: not supported by this version yet",
                 "cache.store: must be one of memory, redis",
                 "cache.max_entries: must be >= 1",
                 "cache.check_model_version: must be a boolean (true or false)",
@@ -1347,7 +1375,7 @@ class RefusalTests(ConfigTestCase):
         """Each feature not built yet is refused at its path, all in one error."""
         errors = self.errors(
             f"""
-            auth: {{jwt: {{secret: s}}}}
+            auth: {{jwt: {{secret: 0123456789abcdef0123456789abcdef}}}}
             agents:
               a:
                 keys: ["{KEY}"]
@@ -1364,7 +1392,7 @@ class RefusalTests(ConfigTestCase):
                 max_qps: 5
                 circuit_breaker: {{failure_threshold: 3}}
                 tls: {{verify: false}}
-            routes: [{{path: /, pool: p, rate_limit: 5/s, cache: {{ttl: 1m}}}}]
+            routes: [{{path: /, pool: p, rate_limit: 5/s, cache: {{ttl: 1m, semantic: true}}}}]
             fallbacks: {{stale: {{type: cache, max_stale: 10m}}}}
             cache: {{max_entries: 10}}
             """
@@ -1372,10 +1400,7 @@ class RefusalTests(ConfigTestCase):
         self.assertEqual(
             errors,
             [
-                f"auth.jwt: {self.NOT_YET}",
-                f"agents.a.scopes: {self.NOT_YET}",
                 f"agents.a.rate_limit: {self.NOT_YET}",
-                f"agents.a.inject_headers: {self.NOT_YET}",
                 f"rate_limits: {self.NOT_YET}",
                 f"models.fallbacks: {self.NOT_YET}",
                 "pools.p.circuit_breaker: circuit breakers are not supported by this version"
@@ -1383,24 +1408,21 @@ class RefusalTests(ConfigTestCase):
                 f"pools.p.max_qps: {self.NOT_YET}",
                 f"pools.p.tls: {self.NOT_YET}",
                 f"routes[0].rate_limit: {self.NOT_YET}",
-                f"routes[0].cache: {self.NOT_YET}",
-                "fallbacks.stale.type: type cache is not supported by this version yet",
-                f"fallbacks.stale.max_stale: {self.NOT_YET}",
-                f"cache: {self.NOT_YET}",
+                "routes[0].cache.semantic: semantic caching is not supported by this"
+                " version yet",
             ],
         )
 
     def test_refused_values(self) -> None:
         """Some keys are refused only for the values not built yet."""
-        errors = self.errors(with_minimal("server: {workers: 2}\ntracing: {enabled: true}"))
-        self.assertEqual(
-            errors,
-            [
-                "server.workers: more than one worker is not supported by this version yet;"
-                " run several gateways with store: redis to scale out",
-                "tracing.enabled: tracing is not supported by this version yet",
-            ],
-        )
+        errors = self.errors(with_minimal("tracing: {enabled: true}"))
+        self.assertEqual(errors, ["tracing.enabled: tracing is not supported by this version yet"])
+
+    def test_workers(self) -> None:
+        """C{server.workers} is a count of at least 1, or C{auto} for the number of cores."""
+        self.assertEqual(parse(with_minimal("server: {workers: 2}")).server.workers, 2)
+        self.assertEqual(parse(with_minimal("server: {workers: auto}")).server.workers,
+                         os.cpu_count())
 
     def test_honoured_values_accepted(self) -> None:
         """The values that match what the gateway does are accepted."""
@@ -1435,7 +1457,7 @@ class ReferenceTests(SynchronousTestCase):
         refused = dict(refused_keys())
         self.assertEqual(refused["rate_limits"].issue, 8)
         self.assertEqual(refused["pools.NAME.max_qps"].issue, 8)
-        self.assertEqual(refused["server.workers"].issue, 11)
+        self.assertEqual(refused["tracing.enabled"].issue, 11)
         self.assertTrue(all(flag.issue in (8, 9, 10, 11) for flag in refused.values()))
 
     def test_up_to_date(self) -> None:
@@ -1463,7 +1485,7 @@ class ReferenceTests(SynchronousTestCase):
         for expected in ("``server.tls.cert``", "``pools.NAME.tls.ca_file``",
                          "``pools.NAME.health_check.headers``",
                          "**Refused** by this version: issue 8 (protection) builds it.",
-                         "**Refused** when more than 1 by this version"):
+                         "**Refused** when ``true`` by this version"):
             self.assertIn(expected, text)
 
 

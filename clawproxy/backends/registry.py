@@ -384,6 +384,7 @@ class Registry:
         }
         self._instances = {i.id: i for p in self.pools.values() for i in p.instances}
         self._listeners: list[Listener] = []
+        self._watchers: list[Any] = []
 
     def __iter__(self) -> Iterator[Instance]:
         return iter(self._instances.values())
@@ -395,6 +396,14 @@ class Registry:
         self._listeners.append(listener)
         for inst in self._instances.values():
             listener(inst)
+
+    def watch(self, watcher: Any) -> None:
+        """
+        Tell C{watcher} every probe result and admin change as it is made
+        (C{watcher.probe_result(inst, ok, health)}, C{weight_set(id, weight)},
+        C{drained_set(id, drained)}): a parent process tells its workers.
+        """
+        self._watchers.append(watcher)
 
     def changed(self, inst: Instance) -> None:
         for listener in self._listeners:
@@ -430,6 +439,8 @@ class Registry:
         inst.base_weight = float(weight)
         self.log.info("weight of {instance} set to {weight}", instance=instance_id, weight=weight)
         self.changed(inst)
+        for watcher in self._watchers:
+            watcher.weight_set(instance_id, inst.base_weight)
         return inst
 
     def set_drained(self, instance_id: str, drained: bool) -> Instance:
@@ -441,6 +452,8 @@ class Registry:
         if drained and inst.pool.affinity is not None:
             inst.pool.affinity.forget_instance(inst.id)
         self.changed(inst)
+        for watcher in self._watchers:
+            watcher.drained_set(instance_id, drained)
         return inst
 
     def probe_result(self, inst: Instance, ok: bool, health: dict | None = None) -> None:
@@ -449,6 +462,8 @@ class Registry:
         refused-connection mark and (through the policies) a passive
         ejection at once.
         """
+        for watcher in self._watchers:
+            watcher.probe_result(inst, ok, health)
         if health is not None:
             inst.health = health
             inst.models = reported_models(health) or inst.models

@@ -14,6 +14,7 @@ import hashlib
 import ipaddress
 import json
 import math
+import os
 import re
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -31,7 +32,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 SPEC = "clawproxy.config"
 
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE")
-MATCH_PREFIXES = ("header.", "body.", "agent.")
+MATCH_PREFIXES = ("header.", "query.", "body.", "agent.")
 ENDPOINT_TYPES = ("tcp", "tcp6", "ssl", "unix", "systemd")
 
 _STORED_KEY = re.compile(r"sha256:[0-9a-fA-F]{64}")
@@ -297,6 +298,13 @@ def integer(low: int | None = None, high: int | None = None) -> Converter:
         return value
 
     return conv
+
+
+@typed("integer >= 1, or ``auto`` (the number of cores)")
+def process_count(value: object) -> int:
+    if value == "auto":
+        return os.cpu_count() or 1
+    return integer(low=1)(value)
 
 
 def number(low: float | None = None, high: float | None = None,
@@ -566,7 +574,7 @@ def method(value: object) -> str:
     return result
 
 
-@typed("``header.NAME``, ``body.NAME`` or ``agent.NAME``")
+@typed("``header.NAME``, ``query.NAME``, ``body.NAME`` or ``agent.NAME``")
 def match_key(value: object) -> str:
     key = text(value)
     prefix = next((p for p in MATCH_PREFIXES if key.startswith(p)), None)

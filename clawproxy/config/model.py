@@ -89,10 +89,9 @@ class ServerConfig:
     base_path: str = f.setting(f.base_path, "", "Prefix stripped before route matching"
                                " (``/api/v1``); ``/`` means none.")
     workers: int = f.setting(
-        f.integer(low=1), 1, "Gateway processes.",
-        not_yet=NotYet(OPERATIONS, lambda n: n > 1, "more than one worker is not supported by"
-                       " this version yet; run several gateways with store: redis to scale"
-                       " out", "more than 1"))
+        f.process_count, 1, "Gateway processes sharing the listening sockets: the parent"
+        " binds them, runs the admin listener, health checks and simulators, and serves a"
+        " memory store to the workers; ``auto`` is the number of cores.")
     max_body_size: int = f.setting(f.size, 10 * 1024 * 1024, "Largest request body (413"
                                    " beyond).", shown="10MB")
     max_header_size: int = f.setting(f.at_least_size(1024, "must be at least 1KB"), 16 * 1024,
@@ -201,27 +200,76 @@ class ApiKeyConfig:
         " agents it names may also be configured under ``agents``.", resolve=f.existing_file)
 
 
+#: The shortest HMAC secret accepted for each C{HS*} algorithm, in bytes (RFC 7518 3.2:
+#: at least the hash's output size).
+HMAC_MIN_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
+
+
+@attrs.frozen
+class JwtKeyConfig:
+    """One verification key of C{auth.jwt.keys}, chosen by a token's C{kid}."""
+
+    name: str = f.entry_name("The key id (``kid``) tokens signed with this key carry.")
+    secret: str | None = f.setting(f.nonempty, None, "Shared secret for ``HS*`` tokens.")
+    public_key: str | None = f.setting(
+        f.nonempty, None, "PEM text, or a PEM file (re-read when it changes), for ``RS*``,"
+        " ``ES*``, ``PS*`` and ``EdDSA`` tokens.", resolve=f.pem_or_file)
+
+    def _check(self, present: set[str], error: Error) -> JwtKeyConfig:
+        if (self.secret is None) == (self.public_key is None):
+            error("secret", "give exactly one of secret and public_key")
+        return self
+
+
 @attrs.frozen
 class JwtConfig:
-    """JWT bearer authentication; the C{sub} claim names the agent."""
+    """
+    JWT bearer authentication (C{Authorization: Bearer TOKEN}); the C{sub} claim (or
+    C{agent_claim}) names the agent. Only the configured algorithms are accepted, each
+    only with a key of its kind; C{exp} is required.
+    """
 
-    secret: str | None = f.setting(f.nonempty, None, "Shared secret for ``HS*`` algorithms.")
+    secret: str | None = f.setting(f.nonempty, None, "Shared secret for ``HS*`` tokens"
+                                   " without ``kid``.")
     algorithms: tuple[str, ...] = f.setting(f.list_of(f.choice(*JWT_ALGORITHMS), False),
                                             ("HS256",), "Accepted algorithms.")
     issuer: str | None = f.setting(f.text, None, "Required ``iss``.")
-    audience: str | None = f.setting(f.text, None, "Required ``aud``.")
+    audience: str | None = f.setting(f.text, None, "Required ``aud`` (when unset, tokens"
+                                     " that carry an ``aud`` are refused).")
     leeway: float = f.setting(f.duration(), 30.0, "Clock skew allowed.", shown="30s")
     max_age: float | None = f.setting(f.duration(above=0), None,
-                                      "Maximum token age from ``iat``.")
+                                      "Maximum token age from ``iat`` (then ``iat`` is"
+                                      " required).")
     public_key: str | None = f.setting(
-        f.nonempty, None, "PEM text, or a PEM file, for ``RS*``, ``ES*``, ``PS*`` and"
-        " ``EdDSA``.", resolve=f.pem_or_file)
+        f.nonempty, None, "PEM text, or a PEM file (re-read when it changes), for ``RS*``,"
+        " ``ES*``, ``PS*`` and ``EdDSA`` tokens without ``kid``.", resolve=f.pem_or_file)
+    keys: dict[str, JwtKeyConfig] = f.entries(
+        JwtKeyConfig, "Keys by ``kid``: a token with a ``kid`` is verified with that key"
+        " only.", name=f.nonempty)
+    jwks_file: str | None = f.setting(
+        f.nonempty, None, "JSON Web Key Set file (``{\"keys\": [...]}``), re-read when it"
+        " changes; keys are chosen by ``kid``.", resolve=f.existing_file)
+    agent_claim: str = f.setting(f.nonempty, "sub", "The claim that names the agent.")
 
     def _check(self, present: set[str], error: Error) -> JwtConfig:
-        if any(a.startswith("HS") for a in self.algorithms) and not self.secret:
-            error("secret", "required for HS* algorithms")
-        if not all(a.startswith("HS") for a in self.algorithms) and not self.public_key:
-            error("public_key", "required for RS*, ES*, PS* and EdDSA algorithms")
+        hmac = [a for a in self.algorithms if a.startswith("HS")]
+        other = [a for a in self.algorithms if not a.startswith("HS")]
+        secrets = [("secret", self.secret)] if self.secret else []
+        secrets += [(f"keys.{k.name}.secret", k.secret) for k in self.keys.values() if k.secret]
+        publics = bool(self.public_key) or any(k.public_key for k in self.keys.values())
+        if hmac and not secrets and not self.jwks_file:
+            error("secret", "required for HS* algorithms (or keys, or jwks_file)")
+        if other and not publics and not self.jwks_file:
+            error("public_key", "required for RS*, ES*, PS* and EdDSA algorithms (or keys,"
+                  " or jwks_file)")
+        if secrets and not hmac:
+            error("algorithms", "a secret is configured but no HS* algorithm is accepted")
+        for where, secret in secrets:
+            need = max((HMAC_MIN_BYTES[a] for a in hmac), default=0)
+            if len(secret.encode()) < need:
+                error(where, f"must be at least {need} bytes for"
+                      f" {', '.join(a for a in hmac if HMAC_MIN_BYTES[a] == need)}"
+                      " (RFC 7518 3.2)")
         return self
 
 
@@ -233,7 +281,7 @@ class AuthConfig:
         ApiKeyConfig, "API keys; ``api_key:`` with no settings enables them with the"
         " defaults.", optional=True, null_enables=True)
     jwt: JwtConfig | None = f.section(JwtConfig, "JWT bearer tokens.", optional=True,
-                                      null_enables=True, not_yet=NotYet(PROTECTION))
+                                      null_enables=True)
 
 
 @attrs.frozen
@@ -245,8 +293,10 @@ class AgentConfig:
                                       "Stored key forms (``clawproxy hash-key KEY``);"
                                       " plain keys are refused.")
     scopes: tuple[str, ...] | None = f.setting(
-        f.list_of(f.url_path), None, "Path globs the agent may call (default: all).",
-        not_yet=NotYet(PROTECTION))
+        f.list_of(f.url_path), None, "Path globs the agent may call (default: all), written"
+        " like route paths and matched on the same canonical path (without"
+        " ``server.base_path``) that routes match and the upstream receives; ``/x/*`` is"
+        " ``/x`` and everything under it.")
     rate_limit: Rate | None = f.setting(f.rate, None, "Requests per period for this agent.",
                                         not_yet=NotYet(PROTECTION))
     token_limit: Rate | None = f.setting(
@@ -259,8 +309,8 @@ class AgentConfig:
     tier: str | None = f.setting(f.scalar_text, None,
                                  "Free attribute for routes' ``match: {agent.tier: ...}``.")
     inject_headers: dict[str, str] = f.setting(
-        f.headers, factory=dict, doc="Headers set on requests sent upstream for this agent.",
-        not_yet=NotYet(PROTECTION))
+        f.headers, factory=dict, doc="Headers set on requests sent upstream for this agent"
+        " (the client's ``Authorization`` and API key header are removed first).")
 
 
 # -- rate limits ---------------------------------------------------------------------------
@@ -514,12 +564,27 @@ class RouteCacheConfig:
 
     enabled: bool = f.setting(f.boolean, True, "Cache this route.")
     ttl: float = f.setting(f.duration(above=0), 300.0, "Entry lifetime.", shown="5m")
-    semantic: bool = f.setting(f.boolean, False, "Match similar prompts.")
-    threshold: float = f.setting(f.number(low=0, high=1), 0.85, "Semantic similarity of a hit.")
-    shared: bool = f.setting(f.boolean, False, "Share entries between agents.")
+    semantic: bool = f.setting(f.boolean, False, "Match similar prompts.",
+                               not_yet=NotYet(RESILIENCE, bool, "semantic caching is not"
+                                              " supported by this version yet", "``true``"))
+    threshold: float = f.setting(f.number(low=0, high=1), 0.85, "Semantic similarity of a hit.",
+                                 not_yet=NotYet(RESILIENCE))
+    shared: bool = f.setting(f.boolean, False, "Share entries between agents (else each"
+                             " agent, or each anonymous client address, has its own).")
     key: tuple[str, ...] = f.setting(f.list_of(f.nonempty), (), "Request parts forming the"
-                                     " key (``body.model``, ``header.X``); empty: method,"
-                                     " path and whole body.")
+                                     " key (``body``, ``body.NAME`` (dotted for nested"
+                                     " members), ``header.NAME``, ``query.NAME``); empty: the"
+                                     " whole body. The route, method, path, whether the"
+                                     " request streams and the agent scope always count.")
+
+    def _check(self, present: set[str], error: Error) -> RouteCacheConfig:
+        from clawproxy.cache.keys import check_key_field
+
+        for i, field in enumerate(self.key):
+            problem = check_key_field(field)
+            if problem is not None:
+                error(f"key[{i}]", problem)
+        return self
 
 
 @attrs.frozen
@@ -566,8 +631,8 @@ class RouteConfig:
     timeout: float | None = f.setting(f.duration(above=0), None,
                                       "Per upstream attempt (default: the pool's).")
     cache: RouteCacheConfig | None = f.section(
-        RouteCacheConfig, "Response caching.", optional=True,
-        not_yet=NotYet(RESILIENCE, lambda c: c.enabled, values="enabled"))
+        RouteCacheConfig, "Response caching (``X-Cache`` on every answer of the route).",
+        optional=True)
     fallback: str | None = f.setting(f.text, None, "A name in ``fallbacks``.")
     transforms: TransformsConfig | None = f.section(TransformsConfig, "Header rewrites.",
                                                     optional=True)
@@ -589,23 +654,32 @@ class FallbackConfig:
 
     name: str = f.entry_name("The fallback's name (its key under ``fallbacks``).")
     type: str = f.setting(
-        f.choice("static", "cache"), "static", "``static`` answers with ``status``/``body``;"
-        " ``cache`` serves the last good cached answer.",
-        not_yet=NotYet(RESILIENCE, lambda t: t == "cache",
-                       "type cache is not supported by this version yet", "``cache``"))
+        f.choice("static", "cache"), "static", "``static`` answers with ``status``/``body``"
+        " when no instance can take a request; ``cache`` serves the last good cached answer"
+        " for the same key (``X-Cache: STALE``) when no instance can take it or the attempts"
+        " failed, and nothing when there is none.")
     status: int = f.setting(f.integer(low=100, high=599), 200, "Status of the answer.")
     content_type: str = f.setting(f.nonempty, "application/json", "Its content type.")
     body: str = f.setting(f.fallback_body, "", "Its body.")
     headers: dict[str, str] = f.setting(f.headers, factory=dict, doc="Extra headers.")
-    max_stale: float | None = f.setting(f.duration(above=0), None, "``cache``: oldest answer"
-                                        " served.", not_yet=NotYet(RESILIENCE))
+    max_stale: float | None = f.setting(f.duration(above=0), None, "``cache``: how long past"
+                                        " its route's ``ttl`` an answer may still be served"
+                                        " (required); entries are kept that long.")
+
+    def _check(self, present: set[str], error: Error) -> FallbackConfig:
+        if self.type == "cache" and self.max_stale is None:
+            error("max_stale", "required for type cache")
+        return self
 
 
 @attrs.frozen
 class CacheConfig:
     """The response cache store shared by routes that enable caching."""
 
-    store: str = f.setting(f.choice("memory", "redis"), "memory", "Where entries live.")
+    store: str = f.setting(f.choice("memory", "redis"), "memory", "Where entries live:"
+                           " ``memory`` (this gateway's) or ``redis`` (the ``store`` section's"
+                           " Redis, shared by every gateway on it; needs ``store.backend:"
+                           " redis``).")
     max_entries: int = f.setting(f.integer(low=1), 10000, "Entries at most.")
     max_bytes: int = f.setting(f.size, 256 * 1024 * 1024, "Stored bytes at most.",
                                shown="256MB")
@@ -701,8 +775,7 @@ class Config:
                                               required="required (at least one route)",
                                               empty="must define at least one route")
     fallbacks: dict[str, FallbackConfig] = f.entries(FallbackConfig, "Canned responses.")
-    cache: CacheConfig = f.section(CacheConfig, "The response cache.",
-                                   not_yet=NotYet(RESILIENCE))
+    cache: CacheConfig = f.section(CacheConfig, "The response cache.")
     metrics: MetricsConfig = f.section(MetricsConfig, "Prometheus metrics.")
     logging: LoggingConfig = f.section(LoggingConfig, "Logging.")
     tracing: TracingConfig = f.section(TracingConfig, "Tracing.")
@@ -717,8 +790,17 @@ class Config:
                 if agent.spend_limit is not None:
                     error(f"agents.{agent.name}.spend_limit",
                           "needs models.prices (spend is priced per model)")
+        if self.cache.store == "redis" and self.store.backend != "redis":
+            error("cache.store", "redis needs store.backend: redis")
         if self.auth is None and any(agent.keys for agent in self.agents.values()):
             return attrs.evolve(self, auth=AuthConfig(api_key=ApiKeyConfig()))
+        if self.auth is None:
+            # No request can be these agents: their scopes would restrict nobody.
+            for agent in self.agents.values():
+                for key in ("scopes", "inject_headers"):
+                    if getattr(agent, key):
+                        error(f"agents.{agent.name}.{key}", "no authentication is configured"
+                              " (auth, or keys on an agent), so no request is this agent")
         return self
 
     def instance(self, id: str) -> tuple[PoolConfig, InstanceConfig] | None:

@@ -37,6 +37,13 @@ import attrs
 
 from clawproxy.config import AgentConfig, Config, RouteConfig
 from clawproxy.errors import Rejected
+from clawproxy.policy.jwt import (
+    MAX_TOKEN_LENGTH,
+    JwtKeyError,
+    invalid_token,
+    load_key_set,
+    looks_like_jwt,
+)
 from clawproxy.units import Rate
 
 __all__ = [
@@ -47,10 +54,12 @@ __all__ = [
     "KeyStoreError",
     "authenticate",
     "authorize",
+    "extract_credential",
     "extract_key",
     "invalid_api_key",
     "load_key_store",
     "missing_api_key",
+    "missing_credentials",
     "parse_keys_store",
     "permission_denied",
     "stored_digest",
@@ -92,6 +101,23 @@ def missing_api_key(header_name: str = "X-API-Key") -> Rejected:
         "missing_api_key",
         WWW_AUTHENTICATE,
     )
+
+
+def missing_credentials(header_name: str = "X-API-Key", api_keys: bool = True,
+                        tokens: bool = False) -> Rejected:
+    """
+    The 401 for a route that needs credentials when none were sent, naming the ways
+    this gateway accepts them (API keys, JWTs or both).
+    """
+    if not tokens:
+        return missing_api_key(header_name)
+    if not api_keys:
+        return Rejected(401, "this route requires a token: send it as Authorization: Bearer",
+                        "authentication_error", "missing_token", WWW_AUTHENTICATE)
+    return Rejected(
+        401, f"this route requires credentials: an API key in {header_name}, or an API key"
+        " or a token as Authorization: Bearer", "authentication_error",
+        "missing_credentials", WWW_AUTHENTICATE)
 
 
 def permission_denied(message: str = "this agent may not use this route") -> Rejected:
@@ -284,11 +310,12 @@ def _no_duplicates(source: str) -> Any:
 
 def load_key_store(config: Config) -> KeyStore:
     """
-    Build the L{KeyStore} for C{config}, reading C{auth.api_key.keys_store} if set.
+    Build the L{KeyStore} for C{config}, reading C{auth.api_key.keys_store} if set, and
+    check that the JWT keys of C{auth.jwt} (key files, JWKS file) can be loaded.
 
     @raise KeyStoreError: (a L{ValueError}) naming the file, when it cannot be read, is
         not JSON of the right shape, holds something other than stored keys, or gives a
-        key to two agents.
+        key to two agents; or naming the JWT key that cannot be used.
     """
     api_key = config.auth.api_key if config.auth is not None else None
     path = api_key.keys_store if api_key is not None else None
@@ -307,6 +334,12 @@ def load_key_store(config: Config) -> KeyStore:
                 [f"{path}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}"]
             ) from None
         stored = parse_keys_store(data, path)
+    jwt = config.auth.jwt if config.auth is not None else None
+    if jwt is not None:
+        try:
+            load_key_set(jwt)
+        except JwtKeyError as e:
+            raise KeyStoreError(e.errors) from None
     try:
         return KeyStore.build(config.agents, stored)
     except ValueError as e:
@@ -361,6 +394,49 @@ def _is_bearer(value: bytes) -> bool:
     return bool(parts) and parts[0].lower() == _BEARER
 
 
+def extract_credential(
+    headers: Any, header_name: str = "X-API-Key", api_keys: bool = True
+) -> tuple[str, bytes] | None:
+    """
+    The one credential a request presents when JWTs are accepted: C{("jwt", token)} or
+    C{("key", api_key)}.
+
+    With API keys on, C{header_name} carries an API key, and C{Authorization: Bearer}
+    a JWT when the value has the JWT shape (L{looks_like_jwt}), else an API key. With
+    API keys off, only C{Authorization: Bearer} is read, and always as a JWT. As in
+    L{extract_key}, two different credentials (an API key and a token, say) are refused
+    rather than one of them chosen; an empty or over-long one is invalid.
+
+    @return: C{(kind, value)}, or C{None} when the request presents no credential.
+    @raise Rejected: 401 (C{invalid_api_key} or C{invalid_token}).
+    """
+    found: list[bytes] = []
+    bearer = False
+    name = header_name.encode("latin-1")
+    if api_keys and name.lower() != _AUTHORIZATION:
+        found.extend(_values(headers, name))
+    for value in _values(headers, _AUTHORIZATION):
+        if _is_bearer(value):
+            parts = value.split(None, 1)
+            found.append(parts[1].strip(_OWS) if len(parts) == 2 else b"")
+            bearer = True
+    if not found:
+        return None
+    value = found[0]
+    if any(other != value for other in found[1:]):
+        message = (f"conflicting credentials: send one, in {header_name} or as"
+                   " Authorization: Bearer") if api_keys else (
+            "conflicting credentials: send one Authorization: Bearer token")
+        raise invalid_api_key(message) if api_keys else invalid_token(message)
+    if bearer and (not api_keys or looks_like_jwt(value)):
+        if not value or len(value) > MAX_TOKEN_LENGTH:
+            raise invalid_token("malformed token")
+        return "jwt", value
+    if not value or len(value) > MAX_KEY_LENGTH:
+        raise invalid_api_key()
+    return "key", value
+
+
 def strip_credentials(headers: Any, header_name: str = "X-API-Key") -> None:
     """
     Remove the gateway's credentials from a request's headers so they are not relayed
@@ -400,12 +476,15 @@ def authenticate(store: KeyStore, headers: Any, header_name: str = "X-API-Key") 
     return agent
 
 
-def authorize(route: RouteConfig, agent: Agent | None, header_name: str = "X-API-Key") -> None:
+def authorize(route: RouteConfig, agent: Agent | None, header_name: str = "X-API-Key",
+              missing: Rejected | None = None) -> None:
     """
     Apply a route's C{auth_required} and C{allowed_agents}.
 
     @param route: the matched route's configuration.
     @param agent: the identified agent, or C{None} for an anonymous request.
+    @param missing: the 401 for a missing credential (L{missing_credentials});
+        L{missing_api_key} by default.
     @raise Rejected: 401 C{missing_api_key} (with C{WWW-Authenticate}) when the route
         needs an agent and there is none; 403 C{permission_denied} when C{allowed_agents}
         is set and does not name the agent.
@@ -413,7 +492,7 @@ def authorize(route: RouteConfig, agent: Agent | None, header_name: str = "X-API
     needs_agent = route.auth_required or route.allowed_agents is not None
     if agent is None:
         if needs_agent:
-            raise missing_api_key(header_name)
+            raise missing if missing is not None else missing_api_key(header_name)
         return
     if route.allowed_agents is not None and agent.name not in route.allowed_agents:
         raise permission_denied()

@@ -9,6 +9,7 @@ import re
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+from urllib.parse import parse_qsl
 
 from clawproxy.config import Config, PoolConfig, RouteConfig
 from clawproxy.errors import Rejected, bad_request
@@ -80,7 +81,11 @@ def strip_base(path: bytes, base: bytes) -> bytes | None:
     return None
 
 
-def _path_matcher(pattern: str) -> Callable[[str], bool]:
+def path_matcher(pattern: str) -> Callable[[str], bool]:
+    """
+    A matcher for a route path or scope glob: C{/x/*} is C{/x} and anything under it,
+    other patterns with C{*?[} are shell globs, the rest exact paths.
+    """
     if pattern.endswith("/*") and not any(c in pattern[:-2] for c in "*?["):
         prefix = pattern[:-2]
         slash = prefix + "/"
@@ -106,7 +111,7 @@ class CompiledRoute:
     def __init__(self, cfg: RouteConfig, index: int) -> None:
         self.config = cfg
         self.name = cfg.path
-        self._path = _path_matcher(cfg.path)
+        self._path = path_matcher(cfg.path)
         self._methods = frozenset(m.encode() for m in cfg.methods) if cfg.methods else None
         self._conds: list[tuple[str, str, Callable[[Any], bool]]] = []
         for key, want in (cfg.match or {}).items():
@@ -124,10 +129,17 @@ class CompiledRoute:
         headers: Callable[[str], str | None],
         body: Mapping[str, Any] | None,
         agent: Any,
+        query: Callable[[str], str | None] | None = None,
     ) -> bool:
+        """
+        @param query: the request's query parameters by name (L{query_parameters});
+            C{None} for none.
+        """
         for kind, name, check in self._conds:
             if kind == "header":
                 value = headers(name)
+            elif kind == "query":
+                value = query(name) if query is not None else None
             elif kind == "body":
                 value = body.get(name) if isinstance(body, Mapping) else None
             elif kind == "agent":
@@ -137,6 +149,30 @@ class CompiledRoute:
             if not check(value):
                 return False
         return True
+
+
+def query_parameters(raw: bytes) -> Callable[[str], str | None]:
+    """
+    The query string C{raw} (without C{?}) as a lookup by name for C{query.NAME}
+    conditions, parsed on first use: names and values are percent-decoded (C{+} is a
+    space). A name given several times with different values has no value (matches
+    nothing): a backend may read either one, so neither is believed.
+    """
+    parsed: dict[str, str | None] | None = None
+
+    def lookup(name: str) -> str | None:
+        nonlocal parsed
+        if parsed is None:
+            parsed = {}
+            text = raw.decode("utf-8", "replace")
+            for key, value in parse_qsl(text, keep_blank_values=True):
+                if key in parsed and parsed[key] != value:
+                    parsed[key] = None
+                else:
+                    parsed[key] = value
+        return parsed.get(name)
+
+    return lookup
 
 
 class Router:

@@ -64,6 +64,19 @@ class Script:
     def _sha(self) -> str:
         return hashlib.sha1(self.lua.encode()).hexdigest()
 
+    def __attrs_post_init__(self) -> None:
+        _BY_SHA.setdefault(self.sha, self)
+
+
+#: Every script made in this process, by SHA1 (a worker names the script its
+#: parent runs for it by its SHA1: L{clawproxy.stores.amp}).
+_BY_SHA: dict[str, Script] = {}
+
+
+def script_by_sha(sha: str) -> Script | None:
+    """The script with Lua source of SHA1 C{sha} made in this process, if any."""
+    return _BY_SHA.get(sha)
+
 
 def encode_arg(value: bytes | str | int | float) -> bytes:
     """One script argument as Redis receives it."""

@@ -102,7 +102,9 @@ class AccessLog:
             "attempts": ctx.attempts,
             "error": ctx.error,
         }
-        usage = ctx.tokens.usage if ctx.tokens is not None else None
+        notes = ctx.notes
+        rec = notes.get("tokens") if notes else None
+        usage = rec.usage if rec is not None else None
         if usage is not None:
             # Token counts of LLM calls; C{tokens_estimated}: no backend
             # reported them (see clawproxy.policy.usage).

@@ -87,6 +87,9 @@ class AdminResource(Resource):
         self.started = clock.seconds() if started is None else started
         self.store = store
         self.sections = sections
+        #: Set by a parent of several workers: a Deferred of the merged
+        #: metrics page (its own and its workers').
+        self.metrics_text: Callable[[], Deferred[bytes]] | None = None
 
     def render(self, request: Any) -> Any:
         try:
@@ -125,6 +128,8 @@ class AdminResource(Resource):
         parts = path.split(b"/")
         if path == self._metrics_path and method == b"GET":
             request.setHeader(b"content-type", CONTENT_TYPE.encode())
+            if self.metrics_text is not None:
+                return self.metrics_text()
             return self.metrics.render()
         if path == b"/admin/status" and method == b"GET":
             return self.status()
@@ -214,7 +219,7 @@ class AdminResource(Resource):
 
     def _write_json(self, result: Any, request: Any) -> None:
         if not client_gone(request):
-            request.write(self._json(request, 200, result))
+            request.write(result if isinstance(result, bytes) else self._json(request, 200, result))
             request.finish()
 
     def _failed(self, failure: Failure, request: Any) -> None:

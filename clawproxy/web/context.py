@@ -33,6 +33,8 @@ class RequestContext:
         with L{json_body}; L{None} before.
     @ivar model: the model the request is served as (after aliases), once the
         pool is resolved; L{None} when the request names none.
+    @ivar path: the path as received, then (once handling starts) its canonical form
+        (L{clawproxy.policy.routing.canonical_path}), computed once.
     """
 
     request: Any
@@ -60,9 +62,12 @@ class RequestContext:
     model: str | None = None
     #: A stage changed C{body}: it is sent upstream re-serialised.
     body_changed: bool = False
-    #: Token accounting's record of an LLM request
-    #: (L{clawproxy.web.tokens.TokenRecord}), L{None} for other requests.
-    tokens: Any = None
+    #: Per-request state of features, under the feature's name (L{None}
+    #: until one keeps some: most requests carry none).
+    notes: dict[str, Any] | None = None
+    #: The canonical path with C{server.base_path} removed, once the request is past
+    #: its builtin endpoints: what routes match, scopes check and the upstream is sent.
+    local_path: bytes | None = None
 
     def json_body(self) -> dict[str, Any]:
         """

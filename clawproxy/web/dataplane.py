@@ -22,7 +22,9 @@ from clawproxy.config import Config
 from clawproxy.interfaces import (
     PHASES,
     IAdminSection,
+    IFallbackProvider,
     IHeadCheck,
+    IRelayWrapper,
     IRequestStage,
     IResponseFilter,
     IResponseObserver,
@@ -33,6 +35,7 @@ from clawproxy.policy.routing import Router
 from clawproxy.stores.memory import MemoryStore
 from clawproxy.web.accesslog import AccessLog
 from clawproxy.web.auth import auth_parts
+from clawproxy.web.cache import cache_parts
 from clawproxy.web.gateway import GatewayResource
 from clawproxy.web.relay import Relay
 from clawproxy.web.tokens import token_parts
@@ -46,10 +49,14 @@ Feature = Callable[..., Iterable[Any]]
 #: its stages run within a phase.
 FEATURES: tuple[Feature, ...] = (
     auth_parts,
+    # Before the cache: its fill filter then stores what the client sees (a
+    # usage chunk the gateway asked for on the client's behalf is already out).
     token_parts,
+    cache_parts,
 )
 
-_SEAMS = (IRequestStage, IHeadCheck, IResponseFilter, IResponseObserver, IAdminSection)
+_SEAMS = (IRequestStage, IHeadCheck, IResponseFilter, IResponseObserver, IAdminSection,
+          IRelayWrapper, IFallbackProvider)
 
 
 @attrs.define(eq=False)
@@ -61,6 +68,8 @@ class Parts:
     filters: list[Any] = attrs.Factory(list)
     observers: list[Any] = attrs.Factory(list)
     admin_sections: list[Any] = attrs.Factory(list)
+    wrappers: list[Any] = attrs.Factory(list)
+    fallbacks: dict[str, Any] = attrs.Factory(dict)
 
     def add(self, part: Any) -> None:
         """
@@ -89,6 +98,12 @@ class Parts:
             if any(s.name == part.name for s in self.admin_sections):
                 raise TypeError(f"{part!r}: a second admin section named {part.name!r}")
             self.admin_sections.append(part)
+        if IRelayWrapper.providedBy(part):
+            self.wrappers.append(part)
+        if IFallbackProvider.providedBy(part):
+            if part.type in self.fallbacks:
+                raise TypeError(f"{part!r}: a second provider of fallbacks of type {part.type!r}")
+            self.fallbacks[part.type] = part
 
 
 @attrs.define(eq=False)
@@ -156,8 +171,12 @@ def build_data_plane(
         retry_policy if retry_policy is not None else RetryPolicy(),
         config.server.trusted_proxies, parts.filters,
     )
+    forward = relay.forward
+    for wrapper in parts.wrappers:
+        forward = wrapper.wrap(forward)
     resource = GatewayResource(
         config, registry, relay, metrics, access_log, clock,
         stages=parts.stages, observers=parts.observers, started=started, router=router,
+        forward=forward, fallbacks=parts.fallbacks,
     )
     return DataPlane(config, registry, router, relay, resource, parts, store)

@@ -30,7 +30,13 @@ from clawproxy.config import Config, expand_request_variables
 from clawproxy.errors import Rejected, bad_request, not_found, unavailable
 from clawproxy.interfaces import PHASES
 from clawproxy.metrics import Metrics
-from clawproxy.policy.routing import Router, canonical_path, sticky_split, strip_base
+from clawproxy.policy.routing import (
+    Router,
+    canonical_path,
+    query_parameters,
+    sticky_split,
+    strip_base,
+)
 from clawproxy.web.accesslog import AccessLog
 from clawproxy.web.context import LocalResponse, RequestContext
 from clawproxy.web.relay import NoInstance, Relay, UpstreamBroken
@@ -81,6 +87,9 @@ class GatewayResource(Resource):
         (C{identify}, C{route} or C{pool}), in the order given.
     @param observers: L{IResponseObserver}s told about each finished request.
     @param router: the compiled routes (built from C{config} when not given).
+    @param forward: the relay step, C{relay.forward} as wrapped by the
+        L{IRelayWrapper}s (C{relay.forward} itself by default).
+    @param fallbacks: L{IFallbackProvider}s by the fallback C{type} they serve.
     """
 
     isLeaf = True
@@ -100,11 +109,15 @@ class GatewayResource(Resource):
         observers: Sequence[Any] = (),
         started: float | None = None,
         router: Router | None = None,
+        forward: Any = None,
+        fallbacks: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.config = config
         self.registry = registry
         self.relay = relay
+        self.forward = forward if forward is not None else relay.forward
+        self.fallback_providers = dict(fallbacks or {})
         self.metrics = metrics
         self.access_log = access_log
         self.clock = clock
@@ -153,7 +166,7 @@ class GatewayResource(Resource):
                            "request_too_large")
         path = canonical_path(ctx.path)
         ctx.path = path
-        local = strip_base(path, self.base)
+        local = ctx.local_path = strip_base(path, self.base)
         if local is None:
             raise not_found("no route for this path", "route_not_found")
         builtin = self._builtin(local, ctx.method)
@@ -190,12 +203,27 @@ class GatewayResource(Resource):
         key, sticky = self._keys(ctx, pool)
         timeout = cfg.timeout if cfg.timeout is not None else pool.config.timeout
         try:
-            await self.relay.forward(ctx, pool, key, sticky, timeout, local)
+            await self.forward(ctx, pool, key, sticky, timeout, local)
         except NoInstance:
             answer = self._fallback(ctx, cfg.fallback or pool.config.fallback)
+            if isinstance(answer, Deferred):
+                answer = await answer
             if answer is None:
                 raise unavailable(f"no healthy instance in pool {pool.name!r}",
                                   code="no_healthy_upstream") from None
+            self._write_local(ctx, answer)
+            return
+        except Rejected as e:
+            # The attempts failed and nothing reached the client: a fallback
+            # other than static (a cached answer) may still serve it.
+            if (e.status not in (502, 503, 504) or not self.fallback_providers
+                    or request.startedWriting):
+                raise
+            answer = self._fallback(ctx, cfg.fallback or pool.config.fallback, static=False)
+            if isinstance(answer, Deferred):
+                answer = await answer
+            if answer is None:
+                raise
             self._write_local(ctx, answer)
             return
         if not request.finished and not client_gone(request):
@@ -226,9 +254,10 @@ class GatewayResource(Resource):
             v = headers.getRawHeaders(name.encode("latin-1"))
             return v[-1].decode("latin-1") if v else None
 
+        query = query_parameters(ctx.query)
         for route in self.router.candidates(spath, ctx.method):
             body = ctx.json_body() if route.needs_body else None
-            if route.matches_conditions(header, body, ctx.agent):
+            if route.matches_conditions(header, body, ctx.agent, query):
                 return route
         raise not_found(f"no route for {ctx.method.decode()} {spath}", "route_not_found")
 
@@ -298,11 +327,22 @@ class GatewayResource(Resource):
         for name, value in t.set.items():
             headers.setRawHeaders(name, [self._expand(value, ctx).encode()])
 
-    def _fallback(self, ctx: RequestContext, name: str | None) -> LocalResponse | None:
+    def _fallback(self, ctx: RequestContext, name: str | None,
+                  static: bool = True) -> LocalResponse | Deferred[Any] | None:
+        """
+        The fallback C{name}'s answer: a static one (unless C{static} is
+        false: those answer only when no instance could take the request),
+        or its L{IFallbackProvider}'s (an answer, L{None}, or a Deferred).
+        """
         if not name:
             return None
         fb = self.config.fallbacks.get(name)
-        if fb is None or fb.type != "static":
+        if fb is None:
+            return None
+        if fb.type != "static":
+            provider = self.fallback_providers.get(fb.type)
+            return None if provider is None else provider.answer(ctx, fb)
+        if not static:
             return None
         self.metrics.fallback_responses_total.labels(name).inc()
         headers = [(k.encode(), v.encode()) for k, v in fb.headers.items()]

@@ -4,7 +4,7 @@ Token accounting and token/spend budgets (issue 10, points 3 and 4).
 One feature, four parts:
 
   - L{TokenStage} (phase C{pool}): notes each LLM request (a POST to a chat,
-    completion or embedding endpoint, OpenAI or Ollama) in C{ctx.tokens}, and
+    completion or embedding endpoint, OpenAI or Ollama) in C{ctx.notes["tokens"]}, and
     asks an OpenAI backend for C{stream_options.include_usage} on a stream
     whose client did not (the extra usage chunk is dropped on the way back);
   - L{UsageFilter}: reads the usage of the relayed answer (see
@@ -67,7 +67,7 @@ RATE_WINDOW = 60.0
 @attrs.define(slots=True, eq=False)
 class TokenRecord:
     """
-    What the feature knows of one LLM request (C{ctx.tokens}).
+    What the feature knows of one LLM request (C{ctx.notes["tokens"]}).
 
     @ivar body: the request body (as the client sent it).
     @ivar drop_usage: the gateway asked the backend for usage on the
@@ -93,6 +93,12 @@ class TokenRecord:
         return self._prompt_estimate
 
 
+def record_of(ctx: Any) -> TokenRecord | None:
+    """The L{TokenRecord} of an LLM request, L{None} for other requests."""
+    notes = ctx.notes
+    return notes.get("tokens") if notes else None
+
+
 @implementer(IRequestStage)
 class TokenStage:
     """Notes LLM requests, and asks OpenAI streams for their usage."""
@@ -114,7 +120,10 @@ class TokenStage:
         if model is None:
             named = body.get("model")
             model = self.router.resolve_model(named) if isinstance(named, str) else "-"
-        rec = ctx.tokens = TokenRecord(model, body)
+        rec = TokenRecord(model, body)
+        if ctx.notes is None:
+            ctx.notes = {}
+        ctx.notes["tokens"] = rec
         if (body.get("stream") is True and ctx.pool.config.protocol == "openai"
                 and ctx.path.endswith(_STREAMING)):
             options = body.get("stream_options")
@@ -134,7 +143,7 @@ class UsageFilter:
     name = "tokens"
 
     def begin(self, ctx: Any, code: int, headers: list[tuple[bytes, bytes]]) -> Any:
-        rec = ctx.tokens
+        rec = record_of(ctx)
         if rec is None or not 200 <= code < 300:
             return None
         translator = getattr(ctx.rewrite, "translator", None)
@@ -298,7 +307,7 @@ class BudgetStage:
         self.metrics = metrics
 
     def process(self, ctx: Any) -> Deferred[None] | None:
-        rec = ctx.tokens
+        rec = record_of(ctx)
         if rec is None or ctx.agent is None:
             return None
         limits = self.budgets.agents.get(ctx.agent_name)
@@ -366,7 +375,7 @@ class TokenObserver:
         self.rates = _Rates(clock)
 
     def completed(self, ctx: Any) -> None:
-        rec = ctx.tokens
+        rec = record_of(ctx)
         if rec is None:
             return
         ok = 200 <= ctx.status < 300 and rec.watcher is not None

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# req/s with server.workers: 1 vs 2 (and more, given as arguments), same run,
+# alternating, on the bench nginx backend.
+#
+#   bash bench/workers.sh [ROUNDS] [SECONDS] [WORKERS...]      (default: 3 6 1 2)
+#
+# Each gateway runs alone while it is measured; wrk and nginx run on
+# $BENCH_LOAD_CPU (default core 0). The gateway's processes run on
+# $BENCH_PROXY_CPUS (default: every core, so that N workers can use N cores;
+# on a 2-core machine they then share core 0 with wrk and nginx).
+# EXTRA_YAML (a file) is appended to the bench config, e.g. a store section
+# or rate limits, to compare state served by the parent with Redis.
+set -euo pipefail
+if [[ -z "${BENCH_INNER:-}" ]]; then
+    exec timeout --signal=TERM --kill-after=10 900 env BENCH_INNER=1 bash "$0" "$@"
+fi
+R=${1:-3}; D=${2:-6}; shift 2 2>/dev/null || shift $#
+COUNTS=("$@"); [[ ${#COUNTS[@]} -gt 0 ]] || COUNTS=(1 2)
+HERE="$(cd "$(dirname "$0")" && pwd)"
+LCPU="${BENCH_LOAD_CPU:-0}"; PCPUS="${BENCH_PROXY_CPUS:-0-$(( $(nproc) - 1 ))}"
+BASE=$(( ${BENCH_PORT_BASE:-18080} + 60 ))
+P_NGINX=$BASE
+TMP=$(mktemp -d /tmp/clawworkers.XXXXXX); PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+mkdir -p "$TMP/nginx"
+sed -e "s#@DIR@#$TMP/nginx#g" -e "s#@PORT@#$P_NGINX#g" "$HERE/nginx.conf.in" >"$TMP/nginx/nginx.conf"
+timeout 880 taskset -c "$LCPU" nginx -c "$TMP/nginx/nginx.conf" -p "$TMP/nginx" >/dev/null 2>&1 &
+PIDS+=($!)
+
+port_of() { echo $((BASE + 1 + 2 * $1)); }
+i=0
+for n in "${COUNTS[@]}"; do
+    i=$((i + 1))
+    { sed "s/^  client_timeout: 120s/  client_timeout: 120s\n  workers: $n/" "$HERE/gateway-bench.yaml"
+      [[ -n "${EXTRA_YAML:-}" ]] && cat "$EXTRA_YAML"; } >"$TMP/gw$n.yaml"
+    BENCH_BACKEND_PORT=$P_NGINX BENCH_PROXY_PORT=$(port_of "$i") \
+        BENCH_ADMIN_PORT=$(( $(port_of "$i") + 1 )) BENCH_ACCESS_LOG=off \
+        PYTHONPATH="$HERE/.." timeout 880 taskset -c "$PCPUS" twistd -n --pidfile= clawproxy \
+        -c "$TMP/gw$n.yaml" >"$TMP/gw$n.out" 2>&1 &
+    PIDS+=($!)
+done
+i=0
+for n in "${COUNTS[@]}"; do
+    i=$((i + 1))
+    for _ in $(seq 1 300); do
+        [[ $(grep -c "listening on" "$TMP/gw$n.out" 2>/dev/null) -ge $(( n > 1 ? n + 2 : 2 )) ]] && break
+        sleep 0.1
+    done
+    timeout 30 taskset -c "$LCPU" wrk -t1 -c64 -d2s -s "$HERE/chat.lua" \
+        "http://127.0.0.1:$(port_of "$i")" >/dev/null
+done
+
+results=()
+for _ in $(seq 1 "$R"); do
+    i=0
+    for n in "${COUNTS[@]}"; do
+        i=$((i + 1))
+        rps=$(timeout 60 taskset -c "$LCPU" wrk -t1 -c64 -d"${D}s" -s "$HERE/chat.lua" \
+            "http://127.0.0.1:$(port_of "$i")" | awk '/Requests\/sec/{print $2}')
+        results+=("$n:$rps")
+    done
+done
+python3 - "${results[@]}" <<'EOF'
+import statistics as st
+import sys
+
+runs = {}
+for item in sys.argv[1:]:
+    n, rps = item.split(":")
+    runs.setdefault(int(n), []).append(float(rps))
+base = st.median(runs[min(runs)])
+for n, r in runs.items():
+    m = st.median(r)
+    print(f"workers {n}: req/s {[round(x) for x in r]} median {m:.0f} ({m / base:.2f}x)")
+EOF

@@ -1,0 +1,222 @@
+"""
+C{server.workers: 2}, run as an operator runs it (C{twistd -n clawproxy}):
+both workers accept on the parent's sockets, a killed worker is replaced,
+SIGHUP reloads every process, SIGTERM drains open streams and refuses new
+connections, and the admin listener shows the whole gateway.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+from typing import Any
+
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.error import ConnectionRefusedError
+from twisted.trial.unittest import TestCase
+from twisted.web.client import ResponseNeverReceived
+
+from tests.integration.helpers import HELLO, Harness, Process, bounded, tick, wait_for
+from tests.integration.test_process import TWISTD, listening
+
+CONFIG = """\
+server:
+  listen: ["tcp:0:interface=127.0.0.1"]
+  workers: 2
+admin:
+  listen: "tcp:0:interface=127.0.0.1"
+pools:
+  sim:
+    models: ["sim-*"]
+    instances:
+      - {{id: sim-1, url: "{sim}"}}
+    health_check: {{path: /health, interval: 1s}}
+routes:
+  - path: /v1/chat/completions
+    methods: [POST]
+{extra}
+logging:
+  output: "off"
+"""
+
+
+class Workers:
+    """A gateway with two workers, started as a separate process."""
+
+    def __init__(self, case: TestCase, **sim: Any) -> None:
+        self.h = Harness(case)
+        self.sim = self.h.simulator("sim-1", **sim)
+        self.client = self.h.client()
+
+    def write(self, extra: str = "") -> None:
+        with open(self.h.path("gateway.yaml"), "w") as f:
+            f.write(CONFIG.format(sim=self.sim.url, extra=extra))
+
+    async def start(self, extra: str = "") -> Process:
+        self.write(extra)
+        self.proc = self.h.spawn(*TWISTD, "-n", "--pidfile=", "clawproxy", "-c", "gateway.yaml")
+        self.url = f"http://127.0.0.1:{await listening(self.proc, 'clawproxy data plane')}"
+        self.admin = f"http://127.0.0.1:{await listening(self.proc, 'clawproxy admin')}"
+        await wait_for(lambda: self.workers_running() == 2, "both workers running", 30,
+                       step=0.2)
+        return self.proc
+
+    def workers_running(self) -> int:
+        return len(set(re.findall(r"clawproxy data plane \(worker (\d)\) listening",
+                                  self.proc.output)))
+
+    async def status(self) -> dict[str, Any]:
+        response = await bounded(self.client.get(self.admin + "/admin/status"))
+        return json.loads(await bounded(response.content()))
+
+    async def metrics(self) -> str:
+        response = await bounded(self.client.get(self.admin + "/metrics"))
+        self.last_metrics_code = response.code
+        return (await bounded(response.content())).decode()
+
+    async def chat(self, path: str = "/v1/chat/completions", **body: Any) -> tuple[int, bytes]:
+        response = await bounded(self.client.post(self.url + path, json={**HELLO, **body}), 10)
+        return response.code, await bounded(response.content(), 10)
+
+    async def load(self, clients: int, each: int) -> list[Any]:
+        """C{clients} concurrent loops of C{each} requests; every outcome (code or failure)."""
+        outcomes: list[Any] = []
+
+        async def loop() -> None:
+            for _ in range(each):
+                try:
+                    outcomes.append((await self.chat())[0])
+                except Exception as e:
+                    outcomes.append(e)
+
+        await DeferredList([Deferred.fromCoroutine(loop()) for _ in range(clients)])
+        return outcomes
+
+
+def sample(text: str, name: str) -> float:
+    """The sum of the samples of C{name} in an exposition text."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+class WorkersTests(TestCase):
+    timeout = 120
+
+    async def test_both_workers_serve(self) -> None:
+        """
+        Both workers accept connections on the one listening socket, and the
+        parent's status and metrics count every request once.
+        """
+        w = Workers(self)
+        await w.start()
+        outcomes = await w.load(clients=16, each=10)
+        self.assertEqual(outcomes, [200] * 160)
+
+        async def counted() -> Any:
+            status = await w.status()
+            rows = status["processes"]["workers"]
+            return status if sum(r["requests"] for r in rows) == 160 else None
+
+        status = None
+        for _ in range(50):
+            status = await counted()
+            if status:
+                break
+            await tick(0.1)
+        self.assertIsNotNone(status, "the workers' figures never reached the parent")
+        rows = status["processes"]["workers"]
+        self.assertEqual([r["state"] for r in rows], ["running", "running"])
+        self.assertTrue(all(r["requests"] > 0 for r in rows), rows)
+        self.assertEqual(len({r["pid"] for r in rows}), 2)
+        self.assertEqual(status["workers"], 2)
+        self.assertEqual(status["pools"]["sim"]["instances"][0]["requests"], 160)
+        text = await w.metrics()
+        self.assertEqual(w.last_metrics_code, 200)
+        self.assertEqual(sample(text, "clawproxy_requests_total"), 160)
+        self.assertEqual(sample(text, 'clawproxy_backend_up{instance="sim-1",pool="sim"}'), 1)
+        self.assertEqual(sample(text, "clawproxy_worker_restarts_total"), 0)
+
+    async def test_killed_worker_replaced(self) -> None:
+        """
+        A worker killed with SIGKILL is replaced (logged, counted); requests
+        keep being answered by the other, and only those the dead one had in
+        flight can fail.
+        """
+        w = Workers(self)
+        await w.start()
+        victim = (await w.status())["processes"]["workers"][0]["pid"]
+        running = Deferred.fromCoroutine(w.load(clients=4, each=60))
+        await tick(0.2)
+        os.kill(victim, signal.SIGKILL)
+        outcomes = await running
+        failed = [o for o in outcomes if o != 200]
+        self.assertLessEqual(len(failed), 4, failed)
+        self.assertGreater(outcomes.count(200), 200)
+
+        async def replaced() -> Any:
+            rows = (await w.status())["processes"]["workers"]
+            return rows if rows[0]["pid"] != victim and rows[0]["state"] == "running" else None
+
+        rows = None
+        for _ in range(150):
+            rows = await replaced()
+            if rows:
+                break
+            await tick(0.2)
+        self.assertIsNotNone(rows, "the killed worker was not replaced")
+        self.assertEqual(rows[0]["restarts"], 1)
+        self.assertIn(f"worker 1 (pid {victim}) was killed by signal 9", w.proc.output)
+        self.assertEqual(sample(await w.metrics(), "clawproxy_worker_restarts_total"), 1)
+        self.assertEqual((await w.chat())[0], 200)
+
+    async def test_sighup_reloads_every_process(self) -> None:
+        """SIGHUP makes the parent and both workers take the new file."""
+        w = Workers(self)
+        await w.start()
+        self.assertEqual((await w.chat("/v1/completions"))[0], 404)
+        w.write("  - path: /v1/completions\n    methods: [POST]\n")
+        w.proc.signal("HUP")
+        await wait_for(lambda: w.proc.output.count("configuration reloaded") >= 3,
+                       "three reloads logged", 20, step=0.1)
+        codes = [(await w.chat("/v1/completions"))[0] for _ in range(30)]
+        self.assertEqual(codes, [200] * 30)
+
+    async def test_sigterm_drains_streams(self) -> None:
+        """
+        SIGTERM during 100 open streams: new connections are refused at once,
+        every stream is relayed to its end, then every process exits.
+        """
+        w = Workers(self, ttft=0.01, tokens_per_second=20.0, max_tokens=30)
+        await w.start()
+        streams = []
+        for _ in range(100):
+            streams.append(w.client.post(w.url + "/v1/chat/completions",
+                                         json={**HELLO, "stream": True}))
+        responses = await bounded(DeferredList(streams, consumeErrors=True), 20)
+        self.assertTrue(all(ok and r.code == 200 for ok, r in responses), responses[:3])
+        bodies = [r.content() for _, r in responses]
+        w.proc.signal("TERM")
+        refused = False
+        for _ in range(200):
+            try:
+                probe = await bounded(w.client.get(w.url + "/health"), 2)
+                await bounded(probe.content())
+            except ConnectionRefusedError:
+                refused = True
+                break
+            except ResponseNeverReceived:
+                pass
+            await tick(0.02)
+        self.assertTrue(refused, "new connections still accepted after SIGTERM")
+        done = await bounded(DeferredList(bodies, consumeErrors=True), 30)
+        ends = [body[-14:] for ok, body in done if ok]
+        self.assertEqual(ends, [b"data: [DONE]\n\n"] * 100)
+        code = await w.proc.wait(40)
+        self.assertIn(code, (0, -signal.SIGTERM), w.proc.output[-2000:])
+        self.assertNotIn("Traceback", w.proc.output)
+        self.assertEqual(w.proc.output.count("Server Shut Down."), 3)

@@ -1,0 +1,88 @@
+"""
+Semantic lookup in the data plane (L{clawproxy.web.semantic_cache}): a
+paraphrase of the last user message, in the same context, is a
+C{SEMANTIC-HIT}; another agent's, another city's or another context's is not.
+
+Runs once both the index (L{clawproxy.cache.semantic}, built beside this
+branch) and C{routes[].cache.semantic} are in.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+from clawproxy.config import ConfigError
+from clawproxy.web.semantic_cache import last_user_text
+from tests.test_cache import KEY_A, KEY_B, CacheHarness, config
+
+
+def ask_about(content: str, system: str = "You are terse.") -> dict[str, Any]:
+    return {"model": "m", "messages": [{"role": "system", "content": system},
+                                       {"role": "user", "content": content}]}
+
+
+class TextTests(SynchronousTestCase):
+    def test_last_user_text(self) -> None:
+        """The last user message is the text; the rest of the body is kept apart."""
+        body = {"model": "m", "messages": [{"role": "user", "content": "first"},
+                                           {"role": "assistant", "content": "ok"},
+                                           {"role": "user", "content": [
+                                               {"type": "text", "text": "second"}]}]}
+        text, rest = last_user_text(body)
+        self.assertEqual(text, "second")
+        self.assertEqual(rest["messages"][2]["content"], None)
+        self.assertEqual(rest["messages"][0]["content"], "first")
+        self.assertEqual(last_user_text({"prompt": "p"}), ("p", {"prompt": None}))
+        self.assertIsNone(last_user_text({"messages": [{"role": "system", "content": "s"}]}))
+
+
+class SemanticTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        try:
+            import clawproxy.cache.semantic  # noqa: F401
+        except ImportError:
+            raise SkipTest("clawproxy.cache.semantic is not in this tree yet") from None
+        try:
+            self.gw = CacheHarness(self, config({"ttl": "1m", "semantic": True}))
+        except ConfigError:
+            raise SkipTest("routes[].cache.semantic is still refused") from None
+
+    def test_paraphrase_hits(self) -> None:
+        """A paraphrase hits (SEMANTIC-HIT, the stored answer); a near-miss does not."""
+        gw = self.gw
+        first = gw.ask(ask_about("What is the weather in Paris today?"))
+        self.assertEqual(first.header("X-Cache"), "MISS")
+        again = gw.ask(ask_about("what's the weather in paris today"))
+        self.assertEqual(again.header("X-Cache"), "SEMANTIC-HIT")
+        self.assertEqual(again.body, first.body)
+        self.assertEqual(gw.ask(ask_about("What is the weather in Rome today?"))
+                         .header("X-Cache"), "MISS")
+        self.assertEqual(gw.sample("cache_requests_total", route="/v1/*",
+                                   result="semantic_hit"), 1)
+
+    def test_isolation(self) -> None:
+        """Agent A's answer is not agent B's, however close the question."""
+        gw = self.gw
+        gw.ask(ask_about("What is the weather in Paris today?"), key=KEY_A)
+        other = gw.ask(ask_about("what's the weather in paris today"), key=KEY_B)
+        self.assertEqual(other.header("X-Cache"), "MISS")
+        self.assertEqual(gw.llm.calls, 2)
+
+    def test_context_counts(self) -> None:
+        """The same question under another system prompt is another request."""
+        gw = self.gw
+        gw.ask(ask_about("What is the weather in Paris today?"))
+        other = gw.ask(ask_about("what's the weather in paris today", system="Be verbose."))
+        self.assertEqual(other.header("X-Cache"), "MISS")
+
+    def test_dropped(self) -> None:
+        """An admin drop forgets the semantic index's entries too."""
+        gw = self.gw
+        gw.ask(ask_about("What is the weather in Paris today?"))
+        cache = gw.plane.parts.stages[-1].cache
+        self.successResultOf(cache.drop(None, "a"))
+        self.assertEqual(len(cache.semantic.index), 0)
+        self.assertEqual(gw.ask(ask_about("what's the weather in paris today"))
+                         .header("X-Cache"), "MISS")
