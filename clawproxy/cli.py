@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -103,11 +104,35 @@ def _format_processes(name: str, section: dict[str, Any]) -> list[str]:
     t = section.get("totals", {})
     rows.append(("all", "", "", "", str(t.get("in_flight", 0)), str(t.get("requests", 0)),
                  str(t.get("restarts", 0))))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return _table(rows)
 
 
 SECTION_FORMATS["processes"] = _format_processes
+
+
+def _format_breakers(name: str, breakers: dict[str, Any]) -> list[str]:
+    rows = [("BREAKER", "STATE", "FAILURES", "SUCCESSES", "LAST CHANGE", "RETRY IN")]
+    for b in breakers.values():
+        last = b.get("last_transition")
+        retry = b.get("retry_after")
+        rows.append((
+            b["name"], b["state"], str(b["failure_count"]), str(b["success_count"]),
+            "-" if not last else f"{last['to']} at {_clock_time(last['at'])}",
+            "-" if retry is None else f"{retry}s",
+        ))
+    return _table(rows)
+
+
+SECTION_FORMATS["circuit_breakers"] = _format_breakers
+
+
+def _clock_time(at: float) -> str:
+    return time.strftime("%H:%M:%S", time.gmtime(at))
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
 
 
 def _format_tokens(name: str, section: dict[str, Any]) -> list[str]:

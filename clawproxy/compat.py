@@ -144,6 +144,25 @@ class HTTPChannel(_Hooks, http.HTTPChannel):
         http.HTTPChannel._respondToBadRequestAndDisconnect(self)
 
 
+def take_request_buffer(channel: http.HTTPChannel) -> bytes:
+    """
+    The bytes an HTTP/1.1 channel read past the request it is handling (and
+    would parse once that request is done), taken from it.
+
+    Assumes C{HTTPChannel} keeps them, while C{_handlingRequest}, as a list
+    of byte strings in C{_dataBuffer}.
+    """
+    data = b"".join(channel._dataBuffer)
+    channel._dataBuffer = []
+    return data
+
+
+#: Twisted's decoder of a chunked body: C{ChunkedDecoder(data_callback,
+#: finish_callback)}, fed with C{dataReceived(bytes)}; C{finish_callback}
+#: gets the bytes after the last chunk. Raises on malformed framing.
+ChunkedDecoder = http._ChunkedTransferDecoder
+
+
 # -- server: the HTTP/1.1-or-HTTP/2 switch ------------------------------------------------
 
 
@@ -525,6 +544,7 @@ def use_cooperator(producer: Any, cooperator: Any) -> None:
 __all__ = [
     "PARSER_BODY_STATE",
     "PARSER_STATUS_STATE",
+    "ChunkedDecoder",
     "ClientRequest",
     "GenericHTTPChannelProtocol",
     "H2Connection",
@@ -542,6 +562,7 @@ __all__ = [
     "log_observers",
     "observe_client_protocols",
     "response_parser",
+    "take_request_buffer",
     "use_client_protocol",
     "use_cooperator",
 ]

@@ -35,6 +35,11 @@ def error_body(message: str, type: str, code: str | None) -> bytes:
     return json.dumps({"error": {"message": message, "type": type, "code": code}}).encode()
 
 
+def sse_error_event(message: str, type: str, code: str | None) -> bytes:
+    """One SSE event carrying an error in the OpenAI shape: C{data: {"error": ...}}."""
+    return b"data: " + error_body(message, type, code) + b"\n\n"
+
+
 def bad_request(message: str, code: str = "bad_request") -> Rejected:
     return Rejected(400, message, "invalid_request_error", code)
 

@@ -282,6 +282,13 @@ class IBreakerBoard(IAvailabilityPolicy):
     def state(name):
         """C{"CLOSED"}, C{"OPEN"} or C{"HALF_OPEN"} for the breaker C{name}."""
 
+    def retry_after(pool):
+        """
+        Seconds until pool C{pool} may take requests again when its breakers
+        are why it takes none now (the C{Retry-After} of its 503), else
+        L{None}.
+        """
+
 
 # --- The state store (issue 6 point 4) -------------------------------------
 #

@@ -160,6 +160,11 @@ class Metrics:
         self.worker_restarts_total = Counter(
             p + "worker_restarts_total", "Worker processes restarted", registry=r,
         )
+        self.upstream_errors_total = Counter(
+            p + "upstream_errors_total", "Upstream attempts that failed, by kind: before"
+            " an answer (refused, connect_failure, timeout, 5xx...) or after its head was"
+            " relayed (truncated, stall_timeout)", ["pool", "instance", "error"], registry=r,
+        )
 
     def watch_connections(self, client: Any, upstream: Any) -> None:
         """

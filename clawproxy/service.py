@@ -8,7 +8,7 @@ gateways on a C{MemoryReactor} or on the real reactor with port 0.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.application.service import MultiService, Service
@@ -19,6 +19,7 @@ from zope.interface import implementer
 
 from clawproxy.backends.prober import HealthProber
 from clawproxy.backends.registry import Registry
+from clawproxy.backends.tls import UpstreamTLS
 from clawproxy.backends.upstream import make_agent, make_pool, open_upstream_connections
 from clawproxy.config import Config, ConfigError, load_config
 from clawproxy.errors import Rejected
@@ -26,7 +27,6 @@ from clawproxy.interfaces import IAdminSection
 from clawproxy.listener import Listener
 from clawproxy.metrics import Metrics
 from clawproxy.policy.auth import KeyStoreError, load_key_store
-from clawproxy.policy.breakers import NoBreakers
 from clawproxy.policy.retry import RetryPolicy
 from clawproxy.stores import StoreService, build_store
 from clawproxy.web.accesslog import AccessLog
@@ -35,6 +35,10 @@ from clawproxy.web.context import RequestContext
 from clawproxy.web.dataplane import build_data_plane
 from clawproxy.web.gateway import GatewayResource, method_label, new_request_id
 from clawproxy.web.site import GatewaySite, QuietSite
+from clawproxy.web.tunnel import Tunnels
+
+if TYPE_CHECKING:
+    from clawproxy.web.tls import ServerTLS
 
 
 class _Shutdown(Service):
@@ -101,8 +105,15 @@ class Gateway(MultiService):
         self.access_log = access_log or AccessLog.open(config.logging.output, reactor,
                                                        config.logging.format)
         self.upstream_pool = make_pool(reactor)
-        self.agent = make_agent(reactor, self.upstream_pool)
-        self.breakers = NoBreakers()
+        self.upstream_tls = UpstreamTLS()
+        try:
+            self.upstream_tls.configure(self.upstream_tls.prepare(config.pools))
+        except ValueError as e:
+            raise ConfigError([f"pools: {e}"]) from None
+        self.agent = make_agent(reactor, self.upstream_pool, tls_policy=self.upstream_tls)
+        self.tunnels = Tunnels(self.agent.endpoints, reactor, self.metrics)
+        #: The certificate of the TLS listeners (replaced on reload), if any.
+        self.server_tls: ServerTLS | None = None
         self.retry_policy = RetryPolicy()
         self.started = reactor.seconds()
         self.supervisor: Any = None
@@ -145,12 +156,17 @@ class Gateway(MultiService):
         """(Re)build the parts that follow the config: the data plane and its prober."""
         self.plane = build_data_plane(
             config, self.reactor, self.agent, self.metrics, self.access_log,
-            retry_policy=self.retry_policy, breakers=self.breakers, store=self.store,
-            started=self.started, previous=previous,
+            retry_policy=self.retry_policy, store=self.store,
+            started=self.started, previous=previous, tunnels=self.tunnels,
         )
         if self.supervisor is not None:
             self.registry.watch(self.supervisor)
         self.prober = HealthProber(self.registry, self.agent, self.reactor)
+
+    @property
+    def breakers(self) -> Any:
+        """The circuit breaker board of the data plane in force."""
+        return self.plane.registry.breakers
 
     @property
     def registry(self) -> Registry:
@@ -172,7 +188,11 @@ class Gateway(MultiService):
             for i, sim in enumerate(config.simulators):
                 simulator_service(sim, self.reactor, key=f"simulators[{i}].listen"
                                   ).setServiceParent(self)
-        data_plane = data_plane_endpoints(config, self.reactor)
+        if config.server.tls is not None:
+            from clawproxy.web.tls import ServerTLS
+
+            self.server_tls = ServerTLS(config.server.tls)
+        data_plane = data_plane_endpoints(config, self.reactor, self.server_tls)
         listeners = []
         if worker is not None:
             from clawproxy.workers.child import AdoptedEndpoint
@@ -183,10 +203,7 @@ class Gateway(MultiService):
                 if tls:
                     from twisted.protocols.tls import TLSMemoryBIOFactory
 
-                    from clawproxy.web.tls import context_factory
-
-                    factory = TLSMemoryBIOFactory(context_factory(config.server.tls), False,
-                                                  self.site)
+                    factory = TLSMemoryBIOFactory(self.server_tls, False, self.site)
                 listeners.append((AdoptedEndpoint(self.reactor, fd, family), factory, role,
                                   source))
         elif not self.is_parent:
@@ -248,9 +265,20 @@ class Gateway(MultiService):
         try:
             config = load_config(self.config.source)
             load_key_store(config)
+            server_tls = self._prepare_server_tls(config)
+            try:
+                upstream_tls = self.upstream_tls.prepare(config.pools)
+            except ValueError as e:
+                raise ConfigError([f"pools: {e}"]) from None
         except (ConfigError, KeyStoreError) as e:
             self.log.warn("reload refused: {errors}", errors=e.errors)
             return succeed(list(e.errors))
+        if server_tls is not None:
+            assert self.server_tls is not None and config.server.tls is not None
+            self.server_tls.replace(server_tls, config.server.tls)
+        if self.upstream_tls.configure(upstream_tls):
+            # Idle connections made with the old settings must not serve again.
+            self.upstream_pool.closeCachedConnections()
         if self.worker is None:
             self.prober.disownServiceParent()
         self._build(config, previous=self.registry)
@@ -261,6 +289,7 @@ class Gateway(MultiService):
         self.config = config
         self.site.resource = self.resource
         self.admin.registry = self.registry
+        self.admin.breakers = self.breakers
         self.admin.sections = self.plane.parts.admin_sections
         if self.worker is None:
             self.prober.setServiceParent(self)
@@ -269,6 +298,25 @@ class Gateway(MultiService):
             self.supervisor.reload()
         self.log.info("configuration reloaded from {path}", path=config.source)
         return succeed([])
+
+
+    def _prepare_server_tls(self, config: Config) -> Any:
+        """
+        The new certificate of the TLS listeners, loaded but not in force
+        (C{None} when there is none to load). The listeners themselves stay.
+
+        @raise ConfigError: the certificate or key cannot be used.
+        """
+        new, old = config.server.tls, self.config.server.tls
+        if self.server_tls is None or new is None:
+            if new is not None or old is not None:
+                self.log.warn("server.tls added or removed: TLS listeners change when the"
+                              " gateway restarts")
+            return None
+        if new.listen != old.listen:
+            self.log.warn("server.tls.listen changed: it takes effect when the gateway"
+                          " restarts; the new certificate is served now")
+        return self.server_tls.prepare(new)
 
 
 def build_service(config: Config, reactor: Any, worker: WorkerSetup | None = None) -> Gateway:
@@ -292,15 +340,21 @@ class WorkerSetup:
     channel: int
 
 
-def data_plane_endpoints(config: Config, reactor: Any) -> list[tuple[Any, str, str]]:
-    """C{(endpoint, config key, role)} of each data-plane listener, in config order."""
+def data_plane_endpoints(config: Config, reactor: Any, server_tls: ServerTLS | None = None
+                         ) -> list[tuple[Any, str, str]]:
+    """
+    C{(endpoint, config key, role)} of each data-plane listener, in config order.
+
+    @param server_tls: the certificate every TLS listener serves (replaced on reload).
+    """
     out = [(serverFromString(reactor, desc), f"server.listen[{i}]: {desc}",
             "clawproxy data plane") for i, desc in enumerate(config.server.listen)]
     if config.server.tls is not None:
         from clawproxy.web.tls import tls_endpoints
 
         out += [(endpoint, f"server.tls.listen[{i}]: {desc}", "clawproxy data plane (TLS)")
-                for i, (desc, endpoint) in enumerate(tls_endpoints(config.server.tls, reactor))]
+                for i, (desc, endpoint) in enumerate(
+                    tls_endpoints(config.server.tls, reactor, server_tls))]
     return out
 
 

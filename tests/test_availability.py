@@ -107,6 +107,9 @@ class TrialBreakers:
     def state(self, name: str) -> str:
         return self.states.get(name, "CLOSED")
 
+    def retry_after(self, pool: str) -> float | None:
+        return None
+
 
 @implementer(IBreakerBoard)
 class Recorder:
@@ -132,6 +135,9 @@ class Recorder:
 
     def state(self, name: str) -> str:
         return "CLOSED"
+
+    def retry_after(self, pool: str) -> float | None:
+        return None
 
 
 def config(instances: int = 3, **pool: Any) -> Any:

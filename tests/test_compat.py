@@ -156,6 +156,25 @@ class HTTPChannelTests(SynchronousTestCase):
         self.assertIs(transport.producer, channel)
         self.assertTrue(transport.streaming)
 
+    def test_request_buffer(self) -> None:
+        """
+        C{_dataBuffer}: bytes read while a request is handled, kept in order;
+        taking them leaves none to be parsed when the request is done.
+        """
+        channel, _ = self.channel()
+        channel.dataReceived(b"GET /x HTTP/1.1\r\nHost: gw\r\n\r\nframe-1")
+        channel.dataReceived(b"frame-2")
+        self.assertEqual(compat.take_request_buffer(channel), b"frame-1frame-2")
+        self.assertEqual(compat.take_request_buffer(channel), b"")
+
+    def test_chunked_decoder(self) -> None:
+        """C{_ChunkedTransferDecoder(data, finish)}: decodes chunks, hands on what follows."""
+        data: list[bytes] = []
+        rest: list[bytes] = []
+        decoder = compat.ChunkedDecoder(data.append, rest.append)
+        decoder.dataReceived(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\nnext")
+        self.assertEqual((b"".join(data), rest), (b"abcde", [b"next"]))
+
     def test_chunk_remaining(self) -> None:
         """
         C{_transferDecoder}: None outside a chunked body; while a chunk's data

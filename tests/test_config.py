@@ -35,6 +35,7 @@ from clawproxy.config import (
 )
 from clawproxy.config.reader import read_config
 from clawproxy.units import Rate
+from tests.certs import self_signed
 
 ETC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "etc")
 EXAMPLES = os.path.join(ETC, "examples")
@@ -155,13 +156,16 @@ class DefaultsTests(ConfigTestCase):
         self.assertEqual(frozenset(ALGORITHMS), balancers.ALGORITHMS)
 
     def test_pool_defaults(self) -> None:
-        """A pool gets round_robin, openai, nginx-like passive checks, retries and a breaker."""
+        """A pool gets round_robin, openai, nginx-like passive checks and retries; no breakers."""
         pool = parse(MINIMAL).pools["main"]
         self.assertEqual(pool.algorithm, "round_robin")
         self.assertEqual(pool.protocol, "openai")
         self.assertEqual(pool.models, ())
         self.assertEqual(pool.passive, PassiveConfig(3, 30.0, 50))
-        self.assertEqual(pool.circuit_breaker, BreakerConfig(True, 5, 60.0, 3, 30.0, 30.0))
+        self.assertIsNone(pool.circuit_breaker)
+        breakers = parse(MINIMAL.replace("main:", "main:\n    circuit_breaker:", 1))
+        self.assertEqual(breakers.pools["main"].circuit_breaker,
+                         BreakerConfig(True, 5, 60.0, 3, 30.0, 30.0, 1, 0.1))
         self.assertEqual(
             pool.retry,
             RetryConfig(
@@ -1390,8 +1394,6 @@ class RefusalTests(ConfigTestCase):
               p:
                 instances: ["http://h:1"]
                 max_qps: 5
-                circuit_breaker: {{failure_threshold: 3}}
-                tls: {{verify: false}}
             routes: [{{path: /, pool: p, rate_limit: 5/s, cache: {{ttl: 1m, semantic: true}}}}]
             fallbacks: {{stale: {{type: cache, max_stale: 10m}}}}
             cache: {{max_entries: 10}}
@@ -1403,10 +1405,7 @@ class RefusalTests(ConfigTestCase):
                 f"agents.a.rate_limit: {self.NOT_YET}",
                 f"rate_limits: {self.NOT_YET}",
                 f"models.fallbacks: {self.NOT_YET}",
-                "pools.p.circuit_breaker: circuit breakers are not supported by this version"
-                " yet (leave the section out, or set enabled: false)",
                 f"pools.p.max_qps: {self.NOT_YET}",
-                f"pools.p.tls: {self.NOT_YET}",
                 f"routes[0].rate_limit: {self.NOT_YET}",
                 "routes[0].cache.semantic: semantic caching is not supported by this"
                 " version yet",
@@ -1502,8 +1501,9 @@ class LoadConfigTests(ConfigTestCase):
     def test_relative_paths(self) -> None:
         """Relative TLS, key store and log paths resolve against the config's directory."""
         directory = os.path.abspath(self.mktemp())
-        self.write("gw.pem", "", os.path.join(directory, "tls"))
-        self.write("gw.key", "", os.path.join(directory, "tls"))
+        cert, key = self_signed()
+        self.write("gw.pem", cert.decode(), os.path.join(directory, "tls"))
+        self.write("gw.key", key.decode(), os.path.join(directory, "tls"))
         self.write("keys.json", "{}", directory)
         path = self.write(
             "gw.yaml",

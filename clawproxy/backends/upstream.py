@@ -226,6 +226,15 @@ class _EndpointCache:
         raise SchemeNotSupported(f"Unsupported scheme: {uri.scheme!r}")
 
 
-def make_agent(reactor: Any, pool: HTTPConnectionPool, connect_timeout: float = 10.0) -> Agent:
-    """An C{Agent} on C{pool} that connects through L{_EndpointCache}."""
-    return Agent.usingEndpointFactory(reactor, _EndpointCache(reactor, connect_timeout), pool=pool)
+def make_agent(reactor: Any, pool: HTTPConnectionPool, connect_timeout: float = 10.0,
+               tls_policy: IPolicyForHTTPS | None = None) -> Agent:
+    """
+    An C{Agent} on C{pool} that connects through L{_EndpointCache}, with
+    C{tls_policy} for C{https} (default: Twisted's C{BrowserLikePolicyForHTTPS}).
+    Its C{endpoints} attribute is that endpoint factory, for connections of
+    their own to the same instances (WebSocket tunnels).
+    """
+    endpoints = _EndpointCache(reactor, connect_timeout, tls_policy)
+    agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
+    agent.endpoints = endpoints  # type: ignore[attr-defined]
+    return agent

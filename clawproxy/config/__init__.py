@@ -42,6 +42,7 @@ from clawproxy.config.model import (
     TracingConfig,
     TransformsConfig,
     UpstreamTLSConfig,
+    WebSocketConfig,
 )
 from clawproxy.config.reader import load_config, parse_config
 from clawproxy.config.variables import REQUEST_VARIABLES, expand_request_variables
@@ -82,6 +83,7 @@ __all__ = [
     "TracingConfig",
     "TransformsConfig",
     "UpstreamTLSConfig",
+    "WebSocketConfig",
     "expand_request_variables",
     "hash_key",
     "load_config",

@@ -16,11 +16,13 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 import attrs
 
 from clawproxy.config import fields as f
 from clawproxy.config.fields import IPNetwork, NotYet
+from clawproxy.pem import PemError, check_pair, read_certificates
 from clawproxy.units import Rate
 
 ALGORITHMS = (
@@ -70,6 +72,10 @@ class TLSConfig:
                                  "Shorthand for ``listen: [ssl:PORT]`` (give one of the two).")
 
     def _check(self, present: set[str], error: Error) -> TLSConfig:
+        if self.cert and self.key:
+            problem = check_pair(self.cert, self.key)
+            if problem is not None:
+                error(*problem)
         if "port" in present:
             if "listen" in present:
                 error("port", "give either listen or port, not both")
@@ -448,17 +454,31 @@ class AffinityConfig:
 
 @attrs.frozen
 class BreakerConfig:
-    """Circuit breaker settings, shared by the pool's breaker and its instances'."""
+    """
+    Circuit breakers of a pool: the pool's own (named C{POOL}) and one per
+    instance (C{POOL/INSTANCE}), with the same settings.
+    """
 
     enabled: bool = f.setting(f.boolean, True, "Use circuit breakers.")
-    failure_threshold: int = f.setting(f.integer(low=1), 5, "Failures that open a breaker.")
+    failure_threshold: int = f.setting(f.integer(low=1), 5, "Failures (connect errors,"
+                                       " resets, 5xx, timeouts; not 4xx or 429) within"
+                                       " ``failure_window`` that open a breaker. The pool's"
+                                       " breaker counts only failures with no success of the"
+                                       " pool in between.")
     failure_window: float = f.setting(f.duration(above=0), 60.0, "Window of those failures.",
                                       shown="60s")
-    success_threshold: int = f.setting(f.integer(low=1), 3, "Successes that close it.")
+    success_threshold: int = f.setting(f.integer(low=1), 3, "Probe successes within"
+                                       " ``success_window`` that close a half-open breaker.")
     success_window: float = f.setting(f.duration(above=0), 30.0, "Window of those successes.",
                                       shown="30s")
-    open_timeout: float = f.setting(f.duration(above=0), 30.0, "Time before half-open.",
-                                    shown="30s")
+    open_timeout: float = f.setting(f.duration(above=0), 30.0, "Time an open breaker waits"
+                                    " before half-open (plus ``jitter``).", shown="30s")
+    half_open_requests: int = f.setting(f.integer(low=1), 1, "Probe requests a half-open"
+                                        " breaker lets through at a time; the others are"
+                                        " refused as when open.")
+    jitter: float = f.setting(f.number(low=0, high=1), 0.1, "Up to this fraction of"
+                              " ``open_timeout`` is added at random to each open period, so"
+                              " breakers opened together do not probe together.")
 
 
 @attrs.frozen
@@ -502,6 +522,55 @@ class UpstreamTLSConfig:
     server_name: str | None = f.setting(f.nonempty, None, "SNI and verified name, if not the"
                                         " URL's host.")
 
+    def _check(self, present: set[str], error: Error) -> UpstreamTLSConfig:
+        if "ca_file" in present and not self.verify:
+            error("ca_file", "has no effect with verify: false")
+        if self.ca_file is not None:
+            try:
+                read_certificates(self.ca_file)
+            except PemError as e:
+                error("ca_file", str(e))
+        for one, other in (("client_cert", "client_key"), ("client_key", "client_cert")):
+            if one in present and other not in present:
+                error(other, f"required with {one}")
+        if self.client_cert is not None and self.client_key is not None:
+            problem = check_pair(self.client_cert, self.client_key)
+            if problem is not None:
+                error("client_" + problem[0], problem[1])
+        return self
+
+    def settings(self) -> tuple[object, ...]:
+        """What the connections made with these settings depend on (to compare two pools)."""
+        return (self.verify, self.ca_file, self.client_cert, self.client_key, self.server_name)
+
+
+def _check_shared_tls(pools: dict[str, PoolConfig], error: Error) -> None:
+    """
+    Refuse an C{https} host:port that two pools reach with different C{tls}
+    settings: upstream connections are pooled by host:port, so one
+    connection could otherwise serve a pool with the other's trust or
+    client certificate.
+    """
+    seen: dict[tuple[str, int], tuple[str, tuple[object, ...] | None]] = {}
+    for pool in pools.values():
+        settings = pool.tls.settings() if pool.tls is not None else None
+        for instance in pool.instances:
+            netloc = https_netloc(instance.url)
+            if netloc is None:
+                continue
+            first = seen.setdefault(netloc, (pool.name, settings))
+            if first[1] != settings:
+                error(f"pools.{pool.name}.tls", f"{netloc[0]}:{netloc[1]} is also an instance"
+                      f" of pool {first[0]}, with other tls settings; give both the same")
+
+
+def https_netloc(url: str) -> tuple[str, int] | None:
+    """C{(host, port)} of an C{https://} URL (port 443 by default), else C{None}."""
+    parts = urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname:
+        return None
+    return parts.hostname, parts.port or 443
+
 
 def _health_defaults(pool: dict[str, object], _: object) -> dict[str, object]:
     return {"path": HEALTH_PATHS.get(str(pool.get("protocol", "openai")), "/v1/models")}
@@ -529,10 +598,10 @@ class PoolConfig:
     passive: PassiveConfig = f.section(PassiveConfig, "Passive health checks.")
     session_affinity: AffinityConfig | None = f.section(AffinityConfig, "Session affinity.",
                                                         optional=True)
-    circuit_breaker: BreakerConfig = f.section(
-        BreakerConfig, "Circuit breakers.", not_yet=NotYet(
-            RESILIENCE, lambda b: b.enabled, "circuit breakers are not supported by this"
-            " version yet (leave the section out, or set enabled: false)", "enabled"))
+    circuit_breaker: BreakerConfig | None = f.section(
+        BreakerConfig, "Circuit breakers (none unless the section is written;"
+        " ``circuit_breaker:`` alone enables them with these defaults).", optional=True,
+        null_enables=True)
     retry: RetryConfig = f.section(RetryConfig, "Retries.")
     models: tuple[str, ...] = f.setting(f.list_of(f.nonempty), (), "Model name globs the"
                                         " pool serves; routes without a pool pick it by the"
@@ -550,9 +619,10 @@ class PoolConfig:
     max_qps: float | None = f.setting(f.number(above=0), None, "Pool-wide request rate cap.",
                                       not_yet=NotYet(PROTECTION))
     fallback: str | None = f.setting(f.text, None, "A name in ``fallbacks``.")
-    tls: UpstreamTLSConfig | None = f.section(UpstreamTLSConfig, "TLS towards ``https://``"
-                                              " instances.", optional=True,
-                                              not_yet=NotYet(PROTECTION))
+    tls: UpstreamTLSConfig | None = f.section(
+        UpstreamTLSConfig, "TLS towards ``https://`` instances (default: verified against the"
+        " system's CAs). Pools sharing an ``https`` host:port must give it the same settings.",
+        optional=True)
 
 
 # -- routes --------------------------------------------------------------------------------
@@ -608,6 +678,19 @@ class TransformsConfig:
 
 
 @attrs.frozen
+class WebSocketConfig:
+    """WebSocket pass-through on a route (HTTP/1.1 ``Upgrade: websocket``)."""
+
+    enabled: bool = f.setting(f.boolean, True, "Join a client's WebSocket to the instance"
+                              " that answers its handshake with 101; off: the request is"
+                              " relayed as a plain request (no upgrade).")
+    idle_timeout: float = f.setting(f.duration(above=0), 300.0, "A tunnel with no byte either"
+                                    " way for this long is closed.", shown="5m")
+    max_tunnels: int = f.setting(f.integer(low=1), 1000, "Tunnels open at once on this route"
+                                 " (beyond: 503).")
+
+
+@attrs.frozen
 class RouteConfig:
     """One route; routes are tried in order and the first match wins."""
 
@@ -636,6 +719,7 @@ class RouteConfig:
     fallback: str | None = f.setting(f.text, None, "A name in ``fallbacks``.")
     transforms: TransformsConfig | None = f.section(TransformsConfig, "Header rewrites.",
                                                     optional=True)
+    websocket: WebSocketConfig = f.section(WebSocketConfig, "WebSocket pass-through.")
 
     def _check(self, present: set[str], error: Error) -> RouteConfig:
         if "pool" in present and "split" in present:
@@ -792,6 +876,7 @@ class Config:
                           "needs models.prices (spend is priced per model)")
         if self.cache.store == "redis" and self.store.backend != "redis":
             error("cache.store", "redis needs store.backend: redis")
+        _check_shared_tls(self.pools, error)
         if self.auth is None and any(agent.keys for agent in self.agents.values()):
             return attrs.evolve(self, auth=AuthConfig(api_key=ApiKeyConfig()))
         if self.auth is None:

@@ -209,9 +209,9 @@ class AdminResource(Resource):
         describe = getattr(self.breakers, "describe", None)
         if describe is not None:
             info = describe(name)
-            if info is None:
-                raise Rejected(404, f"no breaker {name!r}", "invalid_request_error", "not_found")
-            return info
+            if info is not None:
+                return info
+            # A pool (or instance of one) without breakers: always closed.
         if name not in self.registry.pools and "/" not in name:
             raise Rejected(404, f"no breaker {name!r}", "invalid_request_error", "not_found")
         return {"name": name, "state": self.breakers.state(name), "failure_count": 0,

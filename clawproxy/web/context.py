@@ -58,6 +58,9 @@ class RequestContext:
     rewrite: Any = None
     #: The gateway itself cut the response short (upstream broke mid-body).
     aborted: bool = False
+    #: The connection was handed to a WebSocket tunnel after its 101: the
+    #: request ends when the tunnel closes, and is logged as a 101.
+    upgraded: bool = False
     response_headers: list[tuple[bytes, bytes]] = attrs.Factory(list)
     model: str | None = None
     #: A stage changed C{body}: it is sent upstream re-serialised.

@@ -18,6 +18,7 @@ import attrs
 from zope.interface.verify import verifyObject
 
 from clawproxy.backends.registry import Registry
+from clawproxy.backends.shared_breakers import breaker_board
 from clawproxy.config import Config
 from clawproxy.interfaces import (
     PHASES,
@@ -38,6 +39,7 @@ from clawproxy.web.auth import auth_parts
 from clawproxy.web.cache import cache_parts
 from clawproxy.web.gateway import GatewayResource
 from clawproxy.web.relay import Relay
+from clawproxy.web.stream_errors import stream_error_parts
 from clawproxy.web.tokens import token_parts
 
 #: A feature: called with keyword arguments C{config}, C{router}, C{store}
@@ -53,6 +55,7 @@ FEATURES: tuple[Feature, ...] = (
     # usage chunk the gateway asked for on the client's behalf is already out).
     token_parts,
     cache_parts,
+    stream_error_parts,
 )
 
 _SEAMS = (IRequestStage, IHeadCheck, IResponseFilter, IResponseObserver, IAdminSection,
@@ -137,6 +140,7 @@ def build_data_plane(
     previous: Registry | None = None,
     extra: Sequence[Any] = (),
     started: float | None = None,
+    tunnels: Any = None,
 ) -> DataPlane:
     """
     Build the registry, routes, relay and resource for C{config}.
@@ -144,22 +148,31 @@ def build_data_plane(
     @param agent: the upstream L{IAgent} (one persistent connection pool).
     @param retry_policy: an L{IRetryPolicy}; a new L{RetryPolicy} by default.
     @param breakers: an L{IBreakerBoard}, one of the registry's availability
-        policies; L{NoBreakers<clawproxy.policy.breakers.NoBreakers>} by default.
+        policies; by default the one C{config}'s C{circuit_breaker} sections
+        ask for (L{breaker_board}), carrying over the state of the breakers
+        of C{previous} that stay.
     @param previous: the registry of the data plane this one replaces (a
         reload): instances that stay keep their state (L{Registry.adopt}).
     @param store: the gateway's L{IStateStore} (a memory store by default).
     @param extra: parts added after the configured features' (tests plug in
         stages and filters this way).
     @param started: when the gateway started (for C{/health}'s uptime).
+    @param tunnels: the gateway's L{Tunnels<clawproxy.web.tunnel.Tunnels>}
+        (kept across reloads, so open WebSocket tunnels stay counted).
     """
+    if store is None:
+        store = MemoryStore(clock)
+    if breakers is None:
+        breakers = breaker_board(config, clock, metrics, store,
+                                 previous.breakers if previous is not None else None)
     registry = Registry(config, clock, breakers=breakers)
     registry.subscribe(metrics.instance_changed)
     if previous is not None:
         registry.adopt(previous)
     router = Router(config)
     parts = Parts()
-    if store is None:
-        store = MemoryStore(clock)
+    if IAdminSection.providedBy(breakers):
+        parts.add(breakers)
     for feature in FEATURES:
         for part in feature(config=config, router=router, store=store, clock=clock,
                             metrics=metrics):
@@ -178,5 +191,6 @@ def build_data_plane(
         config, registry, relay, metrics, access_log, clock,
         stages=parts.stages, observers=parts.observers, started=started, router=router,
         forward=forward, fallbacks=parts.fallbacks,
+        tunnels=tunnels,
     )
     return DataPlane(config, registry, router, relay, resource, parts, store)

@@ -11,6 +11,7 @@ failover, response filters), response transforms, observers, access log.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -41,6 +42,7 @@ from clawproxy.web.accesslog import AccessLog
 from clawproxy.web.context import LocalResponse, RequestContext
 from clawproxy.web.relay import NoInstance, Relay, UpstreamBroken
 from clawproxy.web.translate import OLLAMA_TRANSLATIONS, rewrite_for
+from clawproxy.web.tunnel import Tunnels, is_websocket
 
 _JSON = b"application/json"
 _SAFE_ID = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
@@ -111,6 +113,7 @@ class GatewayResource(Resource):
         router: Router | None = None,
         forward: Any = None,
         fallbacks: dict[str, Any] | None = None,
+        tunnels: Tunnels | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -129,6 +132,8 @@ class GatewayResource(Resource):
             raise ValueError(f"stages with an unknown phase: {unknown!r}")
         self.observers = list(observers)
         self.router = router if router is not None else Router(config)
+        self.tunnels = tunnels if tunnels is not None else Tunnels(
+            getattr(relay.agent, "endpoints", None), clock, metrics)
         self.base = config.server.base_path.encode()
         self.started = clock.seconds() if started is None else started
         self._public_metrics = config.metrics.enabled and config.metrics.public
@@ -203,12 +208,25 @@ class GatewayResource(Resource):
         key, sticky = self._keys(ctx, pool)
         timeout = cfg.timeout if cfg.timeout is not None else pool.config.timeout
         try:
+            if cfg.websocket.enabled and is_websocket(request):
+                # Answered (a normal response) or tunnelled (the request ends
+                # with the connection): either way, not finished here.
+                await self.tunnels.forward(ctx, pool, key, sticky, timeout, local,
+                                           cfg.websocket, self.relay.trusted)
+                return
             await self.forward(ctx, pool, key, sticky, timeout, local)
         except NoInstance:
+            wait = self.registry.breakers.retry_after(pool.name)
+            if wait is not None:
+                ctx.error = "circuit_open"
             answer = self._fallback(ctx, cfg.fallback or pool.config.fallback)
             if isinstance(answer, Deferred):
                 answer = await answer
             if answer is None:
+                if wait is not None:
+                    raise unavailable(f"circuit breaker open for pool {pool.name!r}",
+                                      retry_after=max(1, math.ceil(wait)),
+                                      code="circuit_open") from None
                 raise unavailable(f"no healthy instance in pool {pool.name!r}",
                                   code="no_healthy_upstream") from None
             self._write_local(ctx, answer)
@@ -429,7 +447,7 @@ class GatewayResource(Resource):
 
     def _finished(self, result: Any, ctx: RequestContext, d: Deferred) -> None:
         self.in_flight -= 1
-        if isinstance(result, Failure) and not ctx.aborted:
+        if isinstance(result, Failure) and not (ctx.aborted or ctx.upgraded):
             # The client went away: stop everything done on its behalf, and
             # log it as nginx does (499), whatever was under way.
             ctx.error = "client_disconnected"

@@ -24,6 +24,7 @@ from twisted.web.client import FileBodyProducer, PotentialDataLoss, ResponseDone
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
+from clawproxy.errors import sse_error_event
 from clawproxy.interfaces import IBodyFilter
 from clawproxy.web.context import RequestContext
 
@@ -269,8 +270,7 @@ class StreamPipe(Protocol):
         self._unregister()
         if ctype[0].startswith(b"text/event-stream"):
             # An SSE client is told in-band and the stream ends cleanly.
-            event = (b'data: {"error": {"message": "upstream stalled", '
-                     b'"type": "upstream_error", "code": "stall_timeout"}}\n\n')
+            event = sse_error_event("upstream stalled", "upstream_error", "stall_timeout")
             if self.filters:
                 event += self._end("stalled")
             self.ctx.bytes_sent += len(event)

@@ -30,6 +30,7 @@ from twisted.web.client import (
 )
 from twisted.web.iweb import UNKNOWN_LENGTH
 
+from clawproxy.backends.tls import tls_failure
 from clawproxy.compat import client_gone, drop_response_connection
 from clawproxy.errors import Rejected, bad_gateway, gateway_timeout, unavailable
 from clawproxy.interfaces import CANCELLED, OK
@@ -201,7 +202,11 @@ class Relay:
                                   instance=inst.id, why=_describe(failure))
                 else:
                     self.log.failure("request to {instance} failed", failure, instance=inst.id)
-            if failure.check(ResponseNeverReceived):
+            tls = tls_failure(failure)
+            if tls is not None:
+                # Not transient: the same instance would fail the same way.
+                self.log.warn("TLS with {instance} failed: {why}", instance=inst.id, why=tls)
+            elif failure.check(ResponseNeverReceived):
                 # Most often a keep-alive connection the backend closed as we
                 # sent on it: the instance itself may be fine, so it stays a
                 # candidate for the retry (a dead one then refuses at once).
@@ -296,6 +301,7 @@ class Relay:
             raise
         except StreamStalled:
             pipe.settle_first_chunk()
+            metrics.upstream_errors_total.labels(pool.name, inst.id, "stall_timeout").inc()
             raise
         except Exception:
             if pipe.first_chunk is not None:
@@ -311,11 +317,17 @@ class Relay:
             if not request.startedWriting and not client_gone(request):
                 # No byte reached the client yet: it can still get a 502.
                 _take_back(ctx, saved_headers, "bad_upstream_response")
+                metrics.upstream_errors_total.labels(pool.name, inst.id, "truncated").inc()
                 raise bad_gateway(
                     f"upstream {inst.id} broke off its response") from None
             ctx.error = "truncated"
+            metrics.upstream_errors_total.labels(pool.name, inst.id, "truncated").inc()
             raise UpstreamBroken(inst.id) from None
         pipe.settle_first_chunk()
+        if ctx.error is not None:
+            # Ended in-band after the upstream failed (an SSE error event):
+            # "truncated" or "stall_timeout".
+            metrics.upstream_errors_total.labels(pool.name, inst.id, ctx.error).inc()
         return None
 
     def _record(self, ctx: RequestContext, pool: Any, inst: Any, outcome: str, label: str,
@@ -334,6 +346,8 @@ class Relay:
             says no.
         """
         self.metrics.upstream_requests_total.labels(pool.name, inst.id, label).inc()
+        if outcome != OK:
+            self.metrics.upstream_errors_total.labels(pool.name, inst.id, outcome).inc()
         pool.record(inst, outcome, reached, client=ctx.client_ip)
         if outcome == OK or outcome == "timeout" or not pool.candidates(tried):
             return None

@@ -215,8 +215,31 @@ class GatewayChannel(compat.HTTPChannel):
     #: A request line has been read and the request not yet handed on (or
     #: refused): if the client leaves now, it is still logged, as a 499.
     _pending = False
+    #: The protocol the connection was handed to (L{take_over}), if any.
+    _taken: Any = None
+
+    def take_over(self, protocol: Any) -> bytes:
+        """
+        Hand this connection to C{protocol} (a WebSocket tunnel after its
+        101): from now on the bytes read go to its C{dataReceived}, the
+        transport's flow control to its C{pauseProducing}/C{resumeProducing},
+        and the end of the connection to its C{connectionLost} (then to this
+        channel's, which ends the request it was handling: logged, counted).
+
+        @return: bytes already read past the request, for C{protocol}.
+        """
+        self._taken = protocol
+        self._cancel_head_timer()
+        self._cancel_body_timer()
+        self.setTimeout(None)
+        buffered = compat.take_request_buffer(self)
+        self.network_producer.resumeProducing()
+        return buffered
 
     def dataReceived(self, data: bytes) -> None:
+        if self._taken is not None:
+            self._taken.dataReceived(data)
+            return
         if self._awaiting_head and self._head_call is None:
             self._head_call = self.site.reactor.callLater(
                 self.site.head_timeout, self._head_timed_out
@@ -309,8 +332,17 @@ class GatewayChannel(compat.HTTPChannel):
         in C{resumeProducing} (between requests) or in C{requestDone} (once
         the transport is no longer full).
         """
+        if self._taken is not None:
+            self._taken.pauseProducing()
+            return
         super().pauseProducing()
         self.network_producer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if self._taken is not None:
+            self._taken.resumeProducing()
+            return
+        super().resumeProducing()
 
     def allContentReceived(self) -> None:
         self._cancel_body_timer()
@@ -336,6 +368,8 @@ class GatewayChannel(compat.HTTPChannel):
         super().requestDone(request)
 
     def connectionLost(self, reason: Any) -> None:
+        if self._taken is not None:
+            self._taken.connectionLost(reason)
         self._cancel_head_timer()
         self._cancel_body_timer()
         if self._pending and not self._refused:

@@ -30,8 +30,8 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 
+from tests.certs import self_signed
 from tests.integration.helpers import Harness, RunningGateway, bounded, error_of, wait_for
-from tests.integration.test_tls import self_signed
 
 #: An API key the test gateways accept (agent C{tester}), and its stored form.
 API_KEY = "sk-edge-test-7f3a9c0d5e1b"
