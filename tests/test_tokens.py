@@ -180,6 +180,23 @@ class AccountingTests(SynchronousTestCase):
                                (2 * 1.0 + 5 * 2.0) / 1000)
         self.assertEqual(gw.tokens("completion", agent="finance"), 5.0)
 
+    def test_cached_stream_has_no_usage_chunk(self) -> None:
+        """
+        A stream the gateway asked usage for is cached as the client saw it: a
+        hit replays no usage chunk, and counts no tokens (no backend call).
+        """
+        cfg = config()
+        cfg["routes"][0]["cache"] = {"ttl": "1m"}
+        gw = TokenHarness(self, cfg)
+        first = gw.call("/v1/chat/completions", dict(HELLO, stream=True))
+        again = gw.call("/v1/chat/completions", dict(HELLO, stream=True))
+        self.assertEqual((first.header("x-cache"), again.header("x-cache")), ("MISS", "HIT"))
+        for answer in (first, again):
+            self.assertNotIn(b'"usage"', answer.body)
+        self.assertEqual(sse_data(again.body), sse_data(first.body))
+        self.assertEqual(len(gw.sim_seen()), 1)
+        self.assertEqual(gw.tokens("completion"), 5.0)
+
     def test_admin_section(self) -> None:
         """Tokens per second per pool in the C{tokens} admin section."""
         gw = TokenHarness(self, config())
