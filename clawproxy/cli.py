@@ -135,6 +135,21 @@ def _table(rows: list[tuple[str, ...]]) -> list[str]:
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
 
 
+def _format_tokens(name: str, section: dict[str, Any]) -> list[str]:
+    """Token accounting per pool (L{clawproxy.web.tokens.TokenObserver})."""
+    pools = section.get("pools") or {}
+    lines = [f"{'TOKENS POOL':<24} {'TOK/S (1m)':>10} {'PROMPT':>12} {'COMPLETION':>12}"]
+    for pool, p in sorted(pools.items()):
+        lines.append(f"{pool:<24} {p.get('tokens_per_second', 0):>10g} "
+                     f"{p.get('prompt_tokens', 0):>12} {p.get('completion_tokens', 0):>12}")
+    if not pools:
+        lines.append("(no LLM calls yet)")
+    return lines
+
+
+SECTION_FORMATS["tokens"] = _format_tokens
+
+
 def _format_section(name: str, section: Any) -> list[str]:
     if not isinstance(section, dict):
         return [f"{name}: {json.dumps(section)}"]

@@ -2,10 +2,10 @@
 Simulated LLM backends (SPEC section 6).
 
 A L{SimulatorResource} answers the OpenAI (C{/v1/chat/completions},
-C{/v1/completions}, C{/v1/models}) and Ollama (C{/api/chat}, C{/api/tags})
-APIs plus C{/health}, with a configurable time to first token, token rate,
-failure rate and hang rate. Every wait goes through the injected clock, so tests
-drive it with L{twisted.internet.task.Clock}.
+C{/v1/completions}, C{/v1/embeddings}, C{/v1/models}) and Ollama (C{/api/chat},
+C{/api/generate}, C{/api/embed}, C{/api/tags}) APIs plus C{/health}, with a configurable time to
+first token, token rate, failure rate and hang rate. Every wait goes through the
+injected clock, so tests drive it with L{twisted.internet.task.Clock}.
 
 Timing: a reply started at C{t} has ticks at C{t + ttft + k / tokens_per_second}
 for C{k = 0..n}. An OpenAI stream sends its role chunk at tick 0 and token C{k}
@@ -16,6 +16,7 @@ line at tick C{n}; a non-streamed reply is sent whole at tick C{n}.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import random
@@ -112,7 +113,8 @@ class _Job:
     """
     A parsed completion request.
 
-    @ivar api: C{"chat"}, C{"text"} (OpenAI legacy completions) or C{"ollama"}.
+    @ivar api: C{"chat"}, C{"text"} (OpenAI legacy completions), C{"ollama"}
+        (C{/api/chat}) or C{"generate"} (C{/api/generate}).
     @ivar tokens: the answer, one string per token; they concatenate to the text.
     """
 
@@ -195,6 +197,12 @@ def _text_of(content: object) -> str:
     return ""
 
 
+def _vector(text: str, dims: int = 8) -> list[float]:
+    """A deterministic unit-ish vector for C{text} (the same text, the same vector)."""
+    digest = hashlib.sha256(text.encode()).digest()
+    return [round(b / 255.0 - 0.5, 4) for b in digest[:dims]]
+
+
 def _answer(words: Sequence[str], n: int) -> tuple[str, ...]:
     """
     C{n} tokens echoing C{words} in a loop, or C{token0 token1 ...} when there
@@ -255,6 +263,9 @@ class SimulatorResource(Resource):
             b"/v1/chat/completions": (b"POST", lambda r: self._complete(r, "chat")),
             b"/v1/completions": (b"POST", lambda r: self._complete(r, "text")),
             b"/api/chat": (b"POST", lambda r: self._complete(r, "ollama")),
+            b"/api/generate": (b"POST", lambda r: self._complete(r, "generate")),
+            b"/v1/embeddings": (b"POST", lambda r: self._embed(r, "openai")),
+            b"/api/embed": (b"POST", lambda r: self._embed(r, "ollama")),
             b"/v1/models": (b"GET", self._openai_models),
             b"/api/tags": (b"GET", self._ollama_tags),
             b"/health": (b"GET", self._health),
@@ -339,6 +350,33 @@ class SimulatorResource(Resource):
             },
         )
 
+    def _embed(self, request: Request, api: str) -> bytes:
+        """
+        Embeddings (OpenAI C{/v1/embeddings}, Ollama C{/api/embed}): one
+        small deterministic vector per input text, at once.
+        """
+        try:
+            body = json.loads(request.content.read() if request.content is not None else b"")
+        except (ValueError, RecursionError):
+            body = None
+        inputs = body.get("input") if isinstance(body, dict) else None
+        texts = [inputs] if isinstance(inputs, str) else inputs
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            return self._error(request, 400, "input must be a string or a list of strings",
+                               "invalid_request_error", "bad_request")
+        model = body.get("model") or self.settings.model
+        vectors = [_vector(t) for t in texts]
+        tokens = sum(len(t.split()) for t in texts)
+        if api == "ollama":
+            return self._json(request, {"model": model, "embeddings": vectors,
+                                        "prompt_eval_count": tokens})
+        return self._json(request, {
+            "object": "list", "model": model,
+            "data": [{"object": "embedding", "index": i, "embedding": v}
+                     for i, v in enumerate(vectors)],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        })
+
     # Completions
 
     def _complete(self, request: Request, api: str) -> bytes | int:
@@ -353,7 +391,7 @@ class SimulatorResource(Resource):
             return self._error(request, 500, "simulated failure", "server_error", "sim_failure")
         if self._roll(s.hang_rate):
             return self._run(request, lambda reply: self._hang())
-        if api == "ollama":
+        if api in ("ollama", "generate"):
             body = self._ollama_stream if job.stream else self._ollama_whole
         else:
             body = self._openai_stream if job.stream else self._openai_whole
@@ -370,7 +408,7 @@ class SimulatorResource(Resource):
             raise _BadRequest("request body is not valid JSON") from None
         if not isinstance(body, dict):
             raise _BadRequest("request body must be a JSON object")
-        if api == "text":
+        if api in ("text", "generate"):
             prompt = body.get("prompt", "")
             prompts = [prompt] if isinstance(prompt, str) else prompt
             if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
@@ -387,7 +425,7 @@ class SimulatorResource(Resource):
         model = body.get("model") or self.settings.model
         if not isinstance(model, str):
             raise _BadRequest("model must be a string")
-        if api == "ollama":
+        if api in ("ollama", "generate"):
             options = body.get("options")
             if not isinstance(options, dict):
                 options = {}
@@ -510,7 +548,8 @@ class SimulatorResource(Resource):
         return {
             "model": job.model,
             "created_at": self._timestamp(),
-            "message": {"role": "assistant", "content": ""},
+            **({"response": ""} if job.api == "generate" else
+               {"message": {"role": "assistant", "content": ""}}),
             "done": True,
             "done_reason": "length" if job.finish_reason == "length" else "stop",
             "total_duration": total,
@@ -523,7 +562,10 @@ class SimulatorResource(Resource):
         started = self._clock.seconds()
         await self._at(self._ticks()(len(job.tokens)))
         body = self._ollama_done(job, started)
-        body["message"]["content"] = job.text
+        if job.api == "generate":
+            body["response"] = job.text
+        else:
+            body["message"]["content"] = job.text
         reply.send(200, _dumps(body))
 
     async def _ollama_stream(self, reply: _Reply, job: _Job) -> None:
@@ -535,7 +577,8 @@ class SimulatorResource(Resource):
             line = {
                 "model": job.model,
                 "created_at": self._timestamp(),
-                "message": {"role": "assistant", "content": token},
+                **({"response": token} if job.api == "generate" else
+                   {"message": {"role": "assistant", "content": token}}),
                 "done": False,
             }
             reply.write(_dumps(line) + b"\n")

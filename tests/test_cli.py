@@ -200,6 +200,14 @@ class FormatStatusTests(SynchronousTestCase):
             "  litellm  declared -  discovered -",
             "  fallback qwen3:32b -> qwen3:14b -> qwen3:8b",
         ])
+    def test_tokens_section(self) -> None:
+        """The C{tokens} section prints tokens/s and totals per pool."""
+        status = dict(STATUS, tokens={"pools": {"main": {
+            "tokens_per_second": 12.5, "prompt_tokens": 300, "completion_tokens": 750}}})
+        lines = cli.format_status(status).splitlines()
+        self.assertEqual(lines[5].split(), ["TOKENS", "POOL", "TOK/S", "(1m)", "PROMPT",
+                                            "COMPLETION"])
+        self.assertEqual(lines[6].split(), ["main", "12.5", "300", "750"])
 
     def test_no_pools(self) -> None:
         """With no pools only the summary and header are shown."""

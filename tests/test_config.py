@@ -425,6 +425,7 @@ class ValuesTests(ConfigTestCase):
                     spend_limit: 0.5/day
                     tier: vip
                     inject_headers: {{Authorization: "Bearer x"}}
+                models: {{prices: {{m: {{prompt: 1}}}}}}
                 """
             )
         )
@@ -1076,6 +1077,15 @@ class ErrorTests(ConfigTestCase):
             "agents.b.keys[0]: key already belongs to agent 'a'",
         )
 
+    def test_spend_limit_needs_prices(self) -> None:
+        """A spend budget without any price could never be spent: refused."""
+        errors = self.errors(with_minimal("""
+            agents:
+              a: {spend_limit: 5/day}
+            """))
+        self.assertEqual(errors, ["agents.a.spend_limit: needs models.prices (spend is priced"
+                                  " per model)"])
+
     def test_agent_fields(self) -> None:
         """Agent scopes must be paths; limits must be rates; header names must be valid."""
         errors = self.errors(
@@ -1091,7 +1101,6 @@ class ErrorTests(ConfigTestCase):
             errors,
             [
                 "agents.a.scopes[0]: must start with /",
-                "agents.a.spend_limit: not supported by this version yet",
                 "agents.a.spend_limit: must be a rate such as 100/minute, 10/s or 1000/hour",
                 "agents.a.inject_headers.Bad Header: invalid header name",
                 "agents.a.colour: unknown key",
@@ -1319,7 +1328,6 @@ class ErrorTests(ConfigTestCase):
                 "store.redis.url: must be a redis://, rediss:// or unix:// URL",
                 "store.redis.timeout: must be > 0",
                 "models.aliases.fast: must be a string",
-                "models.prices: not supported by this version yet",
                 "models.prices.m.prompt: must be >= 0",
                 "models.prices.m.extra: unknown key",
                 "cache.store: must be one of memory, redis",
@@ -1396,10 +1404,7 @@ class RefusalTests(ConfigTestCase):
             errors,
             [
                 f"agents.a.rate_limit: {self.NOT_YET}",
-                f"agents.a.token_limit: {self.NOT_YET}",
-                f"agents.a.spend_limit: {self.NOT_YET}",
                 f"rate_limits: {self.NOT_YET}",
-                f"models.prices: {self.NOT_YET}",
                 f"pools.p.max_qps: {self.NOT_YET}",
                 f"routes[0].rate_limit: {self.NOT_YET}",
             ],

@@ -58,13 +58,17 @@ class StreamTranslatorTests(SynchronousTestCase):
         self.assertEqual(t.finish(), b"")
 
     def test_usage_when_asked(self) -> None:
-        """With stream_options.include_usage the final chunk carries token counts."""
+        """With stream_options.include_usage a last chunk carries token counts."""
         t = StreamTranslator("m", "c", include_usage=True)
         line = {"message": {"content": ""}, "done": True, "prompt_eval_count": 3,
                 "eval_count": 4}
         events = _events(t.feed(json.dumps(line).encode() + b"\n"))
         self.assertEqual(events[-2]["usage"],
                          {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7})
+        # As OpenAI sends it: in a chunk of its own, after the finish chunk.
+        self.assertEqual(events[-2]["choices"], [])
+        self.assertEqual(events[-3]["choices"][0]["finish_reason"], "stop")
+        self.assertNotIn("usage", events[-3])
 
     def test_unterminated_stream_still_ends(self) -> None:
         """A stream that ends without done=true still ends with [DONE]."""

@@ -306,10 +306,13 @@ class AgentConfig:
         " ``/x`` and everything under it.")
     rate_limit: Rate | None = f.setting(f.rate, None, "Requests per period for this agent.",
                                         not_yet=NotYet(PROTECTION))
-    token_limit: Rate | None = f.setting(f.rate, None, "Prompt + completion tokens per"
-                                         " period.", not_yet=NotYet(LLM))
-    spend_limit: Rate | None = f.setting(f.rate, None, "Budget in the currency of"
-                                         " ``models.prices``.", not_yet=NotYet(LLM))
+    token_limit: Rate | None = f.setting(
+        f.rate, None, "Prompt + completion tokens per period (a fixed window of the store's"
+        " time): each LLM call reserves its prompt estimate + ``max_tokens`` before it is"
+        " sent and settles at what it used; over budget: 429.")
+    spend_limit: Rate | None = f.setting(
+        f.rate, None, "Spend per period in the currency of ``models.prices``, reserved and"
+        " settled like ``token_limit``.")
     tier: str | None = f.setting(f.scalar_text, None,
                                  "Free attribute for routes' ``match: {agent.tier: ...}``.")
     inject_headers: dict[str, str] = f.setting(
@@ -382,8 +385,11 @@ class ModelsConfig:
         doc="Models tried in order when a model's pool fails (open, no instance available,"
         " retries spent, a 5xx it does not retry, no first chunk in time) before anything"
         " reached the client; the answer carries ``X-Clawproxy-Fallback-Model``.")
-    prices: dict[str, ModelPrice] = f.entries(ModelPrice, "Prices per model, for spend.",
-                                              name=f.nonempty, not_yet=NotYet(LLM))
+    prices: dict[str, ModelPrice] = f.entries(ModelPrice, "Prices per model (after"
+                                              " aliases), for spend.", name=f.nonempty)
+    reserve_completion_tokens: int = f.setting(
+        f.integer(low=1), 1024, "Completion tokens a call that sets no ``max_tokens``"
+        " reserves against ``token_limit`` and ``spend_limit``.")
 
 
 # -- pools ---------------------------------------------------------------------------------
@@ -871,6 +877,11 @@ class Config:
     source: str | None = f.internal()
 
     def _check(self, present: set[str], error: Error) -> Config:
+        if not self.models.prices:
+            for agent in self.agents.values():
+                if agent.spend_limit is not None:
+                    error(f"agents.{agent.name}.spend_limit",
+                          "needs models.prices (spend is priced per model)")
         if self.cache.store == "redis" and self.store.backend != "redis":
             error("cache.store", "redis needs store.backend: redis")
         _check_shared_tls(self.pools, error)

@@ -1,16 +1,23 @@
 """
 OpenAI <-> Ollama translation for C{protocol: ollama} pools (pure).
 
-An OpenAI chat request becomes an Ollama C{/api/chat} request; Ollama's
+An OpenAI chat request becomes an Ollama C{/api/chat} request (a legacy
+completion C{/api/generate}, an embeddings request C{/api/embed}); Ollama's
 answer (one JSON object, or NDJSON lines when streaming) becomes an OpenAI
-C{chat.completion} or a stream of SSE C{chat.completion.chunk}s.
+C{chat.completion} or a stream of SSE C{chat.completion.chunk}s (a
+C{text_completion}, an embeddings list); Ollama's errors keep their status
+and take the SPEC's error shape.
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import struct
 import time
 from typing import Any
+
+from clawproxy.errors import bad_request
 
 _OPTIONS = {
     "temperature": "temperature",
@@ -22,26 +29,196 @@ _OPTIONS = {
 }
 
 
-def chat_request(body: dict[str, Any], model: str) -> dict[str, Any]:
-    """The Ollama C{/api/chat} body for an OpenAI chat completion request."""
-    options = {theirs: body[ours] for ours, theirs in _OPTIONS.items() if ours in body}
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is not None:
-        options["num_predict"] = max_tokens
-    out: dict[str, Any] = {
-        "model": model,
-        "messages": body.get("messages", []),
-        "stream": bool(body.get("stream", False)),
-    }
-    if options:
-        out["options"] = options
-    if body.get("response_format", {}).get("type") == "json_object":
-        out["format"] = "json"
+def _content(content: Any, images: list[str]) -> str:
+    """
+    The text of an OpenAI message C{content}: a string, or an array of parts
+    whose text parts are joined (by newlines) and whose C{image_url} parts
+    (base64 C{data:} URLs) go to C{images}.
+
+    @raise Rejected: 400 for an image given by a URL Ollama cannot fetch.
+    """
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise bad_request("message content must be a string or an array of parts",
+                          "invalid_content")
+    texts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "image_url":
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            if not isinstance(url, str) or not url.startswith("data:") or "," not in url:
+                raise bad_request("images sent to an Ollama pool must be base64 data: URLs",
+                                  "unsupported_image_url")
+            images.append(url.split(",", 1)[1])
+        else:
+            raise bad_request(f"content part type {kind!r} is not supported by Ollama pools",
+                              "invalid_content")
+    return "\n".join(texts)
+
+
+def _arguments(raw: Any) -> Any:
+    """OpenAI's tool call C{arguments} (a JSON string) as the object Ollama wants."""
+    if isinstance(raw, str):
+        try:
+            return json.loads(raw) if raw.strip() else {}
+        except (ValueError, RecursionError):
+            raise bad_request("tool call arguments must be a JSON object",
+                              "invalid_tool_call") from None
+    return raw if raw is not None else {}
+
+
+def _messages(messages: Any) -> list[dict[str, Any]]:
+    """OpenAI chat messages as Ollama's."""
+    if not isinstance(messages, list):
+        raise bad_request("messages must be an array", "invalid_messages")
+    names: dict[str, str] = {}  # tool call id -> function name
+    out = []
+    for m in messages:
+        if not isinstance(m, dict):
+            raise bad_request("each message must be an object", "invalid_messages")
+        images: list[str] = []
+        msg: dict[str, Any] = {"role": m.get("role", "user"),
+                               "content": _content(m.get("content"), images)}
+        if images:
+            msg["images"] = images
+        calls = m.get("tool_calls")
+        if isinstance(calls, list) and calls:
+            msg["tool_calls"] = []
+            for call in calls:
+                fn = (call.get("function") or {}) if isinstance(call, dict) else {}
+                if isinstance(call, dict) and isinstance(call.get("id"), str):
+                    names[call["id"]] = fn.get("name", "")
+                msg["tool_calls"].append({"function": {
+                    "name": fn.get("name", ""), "arguments": _arguments(fn.get("arguments"))}})
+        if msg["role"] == "tool":
+            name = m.get("name") or names.get(m.get("tool_call_id", ""))
+            if name:
+                msg["tool_name"] = name
+        out.append(msg)
     return out
 
 
-def _finish_reason(obj: dict[str, Any]) -> str:
-    return "length" if obj.get("done_reason") == "length" else "stop"
+def _tools(tools: Any, choice: Any) -> list[Any] | None:
+    """
+    The tools offered to Ollama under OpenAI's C{tool_choice}: C{none} offers
+    none, a named function offers only that one (Ollama cannot force a call:
+    C{required} offers them all, as C{auto} does).
+    """
+    if not isinstance(tools, list) or not tools or choice == "none":
+        return None
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        chosen = [t for t in tools if isinstance(t, dict)
+                  and (t.get("function") or {}).get("name") == name]
+        if not chosen:
+            raise bad_request(f"tool_choice names a function not in tools: {name!r}",
+                              "invalid_tool_choice")
+        return chosen
+    return tools
+
+
+def chat_request(body: dict[str, Any], model: str) -> dict[str, Any]:
+    """
+    The Ollama C{/api/chat} body for an OpenAI chat completion request.
+
+    @raise Rejected: 400 for what Ollama cannot be asked (an image URL, a
+        content part of another type, arguments that are not JSON).
+    """
+    options = _options(body)
+    out: dict[str, Any] = {
+        "model": model,
+        "messages": _messages(body.get("messages", [])),
+        "stream": bool(body.get("stream", False)),
+    }
+    tools = _tools(body.get("tools"), body.get("tool_choice"))
+    if tools:
+        out["tools"] = tools
+    if options:
+        out["options"] = options
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict):
+        if fmt.get("type") == "json_object":
+            out["format"] = "json"
+        elif fmt.get("type") == "json_schema":
+            schema = (fmt.get("json_schema") or {}).get("schema")
+            out["format"] = schema if isinstance(schema, dict) else "json"
+    return out
+
+
+def _options(body: dict[str, Any]) -> dict[str, Any]:
+    """Ollama C{options} from an OpenAI request's sampling fields."""
+    options = {theirs: body[ours] for ours, theirs in _OPTIONS.items() if ours in body}
+    if isinstance(options.get("stop"), str):
+        options["stop"] = [options["stop"]]
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None:
+        options["num_predict"] = max_tokens
+    return options
+
+
+def generate_request(body: dict[str, Any], model: str) -> dict[str, Any]:
+    """
+    The Ollama C{/api/generate} body for an OpenAI (legacy) completion request.
+
+    @raise Rejected: 400 for several prompts, token-array prompts or C{n} > 1.
+    """
+    prompt = body.get("prompt", "")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise bad_request("an Ollama pool takes one text prompt per completion request",
+                          "unsupported_prompt")
+    if body.get("n", 1) != 1:
+        raise bad_request("n > 1 is not supported by Ollama pools", "unsupported_n")
+    out: dict[str, Any] = {"model": model, "prompt": prompt,
+                           "stream": bool(body.get("stream", False))}
+    if isinstance(body.get("suffix"), str):
+        out["suffix"] = body["suffix"]
+    options = _options(body)
+    if options:
+        out["options"] = options
+    return out
+
+
+def embed_request(body: dict[str, Any], model: str) -> dict[str, Any]:
+    """
+    The Ollama C{/api/embed} body for an OpenAI embeddings request.
+
+    @raise Rejected: 400 for token-array inputs (Ollama embeds text).
+    """
+    text = body.get("input")
+    if not (isinstance(text, str) or (isinstance(text, list) and text
+                                      and all(isinstance(t, str) for t in text))):
+        raise bad_request("input must be a string or an array of strings for Ollama pools",
+                          "unsupported_input")
+    out: dict[str, Any] = {"model": model, "input": text}
+    if isinstance(body.get("dimensions"), int):
+        out["dimensions"] = body["dimensions"]
+    return out
+
+
+def _finish_reason(obj: dict[str, Any], tool_calls: bool = False) -> str:
+    if obj.get("done_reason") == "length":
+        return "length"
+    return "tool_calls" if tool_calls else "stop"
+
+
+def _tool_calls(calls: Any, first: int = 0) -> list[dict[str, Any]]:
+    """Ollama's C{tool_calls} in OpenAI's shape (arguments as a JSON string)."""
+    out = []
+    for i, call in enumerate(calls if isinstance(calls, list) else [], first):
+        fn = (call.get("function") or {}) if isinstance(call, dict) else {}
+        args = fn.get("arguments", {})
+        out.append({"id": f"call_{i}", "type": "function", "function": {
+            "name": fn.get("name", ""),
+            "arguments": args if isinstance(args, str) else json.dumps(args)}})
+    return out
 
 
 def _usage(obj: dict[str, Any]) -> dict[str, int]:
@@ -54,17 +231,32 @@ def _usage(obj: dict[str, Any]) -> dict[str, int]:
 def chat_response(obj: dict[str, Any], model: str, completion_id: str) -> dict[str, Any]:
     """An OpenAI C{chat.completion} from Ollama's non-streamed answer."""
     message = obj.get("message") or {}
+    calls = _tool_calls(message.get("tool_calls"))
+    answer: dict[str, Any] = {"role": message.get("role", "assistant"),
+                              "content": message.get("content", "")}
+    if calls:
+        answer["tool_calls"] = calls
+        answer["content"] = answer["content"] or None
     return {
         "id": completion_id,
         "object": "chat.completion",
         "created": int(time.time()),
         "model": obj.get("model", model),
-        "choices": [{
-            "index": 0,
-            "message": {"role": message.get("role", "assistant"),
-                        "content": message.get("content", "")},
-            "finish_reason": _finish_reason(obj),
-        }],
+        "choices": [{"index": 0, "message": answer,
+                     "finish_reason": _finish_reason(obj, bool(calls))}],
+        "usage": _usage(obj),
+    }
+
+
+def text_response(obj: dict[str, Any], model: str, completion_id: str) -> dict[str, Any]:
+    """An OpenAI C{text_completion} from Ollama's non-streamed C{/api/generate} answer."""
+    return {
+        "id": completion_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": obj.get("model", model),
+        "choices": [{"index": 0, "text": obj.get("response", ""), "logprobs": None,
+                     "finish_reason": _finish_reason(obj)}],
         "usage": _usage(obj),
     }
 
@@ -77,13 +269,19 @@ class StreamTranslator:
 
     content_type = b"text/event-stream"
 
-    def __init__(self, model: str, completion_id: str, include_usage: bool = False) -> None:
+    def __init__(self, model: str, completion_id: str, include_usage: bool = False,
+                 text: bool = False) -> None:
+        """@param text: translate C{/api/generate} lines into C{text_completion} chunks."""
         self.model = model
         self.id = completion_id
         self.include_usage = include_usage
+        self.text = text
         self._buffer = b""
-        self._started = False
+        self._started = text  # text completions have no role chunk
+        self._calls = 0
         self.done = False
+        #: The OpenAI C{usage} of the C{done} line, once it came.
+        self.usage: dict[str, int] | None = None
 
     def feed(self, data: bytes) -> bytes:
         """SSE bytes for the complete NDJSON lines in C{self._buffer + data}."""
@@ -102,13 +300,21 @@ class StreamTranslator:
             self.done = True
         return out
 
-    def _chunk(self, delta: dict[str, Any], finish: str | None, **extra: Any) -> bytes:
+    def _chunk(self, delta: dict[str, Any] | None, finish: str | None, **extra: Any) -> bytes:
+        """One SSE chunk; C{delta=None} for a chunk without choices (the usage chunk)."""
+        if delta is None:
+            choices: list[Any] = []
+        elif self.text:
+            choices = [{"index": 0, "text": delta.get("content", ""), "logprobs": None,
+                        "finish_reason": finish}]
+        else:
+            choices = [{"index": 0, "delta": delta, "finish_reason": finish}]
         chunk = {
             "id": self.id,
-            "object": "chat.completion.chunk",
+            "object": "text_completion" if self.text else "chat.completion.chunk",
             "created": int(time.time()),
             "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            "choices": choices,
             **extra,
         }
         return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
@@ -128,12 +334,22 @@ class StreamTranslator:
         if not self._started:
             self._started = True
             out += self._chunk({"role": "assistant", "content": ""}, None)
-        content = (obj.get("message") or {}).get("content", "")
+        message = obj.get("message") or {}
+        content = obj.get("response", "") if self.text else message.get("content", "")
         if content:
             out += self._chunk({"content": content}, None)
+        calls = _tool_calls(message.get("tool_calls"), self._calls)
+        if calls:
+            for i, call in enumerate(calls, self._calls):
+                call["index"] = i
+            self._calls += len(calls)
+            out += self._chunk({"tool_calls": calls}, None)
         if obj.get("done"):
-            extra = {"usage": _usage(obj)} if self.include_usage else {}
-            out += self._chunk({}, _finish_reason(obj), **extra)
+            self.usage = _usage(obj)
+            out += self._chunk({}, _finish_reason(obj, self._calls > 0))
+            if self.include_usage:
+                # As OpenAI sends it: a chunk of its own, with no choices.
+                out += self._chunk(None, None, usage=self.usage)
             out += b"data: [DONE]\n\n"
             self.done = True
         return out
@@ -147,12 +363,17 @@ class CompletionCollector:
 
     content_type = b"application/json"
 
-    def __init__(self, model: str, completion_id: str, limit: int = 8 * 1024 * 1024) -> None:
+    def __init__(self, model: str, completion_id: str, limit: int = 8 * 1024 * 1024,
+                 text: bool = False) -> None:
+        """@param text: an C{/api/generate} answer, given as a C{text_completion}."""
         self.model = model
         self.id = completion_id
+        self.text = text
         self._parts: list[bytes] = []
         self._size = 0
         self._limit = limit
+        #: The OpenAI C{usage} of the answer, once it is translated.
+        self.usage: dict[str, int] | None = None
 
     def feed(self, data: bytes) -> bytes:
         self._size += len(data)
@@ -175,9 +396,107 @@ class CompletionCollector:
                 except (ValueError, RecursionError):
                     continue
                 if isinstance(part, dict):
-                    content.append((part.get("message") or {}).get("content", ""))
+                    content.append(part.get("response", "") if self.text else
+                                   (part.get("message") or {}).get("content", ""))
                     last = part
-            obj = dict(last, message={"role": "assistant", "content": "".join(content)})
+            obj = dict(last, response="".join(content),
+                       message={"role": "assistant", "content": "".join(content)})
         if not isinstance(obj, dict):
             obj = {}
-        return json.dumps(chat_response(obj, self.model, self.id)).encode()
+        answer = (text_response if self.text else chat_response)(obj, self.model, self.id)
+        self.usage = answer["usage"]
+        return json.dumps(answer).encode()
+
+
+class EmbedCollector:
+    """
+    Ollama's C{/api/embed} answer as an OpenAI embeddings list (floats, or
+    base64 little-endian float32 with C{encoding_format: base64}, which the
+    openai SDK asks for by default).
+    """
+
+    content_type = b"application/json"
+
+    def __init__(self, model: str, base64: bool = False, limit: int = 64 * 1024 * 1024) -> None:
+        self.model = model
+        self.base64 = base64
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._limit = limit
+        self.usage: dict[str, int] | None = None
+
+    def feed(self, data: bytes) -> bytes:
+        self._size += len(data)
+        if self._size > self._limit:
+            raise ValueError("Ollama embeddings too large to translate")
+        self._parts.append(data)
+        return b""
+
+    def finish(self) -> bytes:
+        try:
+            obj = json.loads(b"".join(self._parts))
+        except (ValueError, RecursionError):
+            obj = None
+        if not isinstance(obj, dict):
+            obj = {}
+        vectors = obj.get("embeddings")
+        if not isinstance(vectors, list):
+            vectors = []
+        data = []
+        for i, vector in enumerate(vectors):
+            value: Any = vector
+            if self.base64 and isinstance(vector, list):
+                value = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+            data.append({"object": "embedding", "index": i, "embedding": value})
+        prompt = int(obj.get("prompt_eval_count") or 0)
+        self.usage = {"prompt_tokens": prompt, "completion_tokens": 0, "total_tokens": prompt}
+        return json.dumps({"object": "list", "data": data, "model": obj.get("model", self.model),
+                           "usage": {"prompt_tokens": prompt, "total_tokens": prompt}}).encode()
+
+
+def error_shape(status: int, message: str) -> dict[str, Any]:
+    """An Ollama error (its status and message) in the SPEC's error shape."""
+    if status == 404:
+        code = "model_not_found" if "model" in message else "not_found"
+        kind = "invalid_request_error"
+    elif status == 429:
+        kind, code = "rate_limit_error", "rate_limited"
+    elif 400 <= status < 500:
+        kind, code = "invalid_request_error", "bad_request"
+    else:
+        kind, code = "upstream_error", "ollama_error"
+    return {"error": {"message": message, "type": kind, "code": code}}
+
+
+class ErrorTranslator:
+    """
+    Turn an Ollama error answer (C{{"error": "..."}} with its status) into
+    the SPEC's error shape, keeping the status.
+    """
+
+    content_type = b"application/json"
+
+    def __init__(self, status: int, limit: int = 64 * 1024) -> None:
+        self.status = status
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._limit = limit
+
+    def feed(self, data: bytes) -> bytes:
+        self._size += len(data)
+        if self._size <= self._limit:
+            self._parts.append(data)
+        return b""
+
+    def finish(self) -> bytes:
+        raw = b"".join(self._parts)
+        try:
+            obj = json.loads(raw)
+        except (ValueError, RecursionError):
+            obj = None
+        error = obj.get("error") if isinstance(obj, dict) else None
+        if isinstance(error, dict):  # already OpenAI-shaped (an OpenAI-compatible server)
+            error = error.get("message")
+        if not isinstance(error, str) or not error:
+            error = raw[:500].decode("utf-8", "replace").strip() or f"Ollama answered {self.status}"
+        return json.dumps(error_shape(self.status, error)).encode()

@@ -36,6 +36,8 @@ def text_line(fields: dict[str, Any]) -> str:
         f" model={_safe(fields['model'] or '-')}"
         f" attempts={fields['attempts']} error={_safe(fields['error'] or '-')}"
         f" request_id={_safe(fields['request_id'])}"
+        + (f" tokens={fields['prompt_tokens']}+{fields['completion_tokens']}"
+           + ("~" if fields["tokens_estimated"] else "") if "prompt_tokens" in fields else "")
     )
 
 
@@ -85,26 +87,33 @@ class AccessLog:
         if out is None:
             return
         req = ctx.request
-        out.write(
-            self._format({
-                "ts": round(timestamp, 3),
-                "request_id": ctx.request_id,
-                "client": ctx.client_ip,
-                "method": ctx.method.decode("latin-1"),
-                "path": ctx.path.decode("latin-1"),
-                "route": ctx.route_name,
-                "agent": ctx.agent_name,
-                "pool": ctx.pool_name,
-                "instance": ctx.instance_id,
-                "model": ctx.model,
-                "status": ctx.status or req.code,
-                "duration_ms": round((finished - ctx.started) * 1000, 2),
-                "bytes": ctx.bytes_sent,
-                "attempts": ctx.attempts,
-                "error": ctx.error,
-            })
-            + "\n"
-        )
+        fields = {
+            "ts": round(timestamp, 3),
+            "request_id": ctx.request_id,
+            "client": ctx.client_ip,
+            "method": ctx.method.decode("latin-1"),
+            "path": ctx.path.decode("latin-1"),
+            "route": ctx.route_name,
+            "agent": ctx.agent_name,
+            "pool": ctx.pool_name,
+            "instance": ctx.instance_id,
+            "model": ctx.model,
+            "status": ctx.status or req.code,
+            "duration_ms": round((finished - ctx.started) * 1000, 2),
+            "bytes": ctx.bytes_sent,
+            "attempts": ctx.attempts,
+            "error": ctx.error,
+        }
+        notes = ctx.notes
+        rec = notes.get("tokens") if notes else None
+        usage = rec.usage if rec is not None else None
+        if usage is not None:
+            # Token counts of LLM calls; C{tokens_estimated}: no backend
+            # reported them (see clawproxy.policy.usage).
+            fields["prompt_tokens"] = usage.prompt
+            fields["completion_tokens"] = usage.completion
+            fields["tokens_estimated"] = usage.estimated
+        out.write(self._format(fields) + "\n")
         if not self._owned:
             out.flush()
 

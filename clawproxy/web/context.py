@@ -63,6 +63,8 @@ class RequestContext:
     upgraded: bool = False
     response_headers: list[tuple[bytes, bytes]] = attrs.Factory(list)
     model: str | None = None
+    #: A stage changed C{body}: it is sent upstream re-serialised.
+    body_changed: bool = False
     #: Per-request state of features, under the feature's name (L{None}
     #: until one keeps some: most requests carry none).
     notes: dict[str, Any] | None = None

@@ -42,6 +42,7 @@ from clawproxy.web.models import models_parts
 from clawproxy.web.relay import Relay
 from clawproxy.web.sessions import affinity_parts
 from clawproxy.web.stream_errors import stream_error_parts
+from clawproxy.web.tokens import token_parts
 
 #: A feature: called with keyword arguments C{config}, C{router}, C{store}
 #: (the L{IStateStore}), C{clock}, C{metrics} and C{registry} (the pools and
@@ -53,6 +54,9 @@ Feature = Callable[..., Iterable[Any]]
 #: its stages run within a phase.
 FEATURES: tuple[Feature, ...] = (
     auth_parts,
+    # Before the cache: its fill filter then stores what the client sees (a
+    # usage chunk the gateway asked for on the client's behalf is already out).
+    token_parts,
     cache_parts,
     stream_error_parts,
     affinity_parts,

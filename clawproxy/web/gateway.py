@@ -42,7 +42,7 @@ from clawproxy.web.accesslog import AccessLog
 from clawproxy.web.context import LocalResponse, RequestContext
 from clawproxy.web.relay import NoInstance, Relay, UpstreamBroken
 from clawproxy.web.sessions import session_key
-from clawproxy.web.translate import rewrite_for
+from clawproxy.web.translate import OLLAMA_TRANSLATIONS, rewrite_for
 from clawproxy.web.tunnel import Tunnels, is_websocket
 
 _JSON = b"application/json"
@@ -186,7 +186,7 @@ class GatewayResource(Resource):
             return
         cfg = route.config
         pool = ctx.pool = self._choose_pool(ctx, cfg)
-        if pool.config.protocol == "ollama" and local == b"/v1/chat/completions":
+        if pool.config.protocol == "ollama" and local in OLLAMA_TRANSLATIONS:
             ctx.json_body()
         elif self.router.fallbacks and ctx.body is None:
             _try_json_body(ctx)  # a model fallback chain needs the model
@@ -207,7 +207,7 @@ class GatewayResource(Resource):
                     (name.encode(), self._expand(value, ctx, instance=False).encode()))
         if ctx.body is not None:
             ctx.rewrite = rewrite_for(pool, local, ctx.method, ctx.body, ctx.model,
-                                      ctx.request_id)
+                                      ctx.request_id, ctx.body_changed)
         chain = self._fallback_chain(ctx, cfg) if self.router.fallbacks else []
         primary = pool
         fell_back = False
@@ -305,7 +305,8 @@ class GatewayResource(Resource):
                       model=ctx.model, next=model)
         ctx.model = model
         ctx.pool = pool
-        ctx.rewrite = rewrite_for(pool, local, ctx.method, ctx.body, model, ctx.request_id)
+        ctx.rewrite = rewrite_for(pool, local, ctx.method, ctx.body, model, ctx.request_id,
+                                  ctx.body_changed)
         _drop_header(ctx, _FALLBACK_MODEL)
         ctx.response_headers.append((_FALLBACK_MODEL, model.encode()))
         return pool

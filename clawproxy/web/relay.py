@@ -257,7 +257,10 @@ class Relay:
             raise
         ctx.status = code
         ctx.error = None
-        translator = rewrite.response() if rewrite is not None and 200 <= code < 300 else None
+        translator = None
+        if rewrite is not None:
+            translator = rewrite.response() if 200 <= code < 300 else (
+                rewrite.error(code) if code >= 400 else None)
         if translator is not None:
             relayed = [h for h in relayed if h[0].lower() != b"content-type"]
             relayed.append((b"content-type", translator.content_type))

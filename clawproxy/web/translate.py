@@ -34,6 +34,10 @@ class Rewrite:
     def response(self) -> BodyTranslator | None:
         return None
 
+    def error(self, status: int) -> BodyTranslator | None:
+        """Makes a L{BodyTranslator} for an error answer (4xx/5xx), or None to relay it."""
+        return None
+
 
 class OllamaChat(Rewrite):
     """An OpenAI chat completion sent to Ollama's C{/api/chat} and translated back."""
@@ -45,21 +49,78 @@ class OllamaChat(Rewrite):
         self.include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         self.completion_id = "chatcmpl-" + request_id
 
+    #: The translator of the answer, once L{response} made it (its C{usage}
+    #: holds the counts Ollama reported, for token accounting).
+    translator: BodyTranslator | None = None
+
     def response(self) -> BodyTranslator:
         if self.stream:
-            return ollama.StreamTranslator(self.model, self.completion_id, self.include_usage)
-        return ollama.CompletionCollector(self.model, self.completion_id)
+            self.translator = ollama.StreamTranslator(self.model, self.completion_id,
+                                                      self.include_usage)
+        else:
+            self.translator = ollama.CompletionCollector(self.model, self.completion_id)
+        return self.translator
+
+    def error(self, status: int) -> BodyTranslator:
+        return ollama.ErrorTranslator(status)
+
+
+class OllamaCompletion(OllamaChat):
+    """An OpenAI (legacy) completion sent to Ollama's C{/api/generate}."""
+
+    def __init__(self, body: dict[str, Any], model: str, request_id: str) -> None:
+        Rewrite.__init__(self, ollama.generate_request(body, model), b"/api/generate")
+        self.model = model
+        self.stream = bool(body.get("stream", False))
+        self.include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        self.completion_id = "cmpl-" + request_id
+
+    def response(self) -> BodyTranslator:
+        if self.stream:
+            self.translator = ollama.StreamTranslator(self.model, self.completion_id,
+                                                      self.include_usage, text=True)
+        else:
+            self.translator = ollama.CompletionCollector(self.model, self.completion_id,
+                                                         text=True)
+        return self.translator
+
+
+class OllamaEmbed(OllamaChat):
+    """An OpenAI embeddings request sent to Ollama's C{/api/embed}."""
+
+    def __init__(self, body: dict[str, Any], model: str, request_id: str) -> None:
+        Rewrite.__init__(self, ollama.embed_request(body, model), b"/api/embed")
+        self.model = model
+        self.base64 = body.get("encoding_format") == "base64"
+
+    def response(self) -> BodyTranslator:
+        self.translator = ollama.EmbedCollector(self.model, self.base64)
+        return self.translator
+
+
+#: OpenAI endpoints translated for C{protocol: ollama} pools, and how.
+OLLAMA_TRANSLATIONS: dict[bytes, type[OllamaChat]] = {
+    b"/v1/chat/completions": OllamaChat,
+    b"/v1/completions": OllamaCompletion,
+    b"/v1/embeddings": OllamaEmbed,
+}
 
 
 def rewrite_for(pool: Any, local_path: bytes, method: bytes, body: dict[str, Any] | None,
-                model: str | None, request_id: str) -> Rewrite | None:
-    """What (if anything) to change in a request going to C{pool}."""
+                model: str | None, request_id: str, changed: bool = False) -> Rewrite | None:
+    """
+    What (if anything) to change in a request going to C{pool}.
+
+    @param changed: a stage changed C{body}: send it even when the model stays.
+    """
     if body is None:
         return None
-    if pool.config.protocol == "ollama" and method == b"POST" and local_path == (
-        b"/v1/chat/completions"
-    ):
-        return OllamaChat(body, model or body.get("model", ""), request_id)
+    if pool.config.protocol == "ollama" and method == b"POST" and (
+            local_path in OLLAMA_TRANSLATIONS):
+        return OLLAMA_TRANSLATIONS[local_path](body, model or body.get("model", ""),
+                                               request_id)
     if model is not None and body.get("model") != model:
         return Rewrite(dict(body, model=model))
+    if changed:
+        return Rewrite(body)
     return None
