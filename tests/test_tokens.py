@@ -321,7 +321,7 @@ class TextLogTests(SynchronousTestCase):
         from clawproxy.web.accesslog import text_line
         base = {"ts": 0.0, "client": "c", "method": "POST", "path": "/p", "status": 200,
                 "duration_ms": 1, "bytes": 2, "route": "r", "agent": "a", "pool": "p",
-                "instance": "i", "attempts": 1, "error": None, "request_id": "x"}
+                "instance": "i", "model": "m", "attempts": 1, "error": None, "request_id": "x"}
         self.assertNotIn("tokens=", text_line(base))
         line = text_line(dict(base, prompt_tokens=3, completion_tokens=4,
                               tokens_estimated=False))
