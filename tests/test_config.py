@@ -1348,7 +1348,7 @@ class RefusalTests(ConfigTestCase):
                 token_limit: 1000/minute
                 spend_limit: 1/day
                 inject_headers: {{X-Key: k}}
-            rate_limits: {{default: 10/minute}}
+            rate_limits: {{default: 10/minute, adaptive: {{factor: 0.5}}}}
             models: {{fallbacks: {{big: [small]}}, prices: {{big: {{prompt: 1}}}}}}
             pools:
               p:
@@ -1366,18 +1366,15 @@ class RefusalTests(ConfigTestCase):
             [
                 f"auth.jwt: {self.NOT_YET}",
                 f"agents.a.scopes: {self.NOT_YET}",
-                f"agents.a.rate_limit: {self.NOT_YET}",
                 f"agents.a.token_limit: {self.NOT_YET}",
                 f"agents.a.spend_limit: {self.NOT_YET}",
                 f"agents.a.inject_headers: {self.NOT_YET}",
-                f"rate_limits: {self.NOT_YET}",
+                f"rate_limits.adaptive: {self.NOT_YET}",
                 f"models.fallbacks: {self.NOT_YET}",
                 f"models.prices: {self.NOT_YET}",
                 "pools.p.circuit_breaker: circuit breakers are not supported by this version"
                 " yet (leave the section out, or set enabled: false)",
-                f"pools.p.max_qps: {self.NOT_YET}",
                 f"pools.p.tls: {self.NOT_YET}",
-                f"routes[0].rate_limit: {self.NOT_YET}",
                 f"routes[0].cache: {self.NOT_YET}",
                 "fallbacks.stale.type: type cache is not supported by this version yet",
                 f"fallbacks.stale.max_stale: {self.NOT_YET}",
@@ -1428,8 +1425,8 @@ class ReferenceTests(SynchronousTestCase):
         from clawproxy.config.reference import refused_keys
 
         refused = dict(refused_keys())
-        self.assertEqual(refused["rate_limits"].issue, 8)
-        self.assertEqual(refused["pools.NAME.max_qps"].issue, 8)
+        self.assertEqual(refused["rate_limits.adaptive"].issue, 8)
+        self.assertEqual(refused["pools.NAME.tls"].issue, 8)
         self.assertEqual(refused["server.workers"].issue, 11)
         self.assertTrue(all(flag.issue in (8, 9, 10, 11) for flag in refused.values()))
 

@@ -247,8 +247,8 @@ class AgentConfig:
     scopes: tuple[str, ...] | None = f.setting(
         f.list_of(f.url_path), None, "Path globs the agent may call (default: all).",
         not_yet=NotYet(PROTECTION))
-    rate_limit: Rate | None = f.setting(f.rate, None, "Requests per period for this agent.",
-                                        not_yet=NotYet(PROTECTION))
+    rate_limit: Rate | None = f.setting(f.rate, None, "Requests per period for this agent"
+                                        " (instead of ``rate_limits.default``).")
     token_limit: Rate | None = f.setting(f.rate, None, "Prompt + completion tokens per"
                                          " period.", not_yet=NotYet(LLM))
     spend_limit: Rate | None = f.setting(f.rate, None, "Budget in the currency of"
@@ -300,7 +300,7 @@ class RateLimitsConfig:
                               "``reject`` (429) or ``queue``.")
     queue: QueueConfig = f.section(QueueConfig, "Used when ``on_limit`` is ``queue``.")
     adaptive: AdaptiveConfig | None = f.section(AdaptiveConfig, "Adaptive throttling.",
-                                                optional=True)
+                                                optional=True, not_yet=NotYet(PROTECTION))
 
 
 # -- models --------------------------------------------------------------------------------
@@ -491,8 +491,9 @@ class PoolConfig:
     stall_timeout: float | None = f.setting(
         f.duration(above=0), None, "Streams: no chunk for this long ends the stream with an"
         " SSE error event.")
-    max_qps: float | None = f.setting(f.number(above=0), None, "Pool-wide request rate cap.",
-                                      not_yet=NotYet(PROTECTION))
+    max_qps: float | None = f.setting(f.number(above=0), None, "Pool-wide request rate cap"
+                                      " (requests per second, across gateways sharing a"
+                                      " store).")
     fallback: str | None = f.setting(f.text, None, "A name in ``fallbacks``.")
     tls: UpstreamTLSConfig | None = f.section(UpstreamTLSConfig, "TLS towards ``https://``"
                                               " instances.", optional=True,
@@ -555,8 +556,8 @@ class RouteConfig:
                                     " by ``allowed_agents``).")
     allowed_agents: tuple[str, ...] | None = f.setting(f.list_of(f.nonempty), None,
                                                        "Agents allowed on this route.")
-    rate_limit: Rate | None = f.setting(f.rate, None, "Requests per period on this route.",
-                                        not_yet=NotYet(PROTECTION))
+    rate_limit: Rate | None = f.setting(f.rate, None, "Requests per period on this route"
+                                        " (all agents together).")
     timeout: float | None = f.setting(f.duration(above=0), None,
                                       "Per upstream attempt (default: the pool's).")
     cache: RouteCacheConfig | None = f.section(
@@ -686,7 +687,7 @@ class Config:
                                         " ``auth`` section enable API keys.", optional=True)
     agents: dict[str, AgentConfig] = f.entries(AgentConfig, "The agents (tenants).")
     rate_limits: RateLimitsConfig | None = f.section(RateLimitsConfig, "Rate limiting.",
-                                                     optional=True, not_yet=NotYet(PROTECTION))
+                                                     optional=True)
     models: ModelsConfig = f.section(ModelsConfig, "Model routing.")
     pools: dict[str, PoolConfig] = f.entries(PoolConfig, "Pools of backends.",
                                              required="required (at least one pool)",

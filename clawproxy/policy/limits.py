@@ -66,8 +66,12 @@ class Limit:
         """A limit of C{rate} (with C{burst} as a token bucket's capacity)."""
         if algorithm not in ALGORITHMS:
             raise ValueError(f"unknown rate limit algorithm {algorithm!r}")
-        capacity = burst if (burst is not None and algorithm == "token_bucket") else rate.count
-        return cls(name, key, algorithm, float(rate.count), float(rate.period), float(capacity))
+        count, period = float(rate.count), float(rate.period)
+        if count < 1:
+            # 0.5/s is one request per 2 s: no window or bucket holds half a request.
+            count, period = 1.0, period / count
+        capacity = burst if (burst is not None and algorithm == "token_bucket") else count
+        return cls(name, key, algorithm, count, period, float(capacity))
 
     @property
     def ttl(self) -> float:

@@ -34,6 +34,7 @@ from clawproxy.stores.memory import MemoryStore
 from clawproxy.web.accesslog import AccessLog
 from clawproxy.web.auth import auth_parts
 from clawproxy.web.gateway import GatewayResource
+from clawproxy.web.limits import limits_parts
 from clawproxy.web.relay import Relay
 
 #: A feature: called with keyword arguments C{config}, C{router}, C{store}
@@ -45,6 +46,7 @@ Feature = Callable[..., Iterable[Any]]
 #: its stages run within a phase.
 FEATURES: tuple[Feature, ...] = (
     auth_parts,
+    limits_parts,
 )
 
 _SEAMS = (IRequestStage, IHeadCheck, IResponseFilter, IResponseObserver, IAdminSection)
