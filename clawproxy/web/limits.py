@@ -210,14 +210,15 @@ class _Stage:
         if self.queue is not None and self.queue.waiting(lane):
             return self._enqueue(ctx, limits, lane, 0.0, None)
         d = self.limiter.check(limits, ctx.agent_name if ctx.agent is not None else lane)
-        if d.called:
-            # The memory store answered at once: no Deferred on the hot path.
+        d.addCallback(self._decided, ctx, limits, lane)
+        if d.called and not d.paused:
+            # Answered at once (the memory store): no Deferred on the hot path.
             result: list[Any] = []
             d.addBoth(result.append)
             if isinstance(result[0], Failure):
                 result[0].raiseException()
-            return self._decided(result[0], ctx, limits, lane)
-        return d.addCallback(self._decided, ctx, limits, lane)
+            return result[0]
+        return d
 
     def _decided(self, outcome: Outcome | None, ctx: RequestContext, limits: list[Limit],
                  lane: str) -> Any:
