@@ -406,3 +406,54 @@ class FairQueueTests(SynchronousTestCase):
         self.failureResultOf(d, QueueExpired)
         self.assertEqual(q.depth, 0)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class AdminTests(SynchronousTestCase):
+    """What operators see: C{/admin/status}, C{clawproxy status}, C{GET /admin/limits}."""
+
+    def test_status_and_agent(self) -> None:
+        """
+        The C{limits} section shows the store's health and each busy agent's
+        use of its limits; C{/admin/limits?agent=NAME} one agent's limits and
+        counters; C{clawproxy status} prints them as a table.
+        """
+        from clawproxy.cli import format_status
+        from tests.test_admin import AdminHarness
+
+        gw = Harness(self, config({"default": "3/minute", "global": "100/s"},
+                                  {"beta": {"rate_limit": "5/minute"}}))
+        codes(gw, 4, "alpha")
+        send(gw, "beta")
+        admin = AdminHarness(self, sections=gw.plane.parts.admin_sections)
+        status = admin.request("GET", "/admin/status").json()
+        limits = status["limits"]
+        self.assertEqual(limits["store"]["backend"], "memory")
+        self.assertEqual(limits["on_error"], "fail_open")
+        self.assertEqual(list(limits["agents"]), ["alpha", "beta"])
+        alpha = limits["agents"]["alpha"]
+        self.assertEqual(alpha["refused"], 1)
+        self.assertEqual(alpha["limits"]["agent"],
+                         {"limit": "3/minute", "algorithm": "token_bucket", "remaining": 0,
+                          "reset": 60})
+        self.assertEqual(limits["agents"]["beta"]["limits"]["agent"]["remaining"], 4)
+        table = format_status(status)
+        self.assertIn("limits  store memory healthy  on_error fail_open", table)
+        self.assertRegex(table, r"alpha\s+1\s+agent\s+3/minute\s+token_bucket\s+0\s+60s")
+
+        one = admin.request("GET", "/admin/limits?agent=beta").json()
+        self.assertEqual(one["configured"], {"rate_limit": "5/minute", "global": "100/second"})
+        self.assertEqual(one["limits"]["agent"]["remaining"], 4)
+        self.assertEqual(one["current"]["key"], "rl:token_bucket:agent:beta")
+        self.assertTrue(one["current"]["state"])
+        self.assertEqual(admin.request("GET", "/admin/limits").code, 400)
+
+    def test_queue_in_status(self) -> None:
+        """Requests waiting in a queue show per lane."""
+        gw = Harness(self, config({"global": "1/s", "on_limit": "queue"}))
+        send(gw, "alpha")
+        d = gw.start("GET", "/v1/x", headers={"X-API-Key": KEYS["alpha"]})
+        section = gw.plane.parts.admin_sections[0]
+        self.assertEqual(section.status()["queues"], {"route": {"depth": 1,
+                                                                "lanes": {"alpha": 1}}})
+        gw.clock.advance(1)
+        self.assertEqual(gw.finish(d).code, 200)
