@@ -152,23 +152,31 @@ def _ms(seconds: float) -> int:
     return -1 if math.isinf(seconds) else math.ceil(seconds * 1000)
 
 
-def _twin(keys: KeySpace, k: Sequence[str], argv: Sequence[bytes]) -> list[int]:
-    cost = float(argv[0])
+def apply(keys: KeySpace, limits: Sequence[Limit], cost: float = 1.0) -> Outcome:
+    """
+    What L{LIMITS} does, over a memory key space: decide C{limits} on the
+    store's clock and, when all allow, write each one's new state with its TTL.
+    """
     seconds, micros = keys.time()
     now = seconds + micros / 1000000
+    states = [decode_state(keys.get(limit.key), limit.algorithm) for limit in limits]
+    outcome = evaluate(limits, states, now, cost)
+    if outcome.allowed:
+        for limit, d in zip(limits, outcome.decisions):
+            keys.set(limit.key, encode_state(d.state), px=math.ceil(limit.ttl * 1000))
+    return outcome
+
+
+def _twin(keys: KeySpace, k: Sequence[str], argv: Sequence[bytes]) -> list[int]:
     limits = []
     for i in range(len(k)):
         b = 1 + i * 4
         limits.append(Limit("", k[i], argv[b].decode(), float(argv[b + 1]),
                             float(argv[b + 2]), float(argv[b + 3])))
-    states = [decode_state(keys.get(key), limit.algorithm) for key, limit in zip(k, limits)]
-    outcome = evaluate(limits, states, now, cost)
+    outcome = apply(keys, limits, float(argv[0]))
     out = [int(outcome.allowed)]
     for d in outcome.decisions:
         out += [int(d.allowed), d.limit, d.remaining, _ms(d.reset), _ms(d.retry_after)]
-    if outcome.allowed:
-        for key, limit, d in zip(k, limits, outcome.decisions):
-            keys.set(key, encode_state(d.state), px=math.ceil(limit.ttl * 1000))
     return out
 
 

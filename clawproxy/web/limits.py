@@ -39,8 +39,9 @@ from clawproxy.errors import Rejected
 from clawproxy.interfaces import IAdminSection, IRequestStage
 from clawproxy.policy.fairqueue import FairQueue, QueueExpired, QueueFull
 from clawproxy.policy.limits import Decision, Limit, Outcome
-from clawproxy.policy.ratescript import LIMITS, parse_reply, script_args
+from clawproxy.policy.ratescript import LIMITS, apply, parse_reply, script_args
 from clawproxy.stores.errors import StoreError
+from clawproxy.stores.memory import MemoryStore
 from clawproxy.units import Rate
 from clawproxy.web.context import RequestContext
 
@@ -121,18 +122,27 @@ class Limiter:
         self.metrics = metrics
         self.fail_open = config.store.redis.on_error == "fail_open"
         self.config = config
+        #: The memory store's key space, run directly (the script's Python twin).
+        self.memory = store.keys if isinstance(store, MemoryStore) else None
         #: Last outcome seen per agent (or client address): for the admin API.
         self.seen: dict[str, tuple[float, list[tuple[Limit, Decision]]]] = {}
         self.refused: dict[str, int] = {}
 
-    def check(self, limits: Sequence[Limit], who: str) -> Deferred[Outcome | None]:
+    def check(self, limits: Sequence[Limit], who: str) -> Outcome | Deferred[Outcome | None]:
         """
         Decide C{limits} in one store call.
 
-        @return: a Deferred firing with the L{Outcome}, or L{None} when the
-            store could not answer and C{fail_open} lets the request go.
+        @return: the L{Outcome} itself from a memory store (it answers at
+            once: no Deferred, no text arguments on the hot path), else a
+            Deferred firing with it, or with L{None} when the store could not
+            answer and C{fail_open} lets the request go.
         @raise Rejected: (as the Deferred's failure) 503 under C{fail_closed}.
         """
+        if self.memory is not None:
+            self.memory.sweep()
+            outcome = apply(self.memory, limits)
+            self.seen[who] = (self.clock.seconds(), list(zip(limits, outcome.decisions)))
+            return outcome
         keys, argv = script_args(limits)
         try:
             d = self.store.run(LIMITS, keys, argv)
@@ -210,9 +220,10 @@ class _Stage:
         if self.queue is not None and self.queue.waiting(lane):
             return self._enqueue(ctx, limits, lane, 0.0, None)
         d = self.limiter.check(limits, ctx.agent_name if ctx.agent is not None else lane)
+        if not isinstance(d, Deferred):
+            return self._decided(d, ctx, limits, lane)
         d.addCallback(self._decided, ctx, limits, lane)
         if d.called and not d.paused:
-            # Answered at once (the memory store): no Deferred on the hot path.
             result: list[Any] = []
             d.addBoth(result.append)
             if isinstance(result[0], Failure):
@@ -263,6 +274,8 @@ class _Stage:
     def _attempt(self, item: Any) -> Deferred[tuple[bool, float, Any]]:
         ctx, limits, lane = item
         d = self.limiter.check(limits, ctx.agent_name if ctx.agent is not None else lane)
+        if not isinstance(d, Deferred):
+            d = succeed(d)
 
         def decided(outcome: Outcome | None) -> tuple[bool, float, Any]:
             if outcome is None:
@@ -323,6 +336,7 @@ class RouteLimits(_Stage):
             if limits:
                 self.routes[id(route)] = limits
         self.trusted = tuple(config.server.trusted_proxies)
+        self._agent_limits: dict[str, tuple[Rate, Limit]] = {}
         self.any = bool(self.global_ or self.default or self.session or self.agents
                         or self.routes)
 
@@ -337,7 +351,13 @@ class RouteLimits(_Stage):
             rate = self.agents.get(name) or getattr(ctx.agent, "rate_limit", None) \
                 or self.default
             if rate is not None:
-                limits.append(Limit.of("agent", f"rl:{algo}:agent:{name}", rate, algo, burst))
+                cached = self._agent_limits.get(name)
+                if cached is None or cached[0] != rate:
+                    cached = (rate, Limit.of("agent", f"rl:{algo}:agent:{name}", rate, algo,
+                                             burst))
+                    if len(self._agent_limits) < 100_000:
+                        self._agent_limits[name] = cached
+                limits.append(cached[1])
         elif self.default is not None:
             ip = client_address(ctx, self.trusted)
             limits.append(Limit.of("ip", f"rl:{algo}:ip:{ip}", self.default, algo, burst))
