@@ -53,6 +53,8 @@ _HEADERS = (b"x-ratelimit-limit", b"x-ratelimit-remaining", b"x-ratelimit-reset"
 STORE_RETRY_AFTER = 1
 #: Agents shown in C{/admin/status}.
 BUSIEST = 10
+#: Agents (or addresses) whose last decision is kept for the admin API.
+KEPT = 1000
 
 
 def client_address(ctx: RequestContext, trusted: Sequence[Any]) -> str:
@@ -141,7 +143,7 @@ class Limiter:
         if self.memory is not None:
             self.memory.sweep()
             outcome = apply(self.memory, limits)
-            self.seen[who] = (self.clock.seconds(), list(zip(limits, outcome.decisions)))
+            self._remember(who, limits, outcome)
             return outcome
         keys, argv = script_args(limits)
         try:
@@ -153,12 +155,17 @@ class Limiter:
 
     def _decided(self, reply: Any, limits: Sequence[Limit], who: str) -> Outcome:
         outcome = parse_reply(reply)
-        self.seen[who] = (self.clock.seconds(), list(zip(limits, outcome.decisions)))
-        if len(self.seen) > 4 * BUSIEST * 100:
-            # Keep the busiest and most recent; drop the rest.
-            keep = sorted(self.seen.items(), key=lambda kv: kv[1][0])[-BUSIEST * 100:]
-            self.seen = dict(keep)
+        self._remember(who, limits, outcome)
         return outcome
+
+    def _remember(self, who: str, limits: Sequence[Limit], outcome: Outcome) -> None:
+        """Keep the last decision per agent (or address) for the admin API, bounded."""
+        seen = self.seen
+        seen[who] = (self.clock.seconds(), list(zip(limits, outcome.decisions)))
+        if len(seen) > 4 * KEPT:
+            # Keep the most recent; and forget refusal counts of the forgotten.
+            self.seen = dict(sorted(seen.items(), key=lambda kv: kv[1][0])[-KEPT:])
+            self.refused = {who: n for who, n in self.refused.items() if who in self.seen}
 
     def _store_failed(self, failure: Any) -> None:
         if not failure.check(StoreError):
@@ -208,6 +215,7 @@ class _Stage:
                                    on_change=gauge.set)
         self.clock = clock
         self.metrics = metrics
+        self.trusted = tuple(config.server.trusted_proxies)
 
     def limits_for(self, ctx: RequestContext) -> list[Limit]:
         raise NotImplementedError
@@ -216,7 +224,10 @@ class _Stage:
         limits = self.limits_for(ctx)
         if not limits:
             return None
-        lane = ctx.agent_name if ctx.agent is not None else "ip:" + ctx.client_ip
+        if ctx.agent is not None:
+            lane = ctx.agent_name
+        else:
+            lane = "ip:" + client_address(ctx, self.trusted)
         if self.queue is not None and self.queue.waiting(lane):
             return self._enqueue(ctx, limits, lane, 0.0, None)
         d = self.limiter.check(limits, ctx.agent_name if ctx.agent is not None else lane)
@@ -335,7 +346,6 @@ class RouteLimits(_Stage):
                 limits.append(pool_limit(pool.name, pool.max_qps, algo))
             if limits:
                 self.routes[id(route)] = limits
-        self.trusted = tuple(config.server.trusted_proxies)
         self._agent_limits: dict[str, tuple[Rate, Limit]] = {}
         self.any = bool(self.global_ or self.default or self.session or self.agents
                         or self.routes)
