@@ -176,9 +176,10 @@ class Limiter:
                        "server_error", "store_unavailable",
                        (("Retry-After", str(STORE_RETRY_AFTER)),))
 
-    def count_refusal(self, ctx: RequestContext, limit: Limit) -> None:
+    def count_refusal(self, ctx: RequestContext, limit: Limit, who: str) -> None:
+        """A request of C{who} (agent, or C{ip:ADDRESS}) was refused by C{limit}."""
         self.metrics.rate_limited_total.labels(ctx.agent_name, limit.name).inc()
-        self.refused[ctx.agent_name] = self.refused.get(ctx.agent_name, 0) + 1
+        self.refused[who] = self.refused.get(who, 0) + 1
 
 
 def set_headers(ctx: RequestContext, d: Decision) -> None:
@@ -230,7 +231,7 @@ class _Stage:
             lane = "ip:" + client_address(ctx, self.trusted)
         if self.queue is not None and self.queue.waiting(lane):
             return self._enqueue(ctx, limits, lane, 0.0, None)
-        d = self.limiter.check(limits, ctx.agent_name if ctx.agent is not None else lane)
+        d = self.limiter.check(limits, lane)
         if not isinstance(d, Deferred):
             return self._decided(d, ctx, limits, lane)
         d.addCallback(self._decided, ctx, limits, lane)
@@ -253,7 +254,7 @@ class _Stage:
         wait = outcome.retry_after
         if self.queue is not None and not math.isinf(wait):
             return self._enqueue(ctx, limits, lane, wait, limits[i])
-        self.limiter.count_refusal(ctx, limits[i])
+        self.limiter.count_refusal(ctx, limits[i], lane)
         raise _too_many(wait, f"rate limit exceeded ({limits[i].name})")
 
     def _enqueue(self, ctx: RequestContext, limits: list[Limit], lane: str, wait: float,
@@ -262,7 +263,7 @@ class _Stage:
         try:
             d = self.queue.wait(lane, (ctx, limits, lane), wait)
         except QueueFull:
-            self.limiter.count_refusal(ctx, limit or limits[0])
+            self.limiter.count_refusal(ctx, limit or limits[0], lane)
             raise _too_many(max(wait, 1.0), "rate limit exceeded and the queue is full",
                             "queue_full") from None
         started = self.clock.seconds()
@@ -275,7 +276,7 @@ class _Stage:
         def expired(failure: Any) -> Any:
             if failure.check(QueueExpired):
                 self.metrics.queue_wait.observe(self.clock.seconds() - started)
-                self.limiter.count_refusal(ctx, limit or limits[0])
+                self.limiter.count_refusal(ctx, limit or limits[0], lane)
                 raise _too_many(1.0, "rate limit exceeded: waited too long in the queue",
                                 "queue_timeout")
             return failure
@@ -284,7 +285,7 @@ class _Stage:
 
     def _attempt(self, item: Any) -> Deferred[tuple[bool, float, Any]]:
         ctx, limits, lane = item
-        d = self.limiter.check(limits, ctx.agent_name if ctx.agent is not None else lane)
+        d = self.limiter.check(limits, lane)
         if not isinstance(d, Deferred):
             d = succeed(d)
 
