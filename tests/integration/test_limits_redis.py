@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import DeferredList
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 
@@ -166,3 +166,37 @@ class OnErrorTests(TestCase):
     async def test_fail_closed(self) -> None:
         """C{fail_closed}: through Redis's outage, 503 with Retry-After."""
         await self.outage("fail_closed")
+
+
+class QueueOnRedisTests(TestCase):
+    timeout = 60
+
+    async def test_queue_released_as_capacity_returns(self) -> None:
+        """
+        With C{on_limit: queue} on Redis, a burst over the limit waits and is
+        let through as the bucket refills (one every 1/rate seconds), not refused.
+        """
+        server = await start_redis(self)
+        h = Harness(self)
+        backend = h.serve(Ok(), "ok")
+        config = h.config(
+            {"ok": {"instances": [backend.instance()], "health_check": {"enabled": False}}},
+            store={"backend": "redis", "redis": {"url": server.url, "timeout": "1s"}},
+            rate_limits={"default": "5/s", "burst": 1, "on_limit": "queue",
+                         "queue": {"max_size": 10, "max_wait": "5s"}})
+        gw = await h.gateway(config)
+        client = h.client()
+        for _ in range(200):  # until the store is reached (fail_open answers carry no headers)
+            _, headers, _ = await get(client, gw.url + "/warm")
+            if headers["x-ratelimit-remaining"]:
+                break
+            await tick(0.05)
+        await tick(0.25)  # the bucket is whole again
+        started = time.monotonic()
+        calls = [Deferred.fromCoroutine(get(client, gw.url + f"/v1/{i}")) for i in range(5)]
+        results = await bounded(DeferredList(calls), 10)
+        took = time.monotonic() - started
+        self.assertEqual([r[1][0] for r in results], [200] * 5)
+        # One at once, then four more, one every 0.2 s.
+        self.assertGreater(took, 0.75)
+        self.assertLess(took, 3.0)
