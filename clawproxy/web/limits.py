@@ -309,7 +309,7 @@ class _Stage:
 def _too_many(wait: float, message: str, code: str = "rate_limit_exceeded") -> Rejected:
     seconds = 1 if math.isinf(wait) else max(1, math.ceil(wait))
     if not math.isinf(wait):
-        message += f"; retry in {wait:.3g}s"
+        message += f"; retry in {wait:.3f}s"
     return Rejected(429, message, "rate_limit_error", code, (("Retry-After", str(seconds)),))
 
 
