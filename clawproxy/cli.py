@@ -100,10 +100,12 @@ def _format_limits(name: str, limits: dict[str, Any]) -> list[str]:
     lines = [f"limits  store {store.get('backend', '?')} "
              f"{'healthy' if store.get('healthy') else 'UNREACHABLE'}  "
              f"on_error {limits.get('on_error', '?')}"]
-    rows = [("AGENT", "REFUSED", "LIMIT", "RATE", "ALGORITHM", "REMAINING", "RESET")]
+    rows = [("AGENT", "REQUESTS", "REFUSED", "LIMIT", "RATE", "ALGORITHM", "REMAINING",
+             "RESET")]
     for agent, use in limits.get("agents", {}).items():
         for kind, limit in use.get("limits", {}).items():
-            rows.append((agent, str(use.get("refused", 0)), kind, limit.get("limit", "?"),
+            rows.append((agent, str(use.get("requests", 0)), str(use.get("refused", 0)), kind,
+                         limit.get("limit", "?"),
                          limit.get("algorithm", "?"), str(limit.get("remaining", "?")),
                          f"{limit.get('reset', '?')}s"))
     if len(rows) > 1:

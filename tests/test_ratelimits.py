@@ -431,14 +431,14 @@ class AdminTests(SynchronousTestCase):
         self.assertEqual(limits["on_error"], "fail_open")
         self.assertEqual(list(limits["agents"]), ["alpha", "beta"])
         alpha = limits["agents"]["alpha"]
-        self.assertEqual(alpha["refused"], 1)
+        self.assertEqual((alpha["requests"], alpha["refused"]), (4, 1))
         self.assertEqual(alpha["limits"]["agent"],
                          {"limit": "3/minute", "algorithm": "token_bucket", "remaining": 0,
                           "reset": 60})
         self.assertEqual(limits["agents"]["beta"]["limits"]["agent"]["remaining"], 4)
         table = format_status(status)
         self.assertIn("limits  store memory healthy  on_error fail_open", table)
-        self.assertRegex(table, r"alpha\s+1\s+agent\s+3/minute\s+token_bucket\s+0\s+60s")
+        self.assertRegex(table, r"alpha\s+4\s+1\s+agent\s+3/minute\s+token_bucket\s+0\s+60s")
 
         one = admin.request("GET", "/admin/limits?agent=beta").json()
         self.assertEqual(one["configured"], {"rate_limit": "5/minute", "global": "100/second"})

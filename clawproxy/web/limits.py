@@ -126,8 +126,9 @@ class Limiter:
         self.config = config
         #: The memory store's key space, run directly (the script's Python twin).
         self.memory = store.keys if isinstance(store, MemoryStore) else None
-        #: Last outcome seen per agent (or client address): for the admin API.
-        self.seen: dict[str, tuple[float, list[tuple[Limit, Decision]]]] = {}
+        #: Per agent (or client address), for the admin API: when its limits
+        #: were last decided, that decision, and how many decisions so far.
+        self.seen: dict[str, tuple[float, list[tuple[Limit, Decision]], int]] = {}
         self.refused: dict[str, int] = {}
 
     def check(self, limits: Sequence[Limit], who: str) -> Outcome | Deferred[Outcome | None]:
@@ -161,7 +162,9 @@ class Limiter:
     def _remember(self, who: str, limits: Sequence[Limit], outcome: Outcome) -> None:
         """Keep the last decision per agent (or address) for the admin API, bounded."""
         seen = self.seen
-        seen[who] = (self.clock.seconds(), list(zip(limits, outcome.decisions)))
+        before = seen.get(who)
+        seen[who] = (self.clock.seconds(), list(zip(limits, outcome.decisions)),
+                     1 if before is None else before[2] + 1)
         if len(seen) > 4 * KEPT:
             # Keep the most recent; and forget refusal counts of the forgotten.
             self.seen = dict(sorted(seen.items(), key=lambda kv: kv[1][0])[-KEPT:])
@@ -433,7 +436,7 @@ class LimitsSection:
     def status(self) -> dict[str, Any]:
         seen = self.limiter.seen
         refused = self.limiter.refused
-        busiest = sorted(seen, key=lambda who: (refused.get(who, 0), seen[who][0]),
+        busiest = sorted(seen, key=lambda who: (seen[who][2], refused.get(who, 0)),
                          reverse=True)[:BUSIEST]
         out: dict[str, Any] = {
             "store": self.limiter.store.health(),
@@ -446,8 +449,9 @@ class LimitsSection:
         return out
 
     def _use(self, who: str) -> dict[str, Any]:
-        _, decisions = self.limiter.seen[who]
+        _, decisions, count = self.limiter.seen[who]
         return {
+            "requests": count,
             "refused": self.limiter.refused.get(who, 0),
             "limits": {
                 limit.name: {"limit": str(_rate_text(limit)), "algorithm": limit.algorithm,
