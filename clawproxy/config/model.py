@@ -176,7 +176,9 @@ class RedisConfig:
     timeout: float = f.setting(f.duration(above=0), 0.2, "Bound on each Redis command.",
                                shown="200ms")
     on_error: str = f.setting(f.choice("fail_open", "fail_closed"), "fail_open",
-                              "What limits do while Redis is unreachable.")
+                              "What limits do while Redis is unreachable or slower than"
+                              " ``timeout``: ``fail_open`` lets requests through,"
+                              " ``fail_closed`` answers 503 with ``Retry-After``.")
 
 
 @attrs.frozen
@@ -295,7 +297,8 @@ class RateLimitsConfig:
     burst: int | None = f.setting(f.integer(low=1), None, "Token bucket capacity (default:"
                                   " the limit's count).")
     session_min_interval: float | None = f.setting(
-        f.duration(above=0), None, "Minimum time between requests of one session.")
+        f.duration(above=0), None, "Minimum time between requests of one session (its"
+        " ``X-Session-ID`` header, else the JSON body's ``user``).")
     on_limit: str = f.setting(f.choice("reject", "queue"), "reject",
                               "``reject`` (429) or ``queue``.")
     queue: QueueConfig = f.section(QueueConfig, "Used when ``on_limit`` is ``queue``.")
