@@ -64,7 +64,7 @@ class LimitsOnRedisTests(RedisHarness, TestCase):
             await redis.run(LIMITS, keys, argv)
             refused = parse_reply(await redis.run(LIMITS, keys, argv))
             self.assertFalse(refused.allowed)
-            self.assertAlmostEqual(refused.retry_after, 1200, delta=0.5)
+            self.assertLess(abs(refused.retry_after - 1200), 0.5, refused.retry_after)
             # Keys carry the prefix and a TTL.
             raw = await self.raw(server.port)
             ttl = await raw.execute_command("PTTL", "gw:agent:fixed_window")
