@@ -457,3 +457,20 @@ class AdminTests(SynchronousTestCase):
                                                                 "lanes": {"alpha": 1}}})
         gw.clock.advance(1)
         self.assertEqual(gw.finish(d).code, 200)
+
+
+class AnonymousSessionTests(SynchronousTestCase):
+    """Sessions of anonymous clients."""
+
+    def test_scoped_to_address(self) -> None:
+        """Two anonymous clients naming the same session id do not share its interval."""
+        cfg = config({"session_min_interval": "1s"})
+        cfg["server"] = {"trusted_proxies": ["127.0.0.0/8"]}
+        gw = Harness(self, cfg)
+
+        def as_client(address: str) -> int:
+            return send(gw, headers={"X-Session-ID": "s", "X-Forwarded-For": address}).code
+
+        self.assertEqual(as_client("198.51.100.1"), 200)
+        self.assertEqual(as_client("198.51.100.2"), 200)
+        self.assertEqual(as_client("198.51.100.1"), 429)

@@ -378,7 +378,12 @@ class RouteLimits(_Stage):
         if self.session is not None:
             sid = _session_id(ctx)
             if sid is not None:
-                limits.append(Limit("session", f"rl:session:{ctx.agent_name}:{sid}",
+                # Session ids are the client's choice: scoped to the agent, or
+                # to the address of an anonymous client, so nobody else's
+                # requests can use up a session's turn.
+                owner = ctx.agent_name if ctx.agent is not None else \
+                    "ip:" + client_address(ctx, self.trusted)
+                limits.append(Limit("session", f"rl:session:{owner}:{sid}",
                                     "token_bucket", 1.0, self.session, 1.0))
         route = self.routes.get(id(ctx.route.config))
         if route:
