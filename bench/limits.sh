@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The cost of rate limits: wrk against three gateways of this tree, alternating, same run:
+# The cost of rate limits: wrk against four gateways of this tree, alternating, same run:
 #   plain   gateway-bench.yaml (no auth, no limits)
+#   key     gateway-limits.yaml less its rate_limits: API key only
 #   memory  gateway-limits.yaml: API key + one rate limit, memory store
 #   redis   gateway-limits.yaml: API key + one rate limit, Redis store (a local redis-server)
 #
@@ -18,7 +19,9 @@ HERE="$(cd "$(dirname "$0")" && pwd)"; TREE="$(cd "$HERE/.." && pwd)"
 PCPU="${BENCH_PROXY_CPU:-1}"; LCPU="${BENCH_LOAD_CPU:-0}"
 BASE=$(( ${BENCH_PORT_BASE:-18080} + 50 ))
 P_NGINX=$BASE; P_REDIS=$((BASE + 1)); P_PLAIN=$((BASE + 2)); P_MEM=$((BASE + 3)); P_RED=$((BASE + 4))
-for p in $P_NGINX $P_REDIS $P_PLAIN $P_MEM $P_RED $((BASE + 12)) $((BASE + 13)) $((BASE + 14)); do
+P_KEY=$((BASE + 5))
+for p in $P_NGINX $P_REDIS $P_PLAIN $P_MEM $P_RED $P_KEY $((BASE + 12)) $((BASE + 13)) \
+         $((BASE + 14)) $((BASE + 15)); do
     if ss -Hltn "sport = :$p" | grep -q .; then echo "port $p is in use" >&2; exit 1; fi
 done
 TMP=$(mktemp -d /tmp/clawlimits.XXXXXX); PIDS=()
@@ -37,21 +40,23 @@ PIDS+=($!)
 timeout 390 taskset -c "$LCPU" redis-server --port "$P_REDIS" --bind 127.0.0.1 --save "" \
     --appendonly no --dir "$TMP" >"$TMP/redis.out" 2>&1 &
 PIDS+=($!)
-gateway() {  # gateway CONFIG PORT ADMIN STORE NAME
+sed '/^rate_limits:/,+1d' "$HERE/gateway-limits.yaml" >"$TMP/gateway-key.yaml"
+gateway() {  # gateway CONFIG PORT ADMIN STORE NAME (CONFIG relative to bench/, or absolute)
     BENCH_BACKEND_PORT=$P_NGINX BENCH_PROXY_PORT=$2 BENCH_ADMIN_PORT=$3 BENCH_STORE=$4 \
         BENCH_REDIS_URL="redis://127.0.0.1:$P_REDIS/0" BENCH_ACCESS_LOG=off \
         PYTHONPATH=$TREE timeout 390 taskset -c "$PCPU" twistd -n --pidfile= clawproxy \
-        -c "$HERE/$1" >"$TMP/$5.out" 2>&1 &
+        -c "$(cd "$HERE" && realpath "$1")" >"$TMP/$5.out" 2>&1 &
     PIDS+=($!)
 }
 gateway gateway-bench.yaml "$P_PLAIN" $((BASE + 12)) memory plain
 gateway gateway-limits.yaml "$P_MEM" $((BASE + 13)) memory memory
 gateway gateway-limits.yaml "$P_RED" $((BASE + 14)) redis redis
-for p in $P_NGINX $P_REDIS $P_PLAIN $P_MEM $P_RED; do
+gateway "$TMP/gateway-key.yaml" "$P_KEY" $((BASE + 15)) memory key
+for p in $P_NGINX $P_REDIS $P_PLAIN $P_MEM $P_RED $P_KEY; do
     for _ in $(seq 1 100); do ss -Hltn "sport = :$p" | grep -q . && break; sleep 0.1; done
 done
 PID_PLAIN=$(pgrep -P "${PIDS[2]}" | head -1); PID_MEM=$(pgrep -P "${PIDS[3]}" | head -1)
-PID_RED=$(pgrep -P "${PIDS[4]}" | head -1)
+PID_RED=$(pgrep -P "${PIDS[4]}" | head -1); PID_KEY=$(pgrep -P "${PIDS[5]}" | head -1)
 
 # Each limited gateway must answer 200 with X-RateLimit headers (Redis reached, key accepted).
 for p in $P_MEM $P_RED; do
@@ -76,21 +81,23 @@ run() {  # run PORT PID -> "req/s cpu_us_per_request non2xx"
     echo "$out" | awk -v t=$((c1 - c0)) -v hz="$(getconf CLK_TCK)" \
         '/requests in/{n=$1} /Requests\/sec/{r=$2} /Non-2xx/{bad=$NF} END{printf "%s %.1f %d\n", r, t / hz * 1e6 / n, bad}'
 }
-for p in $P_PLAIN $P_MEM $P_RED; do
+for p in $P_PLAIN $P_KEY $P_MEM $P_RED; do
     timeout 30 taskset -c "$LCPU" wrk -t1 -c50 -d2s -s "$HERE/chat.lua" "http://127.0.0.1:$p" >/dev/null
 done
-plain=(); mem=(); red=()
+plain=(); key=(); mem=(); red=()
 for _ in $(seq 1 "$R"); do
     plain+=("$(run "$P_PLAIN" "$PID_PLAIN")")
+    key+=("$(run "$P_KEY" "$PID_KEY")")
     mem+=("$(run "$P_MEM" "$PID_MEM")")
     red+=("$(run "$P_RED" "$PID_RED")")
 done
-python3 - "$(printf '%s;' "${plain[@]}")" "$(printf '%s;' "${mem[@]}")" "$(printf '%s;' "${red[@]}")" <<'PY'
+python3 - "$(printf '%s;' "${plain[@]}")" "$(printf '%s;' "${key[@]}")" \
+    "$(printf '%s;' "${mem[@]}")" "$(printf '%s;' "${red[@]}")" <<'PY'
 import statistics as st
 import sys
 
 rows = [[tuple(map(float, x.split())) for x in arg.split(";") if x.strip()] for arg in sys.argv[1:]]
-names = ("plain", "memory", "redis")
+names = ("plain", "key", "memory", "redis")
 med = {}
 for name, r in zip(names, rows):
     print(f"{name:6} req/s", [round(x) for x, _, _ in r], "| CPU us/req", [c for _, c, _ in r],

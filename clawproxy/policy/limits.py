@@ -217,6 +217,8 @@ class Outcome:
 
     def tightest(self) -> int:
         """Index of the decision the C{X-RateLimit-*} headers describe."""
+        if len(self.decisions) == 1:
+            return 0
         if not self.allowed:
             return max(range(len(self.decisions)),
                        key=lambda i: (not self.decisions[i].allowed,
@@ -228,13 +230,19 @@ class Outcome:
 def evaluate(limits: Sequence[Limit], states: Sequence[State | None], now: float,
              cost: float = 1.0) -> Outcome:
     """Decide every limit for one request (all or nothing)."""
+    if len(limits) == 1:
+        d = decide(limits[0], states[0], now, cost)
+        return Outcome(d.allowed, (d,))
     decisions = tuple(decide(limit, state, now, cost) for limit, state in zip(limits, states))
     return Outcome(all(d.allowed for d in decisions), decisions)
 
 
+_FORMATS = {2: b"%.17g %.17g", 3: b"%.17g %.17g %.17g"}
+
+
 def encode_state(state: State) -> bytes:
     """A state as stored: its numbers as C{%.17g} text (exact, and what the Lua writes)."""
-    return b" ".join(b"%.17g" % x for x in state)
+    return _FORMATS[len(state)] % state
 
 
 def decode_state(data: bytes | None, algorithm: str) -> State | None:
@@ -242,7 +250,7 @@ def decode_state(data: bytes | None, algorithm: str) -> State | None:
     if data is None:
         return None
     try:
-        values = tuple(float(x) for x in data.split(b" "))
+        values = tuple(map(float, data.split(b" ")))
     except ValueError:
         return None
     size = 3 if algorithm == "sliding_window" else 2
