@@ -474,3 +474,26 @@ class AnonymousSessionTests(SynchronousTestCase):
         self.assertEqual(as_client("198.51.100.1"), 200)
         self.assertEqual(as_client("198.51.100.2"), 200)
         self.assertEqual(as_client("198.51.100.1"), 429)
+
+
+class FairQueueSleepTests(SynchronousTestCase):
+    """A refusal that names no wait does not spin."""
+
+    def test_zero_wait_refusal(self) -> None:
+        """A head refused with a zero wait is tried again after a pause, not in a loop."""
+        from twisted.internet.defer import succeed
+
+        clock = Clock()
+        tries: list[float] = []
+
+        def attempt(item: Any) -> Any:
+            tries.append(clock.seconds())
+            return succeed((len(tries) > 3, 0.0, item))
+
+        q = FairQueue(clock, 10, 5.0, attempt)
+        d = q.wait("a", "x")
+        self.assertEqual(len(tries), 1)
+        for _ in range(3):
+            clock.advance(0.001)
+        self.assertEqual(self.successResultOf(d), "x")
+        self.assertEqual(len(tries), 4)

@@ -23,6 +23,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+#: Shortest pause (seconds) before a lane whose head was refused is tried again.
+MIN_SLEEP = 0.001
+
 
 class QueueFull(Exception):
     """The queue already holds C{max_size} requests."""
@@ -181,7 +184,9 @@ class FairQueue:
                     self._remove(waiter)
                     waiter.deferred.errback(QueueExpired())
                 else:
-                    self._asleep[lane] = self.clock.seconds() + retry_after
+                    # Never less than MIN_SLEEP: a refusal that names no wait
+                    # (rounding) must not be retried in a tight loop.
+                    self._asleep[lane] = self.clock.seconds() + max(retry_after, MIN_SLEEP)
         finally:
             self._pumping = False
 
