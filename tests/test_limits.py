@@ -238,3 +238,20 @@ class ScriptOnMemoryTests(SynchronousTestCase):
         self.assertEqual(store.keys.pttl("b"), 61000)
         clock.advance(62)
         self.assertEqual((store.keys.get("a"), store.keys.get("b")), (None, None))
+
+
+class BatchTests(SynchronousTestCase):
+    """Several requests decided in one L{LIMITS} call."""
+
+    def test_in_order(self) -> None:
+        """Each request is all or nothing and sees what the ones before it took."""
+        from clawproxy.policy.ratescript import batch_args, parse_batch
+
+        store = MemoryStore(Clock())
+        one = Limit.of("agent", "a", Rate(2, 60), "fixed_window")
+        other = Limit.of("route", "r", Rate(1, 60), "fixed_window")
+        keys, argv = batch_args([[one], [one, other], [one], [other]])
+        outcomes = parse_batch(self.successResultOf(store.run(LIMITS, keys, argv)))
+        self.assertEqual([o.allowed for o in outcomes], [True, True, False, False])
+        self.assertEqual([len(o.decisions) for o in outcomes], [1, 2, 1, 1])
+        self.assertEqual(outcomes[1].decisions[1].remaining, 0)

@@ -65,6 +65,15 @@ class LimitsOnRedisTests(RedisHarness, TestCase):
             refused = parse_reply(await redis.run(LIMITS, keys, argv))
             self.assertFalse(refused.allowed)
             self.assertLess(abs(refused.retry_after - 1200), 0.5, refused.retry_after)
+            # A batch decides requests in order, each all or nothing, as in memory.
+            from clawproxy.policy.ratescript import batch_args, parse_batch
+
+            one = Limit.of("agent", "batch:a", Rate(2, 3600), "fixed_window")
+            other = Limit.of("route", "batch:r", Rate(1, 3600), "sliding_window")
+            keys, argv = batch_args([[one], [one, other], [one], [other]])
+            for store in (redis, memory):
+                outcomes = parse_batch(await store.run(LIMITS, keys, argv))
+                self.assertEqual([o.allowed for o in outcomes], [True, True, False, False])
             # Keys carry the prefix and a TTL.
             raw = await self.raw(server.port)
             ttl = await raw.execute_command("PTTL", "gw:agent:fixed_window")

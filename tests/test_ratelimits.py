@@ -16,6 +16,7 @@ from clawproxy.config import hash_key
 from clawproxy.interfaces import IStateStore
 from clawproxy.policy.fairqueue import FairQueue, QueueExpired, QueueFull
 from clawproxy.stores.errors import StoreUnavailable
+from clawproxy.stores.memory import MemoryStore
 from clawproxy.web.limits import LimitsSection, PoolLimits, RouteLimits
 from tests.test_gateway import Answer, Harness, two_instance_pool
 
@@ -263,10 +264,15 @@ class DownStore:
 class OnErrorTests(SynchronousTestCase):
     """C{store.redis.on_error} while the store cannot be reached."""
 
+    def send(self, gw: Harness) -> Answer:
+        d = gw.start("GET", "/v1/x", headers={"X-API-Key": KEYS["alpha"]})
+        gw.clock.advance(0)  # the limits of one reactor turn go to the store together
+        return gw.finish(d)
+
     def test_fail_open(self) -> None:
         """C{fail_open}: requests go through (without rate limit headers)."""
         gw = Harness(self, config({"default": "1/minute"}), store=DownStore())
-        answers = [send(gw, "alpha") for _ in range(3)]
+        answers = [self.send(gw) for _ in range(3)]
         self.assertEqual([a.code for a in answers], [200] * 3)
         self.assertIsNone(answers[0].header("X-RateLimit-Limit"))
 
@@ -275,7 +281,7 @@ class OnErrorTests(SynchronousTestCase):
         cfg = config({"default": "1/minute"})
         cfg["store"] = {"redis": {"on_error": "fail_closed"}}
         gw = Harness(self, cfg, store=DownStore())
-        answer = send(gw, "alpha")
+        answer = self.send(gw)
         self.assertEqual(answer.code, 503)
         self.assertEqual(answer.header("Retry-After"), "1")
         self.assertEqual(answer.json()["error"]["code"], "store_unavailable")
@@ -497,3 +503,27 @@ class FairQueueSleepTests(SynchronousTestCase):
             clock.advance(0.001)
         self.assertEqual(self.successResultOf(d), "x")
         self.assertEqual(len(tries), 4)
+
+
+class BatchingTests(SynchronousTestCase):
+    """On a shared store, the checks of one reactor turn share one store call."""
+
+    def test_one_call_per_turn(self) -> None:
+        """Three requests arriving in one turn cost one script call, decided in order."""
+        calls: list[Any] = []
+
+        class Counting(DownStore):
+            def __init__(self) -> None:
+                self.memory = MemoryStore(Clock())
+
+            def run(self, script: Any, keys: Any, args: Any) -> Any:
+                calls.append(len(keys))
+                return self.memory.run(script, keys, args)
+
+        gw = Harness(self, config({"default": "2/minute"}), store=Counting())
+        started = [gw.start("GET", "/v1/x", headers={"X-API-Key": KEYS["alpha"]})
+                   for _ in range(3)]
+        self.assertEqual(calls, [])
+        gw.clock.advance(0)
+        self.assertEqual(calls, [3])
+        self.assertEqual([gw.finish(d).code for d in started], [200, 200, 429])

@@ -74,6 +74,12 @@ class Limit:
         return cls(name, key, algorithm, count, period, float(capacity))
 
     @property
+    def args(self) -> list[bytes]:
+        """This limit's arguments to the L{clawproxy.policy.ratescript.LIMITS} script."""
+        return [self.algorithm.encode(), b"%r" % self.count, b"%r" % self.period,
+                b"%r" % self.capacity]
+
+    @property
     def ttl(self) -> float:
         """Seconds after the last change when the state is worth nothing (absent = whole)."""
         if self.algorithm == "token_bucket":

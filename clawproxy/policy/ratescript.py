@@ -6,10 +6,12 @@ store's clock (C{TIME}, so gateways with skewed clocks agree) and, only if
 every one allows the request, takes from each and writes them back with a
 TTL. One round trip per request, however many limits apply.
 
-C{KEYS}: one per limit. C{ARGV}: the cost, then per limit its algorithm,
-count, period and capacity. The reply is C{[allowed, then per limit:
-allowed, limit, remaining, reset_ms, retry_ms]} (C{retry_ms} is C{-1} for
-a request that no wait would let through).
+One call may decide several requests (a batch), in order, each one all or
+nothing. C{KEYS}: one per limit, request after request. C{ARGV}: the cost,
+the number of requests, how many limits each has, then per limit its
+algorithm, count, period and capacity. The reply is, per request, C{[allowed,
+n, then per limit: allowed, limit, remaining, reset_ms, retry_ms]}
+(C{retry_ms} is C{-1} for a request that no wait would let through).
 """
 
 from __future__ import annotations
@@ -107,42 +109,53 @@ local function sliding_window(s, count, period)
          math.max(0, math.floor(count - estimate + EPS)), reset, retry
 end
 
-local out = {1}
-local writes = {}
-for i = 1, #KEYS do
-  local b = 1 + (i - 1) * 4
-  local algo = ARGV[b + 1]
-  local count, period, capacity = tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3]),
-                                  tonumber(ARGV[b + 4])
-  local raw = redis.call('GET', KEYS[i])
-  local allowed, state, limit, remaining, reset, retry, ttl
-  if algo == 'token_bucket' then
-    allowed, state, limit, remaining, reset, retry =
-      token_bucket(parse(raw, 2), count / period, capacity)
-    ttl = capacity * period / count + 1
-  elseif algo == 'fixed_window' then
-    allowed, state, limit, remaining, reset, retry = fixed_window(parse(raw, 2), count, period)
-    ttl = period + 1
-  else
-    allowed, state, limit, remaining, reset, retry = sliding_window(parse(raw, 3), count, period)
-    ttl = 2 * period + 1
+local ngroups = tonumber(ARGV[2])
+local a = 2 + ngroups
+local k = 0
+local out = {}
+for g = 1, ngroups do
+  local n = tonumber(ARGV[2 + g])
+  local all = 1
+  local writes, res = {}, {}
+  for i = 1, n do
+    local algo = ARGV[a + 1]
+    local count, period, capacity = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]),
+                                    tonumber(ARGV[a + 4])
+    a = a + 4
+    local raw = redis.call('GET', KEYS[k + i])
+    local allowed, state, limit, remaining, reset, retry, ttl
+    if algo == 'token_bucket' then
+      allowed, state, limit, remaining, reset, retry =
+        token_bucket(parse(raw, 2), count / period, capacity)
+      ttl = capacity * period / count + 1
+    elseif algo == 'fixed_window' then
+      allowed, state, limit, remaining, reset, retry = fixed_window(parse(raw, 2), count, period)
+      ttl = period + 1
+    else
+      allowed, state, limit, remaining, reset, retry = sliding_window(parse(raw, 3), count, period)
+      ttl = 2 * period + 1
+    end
+    if not allowed then all = 0 end
+    local parts = {}
+    for j = 1, #state do parts[j] = string.format('%.17g', state[j]) end
+    writes[i] = {table.concat(parts, ' '), math.ceil(ttl * 1000)}
+    local retry_ms = -1
+    if retry ~= math.huge then retry_ms = math.ceil(retry * 1000) end
+    res[#res + 1] = allowed and 1 or 0
+    res[#res + 1] = limit
+    res[#res + 1] = remaining
+    res[#res + 1] = math.ceil(reset * 1000)
+    res[#res + 1] = retry_ms
   end
-  if not allowed then out[1] = 0 end
-  local parts = {}
-  for j = 1, #state do parts[j] = string.format('%.17g', state[j]) end
-  writes[i] = {table.concat(parts, ' '), math.ceil(ttl * 1000)}
-  local retry_ms = -1
-  if retry ~= math.huge then retry_ms = math.ceil(retry * 1000) end
-  out[#out + 1] = allowed and 1 or 0
-  out[#out + 1] = limit
-  out[#out + 1] = remaining
-  out[#out + 1] = math.ceil(reset * 1000)
-  out[#out + 1] = retry_ms
-end
-if out[1] == 1 then
-  for i = 1, #KEYS do
-    redis.call('SET', KEYS[i], writes[i][1], 'PX', writes[i][2])
+  out[#out + 1] = all
+  out[#out + 1] = n
+  for j = 1, #res do out[#out + 1] = res[j] end
+  if all == 1 then
+    for i = 1, n do
+      redis.call('SET', KEYS[k + i], writes[i][1], 'PX', writes[i][2])
+    end
   end
+  k = k + n
 end
 return out
 """
@@ -168,15 +181,21 @@ def apply(keys: KeySpace, limits: Sequence[Limit], cost: float = 1.0) -> Outcome
 
 
 def _twin(keys: KeySpace, k: Sequence[str], argv: Sequence[bytes]) -> list[int]:
-    limits = []
-    for i in range(len(k)):
-        b = 1 + i * 4
-        limits.append(Limit("", k[i], argv[b].decode(), float(argv[b + 1]),
-                            float(argv[b + 2]), float(argv[b + 3])))
-    outcome = apply(keys, limits, float(argv[0]))
-    out = [int(outcome.allowed)]
-    for d in outcome.decisions:
-        out += [int(d.allowed), d.limit, d.remaining, _ms(d.reset), _ms(d.retry_after)]
+    cost, ngroups = float(argv[0]), int(argv[1])
+    a, first = 2 + ngroups, 0
+    out: list[int] = []
+    for g in range(ngroups):
+        n = int(argv[2 + g])
+        limits = []
+        for i in range(n):
+            limits.append(Limit("", k[first + i], argv[a].decode(), float(argv[a + 1]),
+                                float(argv[a + 2]), float(argv[a + 3])))
+            a += 4
+        first += n
+        outcome = apply(keys, limits, cost)
+        out += [int(outcome.allowed), n]
+        for d in outcome.decisions:
+            out += [int(d.allowed), d.limit, d.remaining, _ms(d.reset), _ms(d.retry_after)]
     return out
 
 
@@ -185,18 +204,44 @@ LIMITS = Script("rate_limits", _LUA, _twin)
 
 
 def script_args(limits: Sequence[Limit], cost: float = 1.0) -> tuple[list[str], list[Any]]:
-    """The C{KEYS} and C{ARGV} of L{LIMITS} for C{limits}."""
-    argv: list[Any] = [cost]
-    for limit in limits:
-        argv += [limit.algorithm, limit.count, limit.period, limit.capacity]
-    return [limit.key for limit in limits], argv
+    """The C{KEYS} and C{ARGV} of L{LIMITS} for one request's C{limits}."""
+    return batch_args([limits], cost)
+
+
+def batch_args(groups: Sequence[Sequence[Limit]],
+               cost: float = 1.0) -> tuple[list[str], list[Any]]:
+    """
+    The C{KEYS} and C{ARGV} of L{LIMITS} deciding several requests in one
+    call, in order: each group (one request's limits) is all or nothing, and
+    sees what the groups before it took.
+    """
+    keys: list[str] = []
+    argv: list[Any] = [cost, len(groups)]
+    argv += [len(limits) for limits in groups]
+    for limits in groups:
+        for limit in limits:
+            keys.append(limit.key)
+            argv += limit.args
+    return keys, argv
+
+
+def parse_batch(reply: Sequence[int]) -> list[Outcome]:
+    """The L{Outcome}s of a L{LIMITS} reply, one per group (states are not returned)."""
+    outcomes = []
+    i = 0
+    while i < len(reply):
+        allowed, n = int(reply[i]), int(reply[i + 1])
+        i += 2
+        decisions = []
+        for _ in range(n):
+            ok, limit, remaining, reset_ms, retry_ms = (int(x) for x in reply[i:i + 5])
+            i += 5
+            retry = math.inf if retry_ms < 0 else retry_ms / 1000
+            decisions.append(Decision(bool(ok), (), limit, remaining, reset_ms / 1000, retry))
+        outcomes.append(Outcome(bool(allowed), tuple(decisions)))
+    return outcomes
 
 
 def parse_reply(reply: Sequence[int]) -> Outcome:
-    """The L{Outcome} a L{LIMITS} reply stands for (states are not returned)."""
-    decisions = []
-    for i in range(1, len(reply), 5):
-        allowed, limit, remaining, reset_ms, retry_ms = (int(x) for x in reply[i:i + 5])
-        retry = math.inf if retry_ms < 0 else retry_ms / 1000
-        decisions.append(Decision(bool(allowed), (), limit, remaining, reset_ms / 1000, retry))
-    return Outcome(bool(int(reply[0])), tuple(decisions))
+    """The L{Outcome} of a one-request L{LIMITS} reply."""
+    return parse_batch(reply)[0]

@@ -39,7 +39,7 @@ from clawproxy.errors import Rejected
 from clawproxy.interfaces import IAdminSection, IRequestStage
 from clawproxy.policy.fairqueue import FairQueue, QueueExpired, QueueFull
 from clawproxy.policy.limits import Decision, Limit, Outcome
-from clawproxy.policy.ratescript import LIMITS, apply, parse_reply, script_args
+from clawproxy.policy.ratescript import LIMITS, apply, batch_args, parse_batch
 from clawproxy.stores.errors import StoreError
 from clawproxy.stores.memory import MemoryStore
 from clawproxy.units import Rate
@@ -55,6 +55,8 @@ STORE_RETRY_AFTER = 1
 BUSIEST = 10
 #: Agents (or addresses) whose last decision is kept for the admin API.
 KEPT = 1000
+#: Requests decided in one store call at most.
+MAX_BATCH = 64
 
 
 def client_address(ctx: RequestContext, trusted: Sequence[Any]) -> str:
@@ -130,6 +132,7 @@ class Limiter:
         #: were last decided, that decision, and how many decisions so far.
         self.seen: dict[str, tuple[float, list[tuple[Limit, Decision]], int]] = {}
         self.refused: dict[str, int] = {}
+        self._batch: list[tuple[Sequence[Limit], str, Deferred[Outcome | None]]] | None = None
 
     def check(self, limits: Sequence[Limit], who: str) -> Outcome | Deferred[Outcome | None]:
         """
@@ -146,18 +149,35 @@ class Limiter:
             outcome = apply(self.memory, limits)
             self._remember(who, limits, outcome)
             return outcome
-        keys, argv = script_args(limits)
+        # The checks asked for during one reactor turn go to the store as one
+        # call (each request still all or nothing, in order): far fewer
+        # round trips under load, at most one turn later.
+        d: Deferred[Outcome | None] = Deferred(lambda _: None)
+        if self._batch is None:
+            self._batch = []
+            self.clock.callLater(0, self._flush)
+        self._batch.append((limits, who, d))
+        if len(self._batch) >= MAX_BATCH:
+            self._flush()
+        return d
+
+    def _flush(self) -> None:
+        batch, self._batch = self._batch, None
+        if not batch:
+            return
+        keys, argv = batch_args([limits for limits, _, _ in batch])
         try:
             d = self.store.run(LIMITS, keys, argv)
         except Exception as e:  # a store bug must not become a hung request
             d = fail(e)
-        return d.addCallbacks(self._decided, self._store_failed,
-                              callbackArgs=(limits, who))
+        d.addCallback(self._decided, batch)
+        d.addErrback(self._store_failed, batch)
 
-    def _decided(self, reply: Any, limits: Sequence[Limit], who: str) -> Outcome:
-        outcome = parse_reply(reply)
-        self._remember(who, limits, outcome)
-        return outcome
+    def _decided(self, reply: Any, batch: list[Any]) -> None:
+        for (limits, who, d), outcome in zip(batch, parse_batch(reply)):
+            self._remember(who, limits, outcome)
+            if not d.called:  # not cancelled (its client left)
+                d.callback(outcome)
 
     def _remember(self, who: str, limits: Sequence[Limit], outcome: Outcome) -> None:
         """Keep the last decision per agent (or address) for the admin API, bounded."""
@@ -170,14 +190,19 @@ class Limiter:
             self.seen = dict(sorted(seen.items(), key=lambda kv: kv[1][0])[-KEPT:])
             self.refused = {who: n for who, n in self.refused.items() if who in self.seen}
 
-    def _store_failed(self, failure: Any) -> None:
+    def _store_failed(self, failure: Any, batch: list[Any]) -> None:
         if not failure.check(StoreError):
             self.log.failure("rate limit check failed", failure)
-        if self.fail_open:
-            return None
-        raise Rejected(503, "rate limits cannot be checked: the shared store is unreachable",
-                       "server_error", "store_unavailable",
-                       (("Retry-After", str(STORE_RETRY_AFTER)),))
+        for _, _, d in batch:
+            if d.called:
+                continue
+            if self.fail_open:
+                d.callback(None)
+            else:
+                d.errback(Rejected(
+                    503, "rate limits cannot be checked: the shared store is unreachable",
+                    "server_error", "store_unavailable",
+                    (("Retry-After", str(STORE_RETRY_AFTER)),)))
 
     def count_refusal(self, ctx: RequestContext, limit: Limit, who: str) -> None:
         """A request of C{who} (agent, or C{ip:ADDRESS}) was refused by C{limit}."""
