@@ -19,7 +19,7 @@ from tests.integration.test_process import TWISTD, listening
 from tests.redis_server import RedisServer, require_redis_server
 
 #: store.redis.timeout in these tests, and the margin allowed on top of it.
-TIMEOUT, MARGIN = 0.2, 0.4
+TIMEOUT, MARGIN = 0.2, 0.8
 
 THREE = """\
 server:
