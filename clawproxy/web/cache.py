@@ -381,7 +381,7 @@ class CacheFill:
             # Another model answered (a model fallback): not the answer the
             # key's model would give, and not that model's version.
             return None
-        kept = tuple((k.lower(), v) for k, v in headers if k.lower() in KEPT_HEADERS and v)
+        kept = tuple((k, v) for k, v in headers if k in KEPT_HEADERS and v)
         ctype = next((v for k, v in kept if k == b"content-type"), b"")
         stream = ctype.lower().startswith(b"text/event-stream")
         return _Assembler(self.cache, note, code, kept, stream, self.cache.backend.max_bytes)

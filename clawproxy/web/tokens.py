@@ -154,7 +154,7 @@ class UsageFilter:
             return None
         ctype = b""
         for name, value in headers:
-            if name.lower() == b"content-type":
+            if name == b"content-type":
                 ctype = value.lower()
         if ctype.startswith(b"text/event-stream"):
             watcher: Any = SseUsage(drop=rec.drop_usage)
