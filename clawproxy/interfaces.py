@@ -86,8 +86,10 @@ class IResponseFilter(Interface):
 
         @param code: its status code.
         @param headers: its head as it will be relayed, a mutable list of
-            C{(name, value)} bytes pairs (lower-case names): the filter may
-            change it.
+            C{(name, value)} bytes pairs whose names are lower-case (the
+            relay lower-cases the upstream's once, so a filter compares
+            names as they are): the filter may change it, adding names in
+            lower case too.
         @return: an L{IBodyFilter} for this response, or L{None} to stay out
             of it (then it costs nothing more).
         """

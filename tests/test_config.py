@@ -162,10 +162,12 @@ class DefaultsTests(ConfigTestCase):
         self.assertEqual(pool.protocol, "openai")
         self.assertEqual(pool.models, ())
         self.assertEqual(pool.passive, PassiveConfig(3, 30.0, 50))
-        self.assertIsNone(pool.circuit_breaker)
+        # SPEC "Defaults": breakers on, with the values of SPEC section 2.
+        self.assertEqual(pool.circuit_breaker, BreakerConfig(True, 5, 60.0, 3, 30.0, 30.0, 1, 0.1))
         breakers = parse(MINIMAL.replace("main:", "main:\n    circuit_breaker:", 1))
-        self.assertEqual(breakers.pools["main"].circuit_breaker,
-                         BreakerConfig(True, 5, 60.0, 3, 30.0, 30.0, 1, 0.1))
+        self.assertEqual(breakers.pools["main"].circuit_breaker, pool.circuit_breaker)
+        off = parse(MINIMAL.replace("main:", "main:\n    circuit_breaker: {enabled: false}", 1))
+        self.assertFalse(off.pools["main"].circuit_breaker.enabled)
         self.assertEqual(
             pool.retry,
             RetryConfig(

@@ -211,7 +211,7 @@ class LastChunk:
         self._buffer = b""
 
     def begin(self, ctx: RequestContext, code: int, headers: list[tuple[bytes, bytes]]) -> Any:
-        if (b"content-type", b"text/event-stream") in [(n.lower(), v) for n, v in headers]:
+        if (b"content-type", b"text/event-stream") in headers:  # names arrive lower-case
             self._buffer = b""
             return self
         return None
@@ -283,6 +283,36 @@ class FilterTests(SynchronousTestCase):
         self.assertEqual(answer.body, b"".join(events))
         self.assertEqual(last.last, [b"data: [DONE]"])
         self.assertEqual(last.ended, ["complete"])
+
+    def test_header_names_lower_case(self) -> None:
+        """
+        A filter gets the head's names lower-case, whatever case the
+        upstream used; the client still gets every header.
+        """
+        names: list[bytes] = []
+
+        @implementer(IResponseFilter)
+        class Names:
+            name = "names"
+
+            def begin(self, ctx: RequestContext, code: int,
+                      headers: list[tuple[bytes, bytes]]) -> Any:
+                names.extend(n for n, _ in headers)
+
+        gw = Harness(self, routed(), extra=[Names()])
+        gw.backend.hang.add("a")
+        d = gw.start("POST", "/v1/chat/completions", {"model": "m"})
+        upstream = gw.backend.hanging[0]
+        upstream.responseHeaders.addRawHeader(b"X-Model-Version", b"Qwen-3")
+        upstream.responseHeaders.addRawHeader(b"content-TYPE", b"application/json")
+        upstream.write(b"{}")
+        upstream.finish()
+        answer = gw.finish(d)
+        self.assertIn(b"content-type", names)
+        self.assertIn(b"x-model-version", names)
+        self.assertEqual(names, [n.lower() for n in names])
+        self.assertEqual(answer.header("X-Model-Version"), "Qwen-3")
+        self.assertEqual(answer.header("Content-Type"), "application/json")
 
     def test_observe_stays_out_of_other_responses(self) -> None:
         """A filter that declines a response (not SSE) is not called for its body."""

@@ -473,7 +473,9 @@ class BreakerConfig:
 
     enabled: bool = f.setting(f.boolean, True, "Use circuit breakers.")
     failure_threshold: int = f.setting(f.integer(low=1), 5, "Failures (connect errors,"
-                                       " resets, 5xx, timeouts; not 4xx or 429) within"
+                                       " resets, 5xx, timeouts; not 4xx, 429 or refused"
+                                       " connections, which take an instance out for a"
+                                       " second by themselves) within"
                                        " ``failure_window`` that open a breaker. The pool's"
                                        " breaker counts only failures with no success of the"
                                        " pool in between.")
@@ -610,10 +612,9 @@ class PoolConfig:
     passive: PassiveConfig = f.section(PassiveConfig, "Passive health checks.")
     session_affinity: AffinityConfig | None = f.section(AffinityConfig, "Session affinity.",
                                                         optional=True)
-    circuit_breaker: BreakerConfig | None = f.section(
-        BreakerConfig, "Circuit breakers (none unless the section is written;"
-        " ``circuit_breaker:`` alone enables them with these defaults).", optional=True,
-        null_enables=True)
+    circuit_breaker: BreakerConfig = f.section(
+        BreakerConfig, "Circuit breakers, on by default with these settings;"
+        " ``circuit_breaker: {enabled: false}`` turns them off.")
     retry: RetryConfig = f.section(RetryConfig, "Retries.")
     models: tuple[str, ...] = f.setting(f.list_of(f.nonempty), (), "Model name globs the"
                                         " pool serves; routes without a pool pick it by the"

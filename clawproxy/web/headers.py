@@ -88,16 +88,21 @@ def _is_trusted(peer: str, trusted: Sequence[Any]) -> bool:
 
 
 def response_headers(response: Any) -> list[tuple[bytes, bytes]]:
-    """The upstream response's headers fit to relay: hop-by-hop and framing removed."""
+    """
+    The upstream response's headers fit to relay: hop-by-hop and framing
+    removed, names lower-cased (as the L{IResponseFilter} seam promises its
+    filters; clients see Twisted's usual capitalisation on HTTP/1.1 and
+    lower case on HTTP/2 either way).
+    """
     drop = HOP_BY_HOP | _OWN_RESPONSE | connection_named(response.headers)
     # Twisted's client keeps Connection out of response.headers; the upstream
     # agent (backends.upstream) saves it here.
     for value in getattr(response, "connection_header", ()):
         drop |= {tok.strip().lower() for tok in value.split(b",") if tok.strip()}
     out = [
-        (name, value)
+        (low, value)
         for name, values in response.headers.getAllRawHeaders()
-        if name.lower() not in drop
+        if (low := name.lower()) not in drop
         for value in values
     ]
     for _, value in out:

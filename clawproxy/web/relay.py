@@ -262,7 +262,7 @@ class Relay:
             translator = rewrite.response() if 200 <= code < 300 else (
                 rewrite.error(code) if code >= 400 else None)
         if translator is not None:
-            relayed = [h for h in relayed if h[0].lower() != b"content-type"]
+            relayed = [h for h in relayed if h[0] != b"content-type"]
             relayed.append((b"content-type", translator.content_type))
         chain = begin_filters(self.filters, ctx, code, relayed)
         if translator is not None:
