@@ -154,6 +154,16 @@ class RequestSpanTests(TracingCase):
                          (int(CLIENT_TRACE, 16), attempt.context.span_id, True))
         self.assertEqual(seen.headers.getRawHeaders(b"tracestate"), [b"vendor=opaque"])
 
+    def test_client_context_invalid(self) -> None:
+        """A malformed C{traceparent} is ignored: a new trace, a valid one sent upstream."""
+        gw = Harness(self, traced(basic()))
+        gw.request("GET", "/v1/x", headers={"traceparent": "00-zz-not-a-context"})
+        request, (attempt,) = self.spans()
+        self.assertIsNone(request.parent)
+        (seen,) = gw.backend.seen
+        self.assertEqual(sent_context(seen),
+                         (request.context.trace_id, attempt.context.span_id, True))
+
     def test_client_not_sampled(self) -> None:
         """A client's unsampled context is followed: nothing recorded, flag off upstream."""
         gw = Harness(self, traced(basic(), sample_rate=1.0))
