@@ -171,8 +171,7 @@ class Relay:
                 raise _failure_rejection(ctx.error, names) from None
             except BaseException as e:
                 if attempt is not None:
-                    self._attempt_ended(ctx, attempt, tokens, CANCELLED if isinstance(
-                        e, CancelledError) else ctx.error or getattr(e, "code", None) or "error")
+                    self._attempt_ended(ctx, attempt, tokens, _failed_with(ctx, e))
                 raise
             finally:
                 inst.active -= 1
@@ -181,8 +180,11 @@ class Relay:
                     self.clock.seconds() - started
                 )
             if attempt is not None:
-                self._attempt_ended(ctx, attempt, tokens, (ctx.error or "error") if delay
-                                    is not None else ctx.error or OK)
+                # A relayed answer may still have failed in-band (ctx.error: truncated,
+                # stall_timeout); a retried one failed with ctx.error.
+                self._attempt_ended(ctx, attempt, tokens,
+                                    OK if delay is None and ctx.error is None
+                                    else ctx.error or "error")
             if delay is None:
                 return
             metrics.upstream_retries_total.labels(pool.name).inc()
@@ -439,6 +441,13 @@ def _take_back(ctx: RequestContext, saved_headers: Any, error: str) -> None:
     request.setResponseCode(200)
     ctx.status = 0
     ctx.error = error
+
+
+def _failed_with(ctx: RequestContext, e: BaseException) -> str:
+    """The outcome of an attempt that raised C{e}, for the attempt observers."""
+    if isinstance(e, CancelledError):
+        return CANCELLED
+    return ctx.error or getattr(e, "code", None) or "error"
 
 
 def _failure_rejection(outcome: str | None, tried: Sequence[str]) -> Rejected:
