@@ -813,16 +813,38 @@ class LoggingConfig:
 
 @attrs.frozen
 class TracingConfig:
-    """Distributed tracing."""
+    """
+    OpenTelemetry tracing (the extra ``clawproxy[otel]``): a span per request and per
+    upstream attempt, the client's W3C ``traceparent`` as parent, propagated upstream.
+    """
 
     enabled: bool = f.setting(
-        f.boolean, False, "Trace requests.",
-        not_yet=NotYet(OPERATIONS, bool, "tracing is not supported by this version yet",
-                       "``true``"))
+        f.boolean, False, "Trace requests (needs ``pip install 'clawproxy[otel]'``).")
     sample_rate: float = f.setting(f.number(low=0, high=1), 0.1, "Fraction of requests"
-                                   " traced.")
-    exporter: str = f.setting(f.choice("otlp", "console"), "otlp", "Where spans go.")
-    endpoint: str | None = f.setting(f.nonempty, None, "Exporter endpoint.")
+                                   " traced when the client sent no sampled trace context"
+                                   " (a client's sampling decision is followed).")
+    exporter: str = f.setting(f.choice("otlp", "console"), "otlp", "Where spans go:"
+                              " ``otlp`` (OTLP over HTTP) or ``console`` (stdout, for"
+                              " debugging).")
+    endpoint: str | None = f.setting(
+        f.nonempty, None, "OTLP/HTTP collector URL (``http://collector:4318``; a URL"
+        " without a path gets ``/v1/traces``).",
+        shown="OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else http://localhost:4318")
+
+    def _check(self, present: set[str], error: Error) -> TracingConfig:
+        if self.endpoint is not None:
+            if self.exporter != "otlp":
+                error("endpoint", "only the otlp exporter has an endpoint")
+            elif urlsplit(self.endpoint).scheme not in ("http", "https") or not urlsplit(
+                    self.endpoint).hostname:
+                error("endpoint", f"must be an http:// or https:// URL, not {self.endpoint!r}")
+        if self.enabled:
+            from clawproxy.otel import missing
+
+            why = missing()
+            if why is not None:
+                error("enabled", why)
+        return self
 
 
 @attrs.frozen

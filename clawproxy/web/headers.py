@@ -48,11 +48,15 @@ def connection_named(headers: Headers) -> frozenset[bytes]:
 
 
 def forwarded_headers(
-    request: Any, ctx: RequestContext, upstream_host: bytes, trusted: Sequence[Any]
+    request: Any, ctx: RequestContext, upstream_host: bytes, trusted: Sequence[Any],
+    extra: Sequence[tuple[bytes, bytes]] = (),
 ) -> Headers:
     """
     The headers sent upstream: the client's, less hop-by-hop and
     C{Connection}-named ones, then the proxy's own (which a client cannot strip).
+
+    @param extra: headers an L{IAttemptObserver} adds to this attempt (a
+        trace context), each replacing the client's of that name.
     """
     incoming: Headers = request.requestHeaders
     peer = ctx.client_ip
@@ -75,6 +79,8 @@ def forwarded_headers(
     if host:
         out.setRawHeaders(b"x-forwarded-host", [host[-1]])
     out.setRawHeaders(b"x-request-id", [ctx.request_id.encode()])
+    for name, value in extra:
+        out.setRawHeaders(name, [value])
     out.setRawHeaders(b"host", [upstream_host])
     return out
 
