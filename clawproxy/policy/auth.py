@@ -30,7 +30,7 @@ import hashlib
 import hmac
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -477,14 +477,15 @@ def authenticate(store: KeyStore, headers: Any, header_name: str = "X-API-Key") 
 
 
 def authorize(route: RouteConfig, agent: Agent | None, header_name: str = "X-API-Key",
-              missing: Rejected | None = None) -> None:
+              missing: Callable[[], Rejected] | None = None) -> None:
     """
     Apply a route's C{auth_required} and C{allowed_agents}.
 
     @param route: the matched route's configuration.
     @param agent: the identified agent, or C{None} for an anonymous request.
-    @param missing: the 401 for a missing credential (L{missing_credentials});
-        L{missing_api_key} by default.
+    @param missing: makes the 401 for a missing credential (L{missing_credentials});
+        L{missing_api_key} by default. A factory, not an instance: an exception
+        instance raised again and again keeps every traceback (and its frames).
     @raise Rejected: 401 C{missing_api_key} (with C{WWW-Authenticate}) when the route
         needs an agent and there is none; 403 C{permission_denied} when C{allowed_agents}
         is set and does not name the agent.
@@ -492,7 +493,7 @@ def authorize(route: RouteConfig, agent: Agent | None, header_name: str = "X-API
     needs_agent = route.auth_required or route.allowed_agents is not None
     if agent is None:
         if needs_agent:
-            raise missing if missing is not None else missing_api_key(header_name)
+            raise missing() if missing is not None else missing_api_key(header_name)
         return
     if route.allowed_agents is not None and agent.name not in route.allowed_agents:
         raise permission_denied()
