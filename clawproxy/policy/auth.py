@@ -353,6 +353,25 @@ def _values(headers: Any, name: bytes) -> list[bytes]:
     return [v.strip(_OWS) for v in headers.getRawHeaders(name) or ()]
 
 
+def _presented(headers: Any, header_name: str, api_keys: bool = True
+               ) -> tuple[list[bytes], bool]:
+    """
+    Every credential value a request presents: those of C{header_name} (when API keys
+    are on), then those of C{Authorization: Bearer}; and whether any came as Bearer.
+    """
+    found: list[bytes] = []
+    bearer = False
+    name = header_name.encode("latin-1")
+    if api_keys and name.lower() != _AUTHORIZATION:
+        found.extend(_values(headers, name))
+    for value in _values(headers, _AUTHORIZATION):
+        if _is_bearer(value):
+            parts = value.split(None, 1)
+            found.append(parts[1].strip(_OWS) if len(parts) == 2 else b"")
+            bearer = True
+    return found, bearer
+
+
 def extract_key(headers: Any, header_name: str = "X-API-Key") -> bytes | None:
     """
     The API key a request presents, from C{header_name} or C{Authorization: Bearer KEY}
@@ -369,14 +388,7 @@ def extract_key(headers: Any, header_name: str = "X-API-Key") -> bytes | None:
     @return: the key's bytes, or C{None} when the request presents no key.
     @raise Rejected: 401 C{invalid_api_key} as above (the message never holds the key).
     """
-    found: list[bytes] = []
-    name = header_name.encode("latin-1")
-    if name.lower() != _AUTHORIZATION:
-        found.extend(_values(headers, name))
-    for value in _values(headers, _AUTHORIZATION):
-        if _is_bearer(value):
-            parts = value.split(None, 1)
-            found.append(parts[1].strip(_OWS) if len(parts) == 2 else b"")
+    found, _ = _presented(headers, header_name)
     if not found:
         return None
     key = found[0]
@@ -410,16 +422,7 @@ def extract_credential(
     @return: C{(kind, value)}, or C{None} when the request presents no credential.
     @raise Rejected: 401 (C{invalid_api_key} or C{invalid_token}).
     """
-    found: list[bytes] = []
-    bearer = False
-    name = header_name.encode("latin-1")
-    if api_keys and name.lower() != _AUTHORIZATION:
-        found.extend(_values(headers, name))
-    for value in _values(headers, _AUTHORIZATION):
-        if _is_bearer(value):
-            parts = value.split(None, 1)
-            found.append(parts[1].strip(_OWS) if len(parts) == 2 else b"")
-            bearer = True
+    found, bearer = _presented(headers, header_name, api_keys)
     if not found:
         return None
     value = found[0]
