@@ -46,7 +46,6 @@ __all__ = [
     "AuthSection",
     "Enforce",
     "HeadAuthCheck",
-    "HeadKeyCheck",
     "Identify",
     "InjectHeaders",
     "auth_parts",
@@ -283,10 +282,6 @@ class HeadAuthCheck:
             r.config.auth_required or r.config.allowed_agents is not None for r in routes
         ):
             raise stage.missing()
-
-
-#: The name this check had when it checked API keys only.
-HeadKeyCheck = HeadAuthCheck
 
 
 def _reachable(routes: list[Any], headers: Any, query: Any = None) -> list[Any]:
