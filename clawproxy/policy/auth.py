@@ -7,8 +7,12 @@ prints (C{sha256:<hex>}, see L{clawproxy.config.hash_key}), in C{agents.NAME.key
 the JSON file C{auth.api_key.keys_store}; plain keys are never stored, logged or echoed
 in an error message.
 
+When C{auth.jwt} is set, C{Authorization: Bearer} may carry a JWT instead:
+L{extract_credential} tells the two apart, L{clawproxy.policy.jwt} verifies tokens.
+
 Everything here is pure (no reactor, no I/O) except L{load_key_store}, which reads the
-keys store file once, when the gateway is built or reloaded.
+keys store file (and checks the JWT key files load) when the gateway is built or
+reloaded.
 
 Comparison and timing
 =====================
@@ -489,8 +493,9 @@ def authorize(route: RouteConfig, agent: Agent | None, header_name: str = "X-API
     @param missing: makes the 401 for a missing credential (L{missing_credentials});
         L{missing_api_key} by default. A factory, not an instance: an exception
         instance raised again and again keeps every traceback (and its frames).
-    @raise Rejected: 401 C{missing_api_key} (with C{WWW-Authenticate}) when the route
-        needs an agent and there is none; 403 C{permission_denied} when C{allowed_agents}
+    @raise Rejected: 401 C{missing_api_key} (or C{missing()}'s C{missing_token} /
+        C{missing_credentials}, with C{WWW-Authenticate}) when the route needs an agent
+        and there is none; 403 C{permission_denied} when C{allowed_agents}
         is set and does not name the agent.
     """
     needs_agent = route.auth_required or route.allowed_agents is not None
