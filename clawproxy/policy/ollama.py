@@ -19,6 +19,9 @@ from typing import Any
 
 from clawproxy.errors import bad_request
 
+#: C{json.dumps(obj, separators=(",", ":"))} without building an encoder per call.
+_compact = json.JSONEncoder(separators=(",", ":")).encode
+
 _OPTIONS = {
     "temperature": "temperature",
     "top_p": "top_p",
@@ -279,6 +282,8 @@ class StreamTranslator:
         self._buffer = b""
         self._started = text  # text completions have no role chunk
         self._calls = 0
+        self._created: int | None = None
+        self._head_bytes = b""
         self.done = False
         #: The OpenAI C{usage} of the C{done} line, once it came.
         self.usage: dict[str, int] | None = None
@@ -300,8 +305,26 @@ class StreamTranslator:
             self.done = True
         return out
 
-    def _chunk(self, delta: dict[str, Any] | None, finish: str | None, **extra: Any) -> bytes:
-        """One SSE chunk; C{delta=None} for a chunk without choices (the usage chunk)."""
+    def _head(self) -> bytes:
+        """
+        A chunk's bytes up to its C{choices}: the same for every chunk of the
+        stream but C{created}, so they are serialised once a second, not per chunk.
+        """
+        created = int(time.time())
+        if created != self._created:
+            self._created = created
+            kind = b'"text_completion"' if self.text else b'"chat.completion.chunk"'
+            self._head_bytes = (b'data: {"id":' + _compact(self.id).encode() + b',"object":'
+                                + kind + b',"created":%d,"model":' % created
+                                + _compact(self.model).encode() + b',"choices":')
+        return self._head_bytes
+
+    def _chunk(self, delta: dict[str, Any] | None, finish: str | None,
+               usage: dict[str, int] | None = None) -> bytes:
+        """
+        One SSE chunk (as C{json.dumps} with compact separators writes it);
+        C{delta=None} for a chunk without choices (the C{usage} chunk).
+        """
         if delta is None:
             choices: list[Any] = []
         elif self.text:
@@ -309,15 +332,19 @@ class StreamTranslator:
                         "finish_reason": finish}]
         else:
             choices = [{"index": 0, "delta": delta, "finish_reason": finish}]
-        chunk = {
-            "id": self.id,
-            "object": "text_completion" if self.text else "chat.completion.chunk",
-            "created": int(time.time()),
-            "model": self.model,
-            "choices": choices,
-            **extra,
-        }
-        return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+        out = self._head() + _compact(choices).encode()
+        if usage is not None:
+            out += b',"usage":' + _compact(usage).encode()
+        return out + b"}\n\n"
+
+    def _content(self, content: Any) -> bytes:
+        """C{self._chunk({"content": content}, None)} (most lines' chunk), without its dicts."""
+        text = _compact(content).encode()
+        if self.text:
+            return (self._head() + b'[{"index":0,"text":' + text
+                    + b',"logprobs":null,"finish_reason":null}]}\n\n')
+        return (self._head() + b'[{"index":0,"delta":{"content":' + text
+                + b'},"finish_reason":null}]}\n\n')
 
     def _line(self, line: bytes) -> bytes:
         try:
@@ -337,9 +364,9 @@ class StreamTranslator:
         message = obj.get("message") or {}
         content = obj.get("response", "") if self.text else message.get("content", "")
         if content:
-            out += self._chunk({"content": content}, None)
-        calls = _tool_calls(message.get("tool_calls"), self._calls)
-        if calls:
+            out += self._content(content)
+        calls = message.get("tool_calls")
+        if calls and (calls := _tool_calls(calls, self._calls)):
             for i, call in enumerate(calls, self._calls):
                 call["index"] = i
             self._calls += len(calls)
@@ -349,7 +376,7 @@ class StreamTranslator:
             out += self._chunk({}, _finish_reason(obj, self._calls > 0))
             if self.include_usage:
                 # As OpenAI sends it: a chunk of its own, with no choices.
-                out += self._chunk(None, None, usage=self.usage)
+                out += self._chunk(None, None, self.usage)
             out += b"data: [DONE]\n\n"
             self.done = True
         return out
