@@ -17,7 +17,7 @@ import struct
 import time
 from typing import Any
 
-from clawproxy.errors import bad_request
+from clawproxy.errors import bad_request, error_body, sse_error_event
 
 #: C{json.dumps(obj, separators=(",", ":"))} without building an encoder per call.
 _compact = json.JSONEncoder(separators=(",", ":")).encode
@@ -354,9 +354,7 @@ class StreamTranslator:
         if not isinstance(obj, dict):
             return b""
         if "error" in obj:
-            err = {"error": {"message": str(obj["error"]), "type": "upstream_error",
-                             "code": "ollama_error"}}
-            return b"data: " + json.dumps(err).encode() + b"\n\n"
+            return sse_error_event(str(obj["error"]), "upstream_error", "ollama_error")
         out = b""
         if not self._started:
             self._started = True
@@ -481,8 +479,8 @@ class EmbedCollector:
                            "usage": {"prompt_tokens": prompt, "total_tokens": prompt}}).encode()
 
 
-def error_shape(status: int, message: str) -> dict[str, Any]:
-    """An Ollama error (its status and message) in the SPEC's error shape."""
+def error_kind(status: int, message: str) -> tuple[str, str]:
+    """The SPEC's C{error.type} and C{error.code} for an Ollama error (its status and message)."""
     if status == 404:
         code = "model_not_found" if "model" in message else "not_found"
         kind = "invalid_request_error"
@@ -492,7 +490,7 @@ def error_shape(status: int, message: str) -> dict[str, Any]:
         kind, code = "invalid_request_error", "bad_request"
     else:
         kind, code = "upstream_error", "ollama_error"
-    return {"error": {"message": message, "type": kind, "code": code}}
+    return kind, code
 
 
 class ErrorTranslator:
@@ -526,4 +524,4 @@ class ErrorTranslator:
             error = error.get("message")
         if not isinstance(error, str) or not error:
             error = raw[:500].decode("utf-8", "replace").strip() or f"Ollama answered {self.status}"
-        return json.dumps(error_shape(self.status, error)).encode()
+        return error_body(error, *error_kind(self.status, error))
