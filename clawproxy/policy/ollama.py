@@ -380,20 +380,14 @@ class StreamTranslator:
         return out
 
 
-class CompletionCollector:
-    """
-    Collect Ollama's non-streamed answer and give the OpenAI completion at
-    the end (the answer is one small JSON object).
-    """
+class _Collector:
+    """A JSON answer kept whole (up to C{limit} bytes) and translated at its end."""
 
     content_type = b"application/json"
+    #: The error past C{limit}.
+    too_large = "Ollama answer too large to translate"
 
-    def __init__(self, model: str, completion_id: str, limit: int = 8 * 1024 * 1024,
-                 text: bool = False) -> None:
-        """@param text: an C{/api/generate} answer, given as a C{text_completion}."""
-        self.model = model
-        self.id = completion_id
-        self.text = text
+    def __init__(self, limit: int) -> None:
         self._parts: list[bytes] = []
         self._size = 0
         self._limit = limit
@@ -403,9 +397,24 @@ class CompletionCollector:
     def feed(self, data: bytes) -> bytes:
         self._size += len(data)
         if self._size > self._limit:
-            raise ValueError("Ollama answer too large to translate")
+            raise ValueError(self.too_large)
         self._parts.append(data)
         return b""
+
+
+class CompletionCollector(_Collector):
+    """
+    Collect Ollama's non-streamed answer and give the OpenAI completion at
+    the end (the answer is one small JSON object).
+    """
+
+    def __init__(self, model: str, completion_id: str, limit: int = 8 * 1024 * 1024,
+                 text: bool = False) -> None:
+        """@param text: an C{/api/generate} answer, given as a C{text_completion}."""
+        super().__init__(limit)
+        self.model = model
+        self.id = completion_id
+        self.text = text
 
     def finish(self) -> bytes:
         raw = b"".join(self._parts)
@@ -433,29 +442,19 @@ class CompletionCollector:
         return json.dumps(answer).encode()
 
 
-class EmbedCollector:
+class EmbedCollector(_Collector):
     """
     Ollama's C{/api/embed} answer as an OpenAI embeddings list (floats, or
     base64 little-endian float32 with C{encoding_format: base64}, which the
     openai SDK asks for by default).
     """
 
-    content_type = b"application/json"
+    too_large = "Ollama embeddings too large to translate"
 
     def __init__(self, model: str, base64: bool = False, limit: int = 64 * 1024 * 1024) -> None:
+        super().__init__(limit)
         self.model = model
         self.base64 = base64
-        self._parts: list[bytes] = []
-        self._size = 0
-        self._limit = limit
-        self.usage: dict[str, int] | None = None
-
-    def feed(self, data: bytes) -> bytes:
-        self._size += len(data)
-        if self._size > self._limit:
-            raise ValueError("Ollama embeddings too large to translate")
-        self._parts.append(data)
-        return b""
 
     def finish(self) -> bytes:
         try:
