@@ -1,6 +1,7 @@
 """
 Request rewrites decided by the gateway and applied by the relay: model
-aliases, and the OpenAI -> Ollama translation for C{protocol: ollama} pools.
+aliases, a body a request stage changed, and the OpenAI -> Ollama
+translation for C{protocol: ollama} pools (request, answer and errors).
 """
 
 from __future__ import annotations
@@ -21,10 +22,8 @@ class BodyTranslator(Protocol):
 
 class Rewrite:
     """
-    Send C{body} (and, if given, C{path}) upstream instead of the client's.
-
-    @ivar response: makes a L{BodyTranslator} for a successful response, or
-        None to relay it unchanged.
+    Send C{body} (and, if given, C{path}) upstream instead of the client's;
+    L{response} and L{error} say how to translate what comes back.
     """
 
     def __init__(self, body: dict[str, Any], path: bytes | None = None) -> None:
@@ -32,6 +31,7 @@ class Rewrite:
         self.path = path
 
     def response(self) -> BodyTranslator | None:
+        """Makes a L{BodyTranslator} for a successful answer, or None to relay it."""
         return None
 
     def error(self, status: int) -> BodyTranslator | None:
