@@ -398,6 +398,7 @@ class Registry:
         self._instances = {i.id: i for p in self.pools.values() for i in p.instances}
         self._listeners: list[Listener] = []
         self._watchers: list[Any] = []
+        self._discovered: dict[str, frozenset[str]] | None = None
 
     def __iter__(self) -> Iterator[Instance]:
         return iter(self._instances.values())
@@ -513,10 +514,17 @@ class Registry:
         inst.models = models
         pool = inst.pool
         pool.discovered = frozenset(m for i in pool.instances for m in i.models)
+        self._discovered = None
 
     def discovered(self) -> dict[str, frozenset[str]]:
-        """The models each pool's instances reported, by pool name."""
-        return {name: pool.discovered for name, pool in self.pools.items()}
+        """
+        The models each pool's instances reported, by pool name (kept until
+        a report changes it: routing by model asks on every request; do not
+        change the mapping returned).
+        """
+        if self._discovered is None:
+            self._discovered = {name: pool.discovered for name, pool in self.pools.items()}
+        return self._discovered
 
     def _require(self, instance_id: str) -> Instance:
         inst = self._instances.get(instance_id)
