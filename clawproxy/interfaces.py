@@ -313,6 +313,13 @@ class IStateStore(Interface):
     """
 
     backend = Attribute("C{'memory'} or C{'redis'}.")
+    shared = Attribute(
+        "Whether other processes see this store's state: C{False} for a"
+        " process's own memory store, C{True} for Redis and for a worker's view"
+        " of its parent's memory store (C{server.workers > 1}). A feature that"
+        " keeps state in-process when the store is not shared must take its"
+        " shared path (state in the store) whenever this is true, or it would"
+        " be split between processes silently.")
 
     def connect():
         """

@@ -120,7 +120,9 @@ class ResponseCache:
         self.metrics = metrics
         self.stale = max((fb.max_stale or 0.0 for fb in config.fallbacks.values()
                           if fb.type == "cache"), default=0.0)
-        if cc.store == "redis":
+        # A worker's memory store is its parent's (C{store.shared}): entries
+        # go there, through the same scripts as in Redis, for every worker.
+        if cc.store == "redis" or (store.shared and store.backend == "memory"):
             longest = max((r.cache.ttl for r in config.routes if r.cache is not None),
                           default=0.0) + self.stale
             self.backend: Any = SharedCache(store, clock, cc.max_entries, cc.max_bytes,
