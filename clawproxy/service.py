@@ -125,6 +125,11 @@ class Gateway(MultiService):
             self.store: Any = AmpStore(reactor, self.metrics)
         else:
             self.store = build_store(config.store, reactor, self.metrics)
+            if self.is_parent:
+                # The parent serves its memory store to the workers: its own
+                # parts (the admin API's cache drop, breakers) see the state
+                # the workers keep there.
+                self.store.shared = True
         self._build(config)
         self.site = GatewaySite(
             self.resource, max_body_size=config.server.max_body_size,
@@ -161,6 +166,8 @@ class Gateway(MultiService):
         )
         if self.supervisor is not None:
             self.registry.watch(self.supervisor)
+        if self.worker is not None:
+            self.plane.resource.worker_index = str(self.worker.index).encode()
         self.prober = HealthProber(self.registry, self.agent, self.reactor)
 
     @property
