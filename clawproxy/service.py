@@ -230,7 +230,7 @@ class Gateway(MultiService):
             self.supervisor.setServiceParent(self)
             self.listeners.extend(self.supervisor.listeners)
             self.admin.metrics_text = self.supervisor.metrics_text
-            self.admin.sections = [*self.admin.sections, ProcessesSection(self.supervisor)]
+            self.admin.sections = self._parent_sections()
         for endpoint, factory, role, source in listeners:
             svc = Listener(endpoint, factory, role, source)
             svc.setServiceParent(self)
@@ -239,6 +239,14 @@ class Gateway(MultiService):
             self.prober.setServiceParent(self)
         if not self.is_parent:
             _Shutdown(self).setServiceParent(self)
+
+    def _parent_sections(self) -> list[Any]:
+        """The parent's admin sections: the data plane's, merged from its workers'."""
+        from clawproxy.workers.sections import MergedSection
+
+        statuses = self.supervisor.section_statuses
+        return [*(MergedSection(s, statuses) for s in self.plane.parts.admin_sections),
+                ProcessesSection(self.supervisor)]
 
     def _early_checks(self, method: bytes, path: bytes, headers: Any) -> None:
         """Header-time checks of the data plane in force (they follow a reload)."""
@@ -301,7 +309,7 @@ class Gateway(MultiService):
         if self.worker is None:
             self.prober.setServiceParent(self)
         if self.supervisor is not None:
-            self.admin.sections = [*self.admin.sections, ProcessesSection(self.supervisor)]
+            self.admin.sections = self._parent_sections()
             self.supervisor.reload()
         self.log.info("configuration reloaded from {path}", path=config.source)
         return succeed([])

@@ -43,6 +43,7 @@ from clawproxy.interfaces import (
 from clawproxy.metrics import Metrics
 from clawproxy.web.coalesce import Coalescer
 from clawproxy.web.context import LocalResponse, RequestContext
+from clawproxy.workers.sections import merge_statuses
 
 log = Logger()
 
@@ -432,6 +433,24 @@ class CacheAdmin:
 
     def endpoints(self) -> dict[tuple[bytes, bytes], Any]:
         return {(b"DELETE", b"/admin/cache"): self._delete}
+
+    @staticmethod
+    def merge(statuses: list[dict[str, Any]]) -> dict[str, Any]:
+        """
+        The workers' sections as one (C{server.workers > 1}): lookups and
+        coalescing summed, the hit ratio of the sums; the workers share one
+        store, so C{entries} and C{bytes} are the largest any worker saw at
+        its last store (each worker's figure is as of its own last store).
+        """
+        out = merge_statuses(statuses)
+        for key in ("entries", "bytes"):
+            out[key] = max(s.get(key, 0) for s in statuses)
+        for key in ("backend", "max_entries", "max_bytes"):
+            out[key] = statuses[-1].get(key)
+        found = out.get("hit", 0) + out.get("semantic_hit", 0)
+        lookups = found + out.get("miss", 0)
+        out["hit_ratio"] = round(found / lookups, 4) if lookups else 0.0
+        return out
 
     def _delete(self, request: Any) -> Deferred[dict[str, Any]]:
         args = request.args or {}

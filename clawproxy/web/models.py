@@ -46,6 +46,26 @@ class ModelsSection:
             "fallbacks": {m: list(chain) for m, chain in self.router.fallbacks.items()},
         }
 
+    @staticmethod
+    def merge(statuses: list[dict[str, Any]]) -> dict[str, Any]:
+        """
+        The workers' sections as one (C{server.workers > 1}): time to first
+        byte averaged over the workers that measured it, sessions summed.
+        """
+        from clawproxy.workers.sections import merge_statuses
+
+        out = merge_statuses(statuses)
+        for name, pool in out.get("pools", {}).items():
+            seen = [s["pools"][name].get("ttfb_ms") or {} for s in statuses
+                    if name in s.get("pools", {})]
+            ttfb: dict[str, float] = {}
+            for inst in {i for t in seen for i in t}:
+                values = [t[inst] for t in seen if inst in t]
+                ttfb[inst] = round(sum(values) / len(values), 1)
+            if "ttfb_ms" in pool:
+                pool["ttfb_ms"] = ttfb
+        return out
+
     def endpoints(self) -> dict[Any, Any]:
         return {}
 

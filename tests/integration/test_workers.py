@@ -144,6 +144,12 @@ class WorkersTests(TestCase):
         self.assertEqual(sample(text, "clawproxy_requests_total"), 160)
         self.assertEqual(sample(text, 'clawproxy_backend_up{instance="sim-1",pool="sim"}'), 1)
         self.assertEqual(sample(text, "clawproxy_worker_restarts_total"), 0)
+        # The tokens section is the sum of the workers' (the parent serves none).
+        completion = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                         if line.startswith("clawproxy_tokens_total{")
+                         and 'kind="completion"' in line)
+        self.assertGreater(completion, 0)
+        self.assertEqual(status["tokens"]["pools"]["sim"]["completion_tokens"], completion)
 
     async def test_killed_worker_replaced(self) -> None:
         """
@@ -273,6 +279,15 @@ class SharedStateTests(TestCase):
                             second.headers.getRawHeaders("x-clawproxy-worker"))
         self.assertEqual(again, body)
         self.assertEqual(w.sim.resource.requests_served, 1)
+        # The parent's cache section merges both workers' counts.
+        cache: dict[str, Any] = {}
+        for _ in range(50):
+            cache = (await w.status())["cache"]
+            if cache["hit"] + cache["miss"] == 2:
+                break
+            await tick(0.1)
+        self.assertEqual((cache["hit"], cache["miss"], cache["hit_ratio"], cache["entries"]),
+                         (1, 1, 0.5, 1), cache)
 
     async def test_breaker_shared(self) -> None:
         """A breaker opened by the failures one worker saw is open in the other."""
