@@ -150,6 +150,33 @@ def _format_tokens(name: str, section: dict[str, Any]) -> list[str]:
 SECTION_FORMATS["tokens"] = _format_tokens
 
 
+def _format_limits(name: str, limits: dict[str, Any]) -> list[str]:
+    """The C{limits} section: use of each limit by the busiest agents, queues."""
+    store = limits.get("store", {})
+    lines = [f"limits  store {store.get('backend', '?')} "
+             f"{'healthy' if store.get('healthy') else 'UNREACHABLE'}  "
+             f"on_error {limits.get('on_error', '?')}"]
+    rows = [("AGENT", "REQUESTS", "REFUSED", "LIMIT", "RATE", "ALGORITHM", "REMAINING",
+             "RESET")]
+    for agent, use in limits.get("agents", {}).items():
+        for kind, limit in use.get("limits", {}).items():
+            rows.append((agent, str(use.get("requests", 0)), str(use.get("refused", 0)), kind,
+                         limit.get("limit", "?"),
+                         limit.get("algorithm", "?"), str(limit.get("remaining", "?")),
+                         f"{limit.get('reset', '?')}s"))
+    if len(rows) > 1:
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    for stage, queue in limits.get("queues", {}).items():
+        lanes = ", ".join(f"{lane} {n}" for lane, n in queue.get("lanes", {}).items())
+        lines.append(f"queue {stage}: {queue.get('depth', 0)} waiting"
+                     + (f" ({lanes})" if lanes else ""))
+    return lines
+
+
+SECTION_FORMATS["limits"] = _format_limits
+
+
 def _format_section(name: str, section: Any) -> list[str]:
     if not isinstance(section, dict):
         return [f"{name}: {json.dumps(section)}"]

@@ -1389,7 +1389,7 @@ class RefusalTests(ConfigTestCase):
                 token_limit: 1000/minute
                 spend_limit: 1/day
                 inject_headers: {{X-Key: k}}
-            rate_limits: {{default: 10/minute}}
+            rate_limits: {{default: 10/minute, adaptive: {{factor: 0.5}}}}
             models: {{fallbacks: {{big: [small]}}, prices: {{big: {{prompt: 1}}}}}}
             pools:
               p:
@@ -1403,10 +1403,7 @@ class RefusalTests(ConfigTestCase):
         self.assertEqual(
             errors,
             [
-                f"agents.a.rate_limit: {self.NOT_YET}",
-                f"rate_limits: {self.NOT_YET}",
-                f"pools.p.max_qps: {self.NOT_YET}",
-                f"routes[0].rate_limit: {self.NOT_YET}",
+                f"rate_limits.adaptive: {self.NOT_YET}",
             ],
         )
 
@@ -1452,8 +1449,7 @@ class ReferenceTests(SynchronousTestCase):
         from clawproxy.config.reference import refused_keys
 
         refused = dict(refused_keys())
-        self.assertEqual(refused["rate_limits"].issue, 8)
-        self.assertEqual(refused["pools.NAME.max_qps"].issue, 8)
+        self.assertEqual(refused["rate_limits.adaptive"].issue, 8)
         self.assertEqual(refused["tracing.enabled"].issue, 11)
         self.assertTrue(all(flag.issue in (8, 9, 10, 11) for flag in refused.values()))
 

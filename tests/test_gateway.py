@@ -136,7 +136,7 @@ class Harness:
                  wrap_agent: Callable[[Any], Any] | None = None,
                  wrap_root: Callable[[Resource], Resource] | None = None,
                  backend: Resource | None = None, breakers: Any = None,
-                 extra: Sequence[Any] = ()) -> None:
+                 extra: Sequence[Any] = (), store: Any = None) -> None:
         self.testcase = testcase
         self.config = parse_config(config, environ={})
         self.clock = Clock()
@@ -148,7 +148,7 @@ class Harness:
         self.access_log = AccessLog(self.log, self.clock)
         self.plane = build_data_plane(
             self.config, self.clock, self.agent, self.metrics, self.access_log,
-            breakers=breakers, extra=extra,
+            breakers=breakers, extra=extra, store=store,
         )
         self.registry = self.plane.registry
         self.relay = self.plane.relay

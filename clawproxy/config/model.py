@@ -182,7 +182,9 @@ class RedisConfig:
     timeout: float = f.setting(f.duration(above=0), 0.2, "Bound on each Redis command.",
                                shown="200ms")
     on_error: str = f.setting(f.choice("fail_open", "fail_closed"), "fail_open",
-                              "What limits do while Redis is unreachable.")
+                              "What limits do while Redis is unreachable or slower than"
+                              " ``timeout``: ``fail_open`` lets requests through,"
+                              " ``fail_closed`` answers 503 with ``Retry-After``.")
 
 
 @attrs.frozen
@@ -304,8 +306,8 @@ class AgentConfig:
         " like route paths and matched on the same canonical path (without"
         " ``server.base_path``) that routes match and the upstream receives; ``/x/*`` is"
         " ``/x`` and everything under it.")
-    rate_limit: Rate | None = f.setting(f.rate, None, "Requests per period for this agent.",
-                                        not_yet=NotYet(PROTECTION))
+    rate_limit: Rate | None = f.setting(f.rate, None, "Requests per period for this agent"
+                                        " (instead of ``rate_limits.default``).")
     token_limit: Rate | None = f.setting(
         f.rate, None, "Prompt + completion tokens per period (a fixed window of the store's"
         " time): each LLM call reserves its prompt estimate + ``max_tokens`` before it is"
@@ -355,12 +357,13 @@ class RateLimitsConfig:
     burst: int | None = f.setting(f.integer(low=1), None, "Token bucket capacity (default:"
                                   " the limit's count).")
     session_min_interval: float | None = f.setting(
-        f.duration(above=0), None, "Minimum time between requests of one session.")
+        f.duration(above=0), None, "Minimum time between requests of one session (its"
+        " ``X-Session-ID`` header, else the JSON body's ``user``).")
     on_limit: str = f.setting(f.choice("reject", "queue"), "reject",
                               "``reject`` (429) or ``queue``.")
     queue: QueueConfig = f.section(QueueConfig, "Used when ``on_limit`` is ``queue``.")
     adaptive: AdaptiveConfig | None = f.section(AdaptiveConfig, "Adaptive throttling.",
-                                                optional=True)
+                                                optional=True, not_yet=NotYet(PROTECTION))
 
 
 # -- models --------------------------------------------------------------------------------
@@ -625,8 +628,9 @@ class PoolConfig:
     stall_timeout: float | None = f.setting(
         f.duration(above=0), None, "Streams: no chunk for this long ends the stream with an"
         " SSE error event.")
-    max_qps: float | None = f.setting(f.number(above=0), None, "Pool-wide request rate cap.",
-                                      not_yet=NotYet(PROTECTION))
+    max_qps: float | None = f.setting(f.number(above=0), None, "Pool-wide request rate cap"
+                                      " (requests per second, across gateways sharing a"
+                                      " store).")
     fallback: str | None = f.setting(f.text, None, "A name in ``fallbacks``.")
     tls: UpstreamTLSConfig | None = f.section(
         UpstreamTLSConfig, "TLS towards ``https://`` instances (default: verified against the"
@@ -717,8 +721,8 @@ class RouteConfig:
                                     " by ``allowed_agents``).")
     allowed_agents: tuple[str, ...] | None = f.setting(f.list_of(f.nonempty), None,
                                                        "Agents allowed on this route.")
-    rate_limit: Rate | None = f.setting(f.rate, None, "Requests per period on this route.",
-                                        not_yet=NotYet(PROTECTION))
+    rate_limit: Rate | None = f.setting(f.rate, None, "Requests per period on this route"
+                                        " (all agents together).")
     timeout: float | None = f.setting(f.duration(above=0), None,
                                       "Per upstream attempt (default: the pool's).")
     cache: RouteCacheConfig | None = f.section(
@@ -860,7 +864,7 @@ class Config:
                                         " ``auth`` section enable API keys.", optional=True)
     agents: dict[str, AgentConfig] = f.entries(AgentConfig, "The agents (tenants).")
     rate_limits: RateLimitsConfig | None = f.section(RateLimitsConfig, "Rate limiting.",
-                                                     optional=True, not_yet=NotYet(PROTECTION))
+                                                     optional=True)
     models: ModelsConfig = f.section(ModelsConfig, "Model routing.")
     pools: dict[str, PoolConfig] = f.entries(PoolConfig, "Pools of backends.",
                                              required="required (at least one pool)",

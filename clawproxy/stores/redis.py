@@ -245,18 +245,23 @@ class RedisStore:
         k = [self.prefix + key for key in keys]
         argv = [encode_arg(a) for a in args]
 
-        async def send(conn: Any) -> Any:
-            if script.sha not in self._loaded:
-                await self._load(conn, script)
-            try:
-                return await conn.evalsha(script.sha, k, argv)
-            except txredisapi.ScriptDoesNotExist:
-                # Redis restarted or was told SCRIPT FLUSH since we loaded it.
-                self._loaded.discard(script.sha)
-                await self._load(conn, script)
-                return await conn.evalsha(script.sha, k, argv)
+        async def load_and_run(conn: Any) -> Any:
+            await self._load(conn, script)
+            return await conn.evalsha(script.sha, k, argv)
 
-        return self._call(script.name, lambda conn: Deferred.fromCoroutine(send(conn)))
+        def reloaded(failure: Failure, conn: Any) -> Any:
+            # Redis restarted or was told SCRIPT FLUSH since we loaded it.
+            failure.trap(txredisapi.ScriptDoesNotExist)
+            self._loaded.discard(script.sha)
+            return Deferred.fromCoroutine(load_and_run(conn))
+
+        def send(conn: Any) -> Deferred[Any]:
+            # Plain callbacks once the script is loaded: this runs per request.
+            if script.sha not in self._loaded:
+                return Deferred.fromCoroutine(load_and_run(conn))
+            return conn.evalsha(script.sha, k, argv).addErrback(reloaded, conn)
+
+        return self._call(script.name, send)
 
     async def _load(self, conn: Any, script: Script) -> None:
         sha = await conn.script_load(script.lua)

@@ -38,6 +38,7 @@ from clawproxy.web.accesslog import AccessLog
 from clawproxy.web.auth import auth_parts
 from clawproxy.web.cache import cache_parts
 from clawproxy.web.gateway import GatewayResource
+from clawproxy.web.limits import limits_parts
 from clawproxy.web.models import models_parts
 from clawproxy.web.relay import Relay
 from clawproxy.web.sessions import affinity_parts
@@ -54,6 +55,9 @@ Feature = Callable[..., Iterable[Any]]
 #: its stages run within a phase.
 FEATURES: tuple[Feature, ...] = (
     auth_parts,
+    # Before the cache lookup: a request over its limit is refused even when
+    # the answer is cached (as nginx's limit_req runs before proxy_cache).
+    limits_parts,
     # Before the cache: its fill filter then stores what the client sees (a
     # usage chunk the gateway asked for on the client's behalf is already out).
     token_parts,
