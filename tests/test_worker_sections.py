@@ -92,3 +92,25 @@ class SectionMergeTests(SynchronousTestCase):
         merged = ModelsSection.merge([m({"a": 10.0, "b": 30.0}), m({"a": 20.0})])
         self.assertEqual(merged["pools"]["p"]["ttfb_ms"], {"a": 15.0, "b": 30.0})
         self.assertEqual(merged["pools"]["p"]["declared"], ["m"])
+
+
+class LimitsMergeTests(SynchronousTestCase):
+    def test_limits(self) -> None:
+        """Requests and refusals summed; the least remaining, the longest reset."""
+        from clawproxy.web.limits import LimitsSection
+
+        def s(requests: int, remaining: int, reset: int, healthy: bool) -> Any:
+            return {"store": {"backend": "memory", "healthy": healthy, "latency_ms": 0.2,
+                              "errors": 1},
+                    "on_error": "fail_open",
+                    "agents": {"a": {"requests": requests, "refused": 1, "limits": {
+                        "agent": {"limit": "20/hour", "algorithm": "token_bucket",
+                                  "remaining": remaining, "reset": reset}}}}}
+
+        merged = LimitsSection.merge([s(10, 5, 30, True), s(12, 3, 20, False)])
+        self.assertEqual(merged["store"], {"backend": "memory", "healthy": False,
+                                           "latency_ms": 0.2, "errors": 2})
+        self.assertEqual(merged["agents"]["a"], {"requests": 22, "refused": 2, "limits": {
+            "agent": {"limit": "20/hour", "algorithm": "token_bucket", "remaining": 3,
+                      "reset": 30}}})
+        self.assertEqual(merged["on_error"], "fail_open")

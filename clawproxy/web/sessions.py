@@ -138,8 +138,8 @@ def affinity_parts(config: Any, store: Any, **_: Any) -> Iterable[Any]:
     The feature (L{clawproxy.web.dataplane.FEATURES}): with a shared store
     and a pool with session affinity, L{SharedAffinity}; nothing otherwise.
     """
-    if not store.shared:
-        return ()
     if not any(p.session_affinity is not None for p in config.pools.values()):
+        return ()
+    if not store.shared:
         return ()
     return (SharedAffinity(store),)

@@ -314,6 +314,34 @@ class SharedStateTests(TestCase):
         self.assertEqual(response.headers.getRawHeaders("x-clawproxy-worker"), ["2"])
         self.assertEqual(w.sim.resource.requests_failed, failed)
 
+    async def test_rate_limit_across_workers(self) -> None:
+        """A limit of 20 holds exactly across both workers, turn by turn."""
+        w = Workers(self)
+        await w.start("rate_limits: {default: 20/hour, algorithm: token_bucket}\n")
+        clients = await self.pinned(w)
+        codes: dict[str, list[int]] = {"1": [], "2": []}
+        for i in range(40):
+            index = "12"[i % 2]
+            response, body = await self.post(clients[index], w)
+            codes[index].append(response.code)
+            if response.code != 200:
+                self.assertEqual((response.code, json.loads(body)["error"]["code"]),
+                                 (429, "rate_limit_exceeded"), body)
+        self.assertEqual(codes["1"].count(200) + codes["2"].count(200), 20, codes)
+        self.assertEqual(codes["1"][-1], codes["2"][-1], 429)
+        # The parent's limits section: both workers' requests and refusals.
+        limits: dict[str, Any] = {}
+        use: Any = None
+        for _ in range(50):
+            limits = (await w.status())["limits"]
+            use = next((u for who, u in limits["agents"].items() if "127.0.0.1" in who), None)
+            if use is not None and use["requests"] == 40:
+                break
+            await tick(0.1)
+        self.assertIsNotNone(use, limits)
+        self.assertEqual((use["requests"], use["refused"]), (40, 20), limits)
+        self.assertEqual(use["limits"]["ip"]["remaining"], 0)
+
     async def test_token_budget_across_workers(self) -> None:
         """One agent's token budget holds across both workers, turn by turn."""
         w = Workers(self)
