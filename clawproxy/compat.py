@@ -30,6 +30,7 @@ from typing import Any
 import h2.connection
 import h2.exceptions
 import h2.frame_buffer
+from twisted.internet import tcp
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web._http2 import H2Connection as _TwistedH2Connection
@@ -566,3 +567,37 @@ __all__ = [
     "use_client_protocol",
     "use_cooperator",
 ]
+
+
+# -- worker processes: sharing one listening socket --------------------------------------
+
+
+class _OneAcceptPort(tcp.Port):
+    """
+    A TCP port that accepts one connection per readiness event, as nginx
+    does with C{multi_accept off}: several worker processes wait on one
+    shared listening socket, and each takes one connection at a time, so a
+    burst of connections spreads over the workers (the least busy one wakes
+    first) instead of all going to whichever woke first.
+
+    Assumes C{tcp.Port.doRead} accepts up to C{self.numberAccepts}
+    connections (and re-sizes it afterwards), and that the private
+    classmethod C{Port._fromListeningDescriptor} (what
+    C{reactor.adoptStreamPort} uses) builds a port of C{cls} over an
+    inherited descriptor.
+    """
+
+    def doRead(self) -> None:
+        self.numberAccepts = 1
+        super().doRead()
+
+
+def adopt_port_one_accept(reactor: Any, fd: int, family: int, factory: Any) -> Any:
+    """
+    C{reactor.adoptStreamPort(fd, family, factory)}, with a port that accepts
+    one connection per readiness event (L{_OneAcceptPort}).
+    """
+    port = _OneAcceptPort._fromListeningDescriptor(reactor, fd, family, factory)
+    port.startListening()
+    return port
+

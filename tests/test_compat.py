@@ -24,7 +24,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import LogPublisher
 from twisted.python import usage
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web import http, server
 from twisted.web.client import FileBodyProducer, HTTPConnectionPool, ResponseFailed
 from twisted.web.http_headers import Headers
@@ -859,3 +859,40 @@ class LogPublisherTests(SynchronousTestCase):
         publisher.addObserver(first)
         publisher.addObserver(second)
         self.assertEqual(compat.log_observers(publisher), [first, second])
+
+
+class OneAcceptPortTests(TestCase):
+    """L{compat.adopt_port_one_accept}: an inherited socket, one accept per event."""
+
+    async def test_one_connection_per_read(self) -> None:
+        import socket
+
+        from twisted.internet import reactor
+        from twisted.internet.protocol import Factory, Protocol
+
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        listener.setblocking(False)
+        self.addCleanup(listener.close)
+        accepted: list[Any] = []
+
+        class Count(Protocol):
+            def connectionMade(self) -> None:
+                accepted.append(self)
+
+        port = compat.adopt_port_one_accept(reactor, listener.fileno(), socket.AF_INET,
+                                            Factory.forProtocol(Count))
+        self.addCleanup(port.stopListening)
+        port.stopReading()  # drive doRead by hand
+        clients = [socket.create_connection(listener.getsockname()) for _ in range(3)]
+        for c in clients:
+            self.addCleanup(c.close)
+        port.doRead()
+        self.assertEqual(len(accepted), 1)
+        port.doRead()
+        port.doRead()
+        self.assertEqual(len(accepted), 3)
+        self.assertEqual(port.getHost().port, listener.getsockname()[1])
+        for proto in accepted:
+            proto.transport.abortConnection()

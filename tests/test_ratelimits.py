@@ -458,7 +458,7 @@ class AdminTests(SynchronousTestCase):
         gw = Harness(self, config({"global": "1/s", "on_limit": "queue"}))
         send(gw, "alpha")
         d = gw.start("GET", "/v1/x", headers={"X-API-Key": KEYS["alpha"]})
-        section = gw.plane.parts.admin_sections[0]
+        (section,) = [s for s in gw.plane.parts.admin_sections if s.name == "limits"]
         self.assertEqual(section.status()["queues"], {"route": {"depth": 1,
                                                                 "lanes": {"alpha": 1}}})
         gw.clock.advance(1)

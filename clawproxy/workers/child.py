@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from clawproxy.backends.registry import Instance, Registry
+from clawproxy.compat import adopt_port_one_accept
 from clawproxy.policy.health import ProbeState
 from clawproxy.workers.commands import (
     GetMetrics,
@@ -32,8 +33,9 @@ from clawproxy.workers.commands import (
 class AdoptedEndpoint:
     """
     A listening socket inherited from the parent (file descriptor C{fd}),
-    adopted as a port on first L{listen}. The inherited descriptor is closed
-    once adopted (the port holds a duplicate).
+    adopted as a port on first L{listen}; the port accepts one connection per
+    readiness event, so the workers sharing the socket share its connections.
+    The inherited descriptor is closed once adopted (the port holds a duplicate).
     """
 
     def __init__(self, reactor: Any, fd: int, family: int) -> None:
@@ -43,7 +45,7 @@ class AdoptedEndpoint:
 
     def listen(self, factory: Any) -> Deferred[Any]:
         try:
-            port = self.reactor.adoptStreamPort(self.fd, self.family, factory)
+            port = adopt_port_one_accept(self.reactor, self.fd, self.family, factory)
         except Exception:
             return fail(Failure())
         os.close(self.fd)

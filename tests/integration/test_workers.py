@@ -13,10 +13,12 @@ import re
 import signal
 from typing import Any
 
+from treq.client import HTTPClient
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.error import ConnectionRefusedError
 from twisted.trial.unittest import TestCase
-from twisted.web.client import ResponseNeverReceived
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseNeverReceived
 
 from clawproxy.config.fields import hash_key
 from tests.integration.helpers import HELLO, Harness, Process, bounded, tick, wait_for
@@ -51,6 +53,10 @@ class Workers:
         self.h = Harness(case)
         self.sim = self.h.simulator("sim-1", **sim)
         self.client = self.h.client()
+        # A new connection per request: the workers share connections as
+        # they are accepted, so the load test makes many.
+        self.fresh = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor,
+                                                                       persistent=False)))
 
     def write(self, extra: str = "", pool: str = "") -> None:
         with open(self.h.path("gateway.yaml"), "w") as f:
@@ -78,8 +84,10 @@ class Workers:
         self.last_metrics_code = response.code
         return (await bounded(response.content())).decode()
 
-    async def chat(self, path: str = "/v1/chat/completions", **body: Any) -> tuple[int, bytes]:
-        response = await bounded(self.client.post(self.url + path, json={**HELLO, **body}), 10)
+    async def chat(self, path: str = "/v1/chat/completions", fresh: bool = False,
+                   **body: Any) -> tuple[int, bytes]:
+        client = self.fresh if fresh else self.client
+        response = await bounded(client.post(self.url + path, json={**HELLO, **body}), 10)
         return response.code, await bounded(response.content(), 10)
 
     async def load(self, clients: int, each: int) -> list[Any]:
@@ -89,7 +97,7 @@ class Workers:
         async def loop() -> None:
             for _ in range(each):
                 try:
-                    outcomes.append((await self.chat())[0])
+                    outcomes.append((await self.chat(fresh=True))[0])
                 except Exception as e:
                     outcomes.append(e)
 
