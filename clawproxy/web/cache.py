@@ -472,9 +472,12 @@ def cache_parts(*, config: Config, store: Any, clock: IReactorTime, metrics: Met
         return []
     cache = ResponseCache(config, store, clock, metrics)
     if any(r.cache is not None and r.cache.enabled and r.cache.semantic for r in config.routes):
-        from clawproxy.web.semantic_cache import SemanticLookup
+        from clawproxy.web.semantic_cache import SemanticLookup, StoredSemanticLookup
 
-        cache.semantic = SemanticLookup(config.cache.max_entries)
+        if isinstance(cache.backend, SharedCache):
+            cache.semantic = StoredSemanticLookup(store, cache.backend.longest_life)
+        else:
+            cache.semantic = SemanticLookup(config.cache.max_entries)
     coalescer = Coalescer(metrics)
     return [CacheLookup(cache), CacheFill(cache), CacheFallback(cache), coalescer,
             CacheAdmin(cache, coalescer)]
