@@ -242,11 +242,14 @@ class Gateway(MultiService):
 
     def _parent_sections(self) -> list[Any]:
         """The parent's admin sections: the data plane's, merged from its workers'."""
-        from clawproxy.workers.sections import MergedSection
+        from clawproxy.workers.sections import MergedBreakers, MergedSection
 
         statuses = self.supervisor.section_statuses
-        return [*(MergedSection(s, statuses) for s in self.plane.parts.admin_sections),
-                ProcessesSection(self.supervisor)]
+        sections = [MergedSection(s, statuses) for s in self.plane.parts.admin_sections]
+        for merged in sections:
+            if merged.name == "circuit_breakers":
+                self.admin.breakers = MergedBreakers(self.breakers, merged)
+        return [*sections, ProcessesSection(self.supervisor)]
 
     def _early_checks(self, method: bytes, path: bytes, headers: Any) -> None:
         """Header-time checks of the data plane in force (they follow a reload)."""

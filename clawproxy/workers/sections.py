@@ -64,8 +64,12 @@ class MergedSection:
         self.name = section.name
         self._statuses = statuses
 
+    def reported(self) -> list[Any]:
+        """The workers' latest statuses of this section (none before they report)."""
+        return self._statuses(self.name)
+
     def status(self) -> Any:
-        statuses = self._statuses(self.name)
+        statuses = self.reported()
         if not statuses:
             return self.section.status()
         merge = getattr(self.section, "merge", None)
@@ -75,4 +79,33 @@ class MergedSection:
         return self.section.endpoints()
 
 
-__all__ = ["MergedSection", "merge_statuses"]
+class MergedBreakers:
+    """
+    The parent's breakers as the admin API reads them (C{state}, C{describe}):
+    the workers' merged C{circuit_breakers} section, where it names the
+    breaker; else the parent's own board (which sees no traffic).
+    """
+
+    def __init__(self, board: Any, section: MergedSection) -> None:
+        self.board = board
+        self.section = section
+
+    def _merged(self, name: str) -> dict[str, Any] | None:
+        if not self.section.reported():
+            return None
+        found = self.section.status().get(name)
+        return found if isinstance(found, dict) else None
+
+    def state(self, name: str) -> str:
+        merged = self._merged(name)
+        return merged["state"] if merged is not None else self.board.state(name)
+
+    def describe(self, name: str) -> dict[str, Any] | None:
+        merged = self._merged(name)
+        if merged is not None:
+            return merged
+        describe = getattr(self.board, "describe", None)
+        return describe(name) if describe is not None else None
+
+
+__all__ = ["MergedBreakers", "MergedSection", "merge_statuses"]

@@ -321,6 +321,17 @@ class SharedStateTests(TestCase):
                          (503, "circuit_open"), body)
         self.assertEqual(response.headers.getRawHeaders("x-clawproxy-worker"), ["2"])
         self.assertEqual(w.sim.resource.requests_failed, failed)
+        # The parent (no traffic of its own) shows the workers' breakers.
+        status: dict[str, Any] = {}
+        for _ in range(50):
+            status = await w.status()
+            if status["pools"]["sim"]["breaker"] == "OPEN":
+                break
+            await tick(0.1)
+        self.assertEqual(status["pools"]["sim"]["breaker"], "OPEN")
+        self.assertEqual(status["circuit_breakers"]["sim"]["state"], "OPEN")
+        response = await bounded(w.client.get(w.admin + "/health/circuit-breaker/sim"))
+        self.assertEqual(json.loads(await bounded(response.content()))["state"], "OPEN")
 
     async def test_rate_limit_across_workers(self) -> None:
         """A limit of 20 holds exactly across both workers, turn by turn."""
