@@ -114,3 +114,35 @@ class LimitsMergeTests(SynchronousTestCase):
             "agent": {"limit": "20/hour", "algorithm": "token_bucket", "remaining": 3,
                       "reset": 30}}})
         self.assertEqual(merged["on_error"], "fail_open")
+
+
+class MergedBreakersTests(SynchronousTestCase):
+    def test_state_and_describe(self) -> None:
+        """The workers' merged view where it names the breaker; else the parent's board."""
+        from clawproxy.workers.sections import MergedBreakers
+
+        class Board:
+            name = "circuit_breakers"
+            merge = staticmethod(BreakerBoard.merge)
+
+            def state(self, name: str) -> str:
+                return "CLOSED"
+
+            def describe(self, name: str) -> Any:
+                return {"name": name, "state": "CLOSED"} if name == "p" else None
+
+            def status(self) -> Any:
+                return {}
+
+            def endpoints(self) -> Any:
+                return {}
+
+        reported: list[Any] = []
+        view = MergedBreakers(Board(), MergedSection(Board(), lambda name: reported))
+        self.assertEqual((view.state("p"), view.describe("p")["state"]), ("CLOSED", "CLOSED"))
+        reported.append({"p": {"name": "p", "state": "OPEN"}})
+        reported.append({"p": {"name": "p", "state": "CLOSED"}})
+        self.assertEqual(view.state("p"), "OPEN")
+        self.assertEqual(view.describe("p")["state"], "OPEN")
+        self.assertEqual(view.state("q"), "CLOSED")
+        self.assertIsNone(view.describe("q"))
