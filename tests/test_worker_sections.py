@@ -85,13 +85,16 @@ class SectionMergeTests(SynchronousTestCase):
 
     def test_models_ttfb_averaged(self) -> None:
         """Time to first byte is averaged over the workers that measured it."""
-        def m(ttfb: dict[str, float]) -> Any:
-            return {"pools": {"p": {"declared": ["m"], "discovered": [], "ttfb_ms": ttfb}},
-                    "aliases": {}, "fallbacks": {}}
+        def m(ttfb: dict[str, float], found: list[str]) -> Any:
+            return {"pools": {"p": {"declared": ["m"], "discovered": found, "ttfb_ms": ttfb}},
+                    "aliases": {"x": "m"}, "fallbacks": {}}
 
-        merged = ModelsSection.merge([m({"a": 10.0, "b": 30.0}), m({"a": 20.0})])
+        merged = ModelsSection.merge([m({"a": 10.0, "b": 30.0}, ["m2"]),
+                                      m({"a": 20.0}, ["m1", "m2"])])
         self.assertEqual(merged["pools"]["p"]["ttfb_ms"], {"a": 15.0, "b": 30.0})
         self.assertEqual(merged["pools"]["p"]["declared"], ["m"])
+        self.assertEqual(merged["pools"]["p"]["discovered"], ["m1", "m2"])
+        self.assertEqual(merged["aliases"], {"x": "m"})
 
 
 class LimitsMergeTests(SynchronousTestCase):
