@@ -2,7 +2,12 @@
 # req/s with server.workers: 1 vs 2 (and more, given as arguments), same run,
 # alternating, on the bench nginx backend.
 #
-#   bash bench/workers.sh [ROUNDS] [SECONDS] [WORKERS...]      (default: 3 6 1 2)
+#   bash bench/workers.sh [ROUNDS] [SECONDS] [VARIANT...]      (default: 3 6 1 2)
+#
+# A VARIANT is a worker count N, or N:FILE to append FILE (YAML) to that
+# gateway's config, e.g. 2:bench/limit-memory.yaml 2:bench/limit-redis.yaml to
+# compare a rate limit kept in the parent's memory store with one in Redis
+# (a redis-server is started on a free port for ${BENCH_REDIS_URL}).
 #
 # Each gateway runs alone while it is measured; wrk and nginx run on
 # $BENCH_LOAD_CPU (default core 0). The gateway's processes run on
@@ -15,7 +20,7 @@ if [[ -z "${BENCH_INNER:-}" ]]; then
     exec timeout --signal=TERM --kill-after=10 900 env BENCH_INNER=1 bash "$0" "$@"
 fi
 R=${1:-3}; D=${2:-6}; shift 2 2>/dev/null || shift $#
-COUNTS=("$@"); [[ ${#COUNTS[@]} -gt 0 ]] || COUNTS=(1 2)
+VARIANTS=("$@"); [[ ${#VARIANTS[@]} -gt 0 ]] || VARIANTS=(1 2)
 HERE="$(cd "$(dirname "$0")" && pwd)"
 LCPU="${BENCH_LOAD_CPU:-0}"; PCPUS="${BENCH_PROXY_CPUS:-0-$(( $(nproc) - 1 ))}"
 BASE=$(( ${BENCH_PORT_BASE:-18080} + 60 ))
@@ -33,24 +38,32 @@ mkdir -p "$TMP/nginx"
 sed -e "s#@DIR@#$TMP/nginx#g" -e "s#@PORT@#$P_NGINX#g" "$HERE/nginx.conf.in" >"$TMP/nginx/nginx.conf"
 timeout 880 taskset -c "$LCPU" nginx -c "$TMP/nginx/nginx.conf" -p "$TMP/nginx" >/dev/null 2>&1 &
 PIDS+=($!)
+P_REDIS=$((BASE + 50))
+export BENCH_REDIS_URL="redis://127.0.0.1:$P_REDIS/0"
+if [[ "${VARIANTS[*]}" == *redis* ]]; then
+    timeout 880 taskset -c "$LCPU" redis-server --port "$P_REDIS" --bind 127.0.0.1 --save "" \
+        --appendonly no >"$TMP/redis.log" 2>&1 &
+    PIDS+=($!)
+fi
 
 port_of() { echo $((BASE + 1 + 2 * $1)); }
+count_of() { echo "${1%%:*}"; }
 i=0
-for n in "${COUNTS[@]}"; do
-    i=$((i + 1))
+for v in "${VARIANTS[@]}"; do
+    i=$((i + 1)); n=$(count_of "$v")
     { sed "s/^  client_timeout: 120s/  client_timeout: 120s\n  workers: $n/" "$HERE/gateway-bench.yaml"
-      [[ -n "${EXTRA_YAML:-}" ]] && cat "$EXTRA_YAML"; } >"$TMP/gw$n.yaml"
+      [[ "$v" == *:* ]] && cat "${v#*:}"; } >"$TMP/gw$i.yaml"
     BENCH_BACKEND_PORT=$P_NGINX BENCH_PROXY_PORT=$(port_of "$i") \
         BENCH_ADMIN_PORT=$(( $(port_of "$i") + 1 )) BENCH_ACCESS_LOG=off \
         PYTHONPATH="$HERE/.." timeout 880 taskset -c "$PCPUS" twistd -n --pidfile= clawproxy \
-        -c "$TMP/gw$n.yaml" >"$TMP/gw$n.out" 2>&1 &
+        -c "$TMP/gw$i.yaml" >"$TMP/gw$i.out" 2>&1 &
     PIDS+=($!)
 done
 i=0
-for n in "${COUNTS[@]}"; do
-    i=$((i + 1))
+for v in "${VARIANTS[@]}"; do
+    i=$((i + 1)); n=$(count_of "$v")
     for _ in $(seq 1 300); do
-        [[ $(grep -c "listening on" "$TMP/gw$n.out" 2>/dev/null) -ge $(( n > 1 ? n + 2 : 2 )) ]] && break
+        [[ $(grep -c "listening on" "$TMP/gw$i.out" 2>/dev/null) -ge $(( n > 1 ? n + 2 : 2 )) ]] && break
         sleep 0.1
     done
     timeout 30 taskset -c "$LCPU" wrk -t1 -c64 -d2s -s "$HERE/chat.lua" \
@@ -60,11 +73,11 @@ done
 results=()
 for _ in $(seq 1 "$R"); do
     i=0
-    for n in "${COUNTS[@]}"; do
+    for v in "${VARIANTS[@]}"; do
         i=$((i + 1))
         rps=$(timeout 60 taskset -c "$LCPU" wrk -t1 -c64 -d"${D}s" -s "$HERE/chat.lua" \
             "http://127.0.0.1:$(port_of "$i")" | awk '/Requests\/sec/{print $2}')
-        results+=("$n:$rps")
+        results+=("$v=$rps")
     done
 done
 python3 - "${results[@]}" <<'EOF'
@@ -73,10 +86,10 @@ import sys
 
 runs = {}
 for item in sys.argv[1:]:
-    n, rps = item.split(":")
-    runs.setdefault(int(n), []).append(float(rps))
-base = st.median(runs[min(runs)])
-for n, r in runs.items():
+    variant, rps = item.rsplit("=", 1)
+    runs.setdefault(variant, []).append(float(rps))
+base = st.median(next(iter(runs.values())))
+for variant, r in runs.items():
     m = st.median(r)
-    print(f"workers {n}: req/s {[round(x) for x in r]} median {m:.0f} ({m / base:.2f}x)")
+    print(f"{variant}: req/s {[round(x) for x in r]} median {m:.0f} ({m / base:.2f}x)")
 EOF

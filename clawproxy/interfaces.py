@@ -12,8 +12,9 @@ A request meets them in this order (README, "How a request flows"):
      the registry's one availability decision (health, drain, weight,
      C{max_connections}, and every L{IAvailabilityPolicy}: passive ejection,
      the L{IBreakerBoard}), the balancer, the chosen instance's admission,
-     and upstream attempts governed by an L{IRetryPolicy}; when it cannot
-     answer, the route's fallback (static, or an L{IFallbackProvider}'s);
+     and upstream attempts governed by an L{IRetryPolicy}, each told to the
+     L{IAttemptObserver}s; when it cannot answer, the route's fallback
+     (static, or an L{IFallbackProvider}'s);
   4. L{IResponseFilter}s over the relayed response head, body and end;
   5. every L{IResponseObserver}, once the request is answered.
 
@@ -86,8 +87,10 @@ class IResponseFilter(Interface):
 
         @param code: its status code.
         @param headers: its head as it will be relayed, a mutable list of
-            C{(name, value)} bytes pairs (lower-case names): the filter may
-            change it.
+            C{(name, value)} bytes pairs whose names are lower-case (the
+            relay lower-cases the upstream's once, so a filter compares
+            names as they are): the filter may change it, adding names in
+            lower case too.
         @return: an L{IBodyFilter} for this response, or L{None} to stay out
             of it (then it costs nothing more).
         """
@@ -134,6 +137,42 @@ class IResponseObserver(Interface):
         """
         C{ctx} has been answered; C{ctx.status}, C{ctx.instance} and
         C{ctx.bytes_sent} are final. Must not raise.
+        """
+
+
+class IAttemptObserver(Interface):
+    """
+    Told about every upstream attempt of the relay (tracing): when it starts,
+    with the chance to add request headers, and when it ends.
+
+    The relay keeps a list of them; with none, an attempt costs one
+    truthiness check more. Both methods run on the reactor thread, must be
+    cheap and must not raise (an error is logged and ignored).
+    """
+
+    def attempt_started(ctx, attempt):
+        """
+        An attempt is about to be sent.
+
+        @param attempt: its L{clawproxy.web.relay.Attempt} (C{pool},
+            C{instance}, C{number}: 1 for the first); the observer may append
+            C{(name, value)} bytes pairs to C{attempt.headers}, which are
+            set on the upstream request (after the client's, replacing
+            same-named ones).
+        @return: a token handed back to L{attempt_ended} (anything).
+        """
+
+    def attempt_ended(ctx, attempt, token):
+        """
+        The attempt is over: its response relayed in full, or it failed.
+
+        @param attempt: the same L{clawproxy.web.relay.Attempt}, now with its
+            C{outcome} (L{OK}, L{CANCELLED} or a failure name: C{"5xx"},
+            C{"connect_failure"}, C{"refused"}, C{"timeout"},
+            C{"first_token_timeout"}, C{"truncated"}, C{"stall_timeout"},
+            C{"error"}...) and C{status} (the upstream's status code, 0 if
+            none came).
+        @param token: what L{attempt_started} returned.
         """
 
 

@@ -166,6 +166,11 @@ class Metrics:
             " an answer (refused, connect_failure, timeout, 5xx...) or after its head was"
             " relayed (truncated, stall_timeout)", ["pool", "instance", "error"], registry=r,
         )
+        self.instance_tokens_total = Counter(
+            p + "instance_tokens_total", "Tokens of the answers each instance produced (kind:"
+            " prompt | completion; rate() gives tokens/s per instance)",
+            ["pool", "instance", "kind"], registry=r,
+        )
 
     def watch_connections(self, client: Any, upstream: Any) -> None:
         """

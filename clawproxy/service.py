@@ -26,6 +26,7 @@ from clawproxy.errors import Rejected
 from clawproxy.interfaces import IAdminSection
 from clawproxy.listener import Listener
 from clawproxy.metrics import Metrics
+from clawproxy.otel import close_all as close_tracing
 from clawproxy.policy.auth import KeyStoreError, load_key_store
 from clawproxy.policy.retry import RetryPolicy
 from clawproxy.stores import StoreService, build_store
@@ -44,7 +45,8 @@ if TYPE_CHECKING:
 class _Shutdown(Service):
     """
     On shutdown: wait (up to C{grace} seconds) for in-flight requests, then
-    close idle upstream connections and the access log.
+    close idle upstream connections and the access log, and export the spans
+    still queued (at most L{clawproxy.otel.SHUTDOWN_BOUND} seconds).
 
     Listeners stop at the same time, so new connections are refused while the
     requests already accepted are answered.
@@ -73,6 +75,7 @@ class _Shutdown(Service):
         check()
         done.addCallback(lambda _: gateway.upstream_pool.closeCachedConnections())
         done.addBoth(lambda _: gateway.access_log.close())
+        done.addBoth(lambda _: close_tracing(clock))
         return done
 
 

@@ -301,7 +301,8 @@ def config(**cb: Any) -> Any:
             "main": {"instances": [{"id": "a", "url": "http://a.test"},
                                    {"id": "b", "url": "http://b.test"}],
                      "circuit_breaker": breaker_cfg},
-            "plain": {"instances": [{"id": "c", "url": "http://c.test"}]},
+            "plain": {"instances": [{"id": "c", "url": "http://c.test"}],
+                      "circuit_breaker": {"enabled": False}},
         },
         "routes": [{"path": "/*", "pool": "main"}],
     }, environ={})
@@ -328,11 +329,19 @@ class BoardTests(SynchronousTestCase):
         self.assertTrue(verifyObject(IAdminSection, board))
         self.assertTrue(verifyObject(IBreakerBoard, NoBreakers()))
 
-    def test_no_section_no_breakers(self) -> None:
-        """Without any circuit_breaker section the board is NoBreakers."""
-        cfg = parse_config({"pools": {"p": {"instances": ["http://h:1"]}},
+    def test_no_section_default_breakers(self) -> None:
+        """
+        Without a circuit_breaker section a pool has breakers with the SPEC's
+        defaults; the board is NoBreakers only when every pool turns them off.
+        """
+        cfg = parse_config({"pools": {"p": {"instances": [{"id": "i", "url": "http://h:1"}]}},
                             "routes": [{"path": "/*", "pool": "p"}]}, environ={})
-        self.assertIsInstance(BreakerBoard.from_config(cfg, Clock()), NoBreakers)
+        board = BreakerBoard.from_config(cfg, Clock())
+        assert isinstance(board, BreakerBoard)
+        self.assertEqual(sorted(board.breakers), ["p", "p/i"])
+        b = board.breakers["p/i"]
+        self.assertEqual((b.failure_threshold, b.failure_window, b.success_threshold,
+                          b.success_window, b.open_timeout), (5, 60.0, 3, 30.0, 30.0))
         cfg = config(enabled=False)
         self.assertIsInstance(BreakerBoard.from_config(cfg, Clock()), NoBreakers)
 
@@ -570,6 +579,58 @@ class GatewayTests(SynchronousTestCase):
             self.assertEqual(h.request("POST", "/v1/chat", {"x": 1}).code, 200)
         self.assertEqual(h.backend.instances()[before:], ["b"] * 4)
 
+    def test_refusals_of_a_rolling_restart_open_no_breaker(self) -> None:
+        """
+        With the default breakers (no circuit_breaker section), instance a
+        refuses connections for ten seconds (restarting), then b does: every
+        request is answered 200. The refusals (layer 4: the instance is out
+        for L4_RETRY_INTERVAL and the request retried elsewhere) count for
+        no breaker, so a is taken again as soon as it is back, while b
+        restarts, instead of being kept out by a breaker its restart opened.
+        """
+        from clawproxy.backends.registry import L4_RETRY_INTERVAL
+        from tests.test_gateway import Harness, RefusingAgent, basic
+
+        h = Harness(self, basic(retry={"base_delay": 0}), wrap_agent=RefusingAgent)
+        codes = []
+        for down in (b"a.test:8000", b"b.test:8000"):
+            h.agent.refuse = {down}
+            for _ in range(10):
+                for _ in range(3):
+                    codes.append(h.request("POST", "/v1/chat", {"x": 1}).code)
+                h.clock.advance(L4_RETRY_INTERVAL)
+        self.assertEqual(codes, [200] * 60)
+        self.assertEqual(h.sample("upstream_requests_total", pool="main", instance="a",
+                                  status="refused"), 10)
+        for name in ("main", "main/a", "main/b"):
+            self.assertEqual(h.registry.breakers.state(name), CLOSED)
+            self.assertEqual(h.metrics.registry.get_sample_value(
+                "clawproxy_circuit_breaker_open_total", {"name": name}), 0)
+
+    def test_connect_failures_still_count(self) -> None:
+        """A connection that fails otherwise (unreachable, timed out) counts as before."""
+        from twisted.internet.error import ConnectError
+
+        from clawproxy.backends.registry import L4_RETRY_INTERVAL
+        from tests.test_gateway import Harness, basic
+
+        class Unreachable:
+            def __init__(self, agent: Any) -> None:
+                self.agent = agent
+
+            def request(self, method: bytes, uri: bytes, *a: Any) -> Any:
+                from twisted.internet.defer import fail
+
+                if uri.split(b"/")[2] == b"a.test:8000":
+                    return fail(ConnectError("no route to host"))
+                return self.agent.request(method, uri, *a)
+
+        h = Harness(self, basic(retry={"base_delay": 0}), wrap_agent=Unreachable)
+        for _ in range(5):
+            self.assertEqual(h.request("POST", "/v1/chat", {"x": 1}).code, 200)
+            h.clock.advance(L4_RETRY_INTERVAL)
+        self.assertEqual(h.registry.breakers.state("main/a"), OPEN)
+
 
 class AdminTests(SynchronousTestCase):
     """Breakers through the admin API."""
@@ -644,7 +705,7 @@ class ReloadTests(SynchronousTestCase):
         self.assertIs(gateway.admin.breakers, gateway.breakers)
         self.assertEqual(gateway.admin.status()["pools"]["main"]["breaker"], OPEN)
         with open(path, "w") as f:
-            f.write((base % 4).replace(", circuit_breaker: {failure_threshold: 4}", ""))
+            f.write((base % 4).replace("{failure_threshold: 4}", "{enabled: false}"))
         self.assertEqual(self.successResultOf(gateway.reload()), [])
         self.assertIsInstance(gateway.breakers, NoBreakers)
         self.assertIsNone(gateway.metrics.registry.get_sample_value(

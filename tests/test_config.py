@@ -162,10 +162,12 @@ class DefaultsTests(ConfigTestCase):
         self.assertEqual(pool.protocol, "openai")
         self.assertEqual(pool.models, ())
         self.assertEqual(pool.passive, PassiveConfig(3, 30.0, 50))
-        self.assertIsNone(pool.circuit_breaker)
+        # SPEC "Defaults": breakers on, with the values of SPEC section 2.
+        self.assertEqual(pool.circuit_breaker, BreakerConfig(True, 5, 60.0, 3, 30.0, 30.0, 1, 0.1))
         breakers = parse(MINIMAL.replace("main:", "main:\n    circuit_breaker:", 1))
-        self.assertEqual(breakers.pools["main"].circuit_breaker,
-                         BreakerConfig(True, 5, 60.0, 3, 30.0, 30.0, 1, 0.1))
+        self.assertEqual(breakers.pools["main"].circuit_breaker, pool.circuit_breaker)
+        off = parse(MINIMAL.replace("main:", "main:\n    circuit_breaker: {enabled: false}", 1))
+        self.assertFalse(off.pools["main"].circuit_breaker.enabled)
         self.assertEqual(
             pool.retry,
             RetryConfig(
@@ -1407,10 +1409,9 @@ class RefusalTests(ConfigTestCase):
             ],
         )
 
-    def test_refused_values(self) -> None:
-        """Some keys are refused only for the values not built yet."""
-        errors = self.errors(with_minimal("tracing: {enabled: true}"))
-        self.assertEqual(errors, ["tracing.enabled: tracing is not supported by this version yet"])
+    def test_tracing_enabled(self) -> None:
+        """C{tracing.enabled: true} is accepted (the OpenTelemetry extra is installed)."""
+        self.assertTrue(parse(with_minimal("tracing: {enabled: true}")).tracing.enabled)
 
     def test_workers(self) -> None:
         """C{server.workers} is a count of at least 1, or C{auto} for the number of cores."""
@@ -1450,7 +1451,6 @@ class ReferenceTests(SynchronousTestCase):
 
         refused = dict(refused_keys())
         self.assertEqual(refused["rate_limits.adaptive"].issue, 8)
-        self.assertEqual(refused["tracing.enabled"].issue, 11)
         self.assertTrue(all(flag.issue in (8, 9, 10, 11) for flag in refused.values()))
 
     def test_up_to_date(self) -> None:
@@ -1477,8 +1477,7 @@ class ReferenceTests(SynchronousTestCase):
                 self.assertTrue(spec.doc, full)
         for expected in ("``server.tls.cert``", "``pools.NAME.tls.ca_file``",
                          "``pools.NAME.health_check.headers``",
-                         "**Refused** by this version: issue 8 (protection) builds it.",
-                         "**Refused** when ``true`` by this version"):
+                         "**Refused** by this version: issue 8 (protection) builds it."):
             self.assertIn(expected, text)
 
 

@@ -44,8 +44,15 @@ SPEC = {
     "worker_restarts_total": ("counter", ()),
 }
 
-#: C{(name, type)} of every SPEC section 7 family.
-SPEC_FAMILIES = [(name, kind) for name, (kind, _) in SPEC.items()]
+#: Families registered beyond SPEC section 7 (same shape as L{SPEC}).
+EXTRA = {
+    "upstream_errors_total": ("counter", ("pool", "instance", "error")),
+    # issue 10: rate() of it is tokens/s per instance
+    "instance_tokens_total": ("counter", ("pool", "instance", "kind")),
+}
+
+#: C{(name, type)} of every SPEC section 7 family and of the extra ones.
+SPEC_FAMILIES = [(name, kind) for name, (kind, _) in {**SPEC, **EXTRA}.items()]
 
 
 @attrs.define
@@ -88,7 +95,7 @@ class MetricsTests(SynchronousTestCase):
         for value in vars(metrics).values():
             if hasattr(value, "collect") and hasattr(value, "labels"):
                 families[value.collect()[0].name] = value
-        for name, (kind, labels) in SPEC.items():
+        for name, (kind, labels) in {**SPEC, **EXTRA}.items():
             family = families["clawproxy_" + (name[:-6] if kind == "counter" else name)]
             if labels:
                 family.labels(**{label: "x" for label in labels})

@@ -208,3 +208,27 @@ class ModelFallbackTests(SynchronousTestCase):
         gw.registry.set_drained("b", True)
         answer = self.chat(gw)
         self.assertAnsweredBy(gw, answer, "d", "qwen3:1b", "tiny")
+
+    def test_fallback_answer_not_cached(self) -> None:
+        """
+        On a cached route, the fallback model's answer is not stored under
+        the key of the model asked for: once that model's pool is back, it
+        answers (a MISS), and its own answer is then cached as usual.
+        """
+        gw = Harness(self, chain_config(route={"path": "/v1/chat/completions",
+                                               "methods": ["POST"], "cache": {"ttl": "1h"}}))
+        gw.registry.set_drained("a", True)
+        gw.registry.set_drained("b", True)
+        for _ in range(2):
+            answer = self.chat(gw)
+            self.assertEqual((answer.json()["instance"], answer.header("X-Cache"),
+                              answer.header("X-Clawproxy-Fallback-Model")),
+                             ("c", "MISS", "qwen3:8b"))
+        gw.registry.set_drained("a", False)
+        gw.registry.set_drained("b", False)
+        answer = self.chat(gw)
+        self.assertEqual((answer.json()["instance"], answer.header("X-Cache")), ("a", "MISS"))
+        self.assertIsNone(answer.header("X-Clawproxy-Fallback-Model"))
+        again = self.chat(gw)
+        self.assertEqual((again.json()["instance"], again.header("X-Cache")), ("a", "HIT"))
+        self.assertEqual(gw.backend.instances(), ["c", "c", "a"])

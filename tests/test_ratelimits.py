@@ -517,7 +517,8 @@ class BatchingTests(SynchronousTestCase):
                 self.memory = MemoryStore(Clock())
 
             def run(self, script: Any, keys: Any, args: Any) -> Any:
-                calls.append(len(keys))
+                if script.name == "rate_limits":  # (the shared breakers read too)
+                    calls.append(len(keys))
                 return self.memory.run(script, keys, args)
 
         gw = Harness(self, config({"default": "2/minute"}), store=Counting())

@@ -24,6 +24,7 @@ from clawproxy.errors import Rejected
 from clawproxy.interfaces import (
     CANCELLED,
     OK,
+    IAttemptObserver,
     IBodyFilter,
     IHeadCheck,
     IRequestStage,
@@ -211,7 +212,7 @@ class LastChunk:
         self._buffer = b""
 
     def begin(self, ctx: RequestContext, code: int, headers: list[tuple[bytes, bytes]]) -> Any:
-        if (b"content-type", b"text/event-stream") in [(n.lower(), v) for n, v in headers]:
+        if (b"content-type", b"text/event-stream") in headers:  # names arrive lower-case
             self._buffer = b""
             return self
         return None
@@ -283,6 +284,36 @@ class FilterTests(SynchronousTestCase):
         self.assertEqual(answer.body, b"".join(events))
         self.assertEqual(last.last, [b"data: [DONE]"])
         self.assertEqual(last.ended, ["complete"])
+
+    def test_header_names_lower_case(self) -> None:
+        """
+        A filter gets the head's names lower-case, whatever case the
+        upstream used; the client still gets every header.
+        """
+        names: list[bytes] = []
+
+        @implementer(IResponseFilter)
+        class Names:
+            name = "names"
+
+            def begin(self, ctx: RequestContext, code: int,
+                      headers: list[tuple[bytes, bytes]]) -> Any:
+                names.extend(n for n, _ in headers)
+
+        gw = Harness(self, routed(), extra=[Names()])
+        gw.backend.hang.add("a")
+        d = gw.start("POST", "/v1/chat/completions", {"model": "m"})
+        upstream = gw.backend.hanging[0]
+        upstream.responseHeaders.addRawHeader(b"X-Model-Version", b"Qwen-3")
+        upstream.responseHeaders.addRawHeader(b"content-TYPE", b"application/json")
+        upstream.write(b"{}")
+        upstream.finish()
+        answer = gw.finish(d)
+        self.assertIn(b"content-type", names)
+        self.assertIn(b"x-model-version", names)
+        self.assertEqual(names, [n.lower() for n in names])
+        self.assertEqual(answer.header("X-Model-Version"), "Qwen-3")
+        self.assertEqual(answer.header("Content-Type"), "application/json")
 
     def test_observe_stays_out_of_other_responses(self) -> None:
         """A filter that declines a response (not SSE) is not called for its body."""
@@ -456,3 +487,65 @@ class DeepJSONTests(SynchronousTestCase):
                             headers={"Content-Type": "application/json"})
         self.assertEqual((answer.code, answer.json()["error"]["code"]), (400, "invalid_json"))
         self.assertEqual(gw.backend.seen, [])
+
+
+@implementer(IAttemptObserver)
+class AttemptLog:
+    """Records each attempt's start and end; adds a header to each attempt."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.events: list[tuple[Any, ...]] = []
+        self.fail = fail
+
+    def attempt_started(self, ctx: Any, attempt: Any) -> Any:
+        if self.fail:
+            raise RuntimeError("observer bug")
+        self.events.append(("start", attempt.instance.id, attempt.number))
+        attempt.headers.append((b"x-attempt", b"%d" % attempt.number))
+        return f"token-{attempt.number}"
+
+    def attempt_ended(self, ctx: Any, attempt: Any, token: Any) -> None:
+        self.events.append(("end", attempt.instance.id, token, attempt.outcome, attempt.status))
+
+
+class AttemptObserverTests(SynchronousTestCase):
+    """L{IAttemptObserver}: told each upstream attempt's start and outcome."""
+
+    def test_failover(self) -> None:
+        """Two attempts (a 503 retried, then ok): each started and ended, headers sent."""
+        log = AttemptLog()
+        gw = Harness(self, basic(retry={"retry_on": ["5xx"], "base_delay": 0}), extra=[log])
+        gw.backend.status["a"] = 503
+        self.assertEqual(gw.request("GET", "/v1/x").code, 200)
+        self.assertEqual(log.events, [
+            ("start", "a", 1), ("end", "a", "token-1", "5xx", 503),
+            ("start", "b", 2), ("end", "b", "token-2", OK, 200)])
+        self.assertEqual([s.headers.getRawHeaders(b"x-attempt") for s in gw.backend.seen],
+                         [[b"1"], [b"2"]])
+
+    def test_timeout(self) -> None:
+        """An attempt that times out ends with C{timeout} and no status."""
+        log = AttemptLog()
+        gw = Harness(self, basic(timeout="2s"), extra=[log])
+        gw.backend.hang.add("a")
+        d = gw.start("GET", "/v1/x")
+        gw.clock.advance(2)
+        self.assertEqual(gw.finish(d).code, 504)
+        self.assertEqual(log.events[-1], ("end", "a", "token-1", "timeout", 0))
+
+    def test_client_gone(self) -> None:
+        """A client that leaves mid-attempt: the attempt ends C{cancelled}."""
+        log = AttemptLog()
+        gw = Harness(self, basic(), extra=[log])
+        gw.backend.hang.add("a")
+        d = gw.start("GET", "/v1/x")
+        d.cancel()
+        gw.flush()
+        self.failureResultOf(d)
+        self.assertEqual(log.events[-1], ("end", "a", "token-1", CANCELLED, 0))
+
+    def test_observer_error_logged(self) -> None:
+        """An observer that raises is logged; the request is served."""
+        gw = Harness(self, basic(), extra=[AttemptLog(fail=True)])
+        self.assertEqual(gw.request("GET", "/v1/x").code, 200)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)

@@ -174,6 +174,18 @@ class SharedTests(SynchronousTestCase):
         self.assertEqual(self.one.state("main/a"), OPEN)
         self.assertEqual(self.one.pool.candidates(), [self.one.pool.by_id["b"]])
 
+    def test_refusals_count_nowhere(self) -> None:
+        """Refused connections count neither locally nor in the store."""
+        for _ in range(3):
+            self.one.pool.record(self.one.pool.by_id["a"], "refused", reached=False)
+            self.two.pool.record(self.two.pool.by_id["a"], "refused", reached=False)
+        self.clock.advance(READ_INTERVAL)
+        self.one.fail("a")
+        self.one.ok("b")
+        self.one.fail("a")
+        self.assertEqual(self.one.state("main/a"), CLOSED)
+        self.assertEqual(self.two.state("main/a"), CLOSED)
+
     def test_open_period_follows_the_store(self) -> None:
         """A gateway that learns an opening keeps it until the store's time is up."""
         for _ in range(3):

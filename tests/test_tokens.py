@@ -197,6 +197,27 @@ class AccountingTests(SynchronousTestCase):
         self.assertEqual(len(gw.sim_seen()), 1)
         self.assertEqual(gw.tokens("completion"), 5.0)
 
+    def test_tokens_per_instance(self) -> None:
+        """
+        C{clawproxy_instance_tokens_total{pool,instance,kind}} counts the
+        tokens of the answers each instance made (its rate() is tokens/s per
+        instance); a cache hit, made by no instance, adds nothing there.
+        """
+        cfg = config()
+        cfg["pools"]["main"]["instances"].append({"id": "b", "url": "http://b.test:8000"})
+        cfg["routes"][0]["cache"] = {"ttl": "1m"}
+        gw = TokenHarness(self, cfg)
+        for n in range(3):
+            gw.call("/v1/chat/completions", dict(HELLO, seed=n))
+        hit = gw.call("/v1/chat/completions", dict(HELLO, seed=0))
+        self.assertEqual(hit.header("x-cache"), "HIT")
+        by = {i: gw.sample("instance_tokens_total", pool="main", instance=i,
+                           kind="completion") for i in ("a", "b")}
+        self.assertEqual(sorted(by.values()), [5.0, 10.0])
+        self.assertEqual(sum(gw.sample("instance_tokens_total", pool="main", instance=i,
+                                       kind="prompt") for i in ("a", "b")), 6.0)
+        self.assertEqual(gw.tokens("completion"), 15.0)
+
     def test_admin_section(self) -> None:
         """Tokens per second per pool in the C{tokens} admin section."""
         gw = TokenHarness(self, config())

@@ -39,7 +39,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from clawproxy.interfaces import CANCELLED, OK
-from clawproxy.policy.breakers import CLOSED, HALF_OPEN, OPEN, Breaker, BreakerBoard, NoBreakers
+from clawproxy.policy.breakers import (
+    CLOSED,
+    HALF_OPEN,
+    OPEN,
+    Breaker,
+    BreakerBoard,
+    NoBreakers,
+    board_outcome,
+)
 from clawproxy.stores.script import KeySpace, Script
 
 #: Seconds between two reads of the shared state (while requests come).
@@ -201,6 +209,7 @@ class SharedBreakerBoard(BreakerBoard):
         pair = self._pairs.get(instance.id)
         if pair is None:
             return
+        outcome = board_outcome(outcome)
         for b in pair:
             before = b.transitions
             b.record(outcome)
@@ -321,8 +330,8 @@ class SharedBreakerBoard(BreakerBoard):
 def breaker_board(config: Any, clock: IReactorTime, metrics: Any, store: Any,
                   previous: Any = None) -> BreakerBoard | NoBreakers:
     """
-    The breaker board for C{config}: L{NoBreakers} when no pool configures
-    C{circuit_breaker}; a L{SharedBreakerBoard} when the store is shared
+    The breaker board for C{config}: L{NoBreakers} when every pool turns
+    C{circuit_breaker} off; a L{SharedBreakerBoard} when the store is shared
     (C{store.shared}: Redis, or a worker's view of its parent's memory
     store); else a L{BreakerBoard}.
 

@@ -473,7 +473,9 @@ class BreakerConfig:
 
     enabled: bool = f.setting(f.boolean, True, "Use circuit breakers.")
     failure_threshold: int = f.setting(f.integer(low=1), 5, "Failures (connect errors,"
-                                       " resets, 5xx, timeouts; not 4xx or 429) within"
+                                       " resets, 5xx, timeouts; not 4xx, 429 or refused"
+                                       " connections, which take an instance out for a"
+                                       " second by themselves) within"
                                        " ``failure_window`` that open a breaker. The pool's"
                                        " breaker counts only failures with no success of the"
                                        " pool in between.")
@@ -610,10 +612,9 @@ class PoolConfig:
     passive: PassiveConfig = f.section(PassiveConfig, "Passive health checks.")
     session_affinity: AffinityConfig | None = f.section(AffinityConfig, "Session affinity.",
                                                         optional=True)
-    circuit_breaker: BreakerConfig | None = f.section(
-        BreakerConfig, "Circuit breakers (none unless the section is written;"
-        " ``circuit_breaker:`` alone enables them with these defaults).", optional=True,
-        null_enables=True)
+    circuit_breaker: BreakerConfig = f.section(
+        BreakerConfig, "Circuit breakers, on by default with these settings;"
+        " ``circuit_breaker: {enabled: false}`` turns them off.")
     retry: RetryConfig = f.section(RetryConfig, "Retries.")
     models: tuple[str, ...] = f.setting(f.list_of(f.nonempty), (), "Model name globs the"
                                         " pool serves; routes without a pool pick it by the"
@@ -814,16 +815,38 @@ class LoggingConfig:
 
 @attrs.frozen
 class TracingConfig:
-    """Distributed tracing."""
+    """
+    OpenTelemetry tracing (the extra ``clawproxy[otel]``): a span per request and per
+    upstream attempt, the client's W3C ``traceparent`` as parent, propagated upstream.
+    """
 
     enabled: bool = f.setting(
-        f.boolean, False, "Trace requests.",
-        not_yet=NotYet(OPERATIONS, bool, "tracing is not supported by this version yet",
-                       "``true``"))
+        f.boolean, False, "Trace requests (needs ``pip install 'clawproxy[otel]'``).")
     sample_rate: float = f.setting(f.number(low=0, high=1), 0.1, "Fraction of requests"
-                                   " traced.")
-    exporter: str = f.setting(f.choice("otlp", "console"), "otlp", "Where spans go.")
-    endpoint: str | None = f.setting(f.nonempty, None, "Exporter endpoint.")
+                                   " traced when the client sent no sampled trace context"
+                                   " (a client's sampling decision is followed).")
+    exporter: str = f.setting(f.choice("otlp", "console"), "otlp", "Where spans go:"
+                              " ``otlp`` (OTLP over HTTP) or ``console`` (stdout, for"
+                              " debugging).")
+    endpoint: str | None = f.setting(
+        f.nonempty, None, "OTLP/HTTP collector URL (``http://collector:4318``; a URL"
+        " without a path gets ``/v1/traces``).",
+        shown="OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else http://localhost:4318")
+
+    def _check(self, present: set[str], error: Error) -> TracingConfig:
+        if self.endpoint is not None:
+            if self.exporter != "otlp":
+                error("endpoint", "only the otlp exporter has an endpoint")
+            elif urlsplit(self.endpoint).scheme not in ("http", "https") or not urlsplit(
+                    self.endpoint).hostname:
+                error("endpoint", f"must be an http:// or https:// URL, not {self.endpoint!r}")
+        if self.enabled:
+            from clawproxy.otel import missing
+
+            why = missing()
+            if why is not None:
+                error("enabled", why)
+        return self
 
 
 @attrs.frozen

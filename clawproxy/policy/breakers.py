@@ -12,8 +12,12 @@ A breaker is C{CLOSED} (requests pass; failures are counted), C{OPEN}
 C{half_open_requests} probe requests at a time pass; C{success_threshold}
 successes within C{success_window} close it, one failure opens it again).
 C{failure_threshold} failures within C{failure_window} open a closed breaker.
-Failures are connect errors, refused connections, resets, 5xx answers and
-timeouts; an answer below 500 (4xx and 429 included) is a success.
+Failures are connect errors, resets, 5xx answers and timeouts; an answer
+below 500 (4xx and 429 included) is a success. A breaker board counts a
+refused connection neither way (L{board_outcome}): the registry's layer-4
+mark already takes a refusing instance out at once and tries it again a
+second later, so an instance that restarts is back as soon as it listens,
+not kept out by a breaker its own restart opened.
 """
 
 from __future__ import annotations
@@ -34,6 +38,20 @@ CLOSED, OPEN, HALF_OPEN = "CLOSED", "OPEN", "HALF_OPEN"
 
 #: The value of C{clawproxy_circuit_breaker_state} for each state.
 STATE_CODES = {CLOSED: 0, OPEN: 1, HALF_OPEN: 2}
+
+#: The outcome of a connection the instance refused (see L{board_outcome}).
+REFUSED = "refused"
+
+
+def board_outcome(outcome: str) -> str:
+    """
+    What a board tells its breakers of an attempt's C{outcome}: a refused
+    connection becomes L{CANCELLED} (it frees a half-open probe slot and
+    counts neither way), as the registry's layer-4 mark handles it; any
+    other outcome is told as it is.
+    """
+    return CANCELLED if outcome == REFUSED else outcome
+
 
 #: Called as C{listener(breaker, old_state, new_state)} on every transition.
 Listener = Callable[["Breaker", str, str], None]
@@ -269,7 +287,7 @@ class Breaker:
 @implementer(IBreakerBoard)
 class NoBreakers:
     """
-    The board used until circuit breakers are configured: every breaker closed.
+    The board when every pool turns circuit breakers off: every breaker closed.
 
     Passive health (C{max_fails}/C{fail_timeout}) still ejects failing
     instances; this board excludes nothing, admits everything and keeps no
@@ -298,13 +316,14 @@ class NoBreakers:
 @implementer(IBreakerBoard, IAdminSection)
 class BreakerBoard:
     """
-    The breakers of the pools that configure C{circuit_breaker}: one per
-    pool (C{POOL}) and one per instance (C{POOL/INSTANCE}).
+    The breakers of the pools that do not turn C{circuit_breaker} off: one
+    per pool (C{POOL}) and one per instance (C{POOL/INSTANCE}).
 
     An instance is out of the availability decision while its breaker or
     its pool's is open (or half-open with every probe slot taken); the
     chosen instance is admitted by both, each taking a probe slot when
-    half-open. Every attempt's outcome goes to both breakers. Active health
+    half-open. Every attempt's outcome goes to both breakers (a refused
+    connection as L{CANCELLED}: L{board_outcome}). Active health
     checks do not move breakers: they judge real traffic only.
 
     @ivar breakers: every breaker by name.
@@ -329,8 +348,8 @@ class BreakerBoard:
                     random: Callable[[], float] | None = None,
                     previous: Any = None, **kw: Any) -> BreakerBoard | NoBreakers:
         """
-        The board for C{config}'s pools, or L{NoBreakers} when no pool
-        configures C{circuit_breaker} (then it costs nothing per request).
+        The board for C{config}'s pools, or L{NoBreakers} when every pool
+        turns C{circuit_breaker} off (then it costs nothing per request).
 
         @param previous: the board a reload replaces: breakers that keep
             their name keep their state.
@@ -429,6 +448,7 @@ class BreakerBoard:
         if pair is None:
             return
         ib, pb = pair
+        outcome = board_outcome(outcome)
         ib.record(outcome)
         pb.record(outcome)
 

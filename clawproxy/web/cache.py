@@ -5,8 +5,9 @@ C{cache} fallback, request coalescing and the C{cache} admin section.
 
 A request on a route with C{cache} gets a key (L{clawproxy.cache.keys}) and
 one of C{X-Cache: HIT} (answered from the cache), C{MISS} (relayed; stored
-if it completes with 200), C{BYPASS} (the client sent C{Cache-Control:
-no-cache} or C{no-store}, or a body that is not JSON), C{SEMANTIC-HIT} or
+if it completes with 200 and no model fallback answered it), C{BYPASS} (the
+client sent C{Cache-Control: no-cache} or C{no-store}, or a body that is not
+JSON), C{SEMANTIC-HIT} or
 C{STALE} (a cache fallback). Identical concurrent misses share one upstream
 call (L{clawproxy.web.coalesce}).
 
@@ -50,6 +51,8 @@ log = Logger()
 #: Response headers kept with an entry (the rest are the backend's own business).
 KEPT_HEADERS = frozenset((b"content-type", b"content-encoding", b"content-language"))
 _DONE = b"data: [DONE]"
+#: Set by the gateway on the answer of a model fallback (never stored).
+FALLBACK_MODEL = b"x-clawproxy-fallback-model"
 
 #: Each gateway's memory cache, by its state store (kept across reloads).
 _MEMORY_CACHES: WeakKeyDictionary[Any, MemoryCache] = WeakKeyDictionary()
@@ -377,7 +380,11 @@ class CacheFill:
         note = notes.get("cache") if notes else None
         if note is None or code != 200 or ctx.method == b"HEAD":
             return None
-        kept = tuple((k.lower(), v) for k, v in headers if k.lower() in KEPT_HEADERS and v)
+        if any(k == FALLBACK_MODEL for k, _ in ctx.response_headers):
+            # Another model answered (a model fallback): not the answer the
+            # key's model would give, and not that model's version.
+            return None
+        kept = tuple((k, v) for k, v in headers if k in KEPT_HEADERS and v)
         ctype = next((v for k, v in kept if k == b"content-type"), b"")
         stream = ctype.lower().startswith(b"text/event-stream")
         return _Assembler(self.cache, note, code, kept, stream, self.cache.backend.max_bytes)

@@ -23,6 +23,7 @@ from clawproxy.config import Config
 from clawproxy.interfaces import (
     PHASES,
     IAdminSection,
+    IAttemptObserver,
     IFallbackProvider,
     IHeadCheck,
     IRelayWrapper,
@@ -44,6 +45,7 @@ from clawproxy.web.relay import Relay
 from clawproxy.web.sessions import affinity_parts
 from clawproxy.web.stream_errors import stream_error_parts
 from clawproxy.web.tokens import token_parts
+from clawproxy.web.tracing import tracing_parts
 
 #: A feature: called with keyword arguments C{config}, C{router}, C{store}
 #: (the L{IStateStore}), C{clock}, C{metrics} and C{registry} (the pools and
@@ -65,10 +67,12 @@ FEATURES: tuple[Feature, ...] = (
     stream_error_parts,
     affinity_parts,
     models_parts,
+    # Last: its observer reads what the others noted (the tokens counted).
+    tracing_parts,
 )
 
 _SEAMS = (IRequestStage, IHeadCheck, IResponseFilter, IResponseObserver, IAdminSection,
-          IRelayWrapper, IFallbackProvider)
+          IRelayWrapper, IFallbackProvider, IAttemptObserver)
 
 
 @attrs.define(eq=False)
@@ -82,6 +86,7 @@ class Parts:
     admin_sections: list[Any] = attrs.Factory(list)
     wrappers: list[Any] = attrs.Factory(list)
     fallbacks: dict[str, Any] = attrs.Factory(dict)
+    attempt_observers: list[Any] = attrs.Factory(list)
 
     def add(self, part: Any) -> None:
         """
@@ -116,6 +121,8 @@ class Parts:
             if part.type in self.fallbacks:
                 raise TypeError(f"{part!r}: a second provider of fallbacks of type {part.type!r}")
             self.fallbacks[part.type] = part
+        if IAttemptObserver.providedBy(part):
+            self.attempt_observers.append(part)
 
 
 @attrs.define(eq=False)
@@ -191,7 +198,7 @@ def build_data_plane(
     relay = Relay(
         agent, clock, metrics,
         retry_policy if retry_policy is not None else RetryPolicy(),
-        config.server.trusted_proxies, parts.filters,
+        config.server.trusted_proxies, parts.filters, parts.attempt_observers,
     )
     forward = relay.forward
     for wrapper in parts.wrappers:

@@ -48,11 +48,15 @@ def connection_named(headers: Headers) -> frozenset[bytes]:
 
 
 def forwarded_headers(
-    request: Any, ctx: RequestContext, upstream_host: bytes, trusted: Sequence[Any]
+    request: Any, ctx: RequestContext, upstream_host: bytes, trusted: Sequence[Any],
+    extra: Sequence[tuple[bytes, bytes]] = (),
 ) -> Headers:
     """
     The headers sent upstream: the client's, less hop-by-hop and
     C{Connection}-named ones, then the proxy's own (which a client cannot strip).
+
+    @param extra: headers an L{IAttemptObserver} adds to this attempt (a
+        trace context), each replacing the client's of that name.
     """
     incoming: Headers = request.requestHeaders
     peer = ctx.client_ip
@@ -75,6 +79,8 @@ def forwarded_headers(
     if host:
         out.setRawHeaders(b"x-forwarded-host", [host[-1]])
     out.setRawHeaders(b"x-request-id", [ctx.request_id.encode()])
+    for name, value in extra:
+        out.setRawHeaders(name, [value])
     out.setRawHeaders(b"host", [upstream_host])
     return out
 
@@ -88,16 +94,21 @@ def _is_trusted(peer: str, trusted: Sequence[Any]) -> bool:
 
 
 def response_headers(response: Any) -> list[tuple[bytes, bytes]]:
-    """The upstream response's headers fit to relay: hop-by-hop and framing removed."""
+    """
+    The upstream response's headers fit to relay: hop-by-hop and framing
+    removed, names lower-cased (as the L{IResponseFilter} seam promises its
+    filters; clients see Twisted's usual capitalisation on HTTP/1.1 and
+    lower case on HTTP/2 either way).
+    """
     drop = HOP_BY_HOP | _OWN_RESPONSE | connection_named(response.headers)
     # Twisted's client keeps Connection out of response.headers; the upstream
     # agent (backends.upstream) saves it here.
     for value in getattr(response, "connection_header", ()):
         drop |= {tok.strip().lower() for tok in value.split(b",") if tok.strip()}
     out = [
-        (name, value)
+        (low, value)
         for name, values in response.headers.getAllRawHeaders()
-        if name.lower() not in drop
+        if (low := name.lower()) not in drop
         for value in values
     ]
     for _, value in out:

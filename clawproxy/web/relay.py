@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import attrs
 from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import (
@@ -48,6 +49,26 @@ from clawproxy.web.pipe import (
     begin_filters,
     body_producer,
 )
+
+
+@attrs.define(slots=True, eq=False)
+class Attempt:
+    """
+    One upstream attempt, as the L{IAttemptObserver}s see it (made only when
+    there are some).
+
+    @ivar number: 1 for the request's first attempt, 2 for the next...
+    @ivar headers: C{(name, value)} bytes pairs added to the upstream request.
+    @ivar status: the upstream's status code, 0 until (unless) one comes.
+    @ivar outcome: L{OK}, L{CANCELLED} or a failure name, once it ended.
+    """
+
+    pool: Any
+    instance: Any
+    number: int
+    headers: list[tuple[bytes, bytes]] = attrs.Factory(list)
+    status: int = 0
+    outcome: str | None = None
 
 
 class NoInstance(Exception):
@@ -90,8 +111,10 @@ class Relay:
 
     def __init__(self, agent: Any, clock: IReactorTime, metrics: Metrics,
                  retry_policy: Any, trusted_proxies: Sequence[Any] = (),
-                 filters: Sequence[Any] = ()) -> None:
+                 filters: Sequence[Any] = (), attempt_observers: Sequence[Any] = ()) -> None:
         self.agent = agent
+        #: The L{IAttemptObserver}s told about each upstream attempt.
+        self.attempt_observers = tuple(attempt_observers)
         #: The data plane's L{IResponseFilter}s, asked about each relayed response.
         self.filters = tuple(filters)
         self.clock = clock
@@ -134,25 +157,64 @@ class Relay:
             inst.requests += 1
             active_gauge = metrics.active_connections.labels(pool.name, inst.id)
             active_gauge.inc()
+            attempt = tokens = None
+            if self.attempt_observers:
+                attempt = Attempt(pool, inst, ctx.attempts)
+                tokens = self._attempt_started(ctx, attempt)
             started = self.clock.seconds()
             try:
-                delay = await self._attempt(ctx, pool, inst, timeout, upstream_path, started, tried)
+                delay = await self._attempt(ctx, pool, inst, timeout, upstream_path, started,
+                                            tried, attempt)
             except _GiveUp:
+                if attempt is not None:
+                    self._attempt_ended(ctx, attempt, tokens, ctx.error or "error")
                 raise _failure_rejection(ctx.error, names) from None
+            except BaseException as e:
+                if attempt is not None:
+                    self._attempt_ended(ctx, attempt, tokens, _failed_with(ctx, e))
+                raise
             finally:
                 inst.active -= 1
                 active_gauge.dec()
                 metrics.upstream_latency.labels(pool.name, inst.id).observe(
                     self.clock.seconds() - started
                 )
+            if attempt is not None:
+                # A relayed answer may still have failed in-band (ctx.error: truncated,
+                # stall_timeout); a retried one failed with ctx.error.
+                self._attempt_ended(ctx, attempt, tokens,
+                                    OK if delay is None and ctx.error is None
+                                    else ctx.error or "error")
             if delay is None:
                 return
             metrics.upstream_retries_total.labels(pool.name).inc()
             if delay > 0:
                 await deferLater(self.clock, delay)
 
+    def _attempt_started(self, ctx: RequestContext, attempt: Attempt) -> list[Any]:
+        """Tell the attempt observers C{attempt} starts; their tokens."""
+        tokens = []
+        for observer in self.attempt_observers:
+            try:
+                tokens.append(observer.attempt_started(ctx, attempt))
+            except Exception:
+                self.log.failure("attempt observer {observer} failed", observer=observer)
+                tokens.append(None)
+        return tokens
+
+    def _attempt_ended(self, ctx: RequestContext, attempt: Attempt, tokens: Any,
+                       outcome: str) -> None:
+        """Tell the attempt observers C{attempt} ended with C{outcome}."""
+        attempt.outcome = outcome
+        for observer, token in zip(self.attempt_observers, tokens):
+            try:
+                observer.attempt_ended(ctx, attempt, token)
+            except Exception:
+                self.log.failure("attempt observer {observer} failed", observer=observer)
+
     async def _attempt(self, ctx: RequestContext, pool: Any, inst: Any, timeout: float,
-                       upstream_path: bytes, started: float, tried: set[str]) -> float | None:
+                       upstream_path: bytes, started: float, tried: set[str],
+                       attempt: Attempt | None = None) -> float | None:
         """
         One upstream attempt to C{inst}, which the pool admitted. Returns None
         when the response was relayed, else the delay before retrying a
@@ -173,7 +235,8 @@ class Relay:
                 producer = BytesProducer(rewrite.body)
             if ctx.query:
                 url += b"?" + ctx.query
-            headers = forwarded_headers(request, ctx, inst.host_header, self.trusted)
+            headers = forwarded_headers(request, ctx, inst.host_header, self.trusted,
+                                        attempt.headers if attempt is not None else ())
             d = self.agent.request(ctx.method, url, headers, producer)
         except BaseException:
             pool.record(inst, CANCELLED)  # the admitted attempt never started
@@ -223,6 +286,8 @@ class Relay:
             raise _GiveUp() from None
         now = self.clock.seconds()
         code = response.code
+        if attempt is not None:
+            attempt.status = code
         metrics.upstream_ttfb.labels(pool.name, inst.id).observe(now - started)
         # A 5xx, however quick, counts as slow as the timeout for least_latency.
         pool.ttfb(inst, now - started if code < 500 else timeout)
@@ -262,7 +327,7 @@ class Relay:
             translator = rewrite.response() if 200 <= code < 300 else (
                 rewrite.error(code) if code >= 400 else None)
         if translator is not None:
-            relayed = [h for h in relayed if h[0].lower() != b"content-type"]
+            relayed = [h for h in relayed if h[0] != b"content-type"]
             relayed.append((b"content-type", translator.content_type))
         chain = begin_filters(self.filters, ctx, code, relayed)
         if translator is not None:
@@ -378,6 +443,13 @@ def _take_back(ctx: RequestContext, saved_headers: Any, error: str) -> None:
     ctx.error = error
 
 
+def _failed_with(ctx: RequestContext, e: BaseException) -> str:
+    """The outcome of an attempt that raised C{e}, for the attempt observers."""
+    if isinstance(e, CancelledError):
+        return CANCELLED
+    return ctx.error or getattr(e, "code", None) or "error"
+
+
 def _failure_rejection(outcome: str | None, tried: Sequence[str]) -> Rejected:
     """
     The gateway's answer when the last attempt failed with C{outcome} and
@@ -426,4 +498,4 @@ def _timed_out(result: Any, timeout: float) -> Any:
     return result
 
 
-__all__ = ["NoInstance", "Relay", "UpstreamBroken", "unavailable"]
+__all__ = ["Attempt", "NoInstance", "Relay", "UpstreamBroken", "unavailable"]

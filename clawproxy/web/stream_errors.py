@@ -91,7 +91,7 @@ class SSEErrors:
 
     def begin(self, ctx: Any, code: int, headers: list[tuple[bytes, bytes]]) -> Any:
         for name, value in headers:
-            if len(name) == 12 and name.lower() == b"content-type":
+            if name == b"content-type":
                 if value[:17].lower() == b"text/event-stream":
                     return EventFramer(ctx)
                 return None

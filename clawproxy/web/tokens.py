@@ -13,8 +13,10 @@ One feature, four parts:
     worst case against the agent's C{token_limit} and C{spend_limit}
     (L{clawproxy.policy.budgets}), or refuses it with a 429;
   - L{TokenObserver}: when the request is answered, counts the tokens
-    (C{clawproxy_tokens_total}, C{clawproxy_spend_total}, the access log,
-    tokens/s per pool in the C{tokens} admin section) and settles the
+    (C{clawproxy_tokens_total}, C{clawproxy_spend_total},
+    C{clawproxy_instance_tokens_total{pool,instance,kind}} whose C{rate()} is
+    tokens/s per instance, the access log, tokens/s per pool in the
+    C{tokens} admin section) and settles the
     reservation (a failed call gives it all back).
 """
 
@@ -152,7 +154,7 @@ class UsageFilter:
             return None
         ctype = b""
         for name, value in headers:
-            if name.lower() == b"content-type":
+            if name == b"content-type":
                 ctype = value.lower()
         if ctype.startswith(b"text/event-stream"):
             watcher: Any = SseUsage(drop=rec.drop_usage)
@@ -385,10 +387,17 @@ class TokenObserver:
             rec.usage = usage
             agent = ctx.agent_name
             m = self.metrics
+            inst = ctx.instance  # None for an answer no instance made (the cache)
             if usage.prompt:
                 m.tokens_total.labels(agent, model, "prompt").inc(usage.prompt)
+                if inst is not None:
+                    m.instance_tokens_total.labels(ctx.pool_name, inst.id, "prompt").inc(
+                        usage.prompt)
             if usage.completion:
                 m.tokens_total.labels(agent, model, "completion").inc(usage.completion)
+                if inst is not None:
+                    m.instance_tokens_total.labels(ctx.pool_name, inst.id, "completion").inc(
+                        usage.completion)
             spend = self.budgets.spend(model, usage.prompt, usage.completion)
             if spend:
                 m.spend_total.labels(agent, model).inc(spend)

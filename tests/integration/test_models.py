@@ -97,6 +97,48 @@ class ModelFallbackTests(TestCase):
         self.assertEqual({e["model"] for e in events}, {"qwen3:8b"})
         self.assertEqual(big.resource.requests_failed, 2)
 
+    async def test_tokens_and_spend_of_the_answering_model(self) -> None:
+        """
+        After a fallback, tokens and spend are counted for the model that
+        answered (qwen3:8b, at its price), by the instance that answered;
+        nothing for the model asked for.
+        """
+        h = Harness(self)
+        big = h.simulator("big-1", model="qwen3:32b", failure_rate=1.0)
+        small = h.simulator("small-1", model="qwen3:8b")
+        pools = {
+            "big": {"models": ["qwen3:32b"], "instances": [big.instance()],
+                    "health_check": {"enabled": False}},
+            "small": {"models": ["qwen3:8b"], "instances": [small.instance()],
+                      "health_check": {"enabled": False}},
+        }
+        prices = {"qwen3:32b": {"prompt": 100.0, "completion": 100.0},
+                  "qwen3:8b": {"prompt": 1.0, "completion": 2.0}}
+        gw = await h.gateway(h.config(pools, CHAT, models={**CHAIN, "prices": prices}))
+        response, content = await self.post(h, gw)
+        self.assertFellBack(h, response, content)
+        usage = json.loads(content)["usage"]
+        self.assertGreater(usage["completion_tokens"], 0)
+        get = gw.gateway.metrics.registry.get_sample_value
+        for kind in ("prompt", "completion"):
+            self.assertEqual(get("clawproxy_tokens_total",
+                                 {"agent": "-", "model": "qwen3:8b", "kind": kind}),
+                             usage[kind + "_tokens"])
+            self.assertIsNone(get("clawproxy_tokens_total",
+                                  {"agent": "-", "model": "qwen3:32b", "kind": kind}))
+            self.assertEqual(get("clawproxy_instance_tokens_total",
+                                 {"pool": "small", "instance": "small-1", "kind": kind}),
+                             usage[kind + "_tokens"])
+        self.assertAlmostEqual(get("clawproxy_spend_total", {"agent": "-", "model": "qwen3:8b"}),
+                               (usage["prompt_tokens"] * 1.0
+                                + usage["completion_tokens"] * 2.0) / 1000)
+        self.assertIsNone(get("clawproxy_spend_total", {"agent": "-", "model": "qwen3:32b"}))
+        with open(h.path("access.log")) as f:
+            line = json.loads(f.read().splitlines()[-1])
+        self.assertEqual((line["prompt_tokens"], line["completion_tokens"]),
+                         (usage["prompt_tokens"], usage["completion_tokens"]))
+        self.assertEqual(big.resource.requests_failed, 1)
+
 
     async def test_no_first_token_then_ollama_pool(self) -> None:
         """

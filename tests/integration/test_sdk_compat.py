@@ -1,7 +1,7 @@
 """
 Real, unmodified clients from PyPI against a real gateway over loopback: the
 official C{openai} SDK (sync, async, streams with and without usage, models,
-embeddings, a budget refusal) and the official C{ollama} client through the
+embeddings, an unknown model, a budget refusal) and the official C{ollama} client through the
 Ollama pass-through, with simulated backends of both protocols.
 
 The SDKs block (or run their own asyncio loop): each call runs in a thread
@@ -207,6 +207,38 @@ class SdkTests(TestCase):
         self.assertEqual(error.code, "token_budget_exceeded")
         self.assertIn("token budget", error.message)
         self.assertTrue(error.response.headers.get("retry-after"))
+
+    async def test_unknown_model_is_not_found_error(self) -> None:
+        """
+        A model no pool serves (routes by model, every pool's models known):
+        404 model_not_found, which the SDK raises as NotFoundError; a model
+        a pool serves is answered by the same client.
+        """
+        if openai is None:
+            raise SkipTest("the test extra is not installed (pip install -e .[test])")
+        h = Harness(self)
+        oa = h.simulator("oa", max_tokens=6)
+        self.gw = await h.gateway(h.config(
+            {"openai": pool(oa, models=["sim-*"])}, routes=[{"path": "/v1/*"}],
+            agents={"sdk": {"keys": [hash_key(KEY)]}}))
+        client = self.openai_client()
+
+        def call() -> tuple[Any, Any]:
+            try:
+                client.chat.completions.create(model="no-such-model", messages=MESSAGES)
+            except openai.NotFoundError as e:
+                error = e
+            else:
+                error = None
+            return error, client.chat.completions.create(model="sim-small", messages=MESSAGES)
+
+        error, answer = await in_thread(call)
+        self.assertIsInstance(error, openai.NotFoundError)
+        self.assertEqual(error.status_code, 404)
+        self.assertEqual(error.code, "model_not_found")
+        self.assertIn("no-such-model", error.message)
+        self.assertEqual(answer.usage.completion_tokens, 6)
+        self.assertEqual(oa.resource.requests_served, 1)
 
     async def test_ollama_client_pass_through(self) -> None:
         """The official ollama client: chat streamed and not, embed, list."""
