@@ -8,12 +8,17 @@ before anything starts, and a reload can refuse it before anything changes.
 
 from __future__ import annotations
 
+import re
+
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
-__all__ = ["PemError", "check_pair", "read_certificates", "read_private_key"]
+__all__ = ["PemError", "certificate_pems", "check_pair", "read_certificates",
+           "read_private_key"]
+
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----\s*", re.S)
 
 
 class PemError(ValueError):
@@ -37,6 +42,21 @@ def read_certificates(path: str) -> list[x509.Certificate]:
         return x509.load_pem_x509_certificates(data)
     except ValueError as e:
         raise PemError(f"{path}: not a valid PEM certificate ({e})") from None
+
+
+def certificate_pems(path: str) -> list[bytes]:
+    """
+    The PEM block of each certificate in the file C{path}, in order, for
+    OpenSSL's loaders (C{Certificate.loadPEM}) when a TLS context is built.
+
+    @raise OSError: the file cannot be read.
+    @raise PemError: it holds no PEM certificate.
+    """
+    with open(path, "rb") as f:
+        pems = _PEM_CERT.findall(f.read())
+    if not pems:
+        raise PemError(f"{path}: no PEM certificate found")
+    return pems
 
 
 def read_private_key(path: str) -> PrivateKeyTypes:

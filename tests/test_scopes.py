@@ -7,18 +7,21 @@ a fake backend on a fake clock.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import jwt
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
-from clawproxy.config import hash_key
+from clawproxy.config import RouteConfig, hash_key
+from clawproxy.config.reader import read_config
 from clawproxy.errors import Rejected
 from clawproxy.policy.auth import extract_credential, missing_credentials
 from clawproxy.policy.routing import canonical_path, query_parameters
 from clawproxy.policy.scopes import ScopeSet, check_scopes
-from clawproxy.web.auth import HeadAuthCheck, Identify, InjectHeaders
+from clawproxy.web.auth import HeadAuthCheck, Identify, InjectHeaders, auth_stages
 from tests.test_gateway import Harness, two_instance_pool
 
 SECRET = "hs-secret-of-at-least-32-bytes!!"
@@ -155,6 +158,20 @@ class CredentialTests(SynchronousTestCase):
         self.assertEqual(missing_credentials().code, "missing_api_key")
         self.assertEqual(missing_credentials(tokens=True, api_keys=False).code, "missing_token")
         self.assertEqual(missing_credentials(tokens=True).code, "missing_credentials")
+
+    def test_missing_is_new_each_time(self) -> None:
+        """
+        L{Enforce} raises a new 401 for each anonymous request: one instance raised
+        again and again would keep every refusal's traceback (and its frames).
+        """
+        cfg = read_config(config(), {}, ".", refuse=True)
+        _, (enforce,) = auth_stages(cfg, Clock())
+        route = SimpleNamespace(config=RouteConfig(path="/", auth_required=True))
+        refused = [self.assertRaises(Rejected, enforce.process,
+                                     SimpleNamespace(route=route, agent=None))
+                   for _ in range(2)]
+        self.assertEqual([e.code for e in refused], ["missing_credentials"] * 2)
+        self.assertIsNot(refused[0], refused[1])
 
 
 class QueryTests(SynchronousTestCase):

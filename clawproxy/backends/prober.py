@@ -64,25 +64,23 @@ class HealthProber(Service):
 
     def startService(self) -> None:
         super().startService()
-        for pool in self.registry.pools.values():
-            hc = pool.config.health_check
-            if not hc.enabled:
-                continue
-            loop = LoopingCall(self.probe_pool, pool)
-            loop.clock = self.clock
-            d = loop.start(hc.interval, now=True)
-            d.addErrback(self._died, pool)
-            self._loops.append((loop, d))
-        for pool in self.registry.pools.values():
+        pools = self.registry.pools.values()
+        for pool in pools:
+            if pool.config.health_check.enabled:
+                self._every(pool.config.health_check.interval, self.probe_pool, pool)
+        for pool in pools:
             path = DISCOVERY_PATHS.get(pool.config.protocol)
             hc = pool.config.health_check
-            if path is None or not hc.enabled or hc.path == path:
-                continue
-            loop = LoopingCall(self.discover_pool, pool)
-            loop.clock = self.clock
-            d = loop.start(DISCOVERY_INTERVAL, now=True)
-            d.addErrback(self._died, pool)
-            self._loops.append((loop, d))
+            if path is not None and hc.enabled and hc.path != path:
+                self._every(DISCOVERY_INTERVAL, self.discover_pool, pool)
+
+    def _every(self, interval: float, work: Any, pool: Pool) -> None:
+        """Run C{work(pool)} now and every C{interval} seconds until L{stopService}."""
+        loop = LoopingCall(work, pool)
+        loop.clock = self.clock
+        d = loop.start(interval, now=True)
+        d.addErrback(self._died, pool)
+        self._loops.append((loop, d))
 
     def stopService(self) -> Deferred | None:
         super().stopService()
@@ -111,13 +109,8 @@ class HealthProber(Service):
     def discover(self, pool: Pool, inst: Instance) -> Deferred:
         """Ask C{inst} which models it serves; a failure keeps what it said before."""
         path = DISCOVERY_PATHS[pool.config.protocol]
-        d = self._get(pool, inst, path, b"clawproxy-discovery")
-        d.addCallbacks(self._learn, self._not_learned, callbackArgs=(inst,),
-                       errbackArgs=(inst,))
-        d.addErrback(self._bug, inst)
-        self._inflight.add(d)
-        d.addBoth(self._settled, d)
-        return d
+        return self._track(self._get(pool, inst, path, b"clawproxy-discovery"),
+                           self._learn, self._not_learned, inst)
 
     def _learn(self, result: tuple[int, bytes], inst: Instance) -> None:
         if not self.running:
@@ -162,8 +155,15 @@ class HealthProber(Service):
         return d
 
     def probe(self, pool: Pool, inst: Instance) -> Deferred:
-        d = self._get(pool, inst, pool.config.health_check.path, b"clawproxy-health")
-        d.addCallbacks(self._judge, self._failed, callbackArgs=(inst,), errbackArgs=(inst,))
+        return self._track(self._get(pool, inst, pool.config.health_check.path,
+                                     b"clawproxy-health"), self._judge, self._failed, inst)
+
+    def _track(self, d: Deferred, answered: Any, failed: Any, inst: Instance) -> Deferred:
+        """
+        Hand C{d}'s answer or failure to C{answered} or C{failed} (with C{inst}), keep C{d}
+        in flight (L{stopService} cancels it) until it has, and never let it fail.
+        """
+        d.addCallbacks(answered, failed, callbackArgs=(inst,), errbackArgs=(inst,))
         d.addErrback(self._bug, inst)
         self._inflight.add(d)
         d.addBoth(self._settled, d)

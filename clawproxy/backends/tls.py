@@ -41,29 +41,18 @@ from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from clawproxy.config import PoolConfig, UpstreamTLSConfig
+from clawproxy.pem import certificate_pems
 
 __all__ = ["UpstreamTLS", "client_creator", "tls_failure"]
 
 Netloc = tuple[bytes, int]
 
 
-def _pems(path: str, marker: bytes = b"CERTIFICATE") -> list[bytes]:
-    with open(path, "rb") as f:
-        data = f.read()
-    begin, end = b"-----BEGIN " + marker + b"-----", b"-----END " + marker + b"-----"
-    out, start = [], data.find(begin)
-    while start >= 0:
-        stop = data.index(end, start) + len(end)
-        out.append(data[start:stop] + b"\n")
-        start = data.find(begin, stop)
-    return out
-
-
 def _client_identity(cfg: UpstreamTLSConfig) -> tuple[Any, list[Any]] | None:
     """C{(PrivateCertificate, [chain X509s])} for C{client_cert}/C{client_key}, if given."""
     if cfg.client_cert is None or cfg.client_key is None:
         return None
-    certs = _pems(cfg.client_cert)
+    certs = certificate_pems(cfg.client_cert)
     with open(cfg.client_key, "rb") as f:
         key = KeyPair.load(f.read(), 1)  # 1 = FILETYPE_PEM
     identity = PrivateCertificate.fromCertificateAndKeyPair(Certificate.loadPEM(certs[0]), key)
@@ -102,7 +91,8 @@ def client_creator(host: str, cfg: UpstreamTLSConfig | None) -> Any:
         return _Unverified(CertificateOptions(privateKey=key, certificate=cert,
                                               extraCertChain=identity[1] if identity else None),
                            sni)
-    trust = (trustRootFromCertificates([Certificate.loadPEM(p) for p in _pems(cfg.ca_file)])
+    trust = (trustRootFromCertificates([Certificate.loadPEM(p)
+                                        for p in certificate_pems(cfg.ca_file)])
              if cfg.ca_file else platformTrust())
     extra = {"extraCertChain": identity[1]} if identity and identity[1] else None
     return optionsForClientTLS(name, trustRoot=trust,

@@ -1,5 +1,6 @@
 """
-Session affinity: remember which instance served a session key.
+Session affinity: the key that names a conversation (L{conversation_key}),
+and which instance served each key (L{AffinityTable}).
 
 Pure policy: no reactor, no I/O; time comes from an injected
 L{IReactorTime<twisted.internet.interfaces.IReactorTime>}.

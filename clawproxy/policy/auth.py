@@ -7,8 +7,12 @@ prints (C{sha256:<hex>}, see L{clawproxy.config.hash_key}), in C{agents.NAME.key
 the JSON file C{auth.api_key.keys_store}; plain keys are never stored, logged or echoed
 in an error message.
 
+When C{auth.jwt} is set, C{Authorization: Bearer} may carry a JWT instead:
+L{extract_credential} tells the two apart, L{clawproxy.policy.jwt} verifies tokens.
+
 Everything here is pure (no reactor, no I/O) except L{load_key_store}, which reads the
-keys store file once, when the gateway is built or reloaded.
+keys store file (and checks the JWT key files load) when the gateway is built or
+reloaded.
 
 Comparison and timing
 =====================
@@ -30,7 +34,7 @@ import hashlib
 import hmac
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -353,6 +357,25 @@ def _values(headers: Any, name: bytes) -> list[bytes]:
     return [v.strip(_OWS) for v in headers.getRawHeaders(name) or ()]
 
 
+def _presented(headers: Any, header_name: str, api_keys: bool = True
+               ) -> tuple[list[bytes], bool]:
+    """
+    Every credential value a request presents: those of C{header_name} (when API keys
+    are on), then those of C{Authorization: Bearer}; and whether any came as Bearer.
+    """
+    found: list[bytes] = []
+    bearer = False
+    name = header_name.encode("latin-1")
+    if api_keys and name.lower() != _AUTHORIZATION:
+        found.extend(_values(headers, name))
+    for value in _values(headers, _AUTHORIZATION):
+        if _is_bearer(value):
+            parts = value.split(None, 1)
+            found.append(parts[1].strip(_OWS) if len(parts) == 2 else b"")
+            bearer = True
+    return found, bearer
+
+
 def extract_key(headers: Any, header_name: str = "X-API-Key") -> bytes | None:
     """
     The API key a request presents, from C{header_name} or C{Authorization: Bearer KEY}
@@ -369,14 +392,7 @@ def extract_key(headers: Any, header_name: str = "X-API-Key") -> bytes | None:
     @return: the key's bytes, or C{None} when the request presents no key.
     @raise Rejected: 401 C{invalid_api_key} as above (the message never holds the key).
     """
-    found: list[bytes] = []
-    name = header_name.encode("latin-1")
-    if name.lower() != _AUTHORIZATION:
-        found.extend(_values(headers, name))
-    for value in _values(headers, _AUTHORIZATION):
-        if _is_bearer(value):
-            parts = value.split(None, 1)
-            found.append(parts[1].strip(_OWS) if len(parts) == 2 else b"")
+    found, _ = _presented(headers, header_name)
     if not found:
         return None
     key = found[0]
@@ -410,16 +426,7 @@ def extract_credential(
     @return: C{(kind, value)}, or C{None} when the request presents no credential.
     @raise Rejected: 401 (C{invalid_api_key} or C{invalid_token}).
     """
-    found: list[bytes] = []
-    bearer = False
-    name = header_name.encode("latin-1")
-    if api_keys and name.lower() != _AUTHORIZATION:
-        found.extend(_values(headers, name))
-    for value in _values(headers, _AUTHORIZATION):
-        if _is_bearer(value):
-            parts = value.split(None, 1)
-            found.append(parts[1].strip(_OWS) if len(parts) == 2 else b"")
-            bearer = True
+    found, bearer = _presented(headers, header_name, api_keys)
     if not found:
         return None
     value = found[0]
@@ -477,22 +484,24 @@ def authenticate(store: KeyStore, headers: Any, header_name: str = "X-API-Key") 
 
 
 def authorize(route: RouteConfig, agent: Agent | None, header_name: str = "X-API-Key",
-              missing: Rejected | None = None) -> None:
+              missing: Callable[[], Rejected] | None = None) -> None:
     """
     Apply a route's C{auth_required} and C{allowed_agents}.
 
     @param route: the matched route's configuration.
     @param agent: the identified agent, or C{None} for an anonymous request.
-    @param missing: the 401 for a missing credential (L{missing_credentials});
-        L{missing_api_key} by default.
-    @raise Rejected: 401 C{missing_api_key} (with C{WWW-Authenticate}) when the route
-        needs an agent and there is none; 403 C{permission_denied} when C{allowed_agents}
+    @param missing: makes the 401 for a missing credential (L{missing_credentials});
+        L{missing_api_key} by default. A factory, not an instance: an exception
+        instance raised again and again keeps every traceback (and its frames).
+    @raise Rejected: 401 C{missing_api_key} (or C{missing()}'s C{missing_token} /
+        C{missing_credentials}, with C{WWW-Authenticate}) when the route needs an agent
+        and there is none; 403 C{permission_denied} when C{allowed_agents}
         is set and does not name the agent.
     """
     needs_agent = route.auth_required or route.allowed_agents is not None
     if agent is None:
         if needs_agent:
-            raise missing if missing is not None else missing_api_key(header_name)
+            raise missing() if missing is not None else missing_api_key(header_name)
         return
     if route.allowed_agents is not None and agent.name not in route.allowed_agents:
         raise permission_denied()

@@ -17,7 +17,10 @@ import struct
 import time
 from typing import Any
 
-from clawproxy.errors import bad_request
+from clawproxy.errors import bad_request, error_body, sse_error_event
+
+#: C{json.dumps(obj, separators=(",", ":"))} without building an encoder per call.
+_compact = json.JSONEncoder(separators=(",", ":")).encode
 
 _OPTIONS = {
     "temperature": "temperature",
@@ -279,6 +282,8 @@ class StreamTranslator:
         self._buffer = b""
         self._started = text  # text completions have no role chunk
         self._calls = 0
+        self._created: int | None = None
+        self._head_bytes = b""
         self.done = False
         #: The OpenAI C{usage} of the C{done} line, once it came.
         self.usage: dict[str, int] | None = None
@@ -300,8 +305,26 @@ class StreamTranslator:
             self.done = True
         return out
 
-    def _chunk(self, delta: dict[str, Any] | None, finish: str | None, **extra: Any) -> bytes:
-        """One SSE chunk; C{delta=None} for a chunk without choices (the usage chunk)."""
+    def _head(self) -> bytes:
+        """
+        A chunk's bytes up to its C{choices}: the same for every chunk of the
+        stream but C{created}, so they are serialised once a second, not per chunk.
+        """
+        created = int(time.time())
+        if created != self._created:
+            self._created = created
+            kind = b'"text_completion"' if self.text else b'"chat.completion.chunk"'
+            self._head_bytes = (b'data: {"id":' + _compact(self.id).encode() + b',"object":'
+                                + kind + b',"created":%d,"model":' % created
+                                + _compact(self.model).encode() + b',"choices":')
+        return self._head_bytes
+
+    def _chunk(self, delta: dict[str, Any] | None, finish: str | None,
+               usage: dict[str, int] | None = None) -> bytes:
+        """
+        One SSE chunk (as C{json.dumps} with compact separators writes it);
+        C{delta=None} for a chunk without choices (the C{usage} chunk).
+        """
         if delta is None:
             choices: list[Any] = []
         elif self.text:
@@ -309,15 +332,19 @@ class StreamTranslator:
                         "finish_reason": finish}]
         else:
             choices = [{"index": 0, "delta": delta, "finish_reason": finish}]
-        chunk = {
-            "id": self.id,
-            "object": "text_completion" if self.text else "chat.completion.chunk",
-            "created": int(time.time()),
-            "model": self.model,
-            "choices": choices,
-            **extra,
-        }
-        return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+        out = self._head() + _compact(choices).encode()
+        if usage is not None:
+            out += b',"usage":' + _compact(usage).encode()
+        return out + b"}\n\n"
+
+    def _content(self, content: Any) -> bytes:
+        """C{self._chunk({"content": content}, None)} (most lines' chunk), without its dicts."""
+        text = _compact(content).encode()
+        if self.text:
+            return (self._head() + b'[{"index":0,"text":' + text
+                    + b',"logprobs":null,"finish_reason":null}]}\n\n')
+        return (self._head() + b'[{"index":0,"delta":{"content":' + text
+                + b'},"finish_reason":null}]}\n\n')
 
     def _line(self, line: bytes) -> bytes:
         try:
@@ -327,9 +354,7 @@ class StreamTranslator:
         if not isinstance(obj, dict):
             return b""
         if "error" in obj:
-            err = {"error": {"message": str(obj["error"]), "type": "upstream_error",
-                             "code": "ollama_error"}}
-            return b"data: " + json.dumps(err).encode() + b"\n\n"
+            return sse_error_event(str(obj["error"]), "upstream_error", "ollama_error")
         out = b""
         if not self._started:
             self._started = True
@@ -337,9 +362,9 @@ class StreamTranslator:
         message = obj.get("message") or {}
         content = obj.get("response", "") if self.text else message.get("content", "")
         if content:
-            out += self._chunk({"content": content}, None)
-        calls = _tool_calls(message.get("tool_calls"), self._calls)
-        if calls:
+            out += self._content(content)
+        calls = message.get("tool_calls")
+        if calls and (calls := _tool_calls(calls, self._calls)):
             for i, call in enumerate(calls, self._calls):
                 call["index"] = i
             self._calls += len(calls)
@@ -349,26 +374,20 @@ class StreamTranslator:
             out += self._chunk({}, _finish_reason(obj, self._calls > 0))
             if self.include_usage:
                 # As OpenAI sends it: a chunk of its own, with no choices.
-                out += self._chunk(None, None, usage=self.usage)
+                out += self._chunk(None, None, self.usage)
             out += b"data: [DONE]\n\n"
             self.done = True
         return out
 
 
-class CompletionCollector:
-    """
-    Collect Ollama's non-streamed answer and give the OpenAI completion at
-    the end (the answer is one small JSON object).
-    """
+class _Collector:
+    """A JSON answer kept whole (up to C{limit} bytes) and translated at its end."""
 
     content_type = b"application/json"
+    #: The error past C{limit}.
+    too_large = "Ollama answer too large to translate"
 
-    def __init__(self, model: str, completion_id: str, limit: int = 8 * 1024 * 1024,
-                 text: bool = False) -> None:
-        """@param text: an C{/api/generate} answer, given as a C{text_completion}."""
-        self.model = model
-        self.id = completion_id
-        self.text = text
+    def __init__(self, limit: int) -> None:
         self._parts: list[bytes] = []
         self._size = 0
         self._limit = limit
@@ -378,9 +397,24 @@ class CompletionCollector:
     def feed(self, data: bytes) -> bytes:
         self._size += len(data)
         if self._size > self._limit:
-            raise ValueError("Ollama answer too large to translate")
+            raise ValueError(self.too_large)
         self._parts.append(data)
         return b""
+
+
+class CompletionCollector(_Collector):
+    """
+    Collect Ollama's non-streamed answer and give the OpenAI completion at
+    the end (the answer is one small JSON object).
+    """
+
+    def __init__(self, model: str, completion_id: str, limit: int = 8 * 1024 * 1024,
+                 text: bool = False) -> None:
+        """@param text: an C{/api/generate} answer, given as a C{text_completion}."""
+        super().__init__(limit)
+        self.model = model
+        self.id = completion_id
+        self.text = text
 
     def finish(self) -> bytes:
         raw = b"".join(self._parts)
@@ -408,29 +442,19 @@ class CompletionCollector:
         return json.dumps(answer).encode()
 
 
-class EmbedCollector:
+class EmbedCollector(_Collector):
     """
     Ollama's C{/api/embed} answer as an OpenAI embeddings list (floats, or
     base64 little-endian float32 with C{encoding_format: base64}, which the
     openai SDK asks for by default).
     """
 
-    content_type = b"application/json"
+    too_large = "Ollama embeddings too large to translate"
 
     def __init__(self, model: str, base64: bool = False, limit: int = 64 * 1024 * 1024) -> None:
+        super().__init__(limit)
         self.model = model
         self.base64 = base64
-        self._parts: list[bytes] = []
-        self._size = 0
-        self._limit = limit
-        self.usage: dict[str, int] | None = None
-
-    def feed(self, data: bytes) -> bytes:
-        self._size += len(data)
-        if self._size > self._limit:
-            raise ValueError("Ollama embeddings too large to translate")
-        self._parts.append(data)
-        return b""
 
     def finish(self) -> bytes:
         try:
@@ -454,8 +478,8 @@ class EmbedCollector:
                            "usage": {"prompt_tokens": prompt, "total_tokens": prompt}}).encode()
 
 
-def error_shape(status: int, message: str) -> dict[str, Any]:
-    """An Ollama error (its status and message) in the SPEC's error shape."""
+def error_kind(status: int, message: str) -> tuple[str, str]:
+    """The SPEC's C{error.type} and C{error.code} for an Ollama error (its status and message)."""
     if status == 404:
         code = "model_not_found" if "model" in message else "not_found"
         kind = "invalid_request_error"
@@ -465,7 +489,7 @@ def error_shape(status: int, message: str) -> dict[str, Any]:
         kind, code = "invalid_request_error", "bad_request"
     else:
         kind, code = "upstream_error", "ollama_error"
-    return {"error": {"message": message, "type": kind, "code": code}}
+    return kind, code
 
 
 class ErrorTranslator:
@@ -499,4 +523,4 @@ class ErrorTranslator:
             error = error.get("message")
         if not isinstance(error, str) or not error:
             error = raw[:500].decode("utf-8", "replace").strip() or f"Ollama answered {self.status}"
-        return json.dumps(error_shape(self.status, error)).encode()
+        return error_body(error, *error_kind(self.status, error))

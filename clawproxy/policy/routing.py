@@ -184,6 +184,15 @@ class Router:
         self.routes = [CompiledRoute(r, n) for n, r in enumerate(config.routes)]
         self.aliases = dict(config.models.aliases or {})
         self.fallbacks = dict(config.models.fallbacks or {})
+        # Each model's chain for fallbacks_of, worked out once: its own, else
+        # the first declared under an alias of it; aliases resolved, the
+        # model itself and repeats left out.
+        self._chains: dict[str, tuple[str, ...]] = {}
+        for model, chain in self.fallbacks.items():
+            self._chains[model] = self._resolved(model, chain)
+        for alias, target in self.aliases.items():
+            if alias in self.fallbacks and target not in self._chains:
+                self._chains[target] = self._resolved(target, self.fallbacks[alias])
         self._pool_models = [
             (name, [_value_matcher(m) for m in p.models]) for name, p in config.pools.items()
         ]
@@ -232,17 +241,9 @@ class Router:
 
     def fallbacks_of(self, model: str | None) -> tuple[str, ...]:
         """The models to try, in order, when C{model}'s pool fails (aliases resolved)."""
-        if model is None or not self.fallbacks:
-            return ()
-        chain = self.fallbacks.get(model)
-        if chain is None:
-            # The chain may be declared under an alias of the model.
-            for alias, target in self.aliases.items():
-                if target == model and alias in self.fallbacks:
-                    chain = self.fallbacks[alias]
-                    break
-            else:
-                return ()
+        return self._chains.get(model, ()) if model is not None else ()
+
+    def _resolved(self, model: str, chain: Sequence[str]) -> tuple[str, ...]:
         out: dict[str, None] = {}
         for m in chain:
             m = self.resolve_model(m)

@@ -10,8 +10,10 @@ Where the figures come from:
   - Ollama answers (C{/api/chat}, C{/api/generate}, one JSON object or NDJSON
     lines): C{prompt_eval_count} and C{eval_count} of the C{done} object.
 
-Only the end of a body is parsed: a stream is scanned for the usage chunk
-with a substring test, and the JSON of at most a few events is decoded.
+A JSON answer is decoded once, at its end (whole, up to a size cap). Of a
+stream only the events that carry a C{usage} object are decoded, found with
+a substring test: in the last few events when the chunks pass unchanged,
+as they pass when the usage chunk is taken out of the stream.
 
 When no backend reports usage, the figures are estimates (L{Usage.estimated}):
 prompt tokens are the characters of the request's text (messages, prompt,

@@ -18,6 +18,7 @@ C{inject_headers}, limits) of the agent of that name under C{agents}, or default
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from zope.interface import implementer
@@ -45,7 +46,6 @@ __all__ = [
     "AuthSection",
     "Enforce",
     "HeadAuthCheck",
-    "HeadKeyCheck",
     "Identify",
     "InjectHeaders",
     "auth_parts",
@@ -104,9 +104,8 @@ class Identify:
         methods += ["jwt"] if self.jwt is not None else []
         return f"<Identify {', '.join(methods)} {self.store!r}>"
 
-    @property
     def missing(self) -> Rejected:
-        """The 401 for a request without credentials, naming the accepted kinds."""
+        """A new 401 for a request without credentials, naming the accepted kinds."""
         return missing_credentials(self.header_name, self.api_keys, self.jwt is not None)
 
     def authenticate(self, headers: Any) -> Agent | None:
@@ -165,7 +164,8 @@ class Enforce:
     name = "authorize"
     phase = "route"
 
-    def __init__(self, header_name: str = "X-API-Key", missing: Rejected | None = None):
+    def __init__(self, header_name: str = "X-API-Key",
+                 missing: Callable[[], Rejected] | None = None):
         self.header_name = header_name
         self.missing = missing
 
@@ -281,11 +281,7 @@ class HeadAuthCheck:
         if routes and all(
             r.config.auth_required or r.config.allowed_agents is not None for r in routes
         ):
-            raise stage.missing
-
-
-#: The name this check had when it checked API keys only.
-HeadKeyCheck = HeadAuthCheck
+            raise stage.missing()
 
 
 def _reachable(routes: list[Any], headers: Any, query: Any = None) -> list[Any]:

@@ -44,6 +44,7 @@ from clawproxy.stores.errors import StoreError
 from clawproxy.stores.memory import MemoryStore
 from clawproxy.units import Rate
 from clawproxy.web.context import RequestContext
+from clawproxy.web.headers import _is_trusted
 
 __all__ = ["Limiter", "LimitsSection", "PoolLimits", "RouteLimits", "client_address",
            "limits_parts"]
@@ -66,27 +67,19 @@ def client_address(ctx: RequestContext, trusted: Sequence[Any]) -> str:
     C{X-Forwarded-For} chain that is not itself a trusted proxy.
     """
     peer = ctx.client_ip
-    if not trusted or not _trusted(peer, trusted):
+    if not trusted or not _is_trusted(peer, trusted):
         return peer
     values = ctx.request.requestHeaders.getRawHeaders(b"x-forwarded-for")
     if not values:
         return peer
     chain = [a.strip() for v in values for a in v.decode("latin-1").split(",") if a.strip()]
     for address in reversed(chain):
-        if not _trusted(address, trusted):
+        if not _is_trusted(address, trusted):
             try:
                 return str(ipaddress.ip_address(address))
             except ValueError:
                 return peer  # garbage from (or through) the proxy: not believed
     return chain[0] if chain else peer
-
-
-def _trusted(address: str, trusted: Sequence[Any]) -> bool:
-    try:
-        addr = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return any(addr in net for net in trusted)
 
 
 def _session_id(ctx: RequestContext) -> str | None:

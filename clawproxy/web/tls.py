@@ -5,7 +5,6 @@ whose certificate and key can be replaced while the listeners keep running.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from OpenSSL import SSL
@@ -17,9 +16,8 @@ from twisted.web.http import H2_ENABLED
 from zope.interface import implementer
 
 from clawproxy.config import ConfigError, TLSConfig
-from clawproxy.pem import PemError, check_pair, read_certificates
+from clawproxy.pem import PemError, certificate_pems, check_pair, read_certificates
 
-_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----\s*", re.S)
 _VERSIONS = {"TLSv1.2": TLSVersion.TLSv1_2, "TLSv1.3": TLSVersion.TLSv1_3}
 
 
@@ -28,10 +26,7 @@ def context_factory(cfg: TLSConfig) -> CertificateOptions:
     Server TLS options from the configured PEM files, with their context
     already made (so a key that does not fit its certificate fails here).
     """
-    with open(cfg.cert, "rb") as f:
-        pems = _PEM_CERT.findall(f.read())
-    if not pems:
-        raise ValueError(f"{cfg.cert}: no PEM certificate found")
+    pems = certificate_pems(cfg.cert)
     with open(cfg.key, "rb") as f:
         key = KeyPair.load(f.read(), 1)  # 1 = FILETYPE_PEM
     certs = [Certificate.loadPEM(p).original for p in pems]

@@ -1,6 +1,7 @@
 """
 Request rewrites decided by the gateway and applied by the relay: model
-aliases, and the OpenAI -> Ollama translation for C{protocol: ollama} pools.
+aliases, a body a request stage changed, and the OpenAI -> Ollama
+translation for C{protocol: ollama} pools (request, answer and errors).
 """
 
 from __future__ import annotations
@@ -21,10 +22,8 @@ class BodyTranslator(Protocol):
 
 class Rewrite:
     """
-    Send C{body} (and, if given, C{path}) upstream instead of the client's.
-
-    @ivar response: makes a L{BodyTranslator} for a successful response, or
-        None to relay it unchanged.
+    Send C{body} (and, if given, C{path}) upstream instead of the client's;
+    L{response} and L{error} say how to translate what comes back.
     """
 
     def __init__(self, body: dict[str, Any], path: bytes | None = None) -> None:
@@ -32,6 +31,7 @@ class Rewrite:
         self.path = path
 
     def response(self) -> BodyTranslator | None:
+        """Makes a L{BodyTranslator} for a successful answer, or None to relay it."""
         return None
 
     def error(self, status: int) -> BodyTranslator | None:
@@ -42,12 +42,19 @@ class Rewrite:
 class OllamaChat(Rewrite):
     """An OpenAI chat completion sent to Ollama's C{/api/chat} and translated back."""
 
+    #: Ollama's endpoint, the builder of its request, the prefix of the
+    #: OpenAI answer's id, and whether that answer is a C{text_completion}.
+    _endpoint = b"/api/chat"
+    _build = staticmethod(ollama.chat_request)
+    _id_prefix = "chatcmpl-"
+    _text = False
+
     def __init__(self, body: dict[str, Any], model: str, request_id: str) -> None:
-        super().__init__(ollama.chat_request(body, model), b"/api/chat")
+        super().__init__(self._build(body, model), self._endpoint)
         self.model = model
         self.stream = bool(body.get("stream", False))
         self.include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        self.completion_id = "chatcmpl-" + request_id
+        self.completion_id = self._id_prefix + request_id
 
     #: The translator of the answer, once L{response} made it (its C{usage}
     #: holds the counts Ollama reported, for token accounting).
@@ -56,9 +63,10 @@ class OllamaChat(Rewrite):
     def response(self) -> BodyTranslator:
         if self.stream:
             self.translator = ollama.StreamTranslator(self.model, self.completion_id,
-                                                      self.include_usage)
+                                                      self.include_usage, text=self._text)
         else:
-            self.translator = ollama.CompletionCollector(self.model, self.completion_id)
+            self.translator = ollama.CompletionCollector(self.model, self.completion_id,
+                                                         text=self._text)
         return self.translator
 
     def error(self, status: int) -> BodyTranslator:
@@ -68,21 +76,10 @@ class OllamaChat(Rewrite):
 class OllamaCompletion(OllamaChat):
     """An OpenAI (legacy) completion sent to Ollama's C{/api/generate}."""
 
-    def __init__(self, body: dict[str, Any], model: str, request_id: str) -> None:
-        Rewrite.__init__(self, ollama.generate_request(body, model), b"/api/generate")
-        self.model = model
-        self.stream = bool(body.get("stream", False))
-        self.include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        self.completion_id = "cmpl-" + request_id
-
-    def response(self) -> BodyTranslator:
-        if self.stream:
-            self.translator = ollama.StreamTranslator(self.model, self.completion_id,
-                                                      self.include_usage, text=True)
-        else:
-            self.translator = ollama.CompletionCollector(self.model, self.completion_id,
-                                                         text=True)
-        return self.translator
+    _endpoint = b"/api/generate"
+    _build = staticmethod(ollama.generate_request)
+    _id_prefix = "cmpl-"
+    _text = True
 
 
 class OllamaEmbed(OllamaChat):
