@@ -182,6 +182,16 @@ class IAdminSection(Interface):
     of C{clawproxy status}) and, optionally, endpoints of its own
     (C{GET /admin/limits}, C{DELETE /admin/cache}...). Sections follow the
     data plane: a reload replaces them.
+
+    With C{server.workers > 1} the parent serves C{/admin/status} but no
+    traffic: it shows, under the section's name, the merge of the statuses
+    its workers' sections report (about once a second; see
+    L{clawproxy.workers.sections}). A section may define
+    C{merge(statuses)} (a list of JSON-decoded statuses, one per worker) to
+    say how; without it numbers are summed, values equal in every worker
+    kept, and other values listed per worker, so a section whose numbers
+    are not amounts (averages, limits, states) should define it. The
+    section's C{endpoints()} stay the parent's own.
     """
 
     name = Attribute("Key of the section in C{/admin/status}, e.g. C{'limits'}.")
@@ -352,6 +362,13 @@ class IStateStore(Interface):
     """
 
     backend = Attribute("C{'memory'} or C{'redis'}.")
+    shared = Attribute(
+        "Whether other processes see this store's state: C{False} for a"
+        " process's own memory store, C{True} for Redis and for a worker's view"
+        " of its parent's memory store (C{server.workers > 1}). A feature that"
+        " keeps state in-process when the store is not shared must take its"
+        " shared path (state in the store) whenever this is true, or it would"
+        " be split between processes silently.")
 
     def connect():
         """

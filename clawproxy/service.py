@@ -128,6 +128,11 @@ class Gateway(MultiService):
             self.store: Any = AmpStore(reactor, self.metrics)
         else:
             self.store = build_store(config.store, reactor, self.metrics)
+            if self.is_parent:
+                # The parent serves its memory store to the workers: its own
+                # parts (the admin API's cache drop, breakers) see the state
+                # the workers keep there.
+                self.store.shared = True
         self._build(config)
         self.site = GatewaySite(
             self.resource, max_body_size=config.server.max_body_size,
@@ -164,6 +169,8 @@ class Gateway(MultiService):
         )
         if self.supervisor is not None:
             self.registry.watch(self.supervisor)
+        if self.worker is not None:
+            self.plane.resource.worker_index = str(self.worker.index).encode()
         self.prober = HealthProber(self.registry, self.agent, self.reactor)
 
     @property
@@ -226,7 +233,7 @@ class Gateway(MultiService):
             self.supervisor.setServiceParent(self)
             self.listeners.extend(self.supervisor.listeners)
             self.admin.metrics_text = self.supervisor.metrics_text
-            self.admin.sections = [*self.admin.sections, ProcessesSection(self.supervisor)]
+            self.admin.sections = self._parent_sections()
         for endpoint, factory, role, source in listeners:
             svc = Listener(endpoint, factory, role, source)
             svc.setServiceParent(self)
@@ -235,6 +242,17 @@ class Gateway(MultiService):
             self.prober.setServiceParent(self)
         if not self.is_parent:
             _Shutdown(self).setServiceParent(self)
+
+    def _parent_sections(self) -> list[Any]:
+        """The parent's admin sections: the data plane's, merged from its workers'."""
+        from clawproxy.workers.sections import MergedBreakers, MergedSection
+
+        statuses = self.supervisor.section_statuses
+        sections = [MergedSection(s, statuses) for s in self.plane.parts.admin_sections]
+        for merged in sections:
+            if merged.name == "circuit_breakers":
+                self.admin.breakers = MergedBreakers(self.breakers, merged)
+        return [*sections, ProcessesSection(self.supervisor)]
 
     def _early_checks(self, method: bytes, path: bytes, headers: Any) -> None:
         """Header-time checks of the data plane in force (they follow a reload)."""
@@ -297,7 +315,7 @@ class Gateway(MultiService):
         if self.worker is None:
             self.prober.setServiceParent(self)
         if self.supervisor is not None:
-            self.admin.sections = [*self.admin.sections, ProcessesSection(self.supervisor)]
+            self.admin.sections = self._parent_sections()
             self.supervisor.reload()
         self.log.info("configuration reloaded from {path}", path=config.source)
         return succeed([])

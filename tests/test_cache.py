@@ -454,6 +454,7 @@ class FailingStore:
     """A shared store that cannot be reached."""
 
     backend = "redis"
+    shared = True
 
     def run(self, script: Any, keys: Any, args: Any) -> Any:
         return fail(StoreUnavailable("store cache: Redis did not answer within 0.2s"))

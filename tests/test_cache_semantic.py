@@ -86,3 +86,56 @@ class SemanticTests(SynchronousTestCase):
         self.assertEqual(len(cache.semantic.index), 0)
         self.assertEqual(gw.ask(ask_about("what's the weather in paris today"))
                          .header("X-Cache"), "MISS")
+
+
+class SharedSemanticTests(SynchronousTestCase):
+    """
+    With a shared cache (Redis, or the parent's memory store that workers
+    share), the semantic index is in the store too: a paraphrase finds what
+    another gateway or worker stored.
+    """
+
+    def test_paraphrase_hits_across_planes(self) -> None:
+        from twisted.internet.task import Clock
+
+        from clawproxy.stores.memory import MemoryStore
+        from clawproxy.web.semantic_cache import StoredSemanticLookup
+
+        store = MemoryStore(Clock())
+        store.shared = True  # as the parent's, which its workers see
+        one = CacheHarness(self, config({"ttl": "1m", "semantic": True}), store=store)
+        two = CacheHarness(self, config({"ttl": "1m", "semantic": True}), store=store)
+        cache = two.plane.parts.stages[-1].cache
+        self.assertIsInstance(cache.semantic, StoredSemanticLookup)
+        first = one.ask(ask_about("What is the weather in Paris today?"))
+        self.assertEqual(first.header("X-Cache"), "MISS")
+        again = two.ask(ask_about("what's the weather in paris today"))
+        self.assertEqual(again.header("X-Cache"), "SEMANTIC-HIT")
+        self.assertEqual(again.body, first.body)
+        self.assertEqual(two.ask(ask_about("What is the weather in Rome today?"))
+                         .header("X-Cache"), "MISS")
+        self.assertEqual(one.llm.calls + two.llm.calls, 2)
+
+    def test_dropped_entry_is_forgotten(self) -> None:
+        """After an admin drop, a paraphrase misses, and the index forgets the dropped id."""
+        from twisted.internet.task import Clock
+
+        from clawproxy.stores.memory import MemoryStore
+
+        store = MemoryStore(Clock())
+        store.shared = True
+
+        def indexed() -> set[bytes]:
+            return {line.split(b" ")[1] for key, (value, _) in store.keys._data.items()
+                    if key.startswith("cache:semantic:") for line in value.split(b"\n")
+                    if line}
+
+        gw = CacheHarness(self, config({"ttl": "1m", "semantic": True}), store=store)
+        gw.ask(ask_about("What is the weather in Paris today?"))
+        (dropped,) = indexed()
+        cache = gw.plane.parts.stages[-1].cache
+        self.assertEqual(self.successResultOf(cache.drop(None, None)), 1)
+        self.assertEqual(gw.ask(ask_about("what's the weather in paris today"))
+                         .header("X-Cache"), "MISS")
+        self.assertNotIn(dropped, indexed())
+        self.assertEqual(len(indexed()), 1)  # the paraphrase's own answer

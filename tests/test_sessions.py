@@ -34,6 +34,7 @@ class DownStore:
     """A store that cannot be reached."""
 
     backend = "redis"
+    shared = True
 
     def __init__(self) -> None:
         self.calls = 0

@@ -66,6 +66,7 @@ class Broken:
     """A store that cannot be reached."""
 
     backend = "redis"
+    shared = True
 
     def run(self, *a: Any) -> Any:
         return fail(StoreUnavailable("no connection to Redis"))
@@ -81,6 +82,7 @@ class Slow:
     """
 
     backend = "redis"
+    shared = True
 
     def __init__(self, clock: Clock) -> None:
         self.memory = MemoryStore(clock)

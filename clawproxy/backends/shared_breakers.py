@@ -331,12 +331,13 @@ def breaker_board(config: Any, clock: IReactorTime, metrics: Any, store: Any,
                   previous: Any = None) -> BreakerBoard | NoBreakers:
     """
     The breaker board for C{config}: L{NoBreakers} when every pool turns
-    C{circuit_breaker} off; a L{SharedBreakerBoard} with C{store.backend:
-    redis}; else a L{BreakerBoard}.
+    C{circuit_breaker} off; a L{SharedBreakerBoard} when the store is shared
+    (C{store.shared}: Redis, or a worker's view of its parent's memory
+    store); else a L{BreakerBoard}.
 
     @param previous: the board of the data plane a reload replaces.
     """
-    if getattr(store, "backend", None) == "redis":
+    if getattr(store, "shared", False):
         return SharedBreakerBoard.from_config(config, clock, metrics, previous=previous,
                                               store=store)
     return BreakerBoard.from_config(config, clock, metrics, previous=previous)

@@ -774,7 +774,9 @@ class CacheConfig:
     """The response cache store shared by routes that enable caching."""
 
     store: str = f.setting(f.choice("memory", "redis"), "memory", "Where entries live:"
-                           " ``memory`` (this gateway's) or ``redis`` (the ``store`` section's"
+                           " ``memory`` (this gateway's memory; with ``server.workers`` > 1,"
+                           " the parent's memory store, shared by its workers, which needs"
+                           " ``store.backend: memory``) or ``redis`` (the ``store`` section's"
                            " Redis, shared by every gateway on it; needs ``store.backend:"
                            " redis``).")
     max_entries: int = f.setting(f.integer(low=1), 10000, "Entries at most.")
@@ -911,6 +913,12 @@ class Config:
                           "needs models.prices (spend is priced per model)")
         if self.cache.store == "redis" and self.store.backend != "redis":
             error("cache.store", "redis needs store.backend: redis")
+        if (self.cache.store == "memory" and self.store.backend == "redis"
+                and self.server.workers > 1
+                and any(r.cache is not None for r in self.routes)):
+            error("cache.store", "memory with store.backend: redis and server.workers > 1"
+                  " would give each worker a cache of its own: use cache.store: redis (or"
+                  " store.backend: memory, whose store the parent shares with its workers)")
         _check_shared_tls(self.pools, error)
         if self.auth is None and any(agent.keys for agent in self.agents.values()):
             return attrs.evolve(self, auth=AuthConfig(api_key=ApiKeyConfig()))

@@ -487,6 +487,35 @@ class BreakerBoard:
         """The C{circuit_breakers} section of C{/admin/status}."""
         return {name: b.describe() for name, b in self.breakers.items()}
 
+    @staticmethod
+    def merge(statuses: list[dict[str, Any]]) -> dict[str, Any]:
+        """
+        The workers' sections as one (C{server.workers > 1}): each breaker in
+        its worst state among the workers (C{OPEN}, then C{HALF_OPEN}), its
+        counts summed, its latest failure and transition, its longest wait.
+        """
+        worst = {OPEN: 2, HALF_OPEN: 1, CLOSED: 0}
+        out: dict[str, Any] = {}
+        for status in statuses:
+            for name, b in status.items():
+                m = out.get(name)
+                if m is None:
+                    out[name] = dict(b)
+                    continue
+                if worst.get(b["state"], 0) > worst.get(m["state"], 0):
+                    m["state"] = b["state"]
+                for key in ("failure_count", "success_count", "transitions",
+                            "probes_in_flight"):
+                    m[key] = m.get(key, 0) + b.get(key, 0)
+                for key in ("last_failure_time", "retry_after"):
+                    if b.get(key) is not None and (m.get(key) is None or b[key] > m[key]):
+                        m[key] = b[key]
+                last = b.get("last_transition")
+                if last and (not m.get("last_transition")
+                             or last["at"] > m["last_transition"]["at"]):
+                    m["last_transition"] = last
+        return out
+
     def endpoints(self) -> dict[Any, Any]:
         return {}
 

@@ -195,6 +195,8 @@ class AmpStore:
     """
 
     backend = "memory"
+    #: The parent's memory store, seen by every worker of the gateway.
+    shared = True
 
     #: Seconds a call may take: the parent answers from memory, so only a
     #: parent stuck or gone gets near it.

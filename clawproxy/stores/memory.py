@@ -117,6 +117,8 @@ class MemoryStore:
     """
 
     backend = "memory"
+    #: This process's own memory: no other process sees it.
+    shared = False
 
     def __init__(self, clock: IReactorTime, metrics: Any = None) -> None:
         self._clock = clock

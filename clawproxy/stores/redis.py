@@ -121,6 +121,8 @@ class RedisStore:
     """
 
     backend = "redis"
+    #: Every gateway (and worker) on the same Redis sees the same state.
+    shared = True
     log = Logger()
 
     #: Connections kept open; commands are pipelined on each.

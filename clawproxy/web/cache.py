@@ -44,6 +44,7 @@ from clawproxy.interfaces import (
 from clawproxy.metrics import Metrics
 from clawproxy.web.coalesce import Coalescer
 from clawproxy.web.context import LocalResponse, RequestContext
+from clawproxy.workers.sections import merge_statuses
 
 log = Logger()
 
@@ -123,7 +124,9 @@ class ResponseCache:
         self.metrics = metrics
         self.stale = max((fb.max_stale or 0.0 for fb in config.fallbacks.values()
                           if fb.type == "cache"), default=0.0)
-        if cc.store == "redis":
+        # A worker's memory store is its parent's (C{store.shared}): entries
+        # go there, through the same scripts as in Redis, for every worker.
+        if cc.store == "redis" or (store.shared and store.backend == "memory"):
             longest = max((r.cache.ttl for r in config.routes if r.cache is not None),
                           default=0.0) + self.stale
             self.backend: Any = SharedCache(store, clock, cc.max_entries, cc.max_bytes,
@@ -438,6 +441,24 @@ class CacheAdmin:
     def endpoints(self) -> dict[tuple[bytes, bytes], Any]:
         return {(b"DELETE", b"/admin/cache"): self._delete}
 
+    @staticmethod
+    def merge(statuses: list[dict[str, Any]]) -> dict[str, Any]:
+        """
+        The workers' sections as one (C{server.workers > 1}): lookups and
+        coalescing summed, the hit ratio of the sums; the workers share one
+        store, so C{entries} and C{bytes} are the largest any worker saw at
+        its last store (each worker's figure is as of its own last store).
+        """
+        out = merge_statuses(statuses)
+        for key in ("entries", "bytes"):
+            out[key] = max(s.get(key, 0) for s in statuses)
+        for key in ("backend", "max_entries", "max_bytes"):
+            out[key] = statuses[-1].get(key)
+        found = out.get("hit", 0) + out.get("semantic_hit", 0)
+        lookups = found + out.get("miss", 0)
+        out["hit_ratio"] = round(found / lookups, 4) if lookups else 0.0
+        return out
+
     def _delete(self, request: Any) -> Deferred[dict[str, Any]]:
         args = request.args or {}
 
@@ -458,9 +479,12 @@ def cache_parts(*, config: Config, store: Any, clock: IReactorTime, metrics: Met
         return []
     cache = ResponseCache(config, store, clock, metrics)
     if any(r.cache is not None and r.cache.enabled and r.cache.semantic for r in config.routes):
-        from clawproxy.web.semantic_cache import SemanticLookup
+        from clawproxy.web.semantic_cache import SemanticLookup, StoredSemanticLookup
 
-        cache.semantic = SemanticLookup(config.cache.max_entries)
+        if isinstance(cache.backend, SharedCache):
+            cache.semantic = StoredSemanticLookup(store, cache.backend.longest_life)
+        else:
+            cache.semantic = SemanticLookup(config.cache.max_entries)
     coalescer = Coalescer(metrics)
     return [CacheLookup(cache), CacheFill(cache), CacheFallback(cache), coalescer,
             CacheAdmin(cache, coalescer)]

@@ -99,6 +99,9 @@ class GatewayResource(Resource):
     log = Logger()
     #: Requests being answered now (the shutdown drain waits for zero).
     in_flight = 0
+    #: In a worker of C{server.workers > 1}, its number (bytes), sent back
+    #: as C{X-Clawproxy-Worker} on every response; L{None} otherwise.
+    worker_index: bytes | None = None
 
     def __init__(
         self,
@@ -155,6 +158,8 @@ class GatewayResource(Resource):
             started=self.clock.seconds(),
         )
         request.setHeader(b"x-request-id", ctx.request_id.encode())
+        if self.worker_index is not None:
+            request.setHeader(b"x-clawproxy-worker", self.worker_index)
         self.in_flight += 1
         # Ask before handling: a request answered at once (builtin endpoint,
         # 4xx, fallback) finishes inside ensureDeferred, and a notifyFinish()

@@ -483,6 +483,31 @@ class LimitsSection:
             },
         }
 
+    @staticmethod
+    def merge(statuses: list[dict[str, Any]]) -> dict[str, Any]:
+        """
+        The workers' sections as one (C{server.workers > 1}): requests,
+        refusals and queues summed; a limit's C{remaining} the least and its
+        C{reset} the longest any worker last saw (they decide on one shared
+        store); the store healthy if every worker reaches it.
+        """
+        from clawproxy.workers.sections import merge_statuses
+
+        out = merge_statuses(statuses)
+        stores = [s["store"] for s in statuses if "store" in s]
+        if stores:
+            out["store"] = {"backend": stores[0].get("backend"),
+                            "healthy": all(s.get("healthy") for s in stores),
+                            "latency_ms": max(s.get("latency_ms", 0) for s in stores),
+                            "errors": sum(s.get("errors", 0) for s in stores)}
+        for who, use in out.get("agents", {}).items():
+            for name, limit in use.get("limits", {}).items():
+                seen = [s["agents"][who]["limits"][name] for s in statuses
+                        if name in s.get("agents", {}).get(who, {}).get("limits", {})]
+                limit["remaining"] = min(x["remaining"] for x in seen)
+                limit["reset"] = max(x["reset"] for x in seen)
+        return out
+
     def endpoints(self) -> dict[tuple[bytes, bytes], Any]:
         return {(b"GET", b"/admin/limits"): self._agent}
 

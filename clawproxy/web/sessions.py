@@ -1,7 +1,7 @@
 """
-Session affinity: the key that names a request's session, and (with
-C{store.backend: redis}) the sessions' instances shared by every gateway on
-the store.
+Session affinity: the key that names a request's session, and (with a
+shared store: Redis, or the parent's memory store with C{server.workers > 1})
+the sessions' instances shared by every gateway and worker on the store.
 
 Each pool's L{AffinityTable<clawproxy.policy.affinity.AffinityTable>} stays
 the one the registry decides with; L{SharedAffinity} fills it from the store
@@ -138,8 +138,8 @@ def affinity_parts(config: Any, store: Any, **_: Any) -> Iterable[Any]:
     The feature (L{clawproxy.web.dataplane.FEATURES}): with a shared store
     and a pool with session affinity, L{SharedAffinity}; nothing otherwise.
     """
-    if store.backend == "memory":
-        return ()
     if not any(p.session_affinity is not None for p in config.pools.values()):
+        return ()
+    if not store.shared:
         return ()
     return (SharedAffinity(store),)

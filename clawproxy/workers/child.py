@@ -87,6 +87,7 @@ def worker_status(gateway: Any) -> dict[str, Any]:
             sample.value for family in gateway.metrics.requests_total.collect()
             for sample in family.samples if sample.name.endswith("_total"))),
         "instances": instances,
+        "sections": {s.name: s.status() for s in gateway.admin.sections},
     }
 
 

@@ -326,6 +326,11 @@ class Supervisor(MultiService):
                            "requests": sum(r["requests"] for r in rows),
                            "restarts": sum(r["restarts"] for r in rows)}}
 
+    def section_statuses(self, name: str) -> list[Any]:
+        """The latest status of section C{name} from each worker that reported one."""
+        return [w.status["sections"][name] for w in self.workers
+                if name in w.status.get("sections", ())]
+
     def in_flight(self) -> int:
         return sum(w.status.get("in_flight", 0) for w in self.workers)
 

@@ -20,7 +20,9 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseNeverReceived
 
+from clawproxy.config.fields import hash_key
 from tests.integration.helpers import HELLO, Harness, Process, bounded, tick, wait_for
+from tests.integration.test_budgets import outside_window_end
 from tests.integration.test_process import TWISTD, listening
 
 CONFIG = """\
@@ -35,7 +37,7 @@ pools:
     instances:
       - {{id: sim-1, url: "{sim}"}}
     health_check: {{path: /health, interval: 1s}}
-routes:
+{pool}routes:
   - path: /v1/chat/completions
     methods: [POST]
 {extra}
@@ -56,12 +58,12 @@ class Workers:
         self.fresh = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor,
                                                                        persistent=False)))
 
-    def write(self, extra: str = "") -> None:
+    def write(self, extra: str = "", pool: str = "") -> None:
         with open(self.h.path("gateway.yaml"), "w") as f:
-            f.write(CONFIG.format(sim=self.sim.url, extra=extra))
+            f.write(CONFIG.format(sim=self.sim.url, extra=extra, pool=pool))
 
-    async def start(self, extra: str = "") -> Process:
-        self.write(extra)
+    async def start(self, extra: str = "", pool: str = "") -> Process:
+        self.write(extra, pool)
         self.proc = self.h.spawn(*TWISTD, "-n", "--pidfile=", "clawproxy", "-c", "gateway.yaml")
         self.url = f"http://127.0.0.1:{await listening(self.proc, 'clawproxy data plane')}"
         self.admin = f"http://127.0.0.1:{await listening(self.proc, 'clawproxy admin')}"
@@ -101,6 +103,8 @@ class Workers:
 
         await DeferredList([Deferred.fromCoroutine(loop()) for _ in range(clients)])
         return outcomes
+
+BUDGET_KEY = "sk-budget-agent-0123456789"
 
 
 def sample(text: str, name: str) -> float:
@@ -148,6 +152,12 @@ class WorkersTests(TestCase):
         self.assertEqual(sample(text, "clawproxy_requests_total"), 160)
         self.assertEqual(sample(text, 'clawproxy_backend_up{instance="sim-1",pool="sim"}'), 1)
         self.assertEqual(sample(text, "clawproxy_worker_restarts_total"), 0)
+        # The tokens section is the sum of the workers' (the parent serves none).
+        completion = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                         if line.startswith("clawproxy_tokens_total{")
+                         and 'kind="completion"' in line)
+        self.assertGreater(completion, 0)
+        self.assertEqual(status["tokens"]["pools"]["sim"]["completion_tokens"], completion)
 
     async def test_killed_worker_replaced(self) -> None:
         """
@@ -228,3 +238,151 @@ class WorkersTests(TestCase):
         self.assertIn(code, (0, -signal.SIGTERM), w.proc.output[-2000:])
         self.assertNotIn("Traceback", w.proc.output)
         self.assertEqual(w.proc.output.count("Server Shut Down."), 3)
+
+
+class SharedStateTests(TestCase):
+    """
+    With C{store.backend: memory}, the parent's store is every worker's:
+    what one worker learns (a cached answer, an open breaker, tokens spent)
+    holds in the other. C{X-Clawproxy-Worker} says which worker answered.
+    """
+
+    timeout = 120
+
+    async def pinned(self, w: Workers, only: str | None = None, **agent: Any
+                     ) -> dict[str, Any]:
+        """
+        A client per worker (or for worker C{only}): each keeps one
+        connection, accepted by that worker.
+        """
+        clients: dict[str, Any] = {}
+        wanted = 1 if only else 2
+        for _ in range(100):
+            client = w.h.client(**agent)
+            response = await bounded(client.get(w.url + "/health"))
+            await bounded(response.content())
+            index = response.headers.getRawHeaders("x-clawproxy-worker")[0]
+            if only in (None, index):
+                clients.setdefault(index, client)
+            if len(clients) == wanted:
+                return clients
+        self.fail(f"only worker(s) {sorted(clients)} accepted 100 connections")
+
+    async def post(self, client: Any, w: Workers, **kw: Any) -> tuple[Any, bytes]:
+        response = await bounded(client.post(w.url + "/v1/chat/completions",
+                                             json={**HELLO, "max_tokens": 8}, **kw), 10)
+        return response, await bounded(response.content(), 10)
+
+    async def test_cache_entry_shared(self) -> None:
+        """An answer one worker cached is a HIT in the other; one upstream call."""
+        w = Workers(self)
+        await w.start("    cache: {ttl: 1m}\n")
+        one, two = (await self.pinned(w)).values()
+        first, body = await self.post(one, w)
+        self.assertEqual((first.code, first.headers.getRawHeaders("x-cache")), (200, ["MISS"]))
+        second, again = await self.post(two, w)
+        self.assertEqual((second.code, second.headers.getRawHeaders("x-cache")),
+                         (200, ["HIT"]))
+        self.assertNotEqual(first.headers.getRawHeaders("x-clawproxy-worker"),
+                            second.headers.getRawHeaders("x-clawproxy-worker"))
+        self.assertEqual(again, body)
+        self.assertEqual(w.sim.resource.requests_served, 1)
+        # The parent's cache section merges both workers' counts.
+        cache: dict[str, Any] = {}
+        for _ in range(50):
+            cache = (await w.status())["cache"]
+            if cache["hit"] + cache["miss"] == 2:
+                break
+            await tick(0.1)
+        self.assertEqual((cache["hit"], cache["miss"], cache["hit_ratio"], cache["entries"]),
+                         (1, 1, 0.5, 1), cache)
+
+    async def test_breaker_shared(self) -> None:
+        """A breaker opened by the failures one worker saw is open in the other."""
+        w = Workers(self)
+        await w.start(pool="    circuit_breaker: {failure_threshold: 3, open_timeout: 30s,"
+                           " jitter: 0}\n")
+        # A client's failures count once (ClientBound): three clients, all on worker 1.
+        ones = [(await self.pinned(w, "1", bindAddress=(f"127.0.0.{10 + i}", 0)))["1"]
+                for i in range(3)]
+        two = (await self.pinned(w, "2"))["2"]
+        w.sim.resource.set_failure_rate(1.0)
+        for one in ones:
+            response, body = await self.post(one, w)
+            self.assertEqual(response.code, 500, body)
+        response, body = await self.post(ones[0], w)
+        self.assertEqual((response.code, json.loads(body)["error"]["code"]),
+                         (503, "circuit_open"), body)
+        failed = w.sim.resource.requests_failed
+        self.assertEqual(failed, 3)
+        await tick(1.1)  # the other worker reads the shared state at most once a second
+        response, body = await self.post(two, w)
+        self.assertEqual((response.code, json.loads(body)["error"]["code"]),
+                         (503, "circuit_open"), body)
+        self.assertEqual(response.headers.getRawHeaders("x-clawproxy-worker"), ["2"])
+        self.assertEqual(w.sim.resource.requests_failed, failed)
+        # The parent (no traffic of its own) shows the workers' breakers.
+        status: dict[str, Any] = {}
+        for _ in range(50):
+            status = await w.status()
+            if status["pools"]["sim"]["breaker"] == "OPEN":
+                break
+            await tick(0.1)
+        self.assertEqual(status["pools"]["sim"]["breaker"], "OPEN")
+        self.assertEqual(status["circuit_breakers"]["sim"]["state"], "OPEN")
+        response = await bounded(w.client.get(w.admin + "/health/circuit-breaker/sim"))
+        self.assertEqual(json.loads(await bounded(response.content()))["state"], "OPEN")
+
+    async def test_rate_limit_across_workers(self) -> None:
+        """A limit of 20 holds exactly across both workers, turn by turn."""
+        w = Workers(self)
+        await w.start("rate_limits: {default: 20/hour, algorithm: token_bucket}\n")
+        clients = await self.pinned(w)
+        codes: dict[str, list[int]] = {"1": [], "2": []}
+        for i in range(40):
+            index = "12"[i % 2]
+            response, body = await self.post(clients[index], w)
+            codes[index].append(response.code)
+            if response.code != 200:
+                self.assertEqual((response.code, json.loads(body)["error"]["code"]),
+                                 (429, "rate_limit_exceeded"), body)
+        self.assertEqual(codes["1"].count(200) + codes["2"].count(200), 20, codes)
+        self.assertEqual(codes["1"][-1], codes["2"][-1], 429)
+        # The parent's limits section: both workers' requests and refusals.
+        limits: dict[str, Any] = {}
+        use: Any = None
+        for _ in range(50):
+            limits = (await w.status())["limits"]
+            use = next((u for who, u in limits["agents"].items() if "127.0.0.1" in who), None)
+            if use is not None and use["requests"] == 40:
+                break
+            await tick(0.1)
+        self.assertIsNotNone(use, limits)
+        self.assertEqual((use["requests"], use["refused"]), (40, 20), limits)
+        self.assertEqual(use["limits"]["ip"]["remaining"], 0)
+
+    async def test_token_budget_across_workers(self) -> None:
+        """One agent's token budget holds across both workers, turn by turn."""
+        w = Workers(self)
+        await w.start(f"agents:\n  agent: {{keys: ['{hash_key(BUDGET_KEY)}'],"
+                      " token_limit: 200/hour}\n")
+        clients = await self.pinned(w)
+        await outside_window_end(3600.0, 10.0)
+        through, refused = 0, set()
+        auth = {"Authorization": f"Bearer {BUDGET_KEY}"}
+        for i in range(40):
+            index = "12"[i % 2]
+            response, body = await self.post(clients[index], w, headers=auth)
+            if response.code == 200:
+                usage = json.loads(body)["usage"]
+                through += usage["prompt_tokens"] + usage["completion_tokens"]
+            else:
+                self.assertEqual((response.code, json.loads(body)["error"]["code"]),
+                                 (429, "token_budget_exceeded"), body)
+                refused.add(index)
+            if refused == {"1", "2"}:
+                break
+        self.assertEqual(refused, {"1", "2"})
+        # One worker alone would let a whole budget through, each.
+        self.assertLessEqual(through, 200)
+        self.assertGreater(through, 200 - 30)
