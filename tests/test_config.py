@@ -1376,9 +1376,12 @@ class RefusalTests(ConfigTestCase):
 
     NOT_YET = "not supported by this version yet"
 
-    def test_refused_keys(self) -> None:
-        """Each feature not built yet is refused at its path, all in one error."""
-        errors = self.errors(
+    def test_feature_keys_built(self) -> None:
+        """
+        The keys of the feature issues are built: none of them is refused any
+        more (C{rate_limits.adaptive} was the last section).
+        """
+        config = parse(
             f"""
             auth: {{jwt: {{secret: 0123456789abcdef0123456789abcdef}}}}
             agents:
@@ -1389,7 +1392,8 @@ class RefusalTests(ConfigTestCase):
                 token_limit: 1000/minute
                 spend_limit: 1/day
                 inject_headers: {{X-Key: k}}
-            rate_limits: {{default: 10/minute, adaptive: {{factor: 0.5}}}}
+            rate_limits: {{default: 10/minute,
+                           adaptive: {{latency_p95_above: 3500ms, factor: 0.5}}}}
             models: {{fallbacks: {{big: [small]}}, prices: {{big: {{prompt: 1}}}}}}
             pools:
               p:
@@ -1400,12 +1404,7 @@ class RefusalTests(ConfigTestCase):
             cache: {{max_entries: 10}}
             """
         )
-        self.assertEqual(
-            errors,
-            [
-                f"rate_limits.adaptive: {self.NOT_YET}",
-            ],
-        )
+        self.assertEqual(config.rate_limits.adaptive.latency_p95_above, 3.5)
 
     def test_refused_values(self) -> None:
         """Some keys are refused only for the values not built yet."""
@@ -1449,7 +1448,6 @@ class ReferenceTests(SynchronousTestCase):
         from clawproxy.config.reference import refused_keys
 
         refused = dict(refused_keys())
-        self.assertEqual(refused["rate_limits.adaptive"].issue, 8)
         self.assertEqual(refused["tracing.enabled"].issue, 11)
         self.assertTrue(all(flag.issue in (8, 9, 10, 11) for flag in refused.values()))
 
@@ -1477,7 +1475,6 @@ class ReferenceTests(SynchronousTestCase):
                 self.assertTrue(spec.doc, full)
         for expected in ("``server.tls.cert``", "``pools.NAME.tls.ca_file``",
                          "``pools.NAME.health_check.headers``",
-                         "**Refused** by this version: issue 8 (protection) builds it.",
                          "**Refused** when ``true`` by this version"):
             self.assertIn(expected, text)
 

@@ -38,11 +38,12 @@ from clawproxy.config import Config
 from clawproxy.errors import Rejected
 from clawproxy.interfaces import IAdminSection, IRequestStage
 from clawproxy.policy.fairqueue import FairQueue, QueueExpired, QueueFull
-from clawproxy.policy.limits import Decision, Limit, Outcome
+from clawproxy.policy.limits import Decision, Limit, Outcome, tightened
 from clawproxy.policy.ratescript import LIMITS, apply, batch_args, parse_batch
 from clawproxy.stores.errors import StoreError
 from clawproxy.stores.memory import MemoryStore
 from clawproxy.units import Rate
+from clawproxy.web.adaptive import TIGHTENED_NOTE, Adaptive, AdaptiveShed
 from clawproxy.web.context import RequestContext
 
 __all__ = ["Limiter", "LimitsSection", "PoolLimits", "RouteLimits", "client_address",
@@ -234,8 +235,11 @@ class _Stage:
     #: The C{limit} label of this stage's queue metrics.
     label = ""
 
-    def __init__(self, limiter: Limiter, config: Config, metrics: Any, clock: Any) -> None:
+    def __init__(self, limiter: Limiter, config: Config, metrics: Any, clock: Any,
+                 adaptive: Adaptive | None = None) -> None:
         self.limiter = limiter
+        #: Adaptive throttling (C{rate_limits.adaptive}), if configured.
+        self.adaptive = adaptive
         rl = config.rate_limits
         self.queue: FairQueue | None = None
         if rl is not None and rl.on_limit == "queue":
@@ -248,6 +252,20 @@ class _Stage:
 
     def limits_for(self, ctx: RequestContext) -> list[Limit]:
         raise NotImplementedError
+
+    def _adapt(self, ctx: RequestContext, pool: str, limits: list[Limit]) -> list[Limit]:
+        """C{limits} of a request bound to C{pool}, tightened while the pool is tight."""
+        assert self.adaptive is not None
+        factor = self.adaptive.factor(pool)
+        if factor >= 1.0:
+            return limits
+        out = [limit if limit.name == "global" else tightened(limit, factor)
+               for limit in limits]
+        if any(limit.name != "global" for limit in limits):
+            if ctx.notes is None:
+                ctx.notes = {}
+            ctx.notes[TIGHTENED_NOTE] = True
+        return out
 
     def process(self, ctx: RequestContext) -> Deferred[None] | None:
         limits = self.limits_for(ctx)
@@ -352,8 +370,9 @@ class RouteLimits(_Stage):
     phase = "route"
     label = "route"
 
-    def __init__(self, limiter: Limiter, config: Config, metrics: Any, clock: Any) -> None:
-        super().__init__(limiter, config, metrics, clock)
+    def __init__(self, limiter: Limiter, config: Config, metrics: Any, clock: Any,
+                 adaptive: Adaptive | None = None) -> None:
+        super().__init__(limiter, config, metrics, clock, adaptive)
         rl = config.rate_limits
         algo = rl.algorithm if rl is not None else "token_bucket"
         burst = rl.burst if rl is not None else None
@@ -413,6 +432,8 @@ class RouteLimits(_Stage):
         route = self.routes.get(id(ctx.route.config))
         if route:
             limits += route
+        if self.adaptive is not None and limits and ctx.route.config.pool is not None:
+            limits = self._adapt(ctx, ctx.route.config.pool, limits)
         return limits
 
 
@@ -431,8 +452,9 @@ class PoolLimits(_Stage):
     phase = "pool"
     label = "pool"
 
-    def __init__(self, limiter: Limiter, config: Config, metrics: Any, clock: Any) -> None:
-        super().__init__(limiter, config, metrics, clock)
+    def __init__(self, limiter: Limiter, config: Config, metrics: Any, clock: Any,
+                 adaptive: Adaptive | None = None) -> None:
+        super().__init__(limiter, config, metrics, clock, adaptive)
         rl = config.rate_limits
         algo = rl.algorithm if rl is not None else "token_bucket"
         self.pools = {name: pool_limit(name, p.max_qps, algo)
@@ -445,7 +467,11 @@ class PoolLimits(_Stage):
         if ctx.route.config.pool is not None:
             return []  # decided with the route's limits
         limit = self.pools.get(ctx.pool.name)
-        return [limit] if limit is not None else []
+        if limit is None:
+            return []
+        if self.adaptive is not None:
+            return self._adapt(ctx, ctx.pool.name, [limit])
+        return [limit]
 
 
 @implementer(IAdminSection)
@@ -550,19 +576,26 @@ def _rate_text(limit: Limit) -> str:
     return str(Rate(limit.count, limit.period))
 
 
-def limits_parts(config: Config, store: Any, clock: Any, metrics: Any, **_: Any) -> list[Any]:
+def limits_parts(config: Config, store: Any, clock: Any, metrics: Any, registry: Any = None,
+                 **_: Any) -> list[Any]:
     """
-    The rate limit stages C{config} asks for (none when it sets no limit),
-    with their admin section.
+    The rate limit stages C{config} asks for (none when it sets no limit
+    and no C{adaptive} section), with their admin sections.
     """
     limiter = Limiter(config, store, clock, metrics)
+    rl = config.rate_limits
+    adaptive = (Adaptive(config, registry, clock, metrics)
+                if rl is not None and rl.adaptive is not None and registry is not None else None)
     stages: list[_Stage] = []
-    route = RouteLimits(limiter, config, metrics, clock)
+    route = RouteLimits(limiter, config, metrics, clock, adaptive)
     if route.any:
         stages.append(route)
     if any(p.max_qps is not None for p in config.pools.values()) and any(
             r.pool is None for r in config.routes):
-        stages.append(PoolLimits(limiter, config, metrics, clock))
-    if not stages:
-        return []
-    return [*stages, LimitsSection(limiter, stages, config)]
+        stages.append(PoolLimits(limiter, config, metrics, clock, adaptive))
+    parts: list[Any] = []
+    if stages:
+        parts += [*stages, LimitsSection(limiter, stages, config)]
+    if adaptive is not None:
+        parts += [AdaptiveShed(adaptive), adaptive]
+    return parts

@@ -142,9 +142,10 @@ class Relay:
             finally:
                 inst.active -= 1
                 active_gauge.dec()
-                metrics.upstream_latency.labels(pool.name, inst.id).observe(
-                    self.clock.seconds() - started
-                )
+                elapsed = self.clock.seconds() - started
+                metrics.upstream_latency.labels(pool.name, inst.id).observe(elapsed)
+                if pool.latency_watchers:
+                    pool.latency(inst, elapsed)
             if delay is None:
                 return
             metrics.upstream_retries_total.labels(pool.name).inc()

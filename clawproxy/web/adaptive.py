@@ -1,0 +1,227 @@
+"""
+Adaptive throttling (SPEC C{rate_limits.adaptive}): tighten the rate limits
+of a pool whose backends struggle, and relax them when they recover.
+
+Each pool is judged on two signals, read at most once per
+L{EVALUATE_EVERY<clawproxy.policy.adaptive.EVALUATE_EVERY>} seconds (when a
+request for the pool is limited, or the admin status is read; no timer):
+
+  - C{latency_p95_above}: the p95 of the pool's upstream attempt latencies
+    (what C{clawproxy_upstream_latency_seconds{pool}} observes) over a
+    sliding window (L{LatencyWindow}), fed by L{Pool.latency
+    <clawproxy.backends.registry.Pool.latency>};
+  - C{gpu_memory_above}: the highest C{gpu_memory_used_percent} in the last
+    health bodies of the pool's healthy instances (the active health checks
+    keep them: C{inst.health}).
+
+The hysteresis is L{Throttle}'s. While a pool is tight, every limit checked
+for a request bound to it is multiplied by C{factor}
+(L{tightened<clawproxy.policy.limits.tightened>}): the pool's C{max_qps}, and
+for routes that name the pool also the agent's limit (or the default, or the
+per-address one), the session interval and the route's limit -- not
+C{rate_limits.global}, which guards the gateway, not a pool. A request bound
+to a tight pool that no limit looked at has a C{1 - factor} share of such
+requests shed: 503 with C{Retry-After: 1} (error code C{adaptive_throttle}).
+
+Shown under C{adaptive} in C{/admin/status} and as
+C{clawproxy_adaptive_factor{pool}}.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from clawproxy.config import Config
+from clawproxy.errors import Rejected
+from clawproxy.interfaces import IAdminSection, IRequestStage
+from clawproxy.policy.adaptive import (
+    EVALUATE_EVERY,
+    TIGHT,
+    LatencyWindow,
+    Signal,
+    Throttle,
+)
+from clawproxy.web.context import RequestContext
+
+__all__ = ["SHED_NOTE", "TIGHTENED_NOTE", "Adaptive", "AdaptiveShed"]
+
+#: The C{ctx.notes} key a limit stage sets when it tightened a request's limits.
+TIGHTENED_NOTE = "adaptive_tightened"
+#: The C{ctx.notes} key set on a request shed by L{AdaptiveShed}.
+SHED_NOTE = "adaptive_shed"
+#: The health body field read for GPU memory (SPEC section 6).
+GPU_FIELD = "gpu_memory_used_percent"
+
+
+class _PoolState:
+    __slots__ = ("checked", "credit", "pool", "shed", "throttle", "window")
+
+    def __init__(self, pool: Any, factor: float, now: float) -> None:
+        self.pool = pool
+        self.window = LatencyWindow()
+        self.throttle = Throttle(factor, now)
+        self.checked = -1e300
+        self.credit = 0.0
+        self.shed = 0
+
+
+@implementer(IAdminSection)
+class Adaptive:
+    """The throttle of every pool, and the C{adaptive} admin section."""
+
+    log = Logger()
+    name = "adaptive"
+
+    def __init__(self, config: Config, registry: Any, clock: Any, metrics: Any) -> None:
+        adaptive = config.rate_limits.adaptive if config.rate_limits is not None else None
+        assert adaptive is not None
+        self.clock = clock
+        self.metrics = metrics
+        self.latency_above = adaptive.latency_p95_above
+        self.gpu_above = adaptive.gpu_memory_above
+        self.factor_value = adaptive.factor
+        now = clock.seconds()
+        self.pools: dict[str, _PoolState] = {}
+        for name, pool in registry.pools.items():
+            state = self.pools[name] = _PoolState(pool, adaptive.factor, now)
+            if self.latency_above is not None:
+                pool.latency_watchers = (*pool.latency_watchers, self._watcher(state))
+            metrics.adaptive_factor.labels(name).set(1.0)
+
+    def _watcher(self, state: _PoolState) -> Any:
+        add, clock = state.window.add, self.clock
+
+        def observe(inst: Any, seconds: float) -> None:
+            add(clock.seconds(), seconds)
+
+        return observe
+
+    def factor(self, pool: str) -> float:
+        """The factor on pool C{pool}'s limits now (evaluated at most once a second)."""
+        state = self.pools.get(pool)
+        if state is None:
+            return 1.0
+        now = self.clock.seconds()
+        if now - state.checked >= EVALUATE_EVERY:
+            self._evaluate(state, now)
+        return state.throttle.factor
+
+    def _evaluate(self, state: _PoolState, now: float) -> None:
+        state.checked = now
+        signals = []
+        if self.latency_above is not None:
+            signals.append(Signal("latency_p95", state.window.p95(now), self.latency_above))
+        if self.gpu_above is not None:
+            signals.append(Signal("gpu_memory", gpu_memory(state.pool), self.gpu_above))
+        throttle = state.throttle
+        if not throttle.evaluate(now, signals):
+            return
+        name = state.pool.name
+        self.metrics.adaptive_factor.labels(name).set(throttle.factor)
+        if throttle.state == TIGHT:
+            state.credit = 0.0
+            self.log.warn("pool {pool} struggles ({why}): its limits are tightened by {factor}",
+                          pool=name, why=_readings(throttle.last), factor=throttle.factor)
+        else:
+            self.log.info("pool {pool} recovered ({why}): its limits are relaxed",
+                          pool=name, why=_readings(throttle.last))
+
+    def shed(self, pool: str) -> bool:
+        """
+        Whether to shed one more request of pool C{pool}, which no limit
+        looked at: of every such request, a C{factor} share goes on (spread
+        evenly: a credit of C{factor} per request, one spent per request let
+        through).
+        """
+        factor = self.factor(pool)
+        if factor >= 1.0:
+            return False
+        state = self.pools[pool]
+        state.credit += factor
+        if state.credit >= 1.0:
+            state.credit -= 1.0
+            return False
+        state.shed += 1
+        return True
+
+    # -- admin
+
+    def status(self) -> dict[str, Any]:
+        now = self.clock.seconds()
+        out: dict[str, Any] = {
+            "latency_p95_above": self.latency_above,
+            "gpu_memory_above": self.gpu_above,
+            "factor": self.factor_value,
+            "pools": {},
+        }
+        for name, state in self.pools.items():
+            self.factor(name)
+            t = state.throttle
+            readings = {s.name: (None if s.value is None else round(s.value, 3))
+                        for s in t.last}
+            out["pools"][name] = {
+                "state": t.state,
+                "factor": t.factor,
+                "since": round(now - t.since, 3),
+                "reason": list(t.reason),
+                "transitions": t.transitions,
+                "shed": state.shed,
+                **readings,
+            }
+        return out
+
+    def endpoints(self) -> dict[tuple[bytes, bytes], Any]:
+        return {}
+
+
+def gpu_memory(pool: Any) -> float | None:
+    """The highest GPU memory percent the healthy instances of C{pool} last reported."""
+    high = None
+    for inst in pool.instances:
+        health = inst.health
+        if not health or not inst.healthy:
+            continue
+        value = health.get(GPU_FIELD)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if high is None or value > high:
+            high = float(value)
+    return high
+
+
+def _readings(signals: Any) -> str:
+    return ", ".join(f"{s.name} {'-' if s.value is None else f'{s.value:g}'}"
+                     f" vs {s.threshold:g}" for s in signals)
+
+
+@implementer(IRequestStage)
+class AdaptiveShed:
+    """
+    Once the pool is chosen: a request bound to a tight pool whose limits
+    no stage tightened is shed in a C{1 - factor} share (503).
+    """
+
+    name = "adaptive_shed"
+    phase = "pool"
+
+    def __init__(self, adaptive: Adaptive) -> None:
+        self.adaptive = adaptive
+
+    def __repr__(self) -> str:
+        return "<AdaptiveShed>"
+
+    def process(self, ctx: RequestContext) -> None:
+        notes = ctx.notes
+        if notes is not None and notes.get(TIGHTENED_NOTE):
+            return None
+        name = ctx.pool.name
+        if not self.adaptive.shed(name):
+            return None
+        if notes is None:
+            notes = ctx.notes = {}
+        notes[SHED_NOTE] = True
+        raise Rejected(503, f"pool {name!r} is overloaded: request shed by adaptive throttling",
+                       "server_error", "adaptive_throttle", (("Retry-After", "1"),))
