@@ -3,7 +3,7 @@ Adaptive throttling (SPEC C{rate_limits.adaptive}): tighten the rate limits
 of a pool whose backends struggle, and relax them when they recover.
 
 Each pool is judged on two signals, read at most once per
-L{EVALUATE_EVERY<clawproxy.policy.adaptive.EVALUATE_EVERY>} seconds (when a
+C{EVALUATE_EVERY} (L{clawproxy.policy.adaptive}) seconds (when a
 request for the pool is limited, or the admin status is read; no timer):
 
   - C{latency_p95_above}: the p95 of the pool's upstream attempt latencies
@@ -37,13 +37,8 @@ from zope.interface import implementer
 from clawproxy.config import Config
 from clawproxy.errors import Rejected
 from clawproxy.interfaces import IAdminSection, IRequestStage
-from clawproxy.policy.adaptive import (
-    EVALUATE_EVERY,
-    TIGHT,
-    LatencyWindow,
-    Signal,
-    Throttle,
-)
+from clawproxy.policy import adaptive as timings
+from clawproxy.policy.adaptive import TIGHT, LatencyWindow, Signal, Throttle
 from clawproxy.web.context import RequestContext
 
 __all__ = ["SHED_NOTE", "TIGHTENED_NOTE", "Adaptive", "AdaptiveShed"]
@@ -62,7 +57,8 @@ class _PoolState:
     def __init__(self, pool: Any, factor: float, now: float) -> None:
         self.pool = pool
         self.window = LatencyWindow()
-        self.throttle = Throttle(factor, now)
+        # The module's timings, read now (a test may shorten them).
+        self.throttle = Throttle(factor, now, timings.ENTER_AFTER, timings.LEAVE_AFTER)
         self.checked = -1e300
         self.credit = 0.0
         self.shed = 0
@@ -83,6 +79,7 @@ class Adaptive:
         self.latency_above = adaptive.latency_p95_above
         self.gpu_above = adaptive.gpu_memory_above
         self.factor_value = adaptive.factor
+        self.every = timings.EVALUATE_EVERY
         now = clock.seconds()
         self.pools: dict[str, _PoolState] = {}
         for name, pool in registry.pools.items():
@@ -105,7 +102,7 @@ class Adaptive:
         if state is None:
             return 1.0
         now = self.clock.seconds()
-        if now - state.checked >= EVALUATE_EVERY:
+        if now - state.checked >= self.every:
             self._evaluate(state, now)
         return state.throttle.factor
 
