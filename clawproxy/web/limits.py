@@ -27,7 +27,6 @@ import ipaddress
 import math
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import parse_qs
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
@@ -36,7 +35,7 @@ from zope.interface import implementer
 
 from clawproxy.config import Config
 from clawproxy.errors import Rejected
-from clawproxy.interfaces import IAdminSection, IRequestStage
+from clawproxy.interfaces import IAdminSection, IAgentUse, IRequestStage
 from clawproxy.policy.fairqueue import FairQueue, QueueExpired, QueueFull
 from clawproxy.policy.limits import Decision, Limit, Outcome, tightened
 from clawproxy.policy.ratescript import LIMITS, apply, batch_args, parse_batch
@@ -474,12 +473,13 @@ class PoolLimits(_Stage):
         return [limit]
 
 
-@implementer(IAdminSection)
+@implementer(IAdminSection, IAgentUse)
 class LimitsSection:
     """
     C{limits} in C{/admin/status}: the store's health, each stage's queue
-    and the use of each limit by the busiest agents; C{GET
-    /admin/limits?agent=NAME}: one agent's limits and current use.
+    and the use of each limit by the busiest agents; its part of C{GET
+    /admin/limits?agent=NAME} (L{agent_use}): one agent's limits and
+    current use.
     """
 
     name = "limits"
@@ -517,14 +517,10 @@ class LimitsSection:
         }
 
     def endpoints(self) -> dict[tuple[bytes, bytes], Any]:
-        return {(b"GET", b"/admin/limits"): self._agent}
+        return {}
 
-    def _agent(self, request: Any) -> Any:
-        query = parse_qs(request.uri.partition(b"?")[2].decode("latin-1"))
-        names = query.get("agent")
-        if not names:
-            raise Rejected(400, "give ?agent=NAME", "invalid_request_error", "missing_agent")
-        name = names[-1]
+    def agent_use(self, name: str) -> Deferred[dict[str, Any]]:
+        """Agent C{name}'s configured limits, last decision and stored state."""
         agent = self.config.agents.get(name)
         configured: dict[str, Any] = {}
         rl = self.config.rate_limits
@@ -540,7 +536,7 @@ class LimitsSection:
             value = getattr(agent, budget, None) if agent is not None else None
             if value is not None:
                 configured[budget] = str(value)
-        out: dict[str, Any] = {"agent": name, "known": agent is not None,
+        out: dict[str, Any] = {"known": agent is not None,
                                "configured": configured,
                                "refused": self.limiter.refused.get(name, 0)}
         if name in self.limiter.seen:
