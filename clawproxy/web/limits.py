@@ -18,6 +18,10 @@ C{Retry-After} (the real wait, rounded up to whole seconds), or waits in a
 L{FairQueue} with C{on_limit: queue}. When the store cannot be reached,
 C{store.redis.on_error} decides: C{fail_open} lets the request through,
 C{fail_closed} answers 503 with C{Retry-After}.
+
+With C{rate_limits.adaptive}, the limits of requests bound to a pool that
+struggles are multiplied by its factor (all but C{global}), and requests no
+limit looks at are shed in a share: see L{clawproxy.web.adaptive}.
 """
 
 from __future__ import annotations
