@@ -197,7 +197,7 @@ class ConfigTests(SynchronousTestCase):
         gw = Harness(self, config({"default": "3/minute"}))
         parts = gw.plane.parts
         self.assertFalse([p for p in parts.admin_sections if isinstance(p, Adaptive)])
-        self.assertFalse([p for p in parts.stages if isinstance(p, AdaptiveShed)])
+        self.assertFalse([p for p in parts.wrappers if isinstance(p, AdaptiveShed)])
         self.assertEqual(gw.registry.pools["main"].latency_watchers, ())
 
 
@@ -313,6 +313,25 @@ class LatencyThrottlingTests(SynchronousTestCase):
         self.assertEqual(answers[0].json()["error"]["code"], "adaptive_throttle")
         (section,) = [p for p in gw.plane.parts.admin_sections if p.name == "adaptive"]
         self.assertEqual(section.status()["pools"]["main"]["shed"], 3)
+
+
+    def test_shed_to_fallback(self) -> None:
+        """A shed request of a route with a static fallback gets the fallback's answer."""
+        cfg = config({"adaptive": {"latency_p95_above": "1s", "factor": 0.5}},
+                     routes=[{"path": "/v1/*", "pool": "main", "fallback": "busy"}])
+        cfg["fallbacks"] = {"busy": {"status": 200, "body": {"busy": True}}}
+        gw = Harness(self, cfg)
+        slow_requests(gw, 20, 2.0)
+        send(gw, "alpha")
+        gw.clock.advance(ENTER_AFTER)
+        seen = len(gw.backend.seen)
+        answers = [send(gw, "alpha") for _ in range(4)]
+        self.assertEqual([a.header("X-Clawproxy-Fallback") for a in answers],
+                         ["busy", None, "busy", None])
+        self.assertEqual(answers[0].json(), {"busy": True})
+        self.assertEqual(len(gw.backend.seen), seen + 2)
+        self.assertEqual(gw.sample("fallback_responses_total", fallback="busy"), 2.0)
+        self.assertEqual(gw.log_lines()[-4]["error"], "adaptive_shed")
 
 
 class GpuMemoryTests(SynchronousTestCase):

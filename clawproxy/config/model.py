@@ -374,9 +374,10 @@ class RateLimitsConfig:
         AdaptiveConfig, "Adaptive throttling: while a pool's p95 upstream latency or its"
         " instances' GPU memory is above its threshold, the limits checked for requests bound"
         " to the pool (its ``max_qps``; for routes naming it, the agent, session and route"
-        " limits too, not ``global``) are multiplied by ``factor``; a request no limit looks"
-        " at is shed (503) in a ``1 - factor`` share. Tightens after 3 s above, relaxes after"
-        " 15 s below 90% of every threshold.", optional=True)
+        " limits too, not ``global``) are multiplied by ``factor``; of the requests no"
+        " tightened limit looks at, a ``1 - factor`` share is shed to the pool's fallback"
+        " (503 without one). Tightens after 3 s above, relaxes after 15 s below 90% of every"
+        " threshold.", optional=True)
 
 
 # -- models --------------------------------------------------------------------------------

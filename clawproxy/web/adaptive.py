@@ -20,8 +20,9 @@ for a request bound to it is multiplied by C{factor}
 for routes that name the pool also the agent's limit (or the default, or the
 per-address one), the session interval and the route's limit -- not
 C{rate_limits.global}, which guards the gateway, not a pool. A request bound
-to a tight pool that no limit looked at has a C{1 - factor} share of such
-requests shed: 503 with C{Retry-After: 1} (error code C{adaptive_throttle}).
+to a tight pool that no tightened limit looked at has a C{1 - factor} share
+of such requests shed (L{AdaptiveShed}): served by the pool's fallback when
+there is one, else 503 with C{Retry-After: 1} (C{adaptive_throttle}).
 
 Shown under C{adaptive} in C{/admin/status} and as
 C{clawproxy_adaptive_factor{pool}}.
@@ -36,17 +37,16 @@ from zope.interface import implementer
 
 from clawproxy.config import Config
 from clawproxy.errors import Rejected
-from clawproxy.interfaces import IAdminSection, IRequestStage
+from clawproxy.interfaces import IAdminSection, IRelayWrapper
 from clawproxy.policy import adaptive as timings
 from clawproxy.policy.adaptive import TIGHT, LatencyWindow, Signal, Throttle
 from clawproxy.web.context import RequestContext
+from clawproxy.web.relay import NoInstance
 
-__all__ = ["SHED_NOTE", "TIGHTENED_NOTE", "Adaptive", "AdaptiveShed"]
+__all__ = ["TIGHTENED_NOTE", "Adaptive", "AdaptiveShed"]
 
 #: The C{ctx.notes} key a limit stage sets when it tightened a request's limits.
 TIGHTENED_NOTE = "adaptive_tightened"
-#: The C{ctx.notes} key set on a request shed by L{AdaptiveShed}.
-SHED_NOTE = "adaptive_shed"
 #: The health body field read for GPU memory (SPEC section 6).
 GPU_FIELD = "gpu_memory_used_percent"
 
@@ -194,31 +194,41 @@ def _readings(signals: Any) -> str:
                      f" vs {s.threshold:g}" for s in signals)
 
 
-@implementer(IRequestStage)
+@implementer(IRelayWrapper)
 class AdaptiveShed:
     """
-    Once the pool is chosen: a request bound to a tight pool whose limits
-    no stage tightened is shed in a C{1 - factor} share (503).
+    Around the relay step (so a cached answer is never shed): a request
+    bound to a tight pool whose limits no stage tightened is shed in a
+    C{1 - factor} share. A shed request is served like one its pool cannot
+    take: by the next model of its fallback chain, or its route's (else its
+    pool's) static fallback; without those, 503 C{adaptive_throttle} with
+    C{Retry-After: 1} (which a C{cache} fallback may still answer).
     """
 
-    name = "adaptive_shed"
-    phase = "pool"
-
-    def __init__(self, adaptive: Adaptive) -> None:
+    def __init__(self, adaptive: Adaptive, config: Config) -> None:
         self.adaptive = adaptive
+        self.fallbacks = config.fallbacks
 
     def __repr__(self) -> str:
         return "<AdaptiveShed>"
 
-    def process(self, ctx: RequestContext) -> None:
-        notes = ctx.notes
-        if notes is not None and notes.get(TIGHTENED_NOTE):
-            return None
-        name = ctx.pool.name
-        if not self.adaptive.shed(name):
-            return None
-        if notes is None:
-            notes = ctx.notes = {}
-        notes[SHED_NOTE] = True
-        raise Rejected(503, f"pool {name!r} is overloaded: request shed by adaptive throttling",
-                       "server_error", "adaptive_throttle", (("Retry-After", "1"),))
+    def wrap(self, forward: Any) -> Any:
+        shed = self.adaptive.shed
+
+        def shed_or_forward(ctx: RequestContext, pool: Any, *args: Any) -> Any:
+            notes = ctx.notes
+            if (notes is None or not notes.get(TIGHTENED_NOTE)) and shed(pool.name):
+                raise self._shed(ctx, pool)
+            return forward(ctx, pool, *args)
+
+        return shed_or_forward
+
+    def _shed(self, ctx: RequestContext, pool: Any) -> Exception:
+        ctx.error = "adaptive_shed"
+        name = ctx.route.config.fallback or pool.config.fallback
+        fallback = self.fallbacks.get(name) if name else None
+        if ctx.alternative or (fallback is not None and fallback.type == "static"):
+            return NoInstance(pool.name)
+        return Rejected(503, f"pool {pool.name!r} is overloaded: request shed by adaptive"
+                        " throttling", "server_error", "adaptive_throttle",
+                        (("Retry-After", "1"),))

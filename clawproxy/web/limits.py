@@ -597,5 +597,5 @@ def limits_parts(config: Config, store: Any, clock: Any, metrics: Any, registry:
     if stages:
         parts += [*stages, LimitsSection(limiter, stages, config)]
     if adaptive is not None:
-        parts += [AdaptiveShed(adaptive), adaptive]
+        parts += [AdaptiveShed(adaptive, config), adaptive]
     return parts
