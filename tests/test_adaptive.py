@@ -334,6 +334,32 @@ class LatencyThrottlingTests(SynchronousTestCase):
         self.assertEqual(gw.log_lines()[-4]["error"], "adaptive_shed")
 
 
+    def test_shed_to_fallback_model(self) -> None:
+        """A shed request for a model with a fallback chain goes to the next model."""
+        cfg = {
+            "pools": {
+                "big": {"instances": [{"id": "a", "url": "http://a.test:8000"}],
+                        "models": ["big"], "health_check": {"enabled": False}},
+                "small": {"instances": [{"id": "b", "url": "http://b.test:8000"}],
+                          "models": ["small"], "health_check": {"enabled": False}},
+            },
+            "routes": [{"path": "/v1/*"}],
+            "models": {"fallbacks": {"big": ["small"]}},
+            "rate_limits": {"adaptive": {"gpu_memory_above": 85, "factor": 0.5}},
+        }
+        gw = Harness(self, cfg)
+        gw.registry.probe_result(gw.registry.instance("a"), True,
+                                 {"gpu_memory_used_percent": 97})
+        body = {"model": "big"}
+        self.assertEqual(gw.request("POST", "/v1/x", body).code, 200)
+        gw.clock.advance(ENTER_AFTER)
+        answers = [gw.request("POST", "/v1/x", body) for _ in range(4)]
+        self.assertEqual([a.code for a in answers], [200] * 4)
+        self.assertEqual([a.header("X-Clawproxy-Fallback-Model") for a in answers],
+                         ["small", None, "small", None])
+        self.assertEqual(gw.backend.instances()[-4:], ["b", "a", "b", "a"])
+
+
 class GpuMemoryTests(SynchronousTestCase):
     """GPU memory from the instances' last health bodies."""
 
