@@ -204,6 +204,22 @@ def _format_models(name: str, section: dict[str, Any]) -> list[str]:
 SECTION_FORMATS["models"] = _format_models
 
 
+def _format_adaptive(name: str, section: dict[str, Any]) -> list[str]:
+    """Adaptive throttling per pool (L{clawproxy.web.adaptive.Adaptive})."""
+    rows = [("ADAPTIVE POOL", "STATE", "FACTOR", "REASON", "P95", "GPU%", "FOR", "SHED")]
+    for pool, p in (section.get("pools") or {}).items():
+        p95, gpu = p.get("latency_p95"), p.get("gpu_memory")
+        rows.append((pool, p.get("state", "?"), f"{p.get('factor', 1):g}",
+                     ",".join(p.get("reason") or []) or "-",
+                     "-" if p95 is None else f"{p95 * 1000:g}ms",
+                     "-" if gpu is None else f"{gpu:g}", f"{p.get('since', 0):g}s",
+                     str(p.get("shed", 0))))
+    return _table(rows)
+
+
+SECTION_FORMATS["adaptive"] = _format_adaptive
+
+
 def _admin_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--admin", default=os.environ.get("CLAWPROXY_ADMIN", DEFAULT_ADMIN),
                    help="admin listener URL (default $CLAWPROXY_ADMIN or %(default)s)")

@@ -212,6 +212,24 @@ class IAdminSection(Interface):
         """
 
 
+class IAgentUse(Interface):
+    """
+    An L{IAdminSection} that limits or counts something per agent (rate
+    limits, token budgets) and says so in C{GET /admin/limits?agent=NAME}:
+    the admin API merges the answers of every section that provides this.
+    """
+
+    def agent_use(name):
+        """
+        What this feature limits and has counted for agent C{name} (known
+        to the configuration or not).
+
+        @return: a JSON-able dict whose keys are merged into the answer
+            (choose keys that name the feature, e.g. C{"budgets"}), or a
+            Deferred firing with one; an empty dict when nothing applies.
+        """
+
+
 class IRelayWrapper(Interface):
     """
     Wraps the relay step: the call that sends a request upstream once its

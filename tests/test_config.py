@@ -1378,9 +1378,12 @@ class RefusalTests(ConfigTestCase):
 
     NOT_YET = "not supported by this version yet"
 
-    def test_refused_keys(self) -> None:
-        """Each feature not built yet is refused at its path, all in one error."""
-        errors = self.errors(
+    def test_feature_keys_built(self) -> None:
+        """
+        The keys of the feature issues are built: none of them is refused any
+        more (C{rate_limits.adaptive} was the last section).
+        """
+        config = parse(
             f"""
             auth: {{jwt: {{secret: 0123456789abcdef0123456789abcdef}}}}
             agents:
@@ -1391,7 +1394,8 @@ class RefusalTests(ConfigTestCase):
                 token_limit: 1000/minute
                 spend_limit: 1/day
                 inject_headers: {{X-Key: k}}
-            rate_limits: {{default: 10/minute, adaptive: {{factor: 0.5}}}}
+            rate_limits: {{default: 10/minute,
+                           adaptive: {{latency_p95_above: 3500ms, factor: 0.5}}}}
             models: {{fallbacks: {{big: [small]}}, prices: {{big: {{prompt: 1}}}}}}
             pools:
               p:
@@ -1402,12 +1406,7 @@ class RefusalTests(ConfigTestCase):
             cache: {{max_entries: 10}}
             """
         )
-        self.assertEqual(
-            errors,
-            [
-                f"rate_limits.adaptive: {self.NOT_YET}",
-            ],
-        )
+        self.assertEqual(config.rate_limits.adaptive.latency_p95_above, 3.5)
 
     def test_tracing_enabled(self) -> None:
         """C{tracing.enabled: true} is accepted (the OpenTelemetry extra is installed)."""
@@ -1446,12 +1445,11 @@ class ReferenceTests(SynchronousTestCase):
     """C{docs/configuration.rst} is generated from the declaration."""
 
     def test_every_flag_has_an_issue(self) -> None:
-        """Each refused key names the issue that will build it."""
+        """Each refused key names the issue that will build it (none is left today)."""
         from clawproxy.config.reference import refused_keys
 
         refused = dict(refused_keys())
-        self.assertEqual(refused["rate_limits.adaptive"].issue, 8)
-        self.assertTrue(all(flag.issue in (8, 9, 10, 11) for flag in refused.values()))
+        self.assertEqual(refused, {})
 
     def test_up_to_date(self) -> None:
         """
@@ -1477,7 +1475,7 @@ class ReferenceTests(SynchronousTestCase):
                 self.assertTrue(spec.doc, full)
         for expected in ("``server.tls.cert``", "``pools.NAME.tls.ca_file``",
                          "``pools.NAME.health_check.headers``",
-                         "**Refused** by this version: issue 8 (protection) builds it."):
+                         "``tracing.sample_rate``"):
             self.assertIn(expected, text)
 
 

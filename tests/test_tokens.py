@@ -333,7 +333,9 @@ class BudgetTests(SynchronousTestCase):
         (section,) = [s for s in gw.plane.parts.admin_sections if s.name == "tokens"]
         endpoint = section.endpoints()[(b"GET", b"/admin/budgets")]
         self.assertEqual(self.successResultOf(endpoint(None)), {
-            "agents": {"finance": {"token_limit": {"limit": "1000/minute", "used": 7.0}}}})
+            "agents": {"finance": {"token_limit": {"limit": "1000/minute", "used": 7.0,
+                                                   "reserved": 0.0, "remaining": 993.0,
+                                                   "reset": 60}}}})
 
 
 class TextLogTests(SynchronousTestCase):

@@ -57,3 +57,11 @@ class MergeMetricsTests(SynchronousTestCase):
         self.two.circuit_breaker_state.labels("sim").set(1)
         page = self.merged()
         self.assertEqual(self.value(page, 'clawproxy_circuit_breaker_state{name="sim"}'), 1)
+
+    def test_factors_by_minimum(self) -> None:
+        """A pool throttled in any process shows its tightest factor (not a sum)."""
+        self.parent.adaptive_factor.labels("sim").set(1.0)
+        self.one.adaptive_factor.labels("sim").set(1.0)
+        self.two.adaptive_factor.labels("sim").set(0.6)
+        page = self.merged()
+        self.assertEqual(self.value(page, 'clawproxy_adaptive_factor{pool="sim"}'), 0.6)

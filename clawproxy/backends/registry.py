@@ -177,6 +177,9 @@ class Pool:
         aff = cfg.session_affinity
         self.affinity = (AffinityTable(clock, aff.ttl, aff.max_entries)
                          if aff is not None else None)
+        #: Told C{(instance, seconds)} of every finished upstream attempt
+        #: (L{latency}); e.g. adaptive throttling keeps the pool's p95.
+        self.latency_watchers: tuple[Callable[[Instance, float], None], ...] = ()
 
     def candidates(self, exclude: frozenset[str] | set[str] = frozenset()) -> list[Instance]:
         """
@@ -366,6 +369,15 @@ class Pool:
         """
         if self._observe_ttfb is not None:
             self._observe_ttfb(inst.id, seconds)
+
+    def latency(self, inst: Instance, seconds: float) -> None:
+        """
+        An upstream attempt to C{inst} ended (answered in full, failed or was
+        cancelled) C{seconds} after it began: what C{upstream_latency_seconds}
+        observes. Every L{latency_watchers} is told.
+        """
+        for watcher in self.latency_watchers:
+            watcher(inst, seconds)
 
     def any_healthy(self) -> bool:
         return any(i.healthy for i in self.instances)

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import attrs
 
 from clawproxy.config import fields as f
-from clawproxy.config.fields import IPNetwork, NotYet
+from clawproxy.config.fields import IPNetwork
 from clawproxy.pem import PemError, check_pair, read_certificates
 from clawproxy.units import Rate
 
@@ -337,12 +337,20 @@ class QueueConfig:
 class AdaptiveConfig:
     """Tighten limits by C{factor} while backends struggle."""
 
-    latency_p95_above: float | None = f.setting(f.duration(above=0), None,
-                                                "Pool p95 latency that tightens limits.")
+    latency_p95_above: float | None = f.setting(
+        f.duration(above=0), None, "The pool's p95 upstream attempt latency (as"
+        " ``upstream_latency_seconds`` observes it) over its last 512 attempts of the last"
+        " 60 s (at least 20 of them) above which its limits tighten.")
     gpu_memory_above: float | None = f.setting(
-        f.number(low=0, high=100), None, "GPU memory percent (from health bodies) that"
-        " tightens limits.")
+        f.number(low=0, high=100), None, "GPU memory percent above which a pool's limits"
+        " tighten: the highest ``gpu_memory_used_percent`` in the last health-check bodies of"
+        " its healthy instances.")
     factor: float = f.setting(f.number(high=1, above=0), 0.6, "Multiplier applied to limits.")
+
+    def _check(self, present: set[str], error: Error) -> AdaptiveConfig:
+        if self.latency_p95_above is None and self.gpu_memory_above is None:
+            error("latency_p95_above", "give latency_p95_above, gpu_memory_above or both")
+        return self
 
 
 @attrs.frozen
@@ -362,8 +370,14 @@ class RateLimitsConfig:
     on_limit: str = f.setting(f.choice("reject", "queue"), "reject",
                               "``reject`` (429) or ``queue``.")
     queue: QueueConfig = f.section(QueueConfig, "Used when ``on_limit`` is ``queue``.")
-    adaptive: AdaptiveConfig | None = f.section(AdaptiveConfig, "Adaptive throttling.",
-                                                optional=True, not_yet=NotYet(PROTECTION))
+    adaptive: AdaptiveConfig | None = f.section(
+        AdaptiveConfig, "Adaptive throttling: while a pool's p95 upstream latency or its"
+        " instances' GPU memory is above its threshold, the limits checked for requests bound"
+        " to the pool (its ``max_qps``; for routes naming it, the agent, session and route"
+        " limits too, not ``global``) are multiplied by ``factor``; of the requests no"
+        " tightened limit looks at, a ``1 - factor`` share is shed to the pool's fallback"
+        " (503 without one). Tightens after 3 s above, relaxes after 15 s below 90% of every"
+        " threshold.", optional=True)
 
 
 # -- models --------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ refused, the real wait until the same request would be allowed
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -87,6 +88,26 @@ class Limit:
         if self.algorithm == "fixed_window":
             return self.period + 1.0
         return 2 * self.period + 1.0
+
+
+@functools.lru_cache(maxsize=4096)
+def tightened(limit: Limit, factor: float) -> Limit:
+    """
+    C{limit} with its rate and its burst multiplied by C{factor} (adaptive
+    throttling), under the same key: its state carries on. Below one request
+    per period it becomes one request per longer period (as L{Limit.of}); a
+    token bucket keeps a capacity of at least one request.
+    """
+    if factor >= 1.0:
+        return limit
+    count, period = limit.count * factor, limit.period
+    if count < 1:
+        count, period = 1.0, period / count
+    if limit.algorithm == "token_bucket":
+        capacity = max(1.0, limit.capacity * factor)
+    else:
+        capacity = count
+    return attrs.evolve(limit, count=count, period=period, capacity=capacity)
 
 
 @attrs.frozen

@@ -1,5 +1,6 @@
 """
-The admin listener (SPEC section 5): status, weights, drain, breakers,
+The admin listener (SPEC section 5): status, weights, drain, breakers, one
+agent's limits and budgets (merged from the L{IAgentUse} sections),
 reload and Prometheus metrics. Bound to loopback by default; when a token
 is configured every call needs C{Authorization: Bearer TOKEN}.
 
@@ -19,7 +20,7 @@ import ipaddress
 import json
 from collections.abc import Callable, Sequence
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote
 
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
@@ -32,6 +33,7 @@ from clawproxy import __version__
 from clawproxy.backends.registry import Instance, Registry
 from clawproxy.compat import client_gone
 from clawproxy.errors import Rejected
+from clawproxy.interfaces import IAgentUse
 from clawproxy.metrics import CONTENT_TYPE, Metrics
 from clawproxy.web.gateway import format_uptime
 
@@ -153,11 +155,38 @@ class AdminResource(Resource):
                 raise Rejected(501, "reload is not available", "invalid_request_error",
                                "not_supported")
             return ensureDeferred(self._do_reload())
+        if path == b"/admin/limits" and method == b"GET":
+            return self._agent_use(request)
         for section in self.sections:
             handler = section.endpoints().get((method, path))
             if handler is not None:
                 return handler(request)
         raise Rejected(404, "no such admin endpoint", "invalid_request_error", "not_found")
+
+    def _agent_use(self, request: Any) -> Deferred[dict[str, Any]]:
+        """
+        C{GET /admin/limits?agent=NAME}: the agent's limits, budgets and
+        current use, from every section that provides L{IAgentUse} (in
+        section order; a key given twice keeps the first answer's).
+        """
+        names = parse_qs(request.uri.partition(b"?")[2].decode("latin-1")).get("agent")
+        if not names:
+            raise Rejected(400, "give ?agent=NAME", "invalid_request_error", "missing_agent")
+        name = names[-1]
+
+        async def gather() -> dict[str, Any]:
+            out: dict[str, Any] = {"agent": name}
+            for section in list(self.sections):
+                if not IAgentUse.providedBy(section):
+                    continue
+                use = section.agent_use(name)
+                if isinstance(use, Deferred):
+                    use = await use
+                for key, value in use.items():
+                    out.setdefault(key, value)
+            return out
+
+        return ensureDeferred(gather())
 
     async def _do_reload(self) -> Any:
         errors = await self._reload()

@@ -18,6 +18,10 @@ C{Retry-After} (the real wait, rounded up to whole seconds), or waits in a
 L{FairQueue} with C{on_limit: queue}. When the store cannot be reached,
 C{store.redis.on_error} decides: C{fail_open} lets the request through,
 C{fail_closed} answers 503 with C{Retry-After}.
+
+With C{rate_limits.adaptive}, the limits of requests bound to a pool that
+struggles are multiplied by its factor (all but C{global}), and requests no
+limit looks at are shed in a share: see L{clawproxy.web.adaptive}.
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ import ipaddress
 import math
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import parse_qs
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
@@ -36,13 +39,14 @@ from zope.interface import implementer
 
 from clawproxy.config import Config
 from clawproxy.errors import Rejected
-from clawproxy.interfaces import IAdminSection, IRequestStage
+from clawproxy.interfaces import IAdminSection, IAgentUse, IRequestStage
 from clawproxy.policy.fairqueue import FairQueue, QueueExpired, QueueFull
-from clawproxy.policy.limits import Decision, Limit, Outcome
+from clawproxy.policy.limits import Decision, Limit, Outcome, tightened
 from clawproxy.policy.ratescript import LIMITS, apply, batch_args, parse_batch
 from clawproxy.stores.errors import StoreError
 from clawproxy.stores.memory import MemoryStore
 from clawproxy.units import Rate
+from clawproxy.web.adaptive import TIGHTENED_NOTE, Adaptive, AdaptiveShed
 from clawproxy.web.context import RequestContext
 from clawproxy.web.headers import _is_trusted
 
@@ -227,8 +231,11 @@ class _Stage:
     #: The C{limit} label of this stage's queue metrics.
     label = ""
 
-    def __init__(self, limiter: Limiter, config: Config, metrics: Any, clock: Any) -> None:
+    def __init__(self, limiter: Limiter, config: Config, metrics: Any, clock: Any,
+                 adaptive: Adaptive | None = None) -> None:
         self.limiter = limiter
+        #: Adaptive throttling (C{rate_limits.adaptive}), if configured.
+        self.adaptive = adaptive
         rl = config.rate_limits
         self.queue: FairQueue | None = None
         if rl is not None and rl.on_limit == "queue":
@@ -241,6 +248,20 @@ class _Stage:
 
     def limits_for(self, ctx: RequestContext) -> list[Limit]:
         raise NotImplementedError
+
+    def _adapt(self, ctx: RequestContext, pool: str, limits: list[Limit]) -> list[Limit]:
+        """C{limits} of a request bound to C{pool}, tightened while the pool is tight."""
+        assert self.adaptive is not None
+        factor = self.adaptive.factor(pool)
+        if factor >= 1.0:
+            return limits
+        out = [limit if limit.name == "global" else tightened(limit, factor)
+               for limit in limits]
+        if any(limit.name != "global" for limit in limits):
+            if ctx.notes is None:
+                ctx.notes = {}
+            ctx.notes[TIGHTENED_NOTE] = True
+        return out
 
     def process(self, ctx: RequestContext) -> Deferred[None] | None:
         limits = self.limits_for(ctx)
@@ -345,8 +366,9 @@ class RouteLimits(_Stage):
     phase = "route"
     label = "route"
 
-    def __init__(self, limiter: Limiter, config: Config, metrics: Any, clock: Any) -> None:
-        super().__init__(limiter, config, metrics, clock)
+    def __init__(self, limiter: Limiter, config: Config, metrics: Any, clock: Any,
+                 adaptive: Adaptive | None = None) -> None:
+        super().__init__(limiter, config, metrics, clock, adaptive)
         rl = config.rate_limits
         algo = rl.algorithm if rl is not None else "token_bucket"
         burst = rl.burst if rl is not None else None
@@ -406,6 +428,8 @@ class RouteLimits(_Stage):
         route = self.routes.get(id(ctx.route.config))
         if route:
             limits += route
+        if self.adaptive is not None and limits and ctx.route.config.pool is not None:
+            limits = self._adapt(ctx, ctx.route.config.pool, limits)
         return limits
 
 
@@ -424,8 +448,9 @@ class PoolLimits(_Stage):
     phase = "pool"
     label = "pool"
 
-    def __init__(self, limiter: Limiter, config: Config, metrics: Any, clock: Any) -> None:
-        super().__init__(limiter, config, metrics, clock)
+    def __init__(self, limiter: Limiter, config: Config, metrics: Any, clock: Any,
+                 adaptive: Adaptive | None = None) -> None:
+        super().__init__(limiter, config, metrics, clock, adaptive)
         rl = config.rate_limits
         algo = rl.algorithm if rl is not None else "token_bucket"
         self.pools = {name: pool_limit(name, p.max_qps, algo)
@@ -438,15 +463,20 @@ class PoolLimits(_Stage):
         if ctx.route.config.pool is not None:
             return []  # decided with the route's limits
         limit = self.pools.get(ctx.pool.name)
-        return [limit] if limit is not None else []
+        if limit is None:
+            return []
+        if self.adaptive is not None:
+            return self._adapt(ctx, ctx.pool.name, [limit])
+        return [limit]
 
 
-@implementer(IAdminSection)
+@implementer(IAdminSection, IAgentUse)
 class LimitsSection:
     """
     C{limits} in C{/admin/status}: the store's health, each stage's queue
-    and the use of each limit by the busiest agents; C{GET
-    /admin/limits?agent=NAME}: one agent's limits and current use.
+    and the use of each limit by the busiest agents; its part of C{GET
+    /admin/limits?agent=NAME} (L{agent_use}): one agent's limits and
+    current use.
     """
 
     name = "limits"
@@ -509,14 +539,10 @@ class LimitsSection:
         return out
 
     def endpoints(self) -> dict[tuple[bytes, bytes], Any]:
-        return {(b"GET", b"/admin/limits"): self._agent}
+        return {}
 
-    def _agent(self, request: Any) -> Any:
-        query = parse_qs(request.uri.partition(b"?")[2].decode("latin-1"))
-        names = query.get("agent")
-        if not names:
-            raise Rejected(400, "give ?agent=NAME", "invalid_request_error", "missing_agent")
-        name = names[-1]
+    def agent_use(self, name: str) -> Deferred[dict[str, Any]]:
+        """Agent C{name}'s configured limits, last decision and stored state."""
         agent = self.config.agents.get(name)
         configured: dict[str, Any] = {}
         rl = self.config.rate_limits
@@ -532,7 +558,7 @@ class LimitsSection:
             value = getattr(agent, budget, None) if agent is not None else None
             if value is not None:
                 configured[budget] = str(value)
-        out: dict[str, Any] = {"agent": name, "known": agent is not None,
+        out: dict[str, Any] = {"known": agent is not None,
                                "configured": configured,
                                "refused": self.limiter.refused.get(name, 0)}
         if name in self.limiter.seen:
@@ -568,19 +594,26 @@ def _rate_text(limit: Limit) -> str:
     return str(Rate(limit.count, limit.period))
 
 
-def limits_parts(config: Config, store: Any, clock: Any, metrics: Any, **_: Any) -> list[Any]:
+def limits_parts(config: Config, store: Any, clock: Any, metrics: Any, registry: Any = None,
+                 **_: Any) -> list[Any]:
     """
-    The rate limit stages C{config} asks for (none when it sets no limit),
-    with their admin section.
+    The rate limit stages C{config} asks for (none when it sets no limit
+    and no C{adaptive} section), with their admin sections.
     """
     limiter = Limiter(config, store, clock, metrics)
+    rl = config.rate_limits
+    adaptive = (Adaptive(config, registry, clock, metrics)
+                if rl is not None and rl.adaptive is not None and registry is not None else None)
     stages: list[_Stage] = []
-    route = RouteLimits(limiter, config, metrics, clock)
+    route = RouteLimits(limiter, config, metrics, clock, adaptive)
     if route.any:
         stages.append(route)
     if any(p.max_qps is not None for p in config.pools.values()) and any(
             r.pool is None for r in config.routes):
-        stages.append(PoolLimits(limiter, config, metrics, clock))
-    if not stages:
-        return []
-    return [*stages, LimitsSection(limiter, stages, config)]
+        stages.append(PoolLimits(limiter, config, metrics, clock, adaptive))
+    parts: list[Any] = []
+    if stages:
+        parts += [*stages, LimitsSection(limiter, stages, config)]
+    if adaptive is not None:
+        parts += [AdaptiveShed(adaptive, config), adaptive]
+    return parts

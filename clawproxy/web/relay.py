@@ -176,9 +176,10 @@ class Relay:
             finally:
                 inst.active -= 1
                 active_gauge.dec()
-                metrics.upstream_latency.labels(pool.name, inst.id).observe(
-                    self.clock.seconds() - started
-                )
+                elapsed = self.clock.seconds() - started
+                metrics.upstream_latency.labels(pool.name, inst.id).observe(elapsed)
+                if pool.latency_watchers:
+                    pool.latency(inst, elapsed)
             if attempt is not None:
                 # A relayed answer may still have failed in-band (ctx.error: truncated,
                 # stall_timeout); a retried one failed with ctx.error.

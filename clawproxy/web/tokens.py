@@ -35,6 +35,7 @@ from clawproxy.config import Config
 from clawproxy.errors import Rejected
 from clawproxy.interfaces import (
     IAdminSection,
+    IAgentUse,
     IBodyFilter,
     IRequestStage,
     IResponseFilter,
@@ -272,6 +273,46 @@ class Budgets:
                                       agent.spend_limit.period))
             if limits:
                 self.agents[name] = tuple(limits)
+        #: This gateway's reservations in flight, by store key (counter units).
+        self.reserved: dict[str, int] = {}
+
+    def hold(self, keys: list[str], amounts: list[int], sign: int = 1) -> None:
+        """Count reservations in flight (C{sign} -1: settled)."""
+        reserved = self.reserved
+        for key, amount in zip(keys, amounts):
+            left = reserved.get(key, 0) + sign * amount
+            if left > 0:
+                reserved[key] = left
+            else:
+                reserved.pop(key, None)
+
+    async def use(self, store: Any, agent: str) -> dict[str, Any]:
+        """
+        Agent C{agent}'s budgets as the store holds them now: for each, the
+        limit, what was C{used} (settled) and C{reserved} (this gateway's
+        calls in flight; other gateways' count as used) in the current
+        window, what C{remaining}, and the seconds until the window C{reset}s.
+        """
+        out: dict[str, Any] = {}
+        limits = self.agents.get(agent, ())
+        if not limits:
+            return out
+        now = await store.now()
+        for b in limits:
+            key = self.key(agent, b)
+            counted = used_in(await store.get(key), b.period, now)
+            reserved = min(counted, self.reserved.get(key, 0))
+            scale = SPEND_SCALE if b.kind == "spend_limit" else 1
+            period_ms = int(b.period * 1000)
+            now_ms = int(now * 1000)
+            out[b.kind] = {
+                "limit": _show(b),
+                "used": (counted - reserved) / scale,
+                "reserved": reserved / scale,
+                "remaining": max(0, b.limit - counted) / scale,
+                "reset": math.ceil((period_ms - now_ms % period_ms) / 1000),
+            }
+        return out
 
     @staticmethod
     def key(agent: str, b: _Budget) -> str:
@@ -334,6 +375,7 @@ class BudgetStage:
                   amounts: list[int], limits: tuple[_Budget, ...]) -> None:
         if result[0] == 1:
             rec.reservation = (keys, result[1:], amounts, limits)
+            self.budgets.hold(keys, amounts)
             return None
         b = limits[result[1] - 1]
         retry = max(1, math.ceil(result[2] / 1000))
@@ -364,9 +406,13 @@ def _show(b: _Budget) -> str:
     return str(Rate(b.count, b.period))
 
 
-@implementer(IResponseObserver, IAdminSection)
+@implementer(IResponseObserver, IAdminSection, IAgentUse)
 class TokenObserver:
-    """Counts each answered LLM request's tokens and settles its reservation."""
+    """
+    Counts each answered LLM request's tokens and settles its reservation;
+    shows the budgets in C{GET /admin/budgets} (every agent's) and C{GET
+    /admin/limits?agent=NAME} (one agent's, under C{budgets}).
+    """
 
     name = "tokens"
 
@@ -405,6 +451,7 @@ class TokenObserver:
         if rec.reservation is not None:
             keys, windows, reserved, limits = rec.reservation
             rec.reservation = None
+            self.budgets.hold(keys, reserved, -1)
             used = self.budgets.amounts(limits, model, usage)
             args: list[Any] = []
             for w, r, u in zip(windows, reserved, used):
@@ -419,19 +466,20 @@ class TokenObserver:
         return {(b"GET", b"/admin/budgets"): self._budgets}
 
     def _budgets(self, request: Any) -> Deferred[Any]:
-        """Every agent's budgets and what was used of them in the current window."""
-        names = sorted(self.budgets.agents)
-        keys = [(n, b) for n in names for b in self.budgets.agents[n]]
+        """Every agent's budgets and their use in the current window (L{Budgets.use})."""
 
         async def read() -> dict[str, Any]:
-            now = await self.store.now()
-            out: dict[str, Any] = {}
-            for agent, b in keys:
-                value = await self.store.get(Budgets.key(agent, b))
-                used = used_in(value, b.period, now)
-                scale = SPEND_SCALE if b.kind == "spend_limit" else 1
-                out.setdefault(agent, {})[b.kind] = {"limit": _show(b), "used": used / scale}
-            return {"agents": out}
+            return {"agents": {name: await self.budgets.use(self.store, name)
+                               for name in sorted(self.budgets.agents)}}
+
+        return ensureDeferred(read())
+
+    def agent_use(self, name: str) -> Deferred[dict[str, Any]]:
+        """Agent C{name}'s budgets (L{Budgets.use}) under C{budgets}, if it has any."""
+
+        async def read() -> dict[str, Any]:
+            use = await self.budgets.use(self.store, name)
+            return {"budgets": use} if use else {}
 
         return ensureDeferred(read())
 

@@ -360,6 +360,8 @@ PARENT_ONLY = frozenset(("clawproxy_backend_up", "clawproxy_backend_weight",
                          "clawproxy_worker_restarts"))
 #: Families merged by maximum, not sum (a state, not an amount).
 BY_MAX = frozenset(("clawproxy_circuit_breaker_state",))
+#: Families merged by minimum (a factor: the tightest process's).
+BY_MIN = frozenset(("clawproxy_adaptive_factor",))
 
 
 def merge_metrics(parent: str, workers: Sequence[str]) -> list[Metric]:
@@ -367,7 +369,8 @@ def merge_metrics(parent: str, workers: Sequence[str]) -> list[Metric]:
     One set of families from the parent's and the workers' exposition texts:
     samples with the same name and labels are summed (counters, histograms,
     gauges of amounts), except the families only the parent knows (taken
-    from the parent) and states (the maximum). C{_created} samples are dropped.
+    from the parent), states (the maximum) and factors (the minimum).
+    C{_created} samples are dropped.
     """
     merged: dict[str, Metric] = {}
     values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
@@ -388,6 +391,8 @@ def merge_metrics(parent: str, workers: Sequence[str]) -> list[Metric]:
                     acc[key] = s.value
                 elif family.name in BY_MAX:
                     acc[key] = max(acc[key], s.value)
+                elif family.name in BY_MIN:
+                    acc[key] = min(acc[key], s.value)
                 else:
                     acc[key] += s.value
     for name, family in merged.items():
