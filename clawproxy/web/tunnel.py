@@ -261,7 +261,7 @@ class Tunnels:
         self.endpoints = endpoints
         self.clock = clock
         self.metrics = metrics
-        #: Tunnels open now, per route name.
+        #: Tunnels open now or being opened (handshake under way), per route name.
         self.open: dict[str, int] = {}
 
     async def forward(self, ctx: RequestContext, pool: Any, key: str | None,
@@ -284,6 +284,26 @@ class Tunnels:
         if self.open.get(route, 0) >= cfg.max_tunnels:
             raise unavailable(f"too many WebSocket connections on route {route}", 1,
                               "too_many_tunnels")
+        # The slot is taken now, not at the 101: handshakes waiting for an
+        # instance or an answer count, so a burst cannot pass the cap.
+        self.open[route] = self.open.get(route, 0) + 1
+        opened = False
+        try:
+            opened = await self._take(ctx, pool, key, sticky_key, timeout, upstream_path,
+                                      cfg, trusted)
+        finally:
+            if not opened:
+                self._release(route)
+        return opened
+
+    def _release(self, route: str) -> None:
+        self.open[route] -= 1
+        if not self.open[route]:
+            del self.open[route]
+
+    async def _take(self, ctx: RequestContext, pool: Any, key: str | None,
+                    sticky_key: str | None, timeout: float, upstream_path: bytes,
+                    cfg: WebSocketConfig, trusted: Any) -> bool:
         inst = pool.take(key, set(), sticky_key)
         if isinstance(inst, Deferred):
             inst = await inst
@@ -392,15 +412,12 @@ class Tunnels:
         request.channel.transport.write(b"\r\n".join(out) + b"\r\n\r\n")
         ctx.status = 101
         ctx.upgraded = True
-        self.open[route] = self.open.get(route, 0) + 1
         gauge = self.metrics.websocket_tunnels.labels(route)
         gauge.inc()
         active = self.metrics.active_connections.labels(pool.name, inst.id)
 
         def done() -> None:
-            self.open[route] -= 1
-            if not self.open[route]:
-                del self.open[route]
+            self._release(route)  # taken in forward
             gauge.dec()
             inst.active -= 1
             active.dec()
