@@ -88,7 +88,10 @@ class _Head:
             name, sep, value = line.partition(b":")
             if not sep or not name or name != name.strip() or b"\n" in line or b"\x00" in line:
                 raise bad_gateway("upstream sent a malformed header line")
-            self.headers.addRawHeader(name, value.strip())
+            try:
+                self.headers.addRawHeader(name, value.strip())
+            except ValueError:  # a name or value Twisted refuses (InvalidHeaderName)
+                raise bad_gateway("upstream sent a malformed header line") from None
         if not 100 <= self.code <= 599:
             raise bad_gateway(f"upstream sent status {self.code}")
 

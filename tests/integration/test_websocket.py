@@ -545,3 +545,17 @@ class HandshakeEdgeTests(TestCase):
         for c in clients:
             c.transport.loseConnection()
         await wait_for(lambda: gw.gateway.tunnels.open == {}, "the tunnels to close")
+
+    async def test_refused_header_name(self) -> None:
+        """
+        A 101 with a header name Twisted refuses (it holds a space): 502
+        C{bad_gateway} in the SPEC's shape, as the relay answers a bad head.
+        """
+        backend = ScriptedBackend(self, SWITCH + b"Bad Name: x\r\n\r\n")
+        gw = await self.gateway(backend)
+        response = await self.h.exchange(gw.port, b"GET /ws HTTP/1.1\r\n" + HANDSHAKE)
+        self.assertEqual(response.status, 502, response.body)
+        error = error_of(response.body)
+        self.assertEqual((error["code"], error["message"]),
+                         ("bad_gateway", "upstream sent a malformed header line"))
+        self.assertEqual(gw.gateway.tunnels.open, {})
