@@ -405,12 +405,15 @@ class Tunnels:
                      head: _Head, early: bytes, cfg: WebSocketConfig) -> None:
         request = ctx.request
         route = ctx.route_name
+        # The gateway's own headers replace the instance's of the same name
+        # (the last value of each, as the relay's setRawHeaders leaves it).
+        own = {n.lower(): (n, v) for n, v in ctx.response_headers}
         out = [b"HTTP/1.1 101 " + (head.reason or b"Switching Protocols")]
-        out += [n + b": " + v for n, v in head.relayed()]
+        out += [n + b": " + v for n, v in head.relayed() if n.lower() not in own]
         out += [b"Upgrade: websocket", b"Connection: Upgrade",
                 b"X-Request-ID: " + ctx.request_id.encode()]
         out += [n + b": " + v.replace(b"${instance}", inst.id.encode())
-                for n, v in ctx.response_headers]
+                for n, v in own.values()]
         out += [b"Set-Cookie: " + cookie for cookie in request.cookies]  # session affinity
         request.channel.transport.write(b"\r\n".join(out) + b"\r\n\r\n")
         ctx.status = 101

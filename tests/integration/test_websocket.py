@@ -559,3 +559,20 @@ class HandshakeEdgeTests(TestCase):
         self.assertEqual((error["code"], error["message"]),
                          ("bad_gateway", "upstream sent a malformed header line"))
         self.assertEqual(gw.gateway.tunnels.open, {})
+
+    async def test_own_headers_replace_upstream(self) -> None:
+        """
+        A header the route sets (C{transforms.response_headers}) that the 101
+        also holds reaches the client once, with the gateway's value, as on
+        the normal relay; the upstream's other headers pass.
+        """
+        backend = ScriptedBackend(
+            self, SWITCH + b"X-Served-By: upstream\r\nX-Other: kept\r\n\r\n")
+        gw = await self.gateway(backend, transforms={
+            "response_headers": {"set": {"X-Served-By": "gw-${instance}"}}})
+        client = await self.h.raw(gw.port, b"GET /ws HTTP/1.1\r\n" + HANDSHAKE)
+        response = parse_response(await client.when(head_complete))
+        self.assertEqual(response.status, 101)
+        self.assertEqual(response.all(b"x-served-by"), [b"gw-s1"])
+        self.assertEqual(response.all(b"x-other"), [b"kept"])
+        client.transport.loseConnection()
