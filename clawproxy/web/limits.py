@@ -199,7 +199,7 @@ class Limiter:
 
     def count_refusal(self, ctx: RequestContext, limit: Limit, who: str) -> None:
         """A request of C{who} (agent, or C{ip:ADDRESS}) was refused by C{limit}."""
-        self.metrics.rate_limited_total.labels(ctx.agent_name, limit.name).inc()
+        self.metrics.rate_limited_total.labels(ctx.agent_label, limit.name).inc()
         self.refused[who] = self.refused.get(who, 0) + 1
 
 
