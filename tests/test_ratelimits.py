@@ -482,6 +482,31 @@ class AnonymousSessionTests(SynchronousTestCase):
         self.assertEqual(as_client("198.51.100.1"), 429)
 
 
+class SessionOwnerTests(SynchronousTestCase):
+    """Session keys of agents whose names contain C{:}."""
+
+    def test_no_collision_across_colons(self) -> None:
+        """
+        Agent C{alice} with session C{bob:x} and agent C{alice:bob} with session C{x}
+        are two sessions: the second is not refused by the first's interval.
+        """
+        import jwt
+
+        secret = "hs-secret-of-at-least-32-bytes!!"
+        cfg = config({"session_min_interval": "1s"})
+        cfg["auth"] = {"api_key": {}, "jwt": {"secret": secret}}
+        gw = Harness(self, cfg)
+
+        def as_agent(sub: str, sid: str) -> int:
+            bearer = jwt.encode({"sub": sub, "exp": 600, "iat": 0}, secret, "HS256")
+            return send(gw, headers={"Authorization": f"Bearer {bearer}",
+                                     "X-Session-ID": sid}).code
+
+        self.assertEqual(as_agent("alice", "bob:x"), 200)
+        self.assertEqual(as_agent("alice:bob", "x"), 200)
+        self.assertEqual(as_agent("alice", "bob:x"), 429)
+
+
 class FairQueueSleepTests(SynchronousTestCase):
     """A refusal that names no wait does not spin."""
 

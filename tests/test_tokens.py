@@ -352,3 +352,43 @@ class TextLogTests(SynchronousTestCase):
         line = text_line(dict(base, prompt_tokens=3, completion_tokens=4,
                               tokens_estimated=True))
         self.assertTrue(line.endswith(" tokens=3+4~"), line)
+
+
+class UnlistedAgentLabelTests(SynchronousTestCase):
+    """Metric labels of JWT agents not listed under C{agents}."""
+
+    def test_unlisted_jwt_agents_share_one_label(self) -> None:
+        """
+        Tokens for agents not under C{agents} are counted under C{agent="-jwt"}
+        in requests, tokens, spend and rate-limit metrics (whatever C{sub} the
+        issuer signs adds no series), while the access log names the agent; a
+        listed agent keeps its own label with a token too.
+        """
+        import jwt
+
+        secret = "hs-secret-of-at-least-32-bytes!!"
+        cfg = config(agent={}, auth={"api_key": {}, "jwt": {"secret": secret}},
+                     rate_limits={"default": "1/minute"},
+                     models={"prices": {"sim-small": {"prompt": 1.0, "completion": 2.0}}})
+        gw = TokenHarness(self, cfg)
+
+        def call(sub: str) -> int:
+            bearer = jwt.encode({"sub": sub, "exp": 600, "iat": 0}, secret, "HS256")
+            return gw.call("/v1/chat/completions", HELLO,
+                           {"Authorization": f"Bearer {bearer}"}).code
+
+        self.assertEqual([call(s) for s in ("bot-1", "bot-2", "bot-2", "finance")],
+                         [200, 200, 429, 200])
+        self.assertEqual([line["agent"] for line in gw.log_lines()],
+                         ["bot-1", "bot-2", "bot-2", "finance"])
+        for agent, ok, refused in (("-jwt", 2.0, 1.0), ("finance", 1.0, None)):
+            self.assertEqual(gw.sample("requests_total", route="/*", method="POST",
+                                       status="200", agent=agent), ok)
+            self.assertEqual(gw.tokens("completion", agent=agent), 5.0 * ok)
+            self.assertAlmostEqual(gw.sample("spend_total", agent=agent, model="sim-small"),
+                                   ok * (2 * 1.0 + 5 * 2.0) / 1000)
+            self.assertEqual(gw.sample("rate_limited_total", agent=agent, limit="agent"),
+                             refused)
+        for sub in ("bot-1", "bot-2"):
+            self.assertIsNone(gw.sample("requests_total", route="/*", method="POST",
+                                        status="200", agent=sub))

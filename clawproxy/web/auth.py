@@ -40,7 +40,7 @@ from clawproxy.policy.auth import (
 from clawproxy.policy.jwt import JwtVerifier
 from clawproxy.policy.routing import Router, canonical_path, query_parameters, strip_base
 from clawproxy.policy.scopes import check_scopes
-from clawproxy.web.context import RequestContext
+from clawproxy.web.context import UNLISTED_AGENT, RequestContext
 
 __all__ = [
     "AuthSection",
@@ -150,6 +150,7 @@ class Identify:
             return
         ctx.agent = agent
         ctx.agent_name = agent.name
+        ctx.agent_label = agent.name if agent.name in self.store.agents else UNLISTED_AGENT
         if self.strip:
             strip_credentials(headers, self._strip_header)
         if agent.scopes is not None:

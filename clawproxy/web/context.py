@@ -9,6 +9,9 @@ import attrs
 
 from clawproxy.errors import bad_request
 
+#: The metrics' C{agent} label of a JWT agent not listed under C{agents}.
+UNLISTED_AGENT = "-jwt"
+
 
 @attrs.define(slots=True)
 class LocalResponse:
@@ -46,6 +49,10 @@ class RequestContext:
     started: float
     agent: Any = None
     agent_name: str = "-"
+    #: The C{agent} label of metrics: C{agent_name} for agents the gateway
+    #: knows (C{agents}, C{keys_store}), L{UNLISTED_AGENT} for other JWT
+    #: subjects, so what an issuer signs adds no series.
+    agent_label: str = "-"
     route: Any = None
     pool: Any = None
     instance: Any = None

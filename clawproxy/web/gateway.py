@@ -522,7 +522,7 @@ class GatewayResource(Resource):
         status = ctx.status or ctx.request.code
         route = ctx.route_name
         self.metrics.requests_total.labels(
-            route, method_label(ctx.method), str(status), ctx.agent_name
+            route, method_label(ctx.method), str(status), ctx.agent_label
         ).inc()
         self.metrics.request_duration.labels(route).observe(now - ctx.started)
         for observer in self.observers:

@@ -203,7 +203,7 @@ class Limiter:
 
     def count_refusal(self, ctx: RequestContext, limit: Limit, who: str) -> None:
         """A request of C{who} (agent, or C{ip:ADDRESS}) was refused by C{limit}."""
-        self.metrics.rate_limited_total.labels(ctx.agent_name, limit.name).inc()
+        self.metrics.rate_limited_total.labels(ctx.agent_label, limit.name).inc()
         self.refused[who] = self.refused.get(who, 0) + 1
 
 
@@ -420,10 +420,11 @@ class RouteLimits(_Stage):
             if sid is not None:
                 # Session ids are the client's choice: scoped to the agent, or
                 # to the address of an anonymous client, so nobody else's
-                # requests can use up a session's turn.
+                # requests can use up a session's turn. Owner and id may both
+                # hold ':', so the owner is length-prefixed to keep keys apart.
                 owner = ctx.agent_name if ctx.agent is not None else \
                     "ip:" + client_address(ctx, self.trusted)
-                limits.append(Limit("session", f"rl:session:{owner}:{sid}",
+                limits.append(Limit("session", f"rl:session:{len(owner)}:{owner}:{sid}",
                                     "token_bucket", 1.0, self.session, 1.0))
         route = self.routes.get(id(ctx.route.config))
         if route:

@@ -379,7 +379,7 @@ class BudgetStage:
             return None
         b = limits[result[1] - 1]
         retry = max(1, math.ceil(result[2] / 1000))
-        self.metrics.rate_limited_total.labels(ctx.agent_name, b.kind).inc()
+        self.metrics.rate_limited_total.labels(ctx.agent_label, b.kind).inc()
         what = "token" if b.kind == "token_limit" else "spend"
         used = result[3] / (SPEND_SCALE if b.kind == "spend_limit" else 1)
         raise Rejected(
@@ -431,7 +431,7 @@ class TokenObserver:
         model = ctx.model or rec.model
         if ok:
             rec.usage = usage
-            agent = ctx.agent_name
+            agent = ctx.agent_label
             m = self.metrics
             inst = ctx.instance  # None for an answer no instance made (the cache)
             if usage.prompt:

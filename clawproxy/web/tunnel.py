@@ -88,7 +88,10 @@ class _Head:
             name, sep, value = line.partition(b":")
             if not sep or not name or name != name.strip() or b"\n" in line or b"\x00" in line:
                 raise bad_gateway("upstream sent a malformed header line")
-            self.headers.addRawHeader(name, value.strip())
+            try:
+                self.headers.addRawHeader(name, value.strip())
+            except ValueError:  # a name or value Twisted refuses (InvalidHeaderName)
+                raise bad_gateway("upstream sent a malformed header line") from None
         if not 100 <= self.code <= 599:
             raise bad_gateway(f"upstream sent status {self.code}")
 
@@ -261,7 +264,7 @@ class Tunnels:
         self.endpoints = endpoints
         self.clock = clock
         self.metrics = metrics
-        #: Tunnels open now, per route name.
+        #: Tunnels open now or being opened (handshake under way), per route name.
         self.open: dict[str, int] = {}
 
     async def forward(self, ctx: RequestContext, pool: Any, key: str | None,
@@ -284,6 +287,26 @@ class Tunnels:
         if self.open.get(route, 0) >= cfg.max_tunnels:
             raise unavailable(f"too many WebSocket connections on route {route}", 1,
                               "too_many_tunnels")
+        # The slot is taken now, not at the 101: handshakes waiting for an
+        # instance or an answer count, so a burst cannot pass the cap.
+        self.open[route] = self.open.get(route, 0) + 1
+        opened = False
+        try:
+            opened = await self._take(ctx, pool, key, sticky_key, timeout, upstream_path,
+                                      cfg, trusted)
+        finally:
+            if not opened:
+                self._release(route)
+        return opened
+
+    def _release(self, route: str) -> None:
+        self.open[route] -= 1
+        if not self.open[route]:
+            del self.open[route]
+
+    async def _take(self, ctx: RequestContext, pool: Any, key: str | None,
+                    sticky_key: str | None, timeout: float, upstream_path: bytes,
+                    cfg: WebSocketConfig, trusted: Any) -> bool:
         inst = pool.take(key, set(), sticky_key)
         if isinstance(inst, Deferred):
             inst = await inst
@@ -382,25 +405,25 @@ class Tunnels:
                      head: _Head, early: bytes, cfg: WebSocketConfig) -> None:
         request = ctx.request
         route = ctx.route_name
+        # The gateway's own headers replace the instance's of the same name
+        # (the last value of each, as the relay's setRawHeaders leaves it).
+        own = {n.lower(): (n, v) for n, v in ctx.response_headers}
         out = [b"HTTP/1.1 101 " + (head.reason or b"Switching Protocols")]
-        out += [n + b": " + v for n, v in head.relayed()]
+        out += [n + b": " + v for n, v in head.relayed() if n.lower() not in own]
         out += [b"Upgrade: websocket", b"Connection: Upgrade",
                 b"X-Request-ID: " + ctx.request_id.encode()]
         out += [n + b": " + v.replace(b"${instance}", inst.id.encode())
-                for n, v in ctx.response_headers]
+                for n, v in own.values()]
         out += [b"Set-Cookie: " + cookie for cookie in request.cookies]  # session affinity
         request.channel.transport.write(b"\r\n".join(out) + b"\r\n\r\n")
         ctx.status = 101
         ctx.upgraded = True
-        self.open[route] = self.open.get(route, 0) + 1
         gauge = self.metrics.websocket_tunnels.labels(route)
         gauge.inc()
         active = self.metrics.active_connections.labels(pool.name, inst.id)
 
         def done() -> None:
-            self.open[route] -= 1
-            if not self.open[route]:
-                del self.open[route]
+            self._release(route)  # taken in forward
             gauge.dec()
             inst.active -= 1
             active.dec()

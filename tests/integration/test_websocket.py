@@ -464,3 +464,115 @@ class FlowControlTests(TestCase):
         await wait_for(lambda: len(client.data) > Flood.TOTAL + head, "every byte", 30)
         body = bytes(client.data).partition(b"\r\n\r\n")[2]
         self.assertEqual(len(body), Flood.TOTAL)
+
+
+class Scripted(Protocol):
+    """One backend connection: reads a handshake, answers C{owner.answer} (or holds it)."""
+
+    def __init__(self, owner: ScriptedBackend) -> None:
+        self.owner = owner
+        self.head = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        if self in self.owner.held:
+            return
+        self.head += data
+        if b"\r\n\r\n" in self.head:
+            self.owner.held.append(self)
+            if self.owner.answer is not None:
+                self.transport.write(self.owner.answer)
+
+
+class ScriptedBackend:
+    """A raw backend whose handshakes get a fixed answer head, or wait for L{release}."""
+
+    def __init__(self, case: TestCase, answer: bytes | None = None) -> None:
+        self.answer = answer
+        self.held: list[Scripted] = []
+        factory = Factory()
+        factory.buildProtocol = lambda addr: Scripted(self)  # type: ignore[method-assign]
+        self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        case.addCleanup(self.port.stopListening)
+        case.addCleanup(lambda: [p.transport.abortConnection() for p in self.held])
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port.getHost().port}"
+
+    def release(self, answer: bytes) -> None:
+        for p in self.held:
+            p.transport.write(answer)
+
+
+SWITCH = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+
+
+def head_complete(raw: bytes) -> bool:
+    return b"\r\n\r\n" in raw
+
+
+class HandshakeEdgeTests(TestCase):
+    """Handshakes racing the cap, and odd 101 answers (a scripted raw backend)."""
+
+    timeout = 30
+
+    async def gateway(self, backend: ScriptedBackend, **route: Any) -> RunningGateway:
+        h = self.h = Harness(self)
+        return await h.gateway(h.config(
+            {"ws": {"instances": [{"id": "s1", "url": backend.url}],
+                    "health_check": {"enabled": False}}},
+            [{"path": "/*", "pool": "ws", **route}]))
+
+    async def test_burst_over_cap(self) -> None:
+        """
+        Four simultaneous handshakes on a route with C{max_tunnels: 2}: two
+        reach the instance and become tunnels, two get 503 C{too_many_tunnels}
+        at once; never more than two tunnels.
+        """
+        backend = ScriptedBackend(self)
+        gw = await self.gateway(backend, websocket={"max_tunnels": 2})
+        clients = [await self.h.raw(gw.port, b"GET /ws HTTP/1.1\r\n" + HANDSHAKE)
+                   for _ in range(4)]
+        await wait_for(lambda: len(backend.held) + sum(
+            head_complete(bytes(c.data)) for c in clients) >= 4, "every handshake decided")
+        self.assertEqual(len(backend.held), 2)
+        backend.release(SWITCH + b"\r\n")
+        for c in clients:
+            await c.when(head_complete)
+        statuses = sorted(parse_response(bytes(c.data)).status for c in clients)
+        self.assertEqual(statuses, [101, 101, 503, 503])
+        self.assertEqual(gw.gateway.tunnels.open, {"/*": 2})
+        for c in clients:
+            c.transport.loseConnection()
+        await wait_for(lambda: gw.gateway.tunnels.open == {}, "the tunnels to close")
+
+    async def test_refused_header_name(self) -> None:
+        """
+        A 101 with a header name Twisted refuses (it holds a space): 502
+        C{bad_gateway} in the SPEC's shape, as the relay answers a bad head.
+        """
+        backend = ScriptedBackend(self, SWITCH + b"Bad Name: x\r\n\r\n")
+        gw = await self.gateway(backend)
+        response = await self.h.exchange(gw.port, b"GET /ws HTTP/1.1\r\n" + HANDSHAKE)
+        self.assertEqual(response.status, 502, response.body)
+        error = error_of(response.body)
+        self.assertEqual((error["code"], error["message"]),
+                         ("bad_gateway", "upstream sent a malformed header line"))
+        self.assertEqual(gw.gateway.tunnels.open, {})
+
+    async def test_own_headers_replace_upstream(self) -> None:
+        """
+        A header the route sets (C{transforms.response_headers}) that the 101
+        also holds reaches the client once, with the gateway's value, as on
+        the normal relay; the upstream's other headers pass.
+        """
+        backend = ScriptedBackend(
+            self, SWITCH + b"X-Served-By: upstream\r\nX-Other: kept\r\n\r\n")
+        gw = await self.gateway(backend, transforms={
+            "response_headers": {"set": {"X-Served-By": "gw-${instance}"}}})
+        client = await self.h.raw(gw.port, b"GET /ws HTTP/1.1\r\n" + HANDSHAKE)
+        response = parse_response(await client.when(head_complete))
+        self.assertEqual(response.status, 101)
+        self.assertEqual(response.all(b"x-served-by"), [b"gw-s1"])
+        self.assertEqual(response.all(b"x-other"), [b"kept"])
+        client.transport.loseConnection()
