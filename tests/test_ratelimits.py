@@ -229,9 +229,15 @@ class SessionTests(SynchronousTestCase):
 
 @implementer(IStateStore)
 class DownStore:
-    """A store that cannot be reached."""
+    """
+    A store that cannot be reached: Redis, or (C{backend} C{memory}) a
+    worker's channel to its parent's memory store.
+    """
 
-    backend = "redis"
+    shared = True
+
+    def __init__(self, backend: str = "redis") -> None:
+        self.backend = backend
 
     def connect(self) -> Any:
         return None
@@ -278,15 +284,37 @@ class OnErrorTests(SynchronousTestCase):
 
     def test_fail_closed(self) -> None:
         """C{fail_closed}: 503 with C{Retry-After}, nothing relayed."""
+        for backend in "redis", "memory":  # Redis, or a worker's channel to its parent
+            cfg = config({"default": "1/minute"})
+            cfg["store"] = {"redis": {"on_error": "fail_closed"}}
+            gw = Harness(self, cfg, store=DownStore(backend))
+            answer = self.send(gw)
+            self.assertEqual(answer.code, 503)
+            self.assertEqual(answer.header("Retry-After"), "1")
+            self.assertEqual(answer.json()["error"]["code"], "store_unavailable")
+            self.assertEqual(gw.backend.seen, [])
+            limits = gw.plane.parts.admin_sections
+            (section,) = [s for s in limits if s.name == "limits"]
+            self.assertEqual(section.status()["on_error"], "fail_closed")
+
+    def test_unshared_store_fails_open(self) -> None:
+        """C{on_error} does not apply to a store that is not shared (it cannot be unreachable)."""
         cfg = config({"default": "1/minute"})
         cfg["store"] = {"redis": {"on_error": "fail_closed"}}
-        gw = Harness(self, cfg, store=DownStore())
-        answer = self.send(gw)
-        self.assertEqual(answer.code, 503)
-        self.assertEqual(answer.header("Retry-After"), "1")
-        self.assertEqual(answer.json()["error"]["code"], "store_unavailable")
-        self.assertEqual(gw.backend.seen, [])
-        self.flushLoggedErrors()
+        store = DownStore()
+        store.shared = False
+        gw = Harness(self, cfg, store=store)
+        self.assertEqual(self.send(gw).code, 200)
+
+    def test_store_bug_fails_open(self) -> None:
+        """A failure other than an unreachable store is logged and fails open."""
+        cfg = config({"default": "1/minute"})
+        cfg["store"] = {"redis": {"on_error": "fail_closed"}}
+        store = DownStore()
+        store.run = lambda *a: fail(ZeroDivisionError())
+        gw = Harness(self, cfg, store=store)
+        self.assertEqual(self.send(gw).code, 200)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
 
 
 class QueueTests(SynchronousTestCase):

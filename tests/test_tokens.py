@@ -9,12 +9,14 @@ import json
 from typing import Any
 
 from twisted.internet.defer import fail
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
 from clawproxy.config.fields import hash_key
 from clawproxy.simulator import SimSettings, SimulatorResource
 from clawproxy.stores.errors import StoreUnavailable
+from clawproxy.stores.memory import MemoryStore
 from tests.test_gateway import Answer, Harness
 
 KEY = "sk-finance-0123456789"
@@ -310,22 +312,48 @@ class BudgetTests(SynchronousTestCase):
         self.assertEqual(gw.call("/v1/chat/completions", HELLO, AUTH).code, 200)
         self.assertEqual(len(gw.plane.store.keys), 0)
 
+    def down(self, on_error: str, shared: bool = True, error: Exception | None = None
+             ) -> TokenHarness:
+        """
+        A gateway with budgets whose store fails every call with C{error}
+        (L{StoreUnavailable}); C{shared}: a store that can fail (Redis, or a
+        worker's channel to its parent), else this process's memory store.
+        """
+        store = MemoryStore(Clock())
+        store.shared = shared
+        store.run = lambda *a: fail(error or StoreUnavailable("down"))
+        return TokenHarness(self, config(agent={"token_limit": "10/minute"}, store={
+            "redis": {"on_error": on_error}}), store=store)
+
     def test_store_down_fail_open(self) -> None:
-        gw = TokenHarness(self, config(agent={"token_limit": "10/minute"}))
-        gw.plane.store.run = lambda *a: fail(StoreUnavailable("down"))
+        """C{fail_open}: calls go through unbudgeted while the store is down."""
+        gw = self.down("fail_open")
         for _ in range(3):
             self.assertEqual(gw.call("/v1/chat/completions", HELLO, AUTH).code, 200)
-        self.flushLoggedErrors()
 
     def test_store_down_fail_closed(self) -> None:
-        gw = TokenHarness(self, config(agent={"token_limit": "10/minute"}, store={
-            "backend": "redis", "redis": {"on_error": "fail_closed"}}))
-        gw.plane.store.run = lambda *a: fail(StoreUnavailable("down"))
+        """
+        C{fail_closed}, a shared store down (a worker's channel to its
+        parent's memory store, as Redis): 503 C{store_unavailable} with
+        C{Retry-After}, nothing relayed.
+        """
+        gw = self.down("fail_closed")
         answer = gw.call("/v1/chat/completions", HELLO, AUTH)
         self.assertEqual(answer.code, 503)
         self.assertEqual(answer.json()["error"]["code"], "store_unavailable")
-        self.assertIsNotNone(answer.header("retry-after"))
+        self.assertEqual(answer.header("retry-after"), "1")
         self.assertEqual(gw.sim_seen(), [])
+
+    def test_unshared_store_fails_open(self) -> None:
+        """C{on_error} does not apply to this process's own memory store."""
+        gw = self.down("fail_closed", shared=False)
+        self.assertEqual(gw.call("/v1/chat/completions", HELLO, AUTH).code, 200)
+
+    def test_store_bug_fails_open(self) -> None:
+        """A failure other than an unreachable store is logged and fails open."""
+        gw = self.down("fail_closed", error=ZeroDivisionError())
+        self.assertEqual(gw.call("/v1/chat/completions", HELLO, AUTH).code, 200)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
 
     def test_admin_budgets(self) -> None:
         gw = TokenHarness(self, config(agent={"token_limit": "1000/minute"}))

@@ -182,9 +182,13 @@ class RedisConfig:
     timeout: float = f.setting(f.duration(above=0), 0.2, "Bound on each Redis command.",
                                shown="200ms")
     on_error: str = f.setting(f.choice("fail_open", "fail_closed"), "fail_open",
-                              "What limits do while Redis is unreachable or slower than"
-                              " ``timeout``: ``fail_open`` lets requests through,"
-                              " ``fail_closed`` answers 503 with ``Retry-After``.")
+                              "What rate limits and budgets do while the shared store"
+                              " (Redis, or with ``server.workers`` the parent's memory"
+                              " store) is unreachable or slower than ``timeout``:"
+                              " ``fail_open`` lets requests through, ``fail_closed``"
+                              " answers 503 ``store_unavailable`` with ``Retry-After``."
+                              " Any other store failure is logged and fails open; shared"
+                              " breakers, the cache and affinity always fail open.")
 
 
 @attrs.frozen

@@ -13,7 +13,8 @@ What the features build on it:
     C{delete};
   - shared breaker state: a script over the breaker's keys.
 Callers catch L{StoreUnavailable} and apply C{store.redis.on_error}
-(C{fail_open} / C{fail_closed}); L{StoreError} is a bug or bad data.
+(C{fail_open} / C{fail_closed}) by L{clawproxy.stores.onerror}'s one rule;
+L{StoreError} is a bug or bad data.
 """
 
 from __future__ import annotations

@@ -13,6 +13,6 @@ class StoreError(Exception):
 class StoreUnavailable(StoreError):
     """
     The store could not be reached in time: no connection, the connection
-    was lost, or no answer within C{store.redis.timeout}. Callers decide
-    between failing open and failing closed (C{store.redis.on_error}).
+    was lost, or no answer within C{store.redis.timeout}. Callers fail open
+    or closed by C{store.redis.on_error} (L{clawproxy.stores.onerror}).
     """

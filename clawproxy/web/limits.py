@@ -17,7 +17,8 @@ is whole again) of its tightest limit; a refused one is answered 429 with
 C{Retry-After} (the real wait, rounded up to whole seconds), or waits in a
 L{FairQueue} with C{on_limit: queue}. When the store cannot be reached,
 C{store.redis.on_error} decides: C{fail_open} lets the request through,
-C{fail_closed} answers 503 with C{Retry-After}.
+C{fail_closed} answers 503 with C{Retry-After} (the rule is
+L{clawproxy.stores.onerror}'s).
 
 With C{rate_limits.adaptive}, the limits of requests bound to a pool that
 struggles are multiplied by its factor (all but C{global}), and requests no
@@ -43,8 +44,8 @@ from clawproxy.interfaces import IAdminSection, IAgentUse, IRequestStage
 from clawproxy.policy.fairqueue import FairQueue, QueueExpired, QueueFull
 from clawproxy.policy.limits import Decision, Limit, Outcome, tightened
 from clawproxy.policy.ratescript import LIMITS, apply, batch_args, parse_batch
-from clawproxy.stores.errors import StoreError
 from clawproxy.stores.memory import MemoryStore
+from clawproxy.stores.onerror import fails_closed, on_store_failure
 from clawproxy.units import Rate
 from clawproxy.web.adaptive import TIGHTENED_NOTE, Adaptive, AdaptiveShed
 from clawproxy.web.context import RequestContext
@@ -54,8 +55,6 @@ __all__ = ["Limiter", "LimitsSection", "PoolLimits", "RouteLimits", "client_addr
            "limits_parts"]
 
 _HEADERS = (b"x-ratelimit-limit", b"x-ratelimit-remaining", b"x-ratelimit-reset")
-#: C{Retry-After} of a C{fail_closed} 503 (seconds).
-STORE_RETRY_AFTER = 1
 #: Agents shown in C{/admin/status}.
 BUSIEST = 10
 #: Agents (or addresses) whose last decision is kept for the admin API.
@@ -121,7 +120,8 @@ class Limiter:
         self.store = store
         self.clock = clock
         self.metrics = metrics
-        self.fail_open = config.store.redis.on_error == "fail_open"
+        #: C{store.redis.on_error} applies to this store (L{fails_closed}).
+        self.fail_closed = fails_closed(config, store)
         self.config = config
         #: The memory store's key space, run directly (the script's Python twin).
         self.memory = store.keys if isinstance(store, MemoryStore) else None
@@ -138,7 +138,7 @@ class Limiter:
         @return: the L{Outcome} itself from a memory store (it answers at
             once: no Deferred, no text arguments on the hot path), else a
             Deferred firing with it, or with L{None} when the store could not
-            answer and C{fail_open} lets the request go.
+            answer and L{on_store_failure} lets the request go.
         @raise Rejected: (as the Deferred's failure) 503 under C{fail_closed}.
         """
         if self.memory is not None:
@@ -188,18 +188,14 @@ class Limiter:
             self.refused = {who: n for who, n in self.refused.items() if who in self.seen}
 
     def _store_failed(self, failure: Any, batch: list[Any]) -> None:
-        if not failure.check(StoreError):
-            self.log.failure("rate limit check failed", failure)
+        rejected = on_store_failure(failure, self.fail_closed, "rate limits")
         for _, _, d in batch:
             if d.called:
                 continue
-            if self.fail_open:
+            if rejected is None:
                 d.callback(None)
             else:
-                d.errback(Rejected(
-                    503, "rate limits cannot be checked: the shared store is unreachable",
-                    "server_error", "store_unavailable",
-                    (("Retry-After", str(STORE_RETRY_AFTER)),)))
+                d.errback(rejected)
 
     def count_refusal(self, ctx: RequestContext, limit: Limit, who: str) -> None:
         """A request of C{who} (agent, or C{ip:ADDRESS}) was refused by C{limit}."""
@@ -494,7 +490,7 @@ class LimitsSection:
                          reverse=True)[:BUSIEST]
         out: dict[str, Any] = {
             "store": self.limiter.store.health(),
-            "on_error": "fail_open" if self.limiter.fail_open else "fail_closed",
+            "on_error": "fail_closed" if self.limiter.fail_closed else "fail_open",
             "agents": {who: self._use(who) for who in busiest},
         }
         queues = {st.label: st.waiting() for st in self.stages if st.queue is not None}

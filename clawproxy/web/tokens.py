@@ -27,7 +27,7 @@ from collections import deque
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, ensureDeferred, fail
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, fail
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -51,7 +51,7 @@ from clawproxy.policy.usage import (
     estimate_text,
     max_completion,
 )
-from clawproxy.stores.errors import StoreError
+from clawproxy.stores.onerror import fails_closed, on_store_failure
 from clawproxy.units import Rate
 
 log = Logger()
@@ -257,11 +257,11 @@ class _Budget:
 class Budgets:
     """The agents' budgets, their store keys and their prices."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, store: Any = None) -> None:
         self.prices = dict(config.models.prices) if config.models else {}
         self.default_completion = config.models.reserve_completion_tokens
-        self.fail_closed = config.store.redis.on_error == "fail_closed" and (
-            config.store.backend == "redis")
+        #: C{store.redis.on_error} applies to this store (L{fails_closed}).
+        self.fail_closed = fails_closed(config, store)
         self.agents: dict[str, tuple[_Budget, ...]] = {}
         for name, agent in config.agents.items():
             limits = []
@@ -390,12 +390,12 @@ class BudgetStage:
              ("X-RateLimit-Remaining", f"{max(0.0, b.count - used):g}"),
              ("X-RateLimit-Reset", str(retry))))
 
-    def _store_failed(self, failure: Any, ctx: Any) -> None:
-        failure.trap(StoreError)
-        if self.budgets.fail_closed:
-            raise Rejected(503, "token budgets cannot be checked: the shared store is"
-                           " unreachable", "server_error", "store_unavailable",
-                           (("Retry-After", "1"),))
+    def _store_failed(self, failure: Any, ctx: Any) -> Any:
+        if failure.check(CancelledError):  # the client left
+            return failure
+        rejected = on_store_failure(failure, self.budgets.fail_closed, "token budgets")
+        if rejected is not None:
+            raise rejected
         log.warn("budgets not enforced for {agent}: store error {why}",
                  agent=ctx.agent_name, why=str(failure.value))
         return None
@@ -487,7 +487,7 @@ class TokenObserver:
 def token_parts(config: Config, router: Any, store: Any, metrics: Any, clock: Any,
                 **_: Any) -> list[Any]:
     """The parts of token accounting and budgets for C{config}."""
-    budgets = Budgets(config)
+    budgets = Budgets(config, store)
     parts: list[Any] = [TokenStage(router)]
     if budgets.agents:
         parts.append(BudgetStage(budgets, store, metrics))
