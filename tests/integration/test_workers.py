@@ -280,6 +280,12 @@ class SharedStateTests(TestCase):
         one, two = (await self.pinned(w)).values()
         first, body = await self.post(one, w)
         self.assertEqual((first.code, first.headers.getRawHeaders("x-cache")), (200, ["MISS"]))
+        # The answer is stored once relayed, by one more round trip to the
+        # parent: wait until the parent's status shows the entry.
+        for _ in range(100):
+            if (await w.status())["cache"]["entries"] >= 1:
+                break
+            await tick(0.1)
         second, again = await self.post(two, w)
         self.assertEqual((second.code, second.headers.getRawHeaders("x-cache")),
                          (200, ["HIT"]))
