@@ -19,22 +19,11 @@ HERE="$(cd "$(dirname "$0")" && pwd)"
 PCPU="${BENCH_PROXY_CPU:-1}"; LCPU="${BENCH_LOAD_CPU:-0}"
 BASE=$(( ${BENCH_PORT_BASE:-18080} + 30 ))
 P_NGINX=$BASE; P_B=$((BASE + 1)); P_A=$((BASE + 2))
-for p in $P_NGINX $P_B $P_A $((BASE + 11)) $((BASE + 12)); do
-    if ss -Hltn "sport = :$p" | grep -q .; then echo "port $p is in use" >&2; exit 1; fi
-done
-TMP=$(mktemp -d /tmp/clawab.XXXXXX); PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+source "$HERE/lib.sh"
+check_ports $P_NGINX $P_B $P_A $((BASE + 11)) $((BASE + 12))
+bench_tmp clawab
 
-mkdir -p "$TMP/nginx"
-sed -e "s#@DIR@#$TMP/nginx#g" -e "s#@PORT@#$P_NGINX#g" "$HERE/nginx.conf.in" >"$TMP/nginx/nginx.conf"
-timeout 290 taskset -c "$LCPU" nginx -c "$TMP/nginx/nginx.conf" -p "$TMP/nginx" >/dev/null 2>&1 &
-PIDS+=($!)
+start_nginx "$P_NGINX" "$LCPU" 290
 gateway() {  # gateway TREE PORT ADMIN LOG NAME
     BENCH_BACKEND_PORT=$P_NGINX BENCH_PROXY_PORT=$2 BENCH_ADMIN_PORT=$3 BENCH_ACCESS_LOG=$4 \
         PYTHONPATH=$1 timeout 290 taskset -c "$PCPU" twistd -n --pidfile= clawproxy \
@@ -43,9 +32,7 @@ gateway() {  # gateway TREE PORT ADMIN LOG NAME
 }
 gateway "$B" "$P_B" $((BASE + 11)) "${LOG_BEFORE:-$TMP/before.log}" before
 gateway "$A" "$P_A" $((BASE + 12)) "${LOG_AFTER:-$TMP/after.log}" after
-for p in $P_NGINX $P_B $P_A; do
-    for _ in $(seq 1 100); do ss -Hltn "sport = :$p" | grep -q . && break; sleep 0.1; done
-done
+wait_ports $P_NGINX $P_B $P_A
 PID_B=$(pgrep -P "${PIDS[1]}" | head -1); PID_A=$(pgrep -P "${PIDS[2]}" | head -1)
 
 cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }

@@ -21,17 +21,9 @@ PCPU="${BENCH_PROXY_CPU:-1}"; LCPU="${BENCH_LOAD_CPU:-0}"
 BASE=$(( ${BENCH_PORT_BASE:-18080} + 50 ))
 NAMES=(plain apikey jwt nocache)
 P_NGINX=$BASE
-for p in $(seq "$BASE" $((BASE + 8))); do
-    if ss -Hltn "sport = :$p" | grep -q .; then echo "port $p is in use" >&2; exit 1; fi
-done
-TMP=$(mktemp -d /tmp/clawauth.XXXXXX); PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+source "$HERE/lib.sh"
+check_ports $(seq "$BASE" $((BASE + 8)))
+bench_tmp clawauth
 
 SECRET=bench-jwt-secret-0123456789abcdef
 TOKEN=$(python3 -c "import jwt, time; print(jwt.encode({'sub': 'bench', 'exp': int(time.time()) + 3600}, '$SECRET', 'HS256'))")
@@ -47,10 +39,7 @@ sed -i 's/def __init__(self, size: int = 4096, ttl: float = 60.0)/def __init__(s
 grep -q "size: int = 0" "$TMP/nocache-tree/clawproxy/policy/jwt.py"
 sed -e 's#"Bearer sk-bench"#os.getenv("BENCH_AUTH")#' "$HERE/chat.lua" >"$TMP/chat.lua"
 
-mkdir -p "$TMP/nginx"
-sed -e "s#@DIR@#$TMP/nginx#g" -e "s#@PORT@#$P_NGINX#g" "$HERE/nginx.conf.in" >"$TMP/nginx/nginx.conf"
-timeout 390 taskset -c "$LCPU" nginx -c "$TMP/nginx/nginx.conf" -p "$TMP/nginx" >/dev/null 2>&1 &
-PIDS+=($!)
+start_nginx "$P_NGINX" "$LCPU" 390
 declare -A PORT PID
 i=1
 for n in "${NAMES[@]}"; do

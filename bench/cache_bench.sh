@@ -19,22 +19,11 @@ HERE="$(cd "$(dirname "$0")" && pwd)"; TREE="$(cd "$HERE/.." && pwd)"
 PCPU="${BENCH_PROXY_CPU:-1}"; LCPU="${BENCH_LOAD_CPU:-0}"
 BASE=$(( ${BENCH_PORT_BASE:-18080} + 50 ))
 P_NGINX=$BASE; P_P=$((BASE + 1)); P_C=$((BASE + 2)); A_P=$((BASE + 11)); A_C=$((BASE + 12))
-for p in $P_NGINX $P_P $P_C $A_P $A_C; do
-    if ss -Hltn "sport = :$p" | grep -q .; then echo "port $p is in use" >&2; exit 1; fi
-done
-TMP=$(mktemp -d /tmp/clawcache.XXXXXX); PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+source "$HERE/lib.sh"
+check_ports $P_NGINX $P_P $P_C $A_P $A_C
+bench_tmp clawcache
 
-mkdir -p "$TMP/nginx"
-sed -e "s#@DIR@#$TMP/nginx#g" -e "s#@PORT@#$P_NGINX#g" "$HERE/nginx.conf.in" >"$TMP/nginx/nginx.conf"
-timeout 390 taskset -c "$LCPU" nginx -c "$TMP/nginx/nginx.conf" -p "$TMP/nginx" >/dev/null 2>&1 &
-PIDS+=($!)
+start_nginx "$P_NGINX" "$LCPU" 390
 gateway() {  # gateway CONFIG PORT ADMIN NAME
     BENCH_BACKEND_PORT=$P_NGINX BENCH_PROXY_PORT=$2 BENCH_ADMIN_PORT=$3 BENCH_ACCESS_LOG=off \
         PYTHONPATH=$TREE timeout 390 taskset -c "$PCPU" twistd -n --pidfile= clawproxy \
@@ -43,9 +32,7 @@ gateway() {  # gateway CONFIG PORT ADMIN NAME
 }
 gateway gateway-bench.yaml "$P_P" "$A_P" proxied
 gateway gateway-cache.yaml "$P_C" "$A_C" cached
-for p in $P_NGINX $P_P $P_C; do
-    for _ in $(seq 1 100); do ss -Hltn "sport = :$p" | grep -q . && break; sleep 0.1; done
-done
+wait_ports $P_NGINX $P_P $P_C
 PID_P=$(pgrep -P "${PIDS[1]}" | head -1); PID_C=$(pgrep -P "${PIDS[2]}" | head -1)
 
 cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }

@@ -1,8 +1,9 @@
-# Shell helpers shared by bench/run.sh and bench/burst.sh (sourced, not run).
+# Shell helpers shared by the bench scripts (sourced, not run).
 # Before calling start/wait_port, set OUT (each server's log goes to $OUT/NAME.log)
 # and SERVER_TIMEOUT (each server's hard ceiling, in seconds).
 
 PIDS=()
+BENCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
@@ -46,3 +47,32 @@ wait_port() {  # wait_port PORT NAME: up to 10 s
 child_of() { pgrep -P "$1" | head -1; }  # the real server under `timeout`
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }  # utime + stime of PID
+
+# The A/B scripts (ab.sh, limits.sh, auth_ab.sh, cache_bench.sh, workers.sh): a scratch
+# dir, the bench nginx, and their servers' PIDs in PIDS, killed on exit.
+bench_tmp() {  # bench_tmp PREFIX: TMP=/tmp/PREFIX.XXXXXX, removed (servers killed) on exit
+    TMP=$(mktemp -d "/tmp/$1.XXXXXX")
+    trap bench_cleanup EXIT
+    trap 'exit 130' INT TERM
+}
+
+bench_cleanup() {  # kill every PID in PIDS, wait for them, remove $TMP
+    local p
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$TMP"
+}
+
+start_nginx() {  # start_nginx PORT CPU SECONDS: the bench nginx (nginx.conf.in) in $TMP/nginx
+    mkdir -p "$TMP/nginx"
+    sed -e "s#@DIR@#$TMP/nginx#g" -e "s#@PORT@#$1#g" "$BENCH_DIR/nginx.conf.in" >"$TMP/nginx/nginx.conf"
+    timeout "$3" taskset -c "$2" nginx -c "$TMP/nginx/nginx.conf" -p "$TMP/nginx" >/dev/null 2>&1 &
+    PIDS+=($!)
+}
+
+wait_ports() {  # wait_ports PORT...: up to 10 s for each to listen (no error if one does not)
+    local p
+    for p in "$@"; do
+        for _ in $(seq 1 100); do ss -Hltn "sport = :$p" | grep -q . && break; sleep 0.1; done
+    done
+}

@@ -20,23 +20,12 @@ PCPU="${BENCH_PROXY_CPU:-1}"; LCPU="${BENCH_LOAD_CPU:-0}"
 BASE=$(( ${BENCH_PORT_BASE:-18080} + 50 ))
 P_NGINX=$BASE; P_REDIS=$((BASE + 1)); P_PLAIN=$((BASE + 2)); P_MEM=$((BASE + 3)); P_RED=$((BASE + 4))
 P_KEY=$((BASE + 5))
-for p in $P_NGINX $P_REDIS $P_PLAIN $P_MEM $P_RED $P_KEY $((BASE + 12)) $((BASE + 13)) \
-         $((BASE + 14)) $((BASE + 15)); do
-    if ss -Hltn "sport = :$p" | grep -q .; then echo "port $p is in use" >&2; exit 1; fi
-done
-TMP=$(mktemp -d /tmp/clawlimits.XXXXXX); PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+source "$HERE/lib.sh"
+check_ports $P_NGINX $P_REDIS $P_PLAIN $P_MEM $P_RED $P_KEY $((BASE + 12)) $((BASE + 13)) \
+    $((BASE + 14)) $((BASE + 15))
+bench_tmp clawlimits
 
-mkdir -p "$TMP/nginx"
-sed -e "s#@DIR@#$TMP/nginx#g" -e "s#@PORT@#$P_NGINX#g" "$HERE/nginx.conf.in" >"$TMP/nginx/nginx.conf"
-timeout 390 taskset -c "$LCPU" nginx -c "$TMP/nginx/nginx.conf" -p "$TMP/nginx" >/dev/null 2>&1 &
-PIDS+=($!)
+start_nginx "$P_NGINX" "$LCPU" 390
 timeout 390 taskset -c "$LCPU" redis-server --port "$P_REDIS" --bind 127.0.0.1 --save "" \
     --appendonly no --dir "$TMP" >"$TMP/redis.out" 2>&1 &
 PIDS+=($!)
@@ -52,9 +41,7 @@ gateway gateway-bench.yaml "$P_PLAIN" $((BASE + 12)) memory plain
 gateway gateway-limits.yaml "$P_MEM" $((BASE + 13)) memory memory
 gateway gateway-limits.yaml "$P_RED" $((BASE + 14)) redis redis
 gateway "$TMP/gateway-key.yaml" "$P_KEY" $((BASE + 15)) memory key
-for p in $P_NGINX $P_REDIS $P_PLAIN $P_MEM $P_RED $P_KEY; do
-    for _ in $(seq 1 100); do ss -Hltn "sport = :$p" | grep -q . && break; sleep 0.1; done
-done
+wait_ports $P_NGINX $P_REDIS $P_PLAIN $P_MEM $P_RED $P_KEY
 PID_PLAIN=$(pgrep -P "${PIDS[2]}" | head -1); PID_MEM=$(pgrep -P "${PIDS[3]}" | head -1)
 PID_RED=$(pgrep -P "${PIDS[4]}" | head -1); PID_KEY=$(pgrep -P "${PIDS[5]}" | head -1)
 

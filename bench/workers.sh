@@ -25,19 +25,10 @@ HERE="$(cd "$(dirname "$0")" && pwd)"
 LCPU="${BENCH_LOAD_CPU:-0}"; PCPUS="${BENCH_PROXY_CPUS:-0-$(( $(nproc) - 1 ))}"
 BASE=$(( ${BENCH_PORT_BASE:-18080} + 60 ))
 P_NGINX=$BASE
-TMP=$(mktemp -d /tmp/clawworkers.XXXXXX); PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+source "$HERE/lib.sh"
+bench_tmp clawworkers
 
-mkdir -p "$TMP/nginx"
-sed -e "s#@DIR@#$TMP/nginx#g" -e "s#@PORT@#$P_NGINX#g" "$HERE/nginx.conf.in" >"$TMP/nginx/nginx.conf"
-timeout 880 taskset -c "$LCPU" nginx -c "$TMP/nginx/nginx.conf" -p "$TMP/nginx" >/dev/null 2>&1 &
-PIDS+=($!)
+start_nginx "$P_NGINX" "$LCPU" 880
 P_REDIS=$((BASE + 50))
 export BENCH_REDIS_URL="redis://127.0.0.1:$P_REDIS/0"
 if [[ "${VARIANTS[*]}" == *redis* ]]; then
