@@ -5,7 +5,6 @@ the same results by the memory store (on a Clock) and a real redis-server.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Coroutine
 from typing import Any
 
@@ -18,7 +17,7 @@ from clawproxy.config.model import StoreConfig
 from clawproxy.metrics import Metrics
 from clawproxy.policy.budgets import RESERVE, SETTLE, reserve_args, used_in
 from clawproxy.stores import build_store
-from tests.test_store_contract import WAIT, RedisHarness, contract
+from tests.test_store_contract import WAIT, RedisStoreCase, contract
 
 
 class BudgetContract:
@@ -119,19 +118,6 @@ class MemoryBudgetTests(BudgetContract, SynchronousTestCase):
         self.assertEqual(len(self.store.keys), 0)
 
 
-class RedisBudgetTests(RedisHarness, BudgetContract, TestCase):
-    timeout = 60
-
-    async def _setUp(self) -> None:
-        self.server = await self.start_redis()
-        self.store = self.redis_store(self.server.url)
-        await self.until_works(self.store)
-
-    def setUp(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._setUp())
-
+class RedisBudgetTests(RedisStoreCase, BudgetContract, TestCase):
     def drive(self, coroutine: Coroutine[Any, Any, None]) -> Deferred[None]:
         return Deferred.fromCoroutine(coroutine).addTimeout(WAIT + 3, reactor)
-
-    def wall(self) -> float:
-        return time.time()

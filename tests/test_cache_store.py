@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from clawproxy.cache.store import Entry, MemoryCache, SharedCache
 from clawproxy.stores.memory import MemoryStore
-from tests.test_store_contract import WAIT, RedisHarness
+from tests.test_store_contract import WAIT, RedisStoreCase
 
 
 def entry(body: bytes = b"{}", route: str = "r", scope: str = "agent:a",
@@ -162,18 +162,8 @@ class SharedCacheMemoryTests(MemoryCacheTests):
         return SharedCache(MemoryStore(self.clock), self.clock, max_entries, max_bytes, 3600)
 
 
-class SharedCacheRedisTests(RedisHarness, CacheContract, TestCase):
+class SharedCacheRedisTests(RedisStoreCase, CacheContract, TestCase):
     """The shared cache's Lua scripts on a real redis-server."""
-
-    timeout = 60
-
-    async def _setUp(self) -> None:
-        self.server = await self.start_redis()
-        self.store = self.redis_store(self.server.url)
-        await self.until_works(self.store)
-
-    def setUp(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._setUp())
 
     def make(self, max_entries: int, max_bytes: int) -> SharedCache:
         return SharedCache(self.store, reactor, max_entries, max_bytes, 3600)

@@ -7,7 +7,6 @@ real redis-server (the Lua scripts), including two gateways sharing one.
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Coroutine
 from typing import Any
 
@@ -21,7 +20,7 @@ from clawproxy.cache.semantic_store import StoredSemanticIndex
 from clawproxy.config import StoreConfig
 from clawproxy.metrics import Metrics
 from clawproxy.stores import build_store
-from tests.test_store_contract import WAIT, RedisHarness, contract
+from tests.test_store_contract import WAIT, RedisStoreCase, contract
 
 
 def flip(value: int, *bits: int) -> int:
@@ -150,24 +149,11 @@ class MemoryStoredIndexTests(StoredIndexContract, SynchronousTestCase):
         self.clock.advance(seconds)
 
 
-class RedisStoredIndexTests(RedisHarness, StoredIndexContract, TestCase):
+class RedisStoredIndexTests(RedisStoreCase, StoredIndexContract, TestCase):
     """The stored index on a real redis-server (the Lua scripts)."""
-
-    timeout = 60
-
-    async def _setUp(self) -> None:
-        self.server = await self.start_redis()
-        self.store = self.redis_store(self.server.url)
-        await self.until_works(self.store)
-
-    def setUp(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._setUp())
 
     def drive(self, coroutine: Coroutine[Any, Any, None]) -> Deferred[None]:
         return Deferred.fromCoroutine(coroutine).addTimeout(WAIT, reactor)
-
-    def wall(self) -> float:
-        return time.time()
 
     @contract
     async def test_shared_by_gateways(self) -> None:

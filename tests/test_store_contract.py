@@ -445,25 +445,39 @@ class RedisHarness:
         await deferLater(reactor, seconds, lambda: None)
 
 
-class RedisStoreTests(RedisHarness, StoreContract, TestCase):
-    """The contract, held by L{RedisStore} against a real redis-server."""
+class RedisStoreCase(RedisHarness):
+    """
+    A contract's test case on a real redis-server: C{setUp} starts one
+    (C{self.server}) and connects C{self.store} to it, waiting until it answers.
+    """
 
     timeout = 60
 
+    def store_metrics(self) -> Metrics | None:
+        """The metrics C{self.store} reports to (None: the store's own)."""
+        return None
+
     async def _setUp(self) -> None:
         self.server = await self.start_redis()
-        self.metrics = Metrics()
-        self.store = self.redis_store(self.server.url, metrics=self.metrics)
+        self.store = self.redis_store(self.server.url, metrics=self.store_metrics())
         await self.until_works(self.store)
 
     def setUp(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._setUp())
 
-    def drive(self, coroutine: Coroutine[Any, Any, None]) -> Deferred[None]:
-        return Deferred.fromCoroutine(coroutine).addTimeout(WAIT, reactor)
-
     def wall(self) -> float:
         return time.time()
+
+
+class RedisStoreTests(RedisStoreCase, StoreContract, TestCase):
+    """The contract, held by L{RedisStore} against a real redis-server."""
+
+    def store_metrics(self) -> Metrics:
+        self.metrics = Metrics()
+        return self.metrics
+
+    def drive(self, coroutine: Coroutine[Any, Any, None]) -> Deferred[None]:
+        return Deferred.fromCoroutine(coroutine).addTimeout(WAIT, reactor)
 
 
 class RedisOnlyTests(RedisHarness, TestCase):
