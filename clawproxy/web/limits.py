@@ -233,6 +233,8 @@ class _Stage:
         #: Adaptive throttling (C{rate_limits.adaptive}), if configured.
         self.adaptive = adaptive
         rl = config.rate_limits
+        #: C{rate_limits.algorithm}: the algorithm of this stage's limits.
+        self.algorithm = rl.algorithm if rl is not None else "token_bucket"
         self.queue: FairQueue | None = None
         if rl is not None and rl.on_limit == "queue":
             gauge = metrics.queue_depth.labels(self.label)
@@ -366,9 +368,9 @@ class RouteLimits(_Stage):
                  adaptive: Adaptive | None = None) -> None:
         super().__init__(limiter, config, metrics, clock, adaptive)
         rl = config.rate_limits
-        algo = rl.algorithm if rl is not None else "token_bucket"
+        algo = self.algorithm
         burst = rl.burst if rl is not None else None
-        self.algorithm, self.burst = algo, burst
+        self.burst = burst
         self.global_ = Limit.of("global", f"rl:{algo}:global", rl.global_, algo, burst) \
             if rl is not None and rl.global_ is not None else None
         self.default = rl.default if rl is not None else None
@@ -448,9 +450,7 @@ class PoolLimits(_Stage):
     def __init__(self, limiter: Limiter, config: Config, metrics: Any, clock: Any,
                  adaptive: Adaptive | None = None) -> None:
         super().__init__(limiter, config, metrics, clock, adaptive)
-        rl = config.rate_limits
-        algo = rl.algorithm if rl is not None else "token_bucket"
-        self.pools = {name: pool_limit(name, p.max_qps, algo)
+        self.pools = {name: pool_limit(name, p.max_qps, self.algorithm)
                       for name, p in config.pools.items() if p.max_qps is not None}
 
     def __repr__(self) -> str:
