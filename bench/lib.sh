@@ -76,3 +76,16 @@ wait_ports() {  # wait_ports PORT...: up to 10 s for each to listen (no error if
         for _ in $(seq 1 100); do ss -Hltn "sport = :$p" | grep -q . && break; sleep 0.1; done
     done
 }
+
+# The SSE A/B scripts (sse_ab.sh, tokens_ab.sh): a simulator backend, PIDs killed on exit.
+start_sim() {  # start_sim PORT LOG TREE: the stream simulator (gc off) on core 0, its PID in PIDS
+    PYTHONPATH=$3 taskset -c 0 python3 -c 'import gc, sys; gc.disable(); from clawproxy.cli import main; sys.exit(main())' \
+        sim --listen "tcp:$1:interface=127.0.0.1:backlog=4096" --ttft 0 --tokens-per-second 2 \
+        --max-tokens 1000 --id sim-bench --model sim-stream >"$2" 2>&1 &
+    PIDS+=($!)
+}
+
+kill_pids() {  # kill every PID in PIDS (not waited for)
+    local p
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+}

@@ -6,12 +6,9 @@ mkdir -p /tmp/ab
 BEFORE=$1; AFTER=$2; ROUNDS=${3:-2}
 cd "$(dirname "$0")/.."
 PY=python3
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done; }
-trap cleanup EXIT
-PYTHONPATH=$AFTER taskset -c 0 $PY -c 'import gc, sys; gc.disable(); from clawproxy.cli import main; sys.exit(main())' \
-    sim --listen "tcp:19001:interface=127.0.0.1:backlog=4096" --ttft 0 --tokens-per-second 2 --max-tokens 1000 --id sim-bench --model sim-stream > /tmp/ab/sim.log 2>&1 &
-PIDS+=($!)
+source bench/lib.sh
+trap kill_pids EXIT
+start_sim 19001 /tmp/ab/sim.log "$AFTER"
 start_gw() { # name port admin tree
   BENCH_PROXY_PORT=$2 BENCH_ADMIN_PORT=$3 BENCH_BACKEND_PORT=19001 BENCH_ACCESS_LOG=/tmp/ab/access-$1.log PYTHONPATH=$4 \
     taskset -c 1 twistd -n --pidfile= clawproxy -c bench/gateway-bench.yaml > /tmp/ab/$1.log 2>&1 &
