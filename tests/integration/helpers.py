@@ -78,6 +78,28 @@ async def wait_for(predicate: Callable[[], Any], what: str, timeout: float = TIM
         await tick(step)
 
 
+async def until_refused(client: Any, url: str, tries: int = 100, step: float = 0.02) -> bool:
+    """
+    Ask C{url + "/health"} until the connection is refused (a listener that
+    closed); C{True} once refused, C{False} if it never was within C{tries}.
+    A request queued in the listen backlog as the listener closed is reset
+    (C{ResponseNeverReceived}) and tried again.
+    """
+    from twisted.internet.error import ConnectionRefusedError
+    from twisted.web.client import ResponseNeverReceived
+
+    for _ in range(tries):
+        try:
+            probe = await bounded(client.get(url + "/health"), 2)
+            await bounded(probe.content())
+        except ConnectionRefusedError:
+            return True
+        except ResponseNeverReceived:
+            pass
+        await tick(step)
+    return False
+
+
 def refusing_port(case: Any) -> int:
     """
     A loopback port that refuses connections for the whole test: bound but

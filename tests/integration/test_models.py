@@ -29,6 +29,21 @@ CHAIN = {"fallbacks": {"qwen3:32b": ["qwen3:8b"]}}
 CHAT = [{"path": "/v1/chat/completions", "methods": ["POST"]}]
 
 
+
+def failing_big_pool(case: TestCase) -> tuple[Harness, Any, Any, dict[str, Any]]:
+    """Pools C{big} (qwen3:32b, a simulator answering every completion 500) and C{small}."""
+    h = Harness(case)
+    big = h.simulator("big-1", model="qwen3:32b", failure_rate=1.0)
+    small = h.simulator("small-1", model="qwen3:8b")
+    pools = {
+        "big": {"models": ["qwen3:32b"], "instances": [big.instance()],
+                "health_check": {"enabled": False}},
+        "small": {"models": ["qwen3:8b"], "instances": [small.instance()],
+                  "health_check": {"enabled": False}},
+    }
+    return h, big, small, pools
+
+
 class ModelFallbackTests(TestCase):
     """The primary model's pool fails: the next model of the chain answers."""
 
@@ -73,15 +88,7 @@ class ModelFallbackTests(TestCase):
 
     async def test_failing_pool(self) -> None:
         """The primary model's simulator answers every completion with a 500."""
-        h = Harness(self)
-        big = h.simulator("big-1", model="qwen3:32b", failure_rate=1.0)
-        small = h.simulator("small-1", model="qwen3:8b")
-        pools = {
-            "big": {"models": ["qwen3:32b"], "instances": [big.instance()],
-                    "health_check": {"enabled": False}},
-            "small": {"models": ["qwen3:8b"], "instances": [small.instance()],
-                      "health_check": {"enabled": False}},
-        }
+        h, big, _, pools = failing_big_pool(self)
         gw = await h.gateway(h.config(pools, CHAT, models=CHAIN))
         response, content = await self.post(h, gw)
         self.assertFellBack(h, response, content)
@@ -103,15 +110,7 @@ class ModelFallbackTests(TestCase):
         answered (qwen3:8b, at its price), by the instance that answered;
         nothing for the model asked for.
         """
-        h = Harness(self)
-        big = h.simulator("big-1", model="qwen3:32b", failure_rate=1.0)
-        small = h.simulator("small-1", model="qwen3:8b")
-        pools = {
-            "big": {"models": ["qwen3:32b"], "instances": [big.instance()],
-                    "health_check": {"enabled": False}},
-            "small": {"models": ["qwen3:8b"], "instances": [small.instance()],
-                      "health_check": {"enabled": False}},
-        }
+        h, big, _, pools = failing_big_pool(self)
         prices = {"qwen3:32b": {"prompt": 100.0, "completion": 100.0},
                   "qwen3:8b": {"prompt": 1.0, "completion": 2.0}}
         gw = await h.gateway(h.config(pools, CHAT, models={**CHAIN, "prices": prices}))

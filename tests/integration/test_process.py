@@ -13,9 +13,8 @@ import socket
 
 from twisted.internet.error import ConnectionRefusedError
 from twisted.trial.unittest import TestCase
-from twisted.web.client import ResponseNeverReceived
 
-from tests.integration.helpers import HELLO, Harness, Process, bounded, tick, wait_for
+from tests.integration.helpers import HELLO, Harness, Process, bounded, until_refused, wait_for
 
 #: Run twistd with the interpreter running the tests (no PATH lookup).
 TWISTD = ("-c", "from twisted.scripts.twistd import run; run()")
@@ -183,18 +182,7 @@ class TwistdTests(TestCase):
         chunks: list[bytes] = []
         done = response.collect(chunks.append)
         proc.signal("TERM")
-        refused = False
-        for _ in range(100):
-            try:
-                probe = await bounded(h.client().get(url + "/health"), 2)
-                await bounded(probe.content())
-            except ConnectionRefusedError:
-                refused = True
-                break
-            except ResponseNeverReceived:
-                # Queued in the listen backlog as the listener closed: reset.
-                pass
-            await tick(0.02)
+        refused = await until_refused(h.client(), url)
         self.assertTrue(refused, "new connections still accepted after SIGTERM")
         self.assertFalse(proc.protocol.exited)
         await bounded(done, 10)

@@ -16,12 +16,19 @@ from typing import Any
 from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.error import ConnectionRefusedError
 from twisted.trial.unittest import TestCase
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseNeverReceived
+from twisted.web.client import Agent, HTTPConnectionPool
 
 from clawproxy.config.fields import hash_key
-from tests.integration.helpers import HELLO, Harness, Process, bounded, tick, wait_for
+from tests.integration.helpers import (
+    HELLO,
+    Harness,
+    Process,
+    bounded,
+    tick,
+    until_refused,
+    wait_for,
+)
 from tests.integration.test_budgets import outside_window_end
 from tests.integration.test_process import TWISTD, listening
 
@@ -219,17 +226,7 @@ class WorkersTests(TestCase):
         self.assertTrue(all(ok and r.code == 200 for ok, r in responses), responses[:3])
         bodies = [r.content() for _, r in responses]
         w.proc.signal("TERM")
-        refused = False
-        for _ in range(200):
-            try:
-                probe = await bounded(w.client.get(w.url + "/health"), 2)
-                await bounded(probe.content())
-            except ConnectionRefusedError:
-                refused = True
-                break
-            except ResponseNeverReceived:
-                pass
-            await tick(0.02)
+        refused = await until_refused(w.client, w.url, tries=200)
         self.assertTrue(refused, "new connections still accepted after SIGTERM")
         done = await bounded(DeferredList(bodies, consumeErrors=True), 30)
         ends = [body[-14:] for ok, body in done if ok]
